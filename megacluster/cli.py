@@ -1,0 +1,65 @@
+"""`megacluster <verb>`: parse, build, run, close. No logic lives here.
+
+Each verb module exposes ``add_arguments(parser)`` and ``run(args) -> dict``. The dict is the run's
+result; with ``--json`` it is printed as one JSON object on the last line of stdout (the contract other
+tools parse). Human output goes to stderr. Exit codes: 0 ok, 2 bad input (`InputError`), 1 runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from .errors import InputError
+
+# verb -> module that implements it (imported lazily so `plan` never pays for importing torch)
+VERBS = {
+    "train": ("megacluster.train.cli", "train a GPT-style model (resilient, heterogeneity-aware)"),
+    "plan": ("megacluster.plan.cli", "digital twin: step time, memory, failures, goodput, power, cost"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse already exits 2; make the message name the verb
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    verb = argv[0] if argv and argv[0] in VERBS else None
+    parser = _Parser(prog="megacluster", description="megacluster: train, plan, serve")
+    sub = parser.add_subparsers(dest="verb", metavar="{" + ",".join(VERBS) + "}", parser_class=_Parser)
+    mod = None
+    for name, (modname, help_text) in VERBS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+        if name == verb:  # only the chosen verb's module is imported
+            mod = importlib.import_module(modname)
+            mod.add_arguments(p)
+    args = parser.parse_args(argv)
+    if mod is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        result = mod.run(args)
+    except InputError as e:
+        print(f"megacluster {verb}: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, default=_jsonable), flush=True)
+    return int(result.get("exit_code", 0)) if isinstance(result, dict) else 0
+
+
+def _jsonable(x):
+    if hasattr(x, "item"):  # numpy / torch scalars
+        return x.item()
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return str(x)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""GPU, node and link catalogue, shared by the trainer (MFU) and the planner.
+
+Pure Python: importing this module never imports torch (the planner must stay torch-free). Only
+`detect_local_gpu()` touches torch, lazily, to read the local device name.
+
+Figures are vendor datasheet values for *dense* math (no 2:4 sparsity), per GPU:
+- ``peak_tflops[dtype]``: TFLOP/s (1e12 FLOP/s). MFU is always computed against the dtype the run uses.
+- ``hbm_gb``: GB (1e9 bytes) of device memory; ``hbm_gb_s``: GB/s of HBM bandwidth.
+- ``tdp_w``: board power (W) at full load.
+- ``nvlink_gb_s``: scale-up bandwidth per GPU, GB/s, *both directions added* as marketed
+  (H100 NVLink 4: 900 GB/s = 450 GB/s each way). Use ``nvlink_gb_s / 2`` for one direction.
+- ``nvlink_domain``: GPUs that share one NVLink domain (8 in an HGX board, 72 in a GB200 NVL72 rack).
+
+Sources: NVIDIA A100 datasheet (2021), H100 datasheet (SXM5), H200 product brief, DGX B200 and
+GB200 NVL72 datasheets (per-GPU = system figure / GPU count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class GPU:
+    name: str
+    peak_tflops: dict[str, float]  # dtype -> dense TFLOP/s
+    hbm_gb: float  # GB
+    hbm_gb_s: float  # GB/s
+    tdp_w: float  # W
+    nvlink_gb_s: float  # GB/s per GPU, both directions added
+    nvlink_domain: int = 8  # GPUs per NVLink domain
+    idle_w: float = 0.0  # W, board power when idle (0 = unknown, planner uses a fraction of TDP)
+    aliases: tuple[str, ...] = field(default=())  # substrings of torch.cuda.get_device_name()
+
+    def peak(self, dtype: str) -> float:
+        """Dense peak in FLOP/s (not TFLOP/s) for `dtype`; raises KeyError naming the supported dtypes."""
+        try:
+            return self.peak_tflops[dtype] * 1e12
+        except KeyError:
+            raise KeyError(f"{self.name} has no {dtype!r} peak; known: {sorted(self.peak_tflops)}") from None
+
+
+def _tf(fp32: float, tf32: float, bf16: float, fp8: float | None = None, int8: float | None = None) -> dict[str, float]:
+    d = {"fp32": fp32, "tf32": tf32, "bf16": bf16, "fp16": bf16}
+    if fp8 is not None:
+        d["fp8"] = fp8
+    if int8 is not None:
+        d["int8"] = int8
+    return d
+
+
+GPUS: dict[str, GPU] = {
+    g.name: g
+    for g in (
+        GPU(name="A100-40GB", peak_tflops=_tf(19.5, 156, 312, None, 624), hbm_gb=40, hbm_gb_s=1555,
+            tdp_w=400, nvlink_gb_s=600, idle_w=50, aliases=("A100-SXM4-40GB", "A100-PCIE-40GB", "A100 40GB")),
+        GPU(name="A100-80GB", peak_tflops=_tf(19.5, 156, 312, None, 624), hbm_gb=80, hbm_gb_s=2039,
+            tdp_w=400, nvlink_gb_s=600, idle_w=50, aliases=("A100-SXM4-80GB", "A100 80GB", "A100-SXM-80GB")),
+        GPU(name="H100-PCIe", peak_tflops=_tf(51, 378, 756, 1513, 1513), hbm_gb=80, hbm_gb_s=2000,
+            tdp_w=350, nvlink_gb_s=600, idle_w=50, aliases=("H100 PCIe",)),
+        GPU(name="H100-SXM", peak_tflops=_tf(67, 494.7, 989.4, 1978.9, 1978.9), hbm_gb=80, hbm_gb_s=3350,
+            tdp_w=700, nvlink_gb_s=900, idle_w=70, aliases=("H100 80GB HBM3", "H100 SXM", "H100")),
+        GPU(name="H200", peak_tflops=_tf(67, 494.7, 989.4, 1978.9, 1978.9), hbm_gb=141, hbm_gb_s=4800,
+            tdp_w=700, nvlink_gb_s=900, idle_w=70, aliases=("H200",)),
+        GPU(name="B200", peak_tflops=_tf(75, 1100, 2250, 4500, 4500), hbm_gb=180, hbm_gb_s=8000,
+            tdp_w=1000, nvlink_gb_s=1800, idle_w=100, aliases=("B200",)),
+        GPU(name="GB200", peak_tflops=_tf(80, 1250, 2500, 5000, 5000), hbm_gb=186, hbm_gb_s=8000,
+            tdp_w=1200, nvlink_gb_s=1800, nvlink_domain=72, idle_w=120, aliases=("GB200",)),
+    )
+}
+
+
+def get_gpu(name: str) -> GPU:
+    """Catalogue entry by exact name; raises KeyError naming the known GPUs."""
+    try:
+        return GPUS[name]
+    except KeyError:
+        raise KeyError(f"unknown GPU {name!r}; known: {', '.join(GPUS)}") from None
+
+
+def match_device_name(device_name: str, total_memory_gb: float | None = None) -> GPU | None:
+    """Map a CUDA device name (e.g. 'NVIDIA H100 80GB HBM3') to a catalogue entry, or None if unknown.
+
+    The longest matching alias wins, so 'H100 PCIe' is not taken for the SXM part. Memory breaks the
+    A100 40/80 GB tie when the name does not say.
+    """
+    best: tuple[int, GPU] | None = None
+    for gpu in GPUS.values():
+        for alias in gpu.aliases:
+            if alias.lower() in device_name.lower() and (best is None or len(alias) > best[0]):
+                best = (len(alias), gpu)
+    if best is None:
+        return None
+    gpu = best[1]
+    if gpu.name.startswith("A100") and total_memory_gb is not None and "GB" not in device_name:
+        gpu = GPUS["A100-80GB" if total_memory_gb > 45 else "A100-40GB"]
+    return gpu
+
+
+def detect_local_gpu(device_index: int = 0) -> GPU | None:
+    """The catalogue entry of the local CUDA device, or None (no CUDA, or a GPU not in the catalogue:
+    then MFU is reported as null rather than against a wrong peak)."""
+    import torch  # lazy: the planner imports this module without torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(device_index)
+    return match_device_name(props.name, props.total_memory / 1e9)
