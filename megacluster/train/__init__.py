@@ -1,0 +1,1 @@
+"""Training: the worker loop, balancing, checkpoints, supervisor, fault injection."""
