@@ -1,0 +1,299 @@
+"""Per-rank batch shares from measured compute throughput. Pure Python: this module never imports torch.
+
+On a mixed fleet (say an H100 next to an A100) an equal split makes the fast GPU wait for the slow one at every
+all-reduce. `Balancer` measures each rank's throughput (samples per second of forward+backward, timed before the
+all-reduce) and hands out the global batch in proportion to it, so every rank finishes its share at about the
+same time. The global batch, and so the optimisation, is unchanged: only who computes which samples moves.
+
+Use (every rank runs the same code on the same all-gathered numbers, so every rank gets the same shares):
+
+    bal = Balancer(world=4, global_batch=256)
+    for step in ...:
+        share = bal.shares()[rank]; start = offsets(bal.shares())[rank]   # this rank's slice of the global batch
+        for mb in micro_batches(share, micro_batch=8): ...                 # forward+backward, timed -> compute_s
+        all_compute_s, all_samples = all_gather(compute_s, share)
+        bal.observe(step, all_compute_s, all_samples)                     # True when shares changed
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Sequence
+
+from megacluster.errors import InputError
+
+MODES = ("auto", "equal")
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> int:
+    """`value` as an int >= minimum, else InputError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def split(global_batch: int, weights: Sequence[float]) -> list[int]:
+    """Integer shares summing exactly to `global_batch`, proportional to `weights`.
+
+    Largest-remainder method in exact rational arithmetic: every rank gets floor(exact share), the samples left
+    over go one each to the ranks with the largest fractional parts, ties to the lower rank. So each share is
+    within 1 of its exact proportion, a larger weight never gets a smaller share, a weight of 0 gets 0, and the
+    result depends only on the inputs (same on every rank and every machine).
+    Raises InputError if global_batch < 0, weights is empty, any weight is negative or not finite, or all are 0.
+    """
+    _check_int("global_batch", global_batch, minimum=0)
+    exact_weights = [_weight(i, w) for i, w in enumerate(weights)]
+    if not exact_weights:
+        raise InputError("weights must name at least one rank, got []")
+    total = sum(exact_weights)
+    if total == 0:
+        raise InputError("weights are all 0: at least one rank must have a positive weight")
+    quotas = [global_batch * w / total for w in exact_weights]  # exact samples per rank (Fractions)
+    shares = [math.floor(q) for q in quotas]
+    left = global_batch - sum(shares)  # < number of ranks with a fractional part, by construction
+    by_remainder = sorted(range(len(quotas)), key=lambda r: (-(quotas[r] - shares[r]), r))
+    for rank in by_remainder[:left]:
+        shares[rank] += 1
+    return shares
+
+
+def _weight(rank: int, w: float) -> Fraction:
+    """A weight as an exact Fraction (floats convert exactly), validated."""
+    if isinstance(w, bool) or not isinstance(w, (int, float, Fraction)) or not math.isfinite(w) or w < 0:
+        raise InputError(f"weights[{rank}] must be a finite number >= 0, got {w!r}")
+    return Fraction(w)
+
+
+def offsets(shares: Sequence[int]) -> list[int]:
+    """Start index of each rank's contiguous slice of the global batch: offsets([3, 5, 0, 2]) == [0, 3, 8, 8]."""
+    starts, at = [], 0
+    for rank, share in enumerate(shares):
+        _check_int(f"shares[{rank}]", share, minimum=0)
+        starts.append(at)
+        at += share
+    return starts
+
+
+def micro_batches(share: int, micro_batch: int) -> list[int]:
+    """Split a rank's share into chunks of at most `micro_batch` samples, the last one possibly smaller.
+
+    micro_batches(10, 4) == [4, 4, 2]; micro_batches(0, 4) == []. Gradients are accumulated over the chunks.
+    """
+    _check_int("share", share, minimum=0)
+    _check_int("micro_batch", micro_batch, minimum=1)
+    full, rest = divmod(share, micro_batch)
+    return [micro_batch] * full + ([rest] if rest else [])
+
+
+@dataclass(kw_only=True, slots=True)
+class Balancer:
+    """Shares of the global batch per rank, re-estimated from measured throughput.
+
+    Modes (`balance` in the config):
+      - "equal": shares are always the equal split (largest remainder, ties to the lower ranks).
+      - "auto":  equal until the first estimate, then proportional to each rank's throughput EMA, re-estimated
+        every `every` observed steps. A rank never drops to 0 samples while global_batch >= world, so it keeps
+        being measured and can earn its share back; dropping a rank altogether is the supervisor's call (resize).
+
+    Throughput of a rank = samples / compute seconds of one step, smoothed by an exponential moving average with
+    weight `ema` on the newest measurement. A step where a rank processed 0 samples or reported 0 s leaves its
+    estimate as it was.
+
+    Stragglers, checked at every estimate (both modes):
+      - slower than it was: throughput < straggler_ratio x the rank's baseline, where the baseline is its EMA at
+        the last estimate at which it was not low (so a rank that halves its speed stays low, it does not become
+        its own new normal);
+      - in "equal" mode also slower than its peers: throughput < straggler_ratio x the median of all ranks
+        (in "auto" mode a slow GPU is expected and simply gets a smaller share).
+    A rank low at `patience` consecutive estimates is flagged; one estimate at normal speed clears the flag.
+    """
+
+    world: int  # ranks
+    global_batch: int  # samples per optimizer step, over all ranks
+    mode: str = "auto"  # "auto" | "equal"
+    every: int = 5  # observed steps between estimates
+    ema: float = 0.5  # weight of the newest throughput measurement, in (0, 1]
+    straggler_ratio: float = 0.8  # fraction of the expected throughput below which a rank is "low", in (0, 1]
+    patience: int = 2  # consecutive low estimates before a rank is flagged
+
+    _throughput: list[float | None] = field(default_factory=list, init=False, repr=False)  # samples/s EMA
+    _baseline: list[float | None] = field(default_factory=list, init=False, repr=False)  # samples/s
+    _low: list[int] = field(default_factory=list, init=False, repr=False)  # consecutive low estimates
+    _shares: list[int] = field(default_factory=list, init=False, repr=False)  # samples per rank
+    _observed: int = field(default=0, init=False, repr=False)  # steps observed since the last estimate
+    _last_step: int | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InputError(f"balance must be one of {', '.join(MODES)}, got {self.mode!r}")
+        _check_int("world", self.world, minimum=1)
+        _check_int("global_batch", self.global_batch, minimum=0)
+        _check_int("balance.every", self.every, minimum=1)
+        _check_int("balance.patience", self.patience, minimum=1)
+        for name, value in (("balance.ema", self.ema), ("balance.straggler_ratio", self.straggler_ratio)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise InputError(f"{name} must be a number in (0, 1], got {value!r}")
+        self._reset(self.world)
+
+    def _reset(self, world: int) -> None:
+        """Forget every estimate; equal shares for `world` ranks."""
+        self.world = world
+        self._throughput = [None] * world
+        self._baseline = [None] * world
+        self._low = [0] * world
+        self._observed = 0
+        self._shares = split(self.global_batch, [1] * world)
+
+    def shares(self) -> list[int]:
+        """Samples per rank for the next step (a copy; sums to global_batch)."""
+        return list(self._shares)
+
+    def throughputs(self) -> list[float]:
+        """Per-rank throughput EMA in samples/s; 0.0 for a rank not measured yet."""
+        return [t or 0.0 for t in self._throughput]
+
+    def stragglers(self) -> list[int]:
+        """Ranks currently flagged as stragglers, ascending."""
+        return [r for r, n in enumerate(self._low) if n >= self.patience]
+
+    def observe(self, step: int, compute_s: Sequence[float], samples: Sequence[int]) -> bool:
+        """Record one step: per-rank compute seconds (forward+backward, before the all-reduce) and samples.
+
+        Every `every` calls it re-estimates: updates the straggler flags and, in "auto" mode, the shares.
+        Returns True if the shares changed (the caller re-slices the global batch from the next step on).
+        """
+        if len(compute_s) != self.world or len(samples) != self.world:
+            raise ValueError(
+                f"observe needs one value per rank (world={self.world}), "
+                f"got {len(compute_s)} compute_s and {len(samples)} samples"
+            )
+        for rank, (seconds, n) in enumerate(zip(compute_s, samples)):
+            self._measure(rank, seconds, n)
+        self._last_step = step
+        self._observed += 1
+        if self._observed < self.every:
+            return False
+        self._observed = 0
+        self._update_stragglers()
+        if self.mode != "auto":
+            return False
+        return self._set_shares(self._proportional_shares())
+
+    def _measure(self, rank: int, seconds: float, n: int) -> None:
+        """Fold one measurement (n samples in `seconds`) into rank's throughput EMA."""
+        if not seconds >= 0 or n < 0:
+            raise ValueError(f"rank {rank}: compute_s must be >= 0 and samples >= 0, got {seconds!r}, {n!r}")
+        if n == 0 or seconds == 0:
+            return  # nothing measured: keep the old estimate
+        now = n / seconds  # samples/s
+        old = self._throughput[rank]
+        self._throughput[rank] = now if old is None else self.ema * now + (1 - self.ema) * old
+
+    def _update_stragglers(self) -> None:
+        """One straggler check per estimate (see the class docstring)."""
+        known = [t for t in self._throughput if t is not None]
+        median = statistics.median(known) if known else None
+        for rank, now in enumerate(self._throughput):
+            if now is None:
+                continue
+            base = self._baseline[rank]
+            low = base is not None and now < self.straggler_ratio * base
+            if self.mode == "equal" and median is not None:
+                low = low or now < self.straggler_ratio * median
+            self._low[rank] = self._low[rank] + 1 if low else 0
+            if not low:
+                self._baseline[rank] = now
+
+    def _proportional_shares(self) -> list[int]:
+        """Shares proportional to throughput; unmeasured ranks count as the median; >= 1 each if possible."""
+        known = [t for t in self._throughput if t is not None]
+        if not known:
+            return split(self.global_batch, [1] * self.world)
+        median = statistics.median(known)
+        shares = split(self.global_batch, [median if t is None else t for t in self._throughput])
+        return _at_least_one(shares) if self.global_batch >= self.world else shares
+
+    def _set_shares(self, shares: list[int]) -> bool:
+        changed = shares != self._shares
+        self._shares = shares
+        return changed
+
+    def resize(self, world: int, *, keep: Sequence[int] | None = None) -> None:
+        """The world changed (a rank left, or joined). Shares are recomputed for the new world at once.
+
+        keep: for each new rank in order, the old rank index whose estimates it inherits, e.g. world 4 -> 3 after
+        old rank 1 died: resize(3, keep=[0, 2, 3]). Growing: resize(5, keep=[0, 1, 2, 3]) -> new rank 4 starts
+        unmeasured (it counts as the median until measured). Without keep every estimate is reset (equal shares).
+        """
+        _check_int("world", world, minimum=1)
+        if keep is None:
+            self._reset(world)
+            return
+        self._check_keep(world, keep)
+        old = (self._throughput, self._baseline, self._low)
+        self._reset(world)
+        for new, previous in enumerate(keep):
+            self._throughput[new] = old[0][previous]
+            self._baseline[new] = old[1][previous]
+            self._low[new] = old[2][previous]
+        if self.mode == "auto":
+            self._shares = self._proportional_shares()
+
+    def _check_keep(self, world: int, keep: Sequence[int]) -> None:
+        if len(keep) > world or len(set(keep)) != len(keep):
+            raise ValueError(f"keep must list at most {world} distinct old ranks, got {list(keep)}")
+        for previous in keep:
+            if isinstance(previous, bool) or not isinstance(previous, int) or not 0 <= previous < self.world:
+                raise ValueError(f"keep: {previous!r} is not a rank of the old world of {self.world}")
+
+    def state_dict(self) -> dict:
+        """The measured state as a JSON-able dict (settings such as mode and every come from the config)."""
+        return {
+            "version": 1,
+            "world": self.world,
+            "global_batch": self.global_batch,
+            "mode": self.mode,
+            "throughput": list(self._throughput),
+            "baseline": list(self._baseline),
+            "low": list(self._low),
+            "shares": list(self._shares),
+            "observed": self._observed,
+            "last_step": self._last_step,
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore what state_dict() returned. The world is taken from `d`: call resize() afterwards if it changed.
+
+        The stored shares are reused when global_batch and mode still match, else recomputed from the estimates.
+        """
+        if d.get("version") != 1:
+            raise ValueError(f"unknown Balancer state version {d.get('version')!r}")
+        world = _check_int("world", d["world"], minimum=1)
+        lists = [list(d[k]) for k in ("throughput", "baseline", "low", "shares")]
+        if any(len(x) != world for x in lists):
+            raise ValueError(f"Balancer state lists must have world={world} entries")
+        self.world = world
+        self._throughput, self._baseline, self._low, shares = lists
+        self._observed = int(d["observed"])
+        self._last_step = d.get("last_step")
+        same = d["global_batch"] == self.global_batch and d["mode"] == self.mode
+        if same:
+            self._shares = shares
+        elif self.mode == "auto":
+            self._shares = self._proportional_shares()
+        else:
+            self._shares = split(self.global_batch, [1] * world)
+
+
+def _at_least_one(shares: list[int]) -> list[int]:
+    """Give every rank at least 1 sample, taken from the largest share (ties: lowest rank). Sum unchanged."""
+    shares = list(shares)
+    for rank, share in enumerate(shares):
+        if share == 0:
+            donor = max(range(len(shares)), key=lambda r: (shares[r], -r))
+            shares[donor] -= 1
+            shares[rank] = 1
+    return shares

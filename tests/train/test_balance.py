@@ -1,0 +1,224 @@
+"""Balancer and batch-splitting helpers: exact sums, proportionality, determinism, straggler flags."""
+
+import json
+import subprocess
+import sys
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megacluster.errors import InputError
+from megacluster.train.balance import Balancer, micro_batches, offsets, split
+
+weights_st = st.lists(st.floats(min_value=0, max_value=1e6, allow_nan=False), min_size=1, max_size=12).filter(
+    lambda ws: sum(ws) > 0
+)
+batch_st = st.integers(min_value=0, max_value=10_000)
+
+
+def test_import_does_not_pull_in_torch():
+    code = "import sys, megacluster.train.balance; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@settings(max_examples=200, deadline=None)
+@given(batch_st, weights_st)
+def test_split_sums_exactly_and_is_within_one_of_exact(global_batch, weights):
+    shares = split(global_batch, weights)
+    assert sum(shares) == global_batch
+    total = sum(Fraction(w) for w in weights)
+    for share, w in zip(shares, weights):
+        exact = global_batch * Fraction(w) / total
+        assert abs(share - exact) < 1
+        if w == 0:
+            assert share == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(batch_st, weights_st)
+def test_split_is_monotone_in_weight_with_ties_to_lower_rank(global_batch, weights):
+    shares = split(global_batch, weights)
+    for i in range(len(weights)):
+        for j in range(len(weights)):
+            if weights[i] > weights[j]:
+                assert shares[i] >= shares[j]
+            if weights[i] == weights[j] and i < j:
+                assert shares[i] in (shares[j], shares[j] + 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(batch_st, weights_st, st.data())
+def test_raising_own_weight_never_lowers_own_share(global_batch, weights, data):
+    rank = data.draw(st.integers(0, len(weights) - 1))
+    bigger = list(weights)
+    bigger[rank] = weights[rank] * data.draw(st.floats(1, 10)) + data.draw(st.floats(0, 100))
+    assert split(global_batch, bigger)[rank] >= split(global_batch, weights)[rank]
+
+
+@settings(max_examples=100, deadline=None)
+@given(batch_st, weights_st)
+def test_split_is_deterministic_and_scale_free(global_batch, weights):
+    assert split(global_batch, weights) == split(global_batch, list(weights))
+    assert split(global_batch, weights) == split(global_batch, [w * 4 for w in weights])  # exact x4 in binary
+
+
+def test_split_examples():
+    assert split(10, [1, 1, 1]) == [4, 3, 3]  # tie -> lower rank
+    assert split(7, [0, 1, 1]) == [0, 4, 3]
+    assert split(0, [1, 2]) == [0, 0]
+    assert split(100, [3, 1]) == [75, 25]
+
+
+@pytest.mark.parametrize(
+    "batch, weights",
+    [(-1, [1.0]), (4, []), (4, [0, 0]), (4, [1, -1]), (4, [float("nan")]), (4, [float("inf")]), (2.5, [1])],
+)
+def test_split_rejects_bad_input(batch, weights):
+    with pytest.raises(InputError):
+        split(batch, weights)
+
+
+def test_offsets_and_micro_batches():
+    assert offsets([3, 5, 0, 2]) == [0, 3, 8, 8]
+    assert offsets([]) == []
+    assert micro_batches(10, 4) == [4, 4, 2]
+    assert micro_batches(8, 4) == [4, 4]
+    assert micro_batches(0, 4) == []
+    assert micro_batches(3, 8) == [3]
+    with pytest.raises(InputError):
+        micro_batches(4, 0)
+    with pytest.raises(InputError):
+        offsets([1, -1])
+
+
+def _run(bal, steps, speeds, start=0):
+    """Feed `steps` steps where rank r processes its share at speeds[r] samples/s; returns the change flags."""
+    flags = []
+    for step in range(start, start + steps):
+        shares = bal.shares()
+        flags.append(bal.observe(step, [s / v if s else 0.0 for s, v in zip(shares, speeds)], shares))
+    return flags
+
+
+def test_auto_equal_until_first_estimate_then_proportional():
+    bal = Balancer(world=3, global_batch=120, every=4)
+    assert bal.shares() == [40, 40, 40]
+    flags = _run(bal, 4, [300.0, 100.0, 200.0])
+    assert flags == [False, False, False, True]
+    assert bal.shares() == [60, 20, 40]
+    assert bal.throughputs() == pytest.approx([300.0, 100.0, 200.0])
+    assert _run(bal, 4, [300.0, 100.0, 200.0]) == [False] * 4  # steady: nothing changes
+    assert bal.stragglers() == []
+
+
+def test_equal_mode_never_moves_shares():
+    bal = Balancer(world=2, global_batch=10, mode="equal", every=1)
+    assert _run(bal, 5, [1000.0, 10.0]) == [False] * 5
+    assert bal.shares() == [5, 5]
+
+
+def test_two_balancers_fed_the_same_numbers_agree():
+    a, b = Balancer(world=4, global_batch=257, every=2), Balancer(world=4, global_batch=257, every=2)
+    speeds = [123.4, 98.7, 301.2, 77.7]
+    for step in range(10):
+        shares = a.shares()
+        times = [s / v * (1 + 0.01 * ((step * 7 + r) % 5)) for r, (s, v) in enumerate(zip(shares, speeds))]
+        assert a.observe(step, times, shares) == b.observe(step, times, shares)
+        assert a.shares() == b.shares()
+    assert sum(a.shares()) == 257
+
+
+def test_very_slow_rank_keeps_one_sample():
+    bal = Balancer(world=3, global_batch=30, every=1)
+    _run(bal, 1, [1e6, 1e6, 1.0])
+    assert bal.shares()[2] == 1 and sum(bal.shares()) == 30
+
+
+def test_rank_that_slows_down_is_flagged_after_patience_and_cleared_on_recovery():
+    bal = Balancer(world=4, global_batch=64, every=2, ema=1.0, patience=2)
+    _run(bal, 4, [100.0] * 4)
+    assert bal.stragglers() == []
+    slow = [100.0, 100.0, 40.0, 100.0]
+    _run(bal, 2, slow)
+    assert bal.stragglers() == []  # low once: not yet
+    _run(bal, 2, slow)
+    assert bal.stragglers() == [2]
+    _run(bal, 4, slow)
+    assert bal.stragglers() == [2]  # baseline stays at its old speed: still flagged
+    _run(bal, 2, [100.0] * 4)
+    assert bal.stragglers() == []
+
+
+def test_equal_mode_flags_rank_slower_than_median_from_the_start():
+    bal = Balancer(world=4, global_batch=64, mode="equal", every=1, ema=1.0, patience=2)
+    _run(bal, 2, [100.0, 100.0, 100.0, 50.0])
+    assert bal.stragglers() == [3]
+    auto = Balancer(world=4, global_batch=64, mode="auto", every=1, ema=1.0, patience=2)
+    _run(auto, 4, [100.0, 100.0, 100.0, 50.0])
+    assert auto.stragglers() == []  # in auto mode a slower GPU just gets a smaller share
+
+
+def test_resize_keeps_estimates_by_index_or_resets():
+    bal = Balancer(world=4, global_batch=100, every=1, ema=1.0)
+    _run(bal, 1, [100.0, 200.0, 300.0, 400.0])
+    bal.resize(3, keep=[0, 2, 3])
+    assert bal.world == 3
+    assert bal.throughputs() == pytest.approx([100.0, 300.0, 400.0])
+    assert bal.shares() == split(100, [100.0, 300.0, 400.0])
+    bal.resize(4, keep=[0, 1, 2])
+    assert bal.shares() == split(100, [100.0, 300.0, 400.0, 300.0])  # newcomer counts as the median
+    bal.resize(2)
+    assert bal.shares() == [50, 50] and bal.throughputs() == [0.0, 0.0]
+    with pytest.raises(ValueError):
+        bal.resize(2, keep=[0, 0])
+    with pytest.raises(ValueError):
+        bal.resize(2, keep=[5])
+
+
+def test_state_dict_is_json_and_round_trips():
+    bal = Balancer(world=3, global_batch=90, every=3)
+    _run(bal, 7, [100.0, 50.0, 150.0])
+    d = json.loads(json.dumps(bal.state_dict()))
+    fresh = Balancer(world=1, global_batch=90, every=3)
+    fresh.load_state_dict(d)
+    assert fresh.shares() == bal.shares() and fresh.throughputs() == bal.throughputs()
+    for step in range(7, 14):  # continues exactly like the original
+        shares = bal.shares()
+        times = [s / v for s, v in zip(shares, [100.0, 60.0, 150.0])]
+        assert bal.observe(step, times, shares) == fresh.observe(step, times, shares)
+        assert bal.shares() == fresh.shares()
+    other = Balancer(world=1, global_batch=30, every=3)  # different global batch: shares recomputed
+    other.load_state_dict(d)
+    assert sum(other.shares()) == 30
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(mode="fast"), "balance"),
+        (dict(every=0), "every"),
+        (dict(ema=0.0), "ema"),
+        (dict(straggler_ratio=1.5), "straggler_ratio"),
+        (dict(patience=0), "patience"),
+        (dict(world=0), "world"),
+        (dict(global_batch=-1), "global_batch"),
+    ],
+)
+def test_bad_settings_raise_input_error_naming_the_field(kwargs, name):
+    args = dict(world=2, global_batch=8) | kwargs
+    with pytest.raises(InputError, match=name):
+        Balancer(**args)
+
+
+def test_bad_mode_lists_allowed_values():
+    with pytest.raises(InputError, match="auto, equal"):
+        Balancer(world=2, global_batch=8, mode="fast")
+
+
+def test_observe_rejects_wrong_lengths():
+    bal = Balancer(world=2, global_batch=8)
+    with pytest.raises(ValueError):
+        bal.observe(0, [1.0], [4, 4])
