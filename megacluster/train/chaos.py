@@ -1,0 +1,266 @@
+"""Fault injection for training runs: parse `--chaos` specs and decide, per rank and step, which fault fires.
+
+Spec grammar (faults separated by ';', keys by ','; spaces are ignored):
+
+    KIND:key=value,key=value[,permanent]; KIND:...
+    kill:rank=1,step=60; hang:rank=2,step=120; flap:step=150; slow:rank=0,factor=3; kill:rank=3,step=50,permanent
+
+Kinds and keys:
+    kill  rank (optional: all ranks), step (required), permanent (flag: the worker never comes back; needs rank)
+    hang  rank (optional: all ranks), step (required)       -- the worker stops making progress
+    flap  step (required), no rank                           -- the collective breaks for everyone
+    slow  rank (optional: all ranks), step (default 0), factor (>= 1, default 1) -- compute time x factor from step on
+
+kill/hang/flap are one-shot per run, across restarts: `Chaos.fire` writes an fsync'd marker file per (fault, rank)
+in the run's marker directory BEFORE the caller acts, so a restarted worker replaying the same step does not fire
+again. slow is persistent. Use in the worker:
+
+    chaos = Chaos(parse(spec), rank=rank, marker_dir=run_dir / "chaos")
+    if (f := chaos.due(step, "kill")) is not None:
+        chaos.fire(f); os.kill(os.getpid(), signal.SIGKILL)
+    compute_s *= chaos.slow_factor(step)   # or sleep for the extra time
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from megacluster.errors import InputError
+
+KINDS = ("kill", "hang", "flap", "slow")
+ONE_SHOT = ("kill", "hang", "flap")
+KEYS = {  # allowed keys per kind; `permanent` is a flag
+    "kill": ("rank", "step", "permanent"),
+    "hang": ("rank", "step"),
+    "flap": ("step",),
+    "slow": ("rank", "step", "factor"),
+}
+GRAMMAR = (
+    "grammar: KIND:key=value,...[; KIND:...] with KIND one of kill, hang, flap, slow; keys: "
+    "kill: rank, step, permanent | hang: rank, step | flap: step | slow: rank, step, factor; "
+    'e.g. "kill:rank=1,step=60; hang:rank=2,step=120; flap:step=150; slow:rank=0,factor=3"'
+)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class Fault:
+    """One injected fault. Validated on construction; `id` is derived when left empty."""
+
+    kind: str  # "kill" | "hang" | "flap" | "slow"
+    rank: int | None  # None = every rank (flap always None: it breaks the collective for everyone)
+    step: int | None  # optimizer step at which it fires (slow: from this step on)
+    factor: float = 1.0  # slow only: compute time multiplier, >= 1
+    permanent: bool = False  # kill only: the worker never comes back
+    id: str = ""  # stable and unique within a plan, e.g. "kill-r1-s60"; names the fired markers
+
+    def __post_init__(self) -> None:
+        problem = _fault_problem(self.kind, self.rank, self.step, self.factor, self.permanent)
+        if problem:
+            raise InputError(f"--chaos: {problem}. {GRAMMAR}")
+        if not self.id:
+            object.__setattr__(self, "id", _make_id(self.kind, self.rank, self.step))
+
+
+def _fault_problem(kind: str, rank: object, step: object, factor: object, permanent: bool) -> str | None:
+    """What is wrong with a fault's fields, or None."""
+    if kind not in KINDS:
+        return f"unknown kind {kind!r} (allowed: {', '.join(KINDS)})"
+    for name, value in (("rank", rank), ("step", step)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            return f"{name} must be an integer >= 0, got {value!r}"
+    if kind == "flap" and rank is not None:
+        return "flap takes no rank: it breaks the collective for every rank"
+    if kind in ONE_SHOT and step is None:
+        return f"{kind} needs step=N"
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 1:
+        return f"factor must be a finite number >= 1, got {factor!r}"
+    if kind != "slow" and factor != 1.0:
+        return f"factor applies to slow only, not {kind}"
+    if permanent and kind != "kill":
+        return f"permanent applies to kill only, not {kind}"
+    if permanent and rank is None:
+        return "a permanent kill needs a rank"
+    return None
+
+
+def _make_id(kind: str, rank: int | None, step: int | None) -> str:
+    parts = [kind] + ([f"r{rank}"] if rank is not None else []) + ([f"s{step}"] if step is not None else [])
+    return "-".join(parts)
+
+
+def parse(spec: str | None) -> list[Fault]:
+    """Parse a `--chaos` spec into faults ("" or None -> []). Raises InputError naming the bad part."""
+    if spec is None or not spec.strip():
+        return []
+    faults = [_parse_fault(part.strip()) for part in spec.split(";") if part.strip()]
+    _check_unique(faults)
+    return faults
+
+
+def _check_unique(faults: list[Fault]) -> None:
+    seen: set[str] = set()
+    for f in faults:
+        if f.id in seen:
+            raise InputError(f"--chaos: duplicate fault {f.id!r} (one fault per kind, rank and step). {GRAMMAR}")
+        seen.add(f.id)
+
+
+def _parse_fault(part: str) -> Fault:
+    """One `KIND:key=value,...` part."""
+    kind, _, body = part.partition(":")
+    kind = kind.strip()
+    if kind not in KINDS:
+        _bad(part, f"unknown kind {kind!r} (allowed: {', '.join(KINDS)})")
+    values: dict[str, str | None] = {}
+    for item in (x.strip() for x in body.split(",")):
+        if not item:
+            continue
+        key, eq, value = (s.strip() for s in item.partition("="))
+        if key not in KEYS[kind]:
+            _bad(part, f"unknown key {key!r} for {kind} (allowed: {', '.join(KEYS[kind])})")
+        if key in values:
+            _bad(part, f"key {key!r} given twice")
+        if (key == "permanent") == bool(eq):
+            _bad(part, "permanent is a flag without a value" if eq else f"{key} needs a value ({key}=...)")
+        values[key] = value if eq else None
+    fields = dict(
+        kind=kind,
+        rank=_int(part, "rank", values.get("rank")),
+        step=_int(part, "step", values.get("step"), default=0 if kind == "slow" else None),
+        factor=_float(part, "factor", values.get("factor")),
+        permanent="permanent" in values,
+    )
+    problem = _fault_problem(**fields)
+    if problem:
+        _bad(part, problem)
+    return Fault(**fields)
+
+
+def _int(part: str, key: str, text: str | None, default: int | None = None) -> int | None:
+    if text is None:
+        return default
+    if not re.fullmatch(r"\d+", text):
+        _bad(part, f"{key} must be an integer >= 0, got {text!r}")
+    return int(text)
+
+
+def _float(part: str, key: str, text: str | None) -> float:
+    if text is None:
+        return 1.0
+    try:
+        return float(text)
+    except ValueError:
+        _bad(part, f"{key} must be a number, got {text!r}")
+
+
+def _bad(part: str, why: str):
+    raise InputError(f"--chaos: bad fault {part!r}: {why}. {GRAMMAR}")
+
+
+def format(faults: list[Fault]) -> str:  # noqa: A001 - the inverse of parse, named as in the interface
+    """The spec string for `faults`; parse(format(faults)) == faults."""
+    return "; ".join(_format_fault(f) for f in faults)
+
+
+def _format_fault(f: Fault) -> str:
+    parts = []
+    if f.rank is not None:
+        parts.append(f"rank={f.rank}")
+    if f.step is not None:
+        parts.append(f"step={f.step}")
+    if f.kind == "slow":
+        parts.append(f"factor={_float_text(f.factor)}")
+    if f.permanent:
+        parts.append("permanent")
+    return f"{f.kind}:" + ",".join(parts)
+
+
+def _float_text(x: float) -> str:
+    """Shortest text that parses back to exactly x ("3" for 3.0)."""
+    text = repr(float(x))
+    return text[:-2] if text.endswith(".0") else text
+
+
+class Chaos:
+    """The faults that apply to one rank, with one-shot bookkeeping shared by every process of a run.
+
+    marker_dir: a directory all workers of the run (and their restarts) share; None keeps the record in memory
+    only (one process, no restarts: tests and dry runs).
+    """
+
+    def __init__(self, faults: list[Fault], rank: int, marker_dir: str | os.PathLike | None):
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"rank must be an integer >= 0, got {rank!r}")
+        _check_unique(list(faults))
+        self.faults = list(faults)
+        self.rank = rank
+        self.marker_dir = Path(marker_dir) if marker_dir is not None else None
+        if self.marker_dir is not None:
+            self.marker_dir.mkdir(parents=True, exist_ok=True)
+        self._fired: set[str] = set()  # marker names fired by this process
+
+    def _applies(self, f: Fault) -> bool:
+        return f.rank is None or f.rank == self.rank
+
+    def _marker(self, f: Fault) -> str:
+        return f"{f.id}.r{self.rank}.fired"  # per rank: a fault on all ranks fires once on each
+
+    def fired(self, fault: Fault) -> bool:
+        """Whether this rank already fired `fault` in this run (this process or an earlier one)."""
+        name = self._marker(fault)
+        return name in self._fired or (self.marker_dir is not None and (self.marker_dir / name).exists())
+
+    def due(self, step: int, kind: str) -> Fault | None:
+        """The one-shot fault of `kind` for this rank at exactly `step` that has not fired yet, else None."""
+        if kind not in ONE_SHOT:
+            raise ValueError(f"due() is for one-shot kinds {', '.join(ONE_SHOT)}; use slow_factor() for slow")
+        for f in self.faults:
+            if f.kind == kind and f.step == step and self._applies(f) and not self.fired(f):
+                return f
+        return None
+
+    def fire(self, fault: Fault) -> None:
+        """Record that `fault` fired on this rank. Call BEFORE acting: the marker is on disk when this returns."""
+        name = self._marker(fault)
+        self._fired.add(name)
+        if self.marker_dir is not None:
+            _write_durably(self.marker_dir, name, {"id": fault.id, "rank": self.rank, "pid": os.getpid()})
+
+    def take(self, step: int, kind: str) -> Fault | None:
+        """due() and, if a fault is due, fire() it: the caller then acts on the returned fault."""
+        f = self.due(step, kind)
+        if f is not None:
+            self.fire(f)
+        return f
+
+    def slow_factor(self, step: int) -> float:
+        """Product of the factors of every slow fault active for this rank at `step` (1.0 when none)."""
+        factor = 1.0
+        for f in self.faults:
+            if f.kind == "slow" and self._applies(f) and step >= (f.step or 0):
+                factor *= f.factor
+        return factor
+
+    def permanent_ranks(self) -> set[int]:
+        """Ranks with a permanent kill in the plan (they never come back once it fires)."""
+        return {f.rank for f in self.faults if f.kind == "kill" and f.permanent and f.rank is not None}
+
+
+def _write_durably(directory: Path, name: str, content: dict) -> None:
+    """Write directory/name atomically (tmp file, fsync, rename, fsync the directory)."""
+    tmp = directory / f".{name}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(content, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, directory / name)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,146 @@
+"""Chaos specs: parsing, validation messages, format round trip, one-shot firing across restarts."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megacluster.errors import InputError
+from megacluster.train import chaos
+from megacluster.train.chaos import Chaos, Fault, parse
+
+EXAMPLE = "kill:rank=1,step=60; hang:rank=2,step=120; flap:step=150; slow:rank=0,factor=3"
+
+
+def test_parse_example():
+    faults = parse(EXAMPLE)
+    assert faults == [
+        Fault(kind="kill", rank=1, step=60, id="kill-r1-s60"),
+        Fault(kind="hang", rank=2, step=120, id="hang-r2-s120"),
+        Fault(kind="flap", rank=None, step=150, id="flap-s150"),
+        Fault(kind="slow", rank=0, step=0, factor=3.0, id="slow-r0-s0"),
+    ]
+
+
+def test_parse_permanent_and_whitespace_and_empty():
+    (f,) = parse("  kill : rank = 1 , step = 50 , permanent ;  ")
+    assert f.permanent and f.rank == 1 and f.step == 50 and f.id == "kill-r1-s50"
+    assert parse("") == [] and parse(None) == [] and parse(" ; ") == []
+
+
+@pytest.mark.parametrize(
+    "spec, bad",
+    [
+        ("boom:rank=1,step=2", "boom"),
+        ("kill:rank=1,step=2,speed=3", "speed"),
+        ("kill:rank=-1,step=2", "rank"),
+        ("kill:rank=1.5,step=2", "rank"),
+        ("kill:rank=1,step=x", "step"),
+        ("kill:rank=1", "needs step"),
+        ("slow:rank=0,factor=0.5", "factor"),
+        ("slow:rank=0,factor=inf", "factor"),
+        ("slow:rank=0,factor=abc", "factor"),
+        ("hang:rank=0,step=3,permanent", "permanent"),
+        ("kill:step=3,permanent", "permanent"),
+        ("kill:rank=0,step=3,permanent=yes", "permanent"),
+        ("kill:rank=0,step", "step"),
+        ("flap:rank=0,step=3", "rank"),
+        ("kill:rank=1,rank=2,step=3", "twice"),
+        ("kill:rank=1,step=3; kill:rank=1,step=3,permanent", "duplicate"),
+    ],
+)
+def test_bad_specs_name_flag_part_and_grammar(spec, bad):
+    with pytest.raises(InputError) as e:
+        parse(spec)
+    msg = str(e.value)
+    assert msg.startswith("--chaos")
+    assert bad in msg
+    assert "kill, hang, flap, slow" in msg
+
+
+def test_fault_validates_direct_construction():
+    with pytest.raises(InputError):
+        Fault(kind="slow", rank=0, step=0, factor=0.9)
+    with pytest.raises(InputError):
+        Fault(kind="kill", rank=0, step=1, factor=2.0)
+    assert Fault(kind="slow", rank=None, step=5, factor=2.0).id == "slow-s5"
+
+
+fault_st = st.one_of(
+    st.builds(
+        lambda r, s, p: Fault(kind="kill", rank=r if (r is not None or not p) else 0, step=s, permanent=p),
+        st.none() | st.integers(0, 99),
+        st.integers(0, 10_000),
+        st.booleans(),
+    ),
+    st.builds(lambda r, s: Fault(kind="hang", rank=r, step=s), st.none() | st.integers(0, 99), st.integers(0, 10**6)),
+    st.builds(lambda s: Fault(kind="flap", rank=None, step=s), st.integers(0, 10**6)),
+    st.builds(
+        lambda r, s, x: Fault(kind="slow", rank=r, step=s, factor=x),
+        st.none() | st.integers(0, 99),
+        st.integers(0, 1000),
+        st.floats(min_value=1, max_value=1e6, allow_nan=False),
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(fault_st, max_size=6, unique_by=lambda f: f.id))
+def test_format_round_trips(faults):
+    text = chaos.format(faults)
+    assert parse(text) == faults
+    assert chaos.format(parse(text)) == text
+
+
+def test_one_shot_fires_once_across_restarts(tmp_path):
+    faults = parse("kill:rank=1,step=60; hang:rank=2,step=120")
+    first = Chaos(faults, rank=1, marker_dir=tmp_path)
+    assert first.due(59, "kill") is None
+    assert first.due(60, "hang") is None  # the hang is rank 2's
+    f = first.due(60, "kill")
+    assert f is not None and f.id == "kill-r1-s60"
+    first.fire(f)
+    assert first.due(60, "kill") is None
+    restarted = Chaos(faults, rank=1, marker_dir=tmp_path)  # new process after the kill, same run directory
+    assert restarted.due(60, "kill") is None
+    other = Chaos(faults, rank=2, marker_dir=tmp_path)
+    assert other.take(120, "hang").id == "hang-r2-s120"
+    assert Chaos(faults, rank=2, marker_dir=tmp_path).due(120, "hang") is None
+    assert not list(tmp_path.glob(".*tmp*"))  # markers written atomically, no leftovers
+
+
+def test_fault_on_all_ranks_fires_once_per_rank(tmp_path):
+    faults = parse("flap:step=5; kill:step=7")
+    ranks = [Chaos(faults, rank=r, marker_dir=tmp_path) for r in range(3)]
+    for c in ranks:
+        assert c.take(5, "flap") is not None
+        assert c.take(7, "kill") is not None
+    assert all(Chaos(faults, rank=r, marker_dir=tmp_path).due(5, "flap") is None for r in range(3))
+
+
+def test_in_memory_without_marker_dir():
+    c = Chaos(parse("kill:rank=0,step=1"), rank=0, marker_dir=None)
+    assert c.take(1, "kill") is not None
+    assert c.due(1, "kill") is None
+    assert Chaos(parse("kill:rank=0,step=1"), rank=0, marker_dir=None).due(1, "kill") is not None
+
+
+def test_slow_factor_is_persistent_and_multiplies():
+    c = Chaos(parse("slow:rank=0,factor=3; slow:step=10,factor=2; slow:rank=1,factor=5"), rank=0, marker_dir=None)
+    assert c.slow_factor(0) == 3.0
+    assert c.slow_factor(9) == 3.0
+    assert c.slow_factor(10) == 6.0
+    assert c.slow_factor(10_000) == 6.0
+    assert Chaos([], rank=0, marker_dir=None).slow_factor(3) == 1.0
+    with pytest.raises(ValueError):
+        c.due(0, "slow")
+
+
+def test_permanent_ranks():
+    c = Chaos(parse("kill:rank=1,step=50,permanent; kill:rank=2,step=50; hang:rank=3,step=1"), rank=0, marker_dir=None)
+    assert c.permanent_ranks() == {1}
+
+
+def test_chaos_rejects_duplicate_ids():
+    f = Fault(kind="kill", rank=1, step=2)
+    with pytest.raises(InputError, match="duplicate"):
+        Chaos([f, f], rank=0, marker_dir=None)
