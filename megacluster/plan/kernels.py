@@ -1,0 +1,131 @@
+"""Kernel and collective timings for one GPU type: matmul (GEMM) efficiency by shape, attention, memory-bound
+ops, NCCL-style collectives. Parameters come from `data/kernels.json` (vidur-style: measure once, plan on CPU).
+
+A GPU entry may carry a ``measured`` grid written by ``benchmarks/matmul_curve.py``; then GEMM efficiency is
+interpolated from it (log-space, trilinear) instead of the physical model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+import numpy as np
+
+from ..hardware import GPU, get_gpu
+
+
+@lru_cache(maxsize=1)
+def kernel_data() -> dict:
+    return json.loads(resources.files("megacluster.plan").joinpath("data", "kernels.json").read_text())
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class Device:
+    """One GPU type with everything the step-time model needs (times in s, bandwidths in bytes/s)."""
+    gpu: GPU
+    peak: float  # FLOP/s at the run's dtype
+    sms: int
+    gemm_eff_max: float  # fraction of peak for a large, well-shaped GEMM
+    k_half: float  # reduction depth at which a GEMM reaches half of eff_max (operand-load latency)
+    hbm_bw: float  # achievable HBM bytes/s
+    launch_s: float  # per-kernel fixed cost, s
+    flash_fwd_eff: float
+    flash_bwd_eff: float
+    attn_s_half: float  # sequence length at which flash attention reaches half its efficiency
+    tiles: tuple  # ((tile_m, tile_n, relative efficiency), ...)
+    measured: tuple | None  # (log2 m grid, log2 n grid, log2 k grid, efficiency array) or None
+
+    def gemm_time(self, m: float, n: float, k: float, batch: float = 1.0) -> float:
+        """Seconds for `batch` GEMMs (m x k) @ (k x n) at this dtype."""
+        flops = 2.0 * m * n * k * batch
+        eff = self.gemm_eff(m, n, k, batch)
+        bytes_moved = 2.0 * (m * k + k * n + m * n) * batch  # 2-byte operands (fp8 still writes bf16)
+        return max(flops / (self.peak * eff), bytes_moved / self.hbm_bw) + self.launch_s
+
+    def gemm_eff(self, m: float, n: float, k: float, batch: float = 1.0) -> float:
+        """Fraction of peak a GEMM of this shape reaches (compute-bound part)."""
+        if self.measured is not None:
+            return _interp(self.measured, m, n, k)
+        best = 0.0
+        for tm, tn, rel in self.tiles:  # the library picks the tile with the best wave utilisation
+            tiles = math.ceil(m / tm) * math.ceil(n / tn) * batch
+            waves = math.ceil(tiles / self.sms)
+            best = max(best, rel * tiles / (waves * self.sms))
+        return self.gemm_eff_max * best * k / (k + self.k_half)
+
+    def flash_time(self, flops_fwd: float, seq: float) -> tuple[float, float]:
+        """(fwd, bwd) seconds of fused attention doing `flops_fwd` in the forward (bwd does 2.5x: recomputes S)."""
+        sat = seq / (seq + self.attn_s_half)
+        fwd = flops_fwd / (self.peak * self.flash_fwd_eff * sat)
+        bwd = 2.5 * flops_fwd / (self.peak * self.flash_bwd_eff * sat)
+        return fwd + self.launch_s, bwd + 2 * self.launch_s
+
+    def mem_time(self, nbytes: float) -> float:
+        """Seconds to stream `nbytes` through HBM (elementwise / normalisation / optimizer kernels)."""
+        return nbytes / self.hbm_bw
+
+
+def _interp(measured: tuple, m: float, n: float, k: float) -> float:
+    gm, gn, gk, eff = measured
+    x = [float(np.clip(math.log2(max(v, 1.0)), g[0], g[-1])) for v, g in ((m, gm), (n, gn), (k, gk))]
+    idx, w = [], []
+    for xi, g in zip(x, (gm, gn, gk)):
+        j = int(min(max(np.searchsorted(g, xi) - 1, 0), len(g) - 2))
+        idx.append(j)
+        w.append((xi - g[j]) / (g[j + 1] - g[j]))
+    out = 0.0
+    for corner in range(8):
+        bits = [(corner >> d) & 1 for d in range(3)]
+        weight = math.prod(w[d] if b else 1 - w[d] for d, b in enumerate(bits))
+        out += weight * eff[idx[0] + bits[0], idx[1] + bits[1], idx[2] + bits[2]]
+    return max(out, 1e-3)
+
+
+@lru_cache(maxsize=64)
+def device(gpu_name: str, dtype: str) -> Device:
+    """The `Device` for a catalogue GPU at a dtype (cached: the search calls this per configuration)."""
+    data = kernel_data()
+    gpu = get_gpu(gpu_name)
+    p = data["gpus"][gpu_name]
+    measured = None
+    if "measured" in p and dtype in ("bf16", "fp16"):
+        g = p["measured"]
+        eff = np.asarray(g["tflops"], dtype=float) * 1e12 / gpu.peak("bf16")
+        measured = (np.log2(g["m"]), np.log2(g["n"]), np.log2(g["k"]),
+                    eff.reshape(len(g["m"]), len(g["n"]), len(g["k"])))
+    return Device(gpu=gpu, peak=gpu.peak(dtype), sms=p["sms"], gemm_eff_max=p["gemm_eff_max"], k_half=p["k_half"],
+                  hbm_bw=gpu.hbm_gb_s * 1e9 * p["hbm_eff"], launch_s=p["launch_us"] * 1e-6,
+                  flash_fwd_eff=p["flash_fwd_eff"], flash_bwd_eff=p["flash_bwd_eff"], attn_s_half=p["attn_s_half"],
+                  tiles=tuple(tuple(t) for t in data["tiles"]), measured=measured)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class Link:
+    """One level of the network as seen by one GPU: bytes/s per direction (bus bandwidth) and step latency."""
+    bw: float  # bytes/s
+    latency: float  # s per ring step
+
+    def all_reduce(self, nbytes: float, n: int) -> float:
+        return 0.0 if n <= 1 else 2 * (n - 1) / n * nbytes / self.bw + 2 * (n - 1) * self.latency
+
+    def all_gather(self, nbytes: float, n: int) -> float:
+        """All-gather (or reduce-scatter) of a buffer of `nbytes` in total across `n` ranks."""
+        return 0.0 if n <= 1 else (n - 1) / n * nbytes / self.bw + (n - 1) * self.latency
+
+    def p2p(self, nbytes: float) -> float:
+        return nbytes / self.bw + self.latency
+
+
+def nvlink(gpu: GPU) -> Link:
+    net = kernel_data()["network"]
+    return Link(bw=gpu.nvlink_gb_s / 2 * 1e9 * net["nvlink_busbw_eff"], latency=net["nvlink_latency_us"] * 1e-6)
+
+
+def scale_out(gbps_per_gpu: float, oversubscription: float = 1.0) -> Link:
+    net = kernel_data()["network"]
+    return Link(bw=gbps_per_gpu / 8 * 1e9 * net["scale_out_busbw_eff"] / oversubscription,
+                latency=net["scale_out_latency_us"] * 1e-6)

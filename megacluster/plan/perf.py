@@ -1,0 +1,319 @@
+"""Step time and memory of one parallel plan on one GPU type (analytical, Calculon-style, pure arithmetic).
+
+Layout of ranks (innermost first): tp (NVLink), cp, pp, dp. Per micro-batch and per pipeline stage the model
+adds: GEMMs at a shape-dependent efficiency (`kernels.Device.gemm_eff`), attention (fused or unfused),
+memory-bound elementwise kernels, tensor-parallel collectives (all-reduce, or all-gather + reduce-scatter with
+sequence parallelism) on the NVLink domain, context-parallel K/V exchange overlapped with attention, and
+pipeline point-to-point sends. The pipeline runs m micro-batches with a bubble of (pp-1)/vpp stage-times
+(1F1B, interleaved when vpp > 1). Data-parallel gradient reduction overlaps the last micro-batch's backward
+(ZeRO-1/2: reduce-scatter + all-gather; ZeRO-3 also gathers parameters per micro-batch).
+Equations and sources: docs/plan.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .kernels import Device, Link, device, nvlink, scale_out
+from .scenario import ModelSpec, PoolSpec, TrainSpec, nvlink_domain
+
+BYTES = 2  # bytes per activation / weight element (bf16/fp16; fp8 runs keep bf16 activations)
+RESERVED_GB = 2.0  # GB per GPU: CUDA context, NCCL buffers, allocator fragmentation
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class Plan:
+    """A fully chosen parallel plan."""
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    vpp: int
+    micro_batch: int  # sequences per micro-batch
+    recompute: str  # "none" | "selective" | "full"
+
+
+@dataclass(kw_only=True, slots=True)
+class StepBreakdown:
+    """Seconds per optimizer step for one model replica, and memory per GPU."""
+    step_time_s: float
+    compute_s: float  # GEMM + attention + elementwise (incl. recompute)
+    tp_comm_s: float
+    cp_comm_s: float  # exposed part
+    p2p_s: float
+    bubble_s: float
+    dp_comm_s: float  # exposed part
+    optimizer_s: float
+    microbatches: int
+    memory_gb: float
+    memory: dict  # GB by kind
+
+    @property
+    def exposed_comm_s(self) -> float:
+        return self.tp_comm_s + self.cp_comm_s + self.p2p_s + self.dp_comm_s
+
+
+# ------------------------------------------------------------------------------------------ flops
+def layer_params(m: ModelSpec) -> float:
+    """Weights of one transformer layer (attention + MLP; norms are negligible)."""
+    hd = m.hidden // m.heads
+    kvd = m.kv_heads * hd
+    mlp = (3 if m.mlp == "swiglu" else 2) * m.hidden * m.ffn_hidden
+    return m.hidden * (m.hidden + 2 * kvd) + m.hidden * m.hidden + mlp
+
+
+def model_flops_per_token(m: ModelSpec) -> float:
+    """Model FLOPs per trained token (fwd + bwd, no recompute): 6 x (layer weights + LM head) plus causal
+    attention 6 x layers x seq x hidden (QK^T and AV, half the score matrix under the causal mask)."""
+    return 6.0 * (m.layers * layer_params(m) + m.hidden * m.vocab) + 6.0 * m.layers * m.seq_len * m.hidden
+
+
+# ------------------------------------------------------------------------------------ per layer
+def _linear(dev: Device, t: float, n: float, k: float) -> tuple[float, float]:
+    """(fwd, bwd) s of a linear layer: tokens t, output n, input k. bwd = dgrad (t,k,n) + wgrad (k,n,t)."""
+    return dev.gemm_time(t, n, k), dev.gemm_time(t, k, n) + dev.gemm_time(k, n, t)
+
+
+def _attention(dev: Device, m: ModelSpec, tr: TrainSpec, mb: int, tp: int, cp: int) -> tuple[float, float]:
+    """(fwd, bwd) s of the attention core (scores, softmax, weighted sum) for one layer and micro-batch."""
+    hd = m.hidden // m.heads
+    heads = m.heads / tp
+    s_q = m.seq_len / cp  # queries held by this CP rank; keys: the whole sequence (ring)
+    if tr.attention == "flash":
+        flops = 4.0 * mb * s_q * m.seq_len * hd * heads * 0.5  # causal: half the blocks are skipped
+        return dev.flash_time(flops, m.seq_len)
+    # unfused: two batched GEMMs over the full score matrix + softmax/mask/dropout passes through HBM
+    b = mb * heads
+    fwd = dev.gemm_time(s_q, m.seq_len, hd, b) + dev.gemm_time(s_q, hd, m.seq_len, b)
+    bwd = 2.0 * fwd
+    scores = b * s_q * m.seq_len
+    fwd += dev.mem_time(scores * 5 * BYTES)  # write S, read S, write P, read P, dropout mask
+    bwd += dev.mem_time(scores * 8 * BYTES)
+    return fwd, bwd
+
+
+def _elementwise_bytes(m: ModelSpec, tr: TrainSpec, tp: int) -> float:
+    """HBM bytes per token per layer in the forward for norms, residuals, rotary, activation function."""
+    kvd = m.kv_heads * (m.hidden // m.heads)
+    sp = tp if tr.sequence_parallel else 1  # norms and residuals are sharded only with sequence parallelism
+    act = 3 * m.ffn_hidden if m.mlp == "swiglu" else 2 * m.ffn_hidden
+    return BYTES * (10 * m.hidden / sp + 2 * (m.hidden + kvd) / tp + act / tp)
+
+
+def layer_times(dev: Device, m: ModelSpec, tr: TrainSpec, mb: int, tp: int, cp: int) -> tuple[float, float, float]:
+    """(fwd, bwd, attention fwd+bwd) s of one layer for one micro-batch on one GPU (compute only)."""
+    t = mb * m.seq_len / cp  # tokens on this GPU
+    hd = m.hidden // m.heads
+    kvd = m.kv_heads * hd
+    ffn_in = (2 if m.mlp == "swiglu" else 1) * m.ffn_hidden
+    shapes = ((m.hidden + 2 * kvd) / tp, m.hidden), (m.hidden, m.hidden / tp), \
+        (ffn_in / tp, m.hidden), (m.hidden, m.ffn_hidden / tp)
+    fwd = bwd = 0.0
+    for n, k in shapes:
+        f, b = _linear(dev, t, n, k)
+        fwd, bwd = fwd + f, bwd + b
+    af, ab = _attention(dev, m, tr, mb, tp, cp)
+    ew = dev.mem_time(t * _elementwise_bytes(m, tr, tp))
+    return fwd + af + ew, bwd + ab + 2 * ew, af + ab
+
+
+def head_times(dev: Device, m: ModelSpec, mb: int, tp: int, cp: int) -> tuple[float, float]:
+    """(fwd, bwd) s of the LM head (vocab-parallel logits) and the cross-entropy on the last stage."""
+    t = mb * m.seq_len / cp
+    f, b = _linear(dev, t, m.vocab / tp, m.hidden)
+    ce = dev.mem_time(t * m.vocab / tp * 4 * 3)  # fp32 logits: softmax read/write, loss
+    return f + ce, b + ce
+
+
+# --------------------------------------------------------------------------------------- network
+@dataclass(kw_only=True, slots=True, frozen=True)
+class Net:
+    """Links used by each parallel dimension for one pool."""
+    tp: Link
+    cp: Link
+    pp: Link
+    dp: Link
+
+
+def links(pool: PoolSpec, plan: Plan, scale_out_gbps: float, oversub: float) -> Net:
+    """A group whose ranks fit in one NVLink domain talks over NVLink, otherwise over the scale-out NIC."""
+    dom = nvlink_domain(pool)
+    nv, so = nvlink(device(pool.gpu, "bf16").gpu), scale_out(scale_out_gbps, 1.0)
+    so_far = scale_out(scale_out_gbps, oversub)  # groups that span beyond a leaf (pp, dp) see oversubscription
+    tpcp = plan.tp * plan.cp
+    return Net(tp=nv if plan.tp <= dom else so,
+               cp=nv if tpcp <= dom else so,
+               pp=nv if tpcp * plan.pp <= dom else so_far,
+               dp=nv if tpcp * plan.pp * plan.dp <= dom else so_far)
+
+
+# ----------------------------------------------------------------------------------------- stage
+def stage_layers(layers: int, pp: int, vpp: int) -> tuple[int, int]:
+    """(layers on a full stage, layers on the last stage): chunks of ceil(L / (pp vpp)) layers; the last
+    stage takes what is left, so the LM head lands where there is slack (Llama 3 style balancing)."""
+    per_stage = math.ceil(layers / (pp * vpp)) * vpp
+    last = max(layers - (pp - 1) * per_stage, 0)
+    return per_stage, min(last, per_stage)
+
+
+def estimate(m: ModelSpec, tr: TrainSpec, plan: Plan, pool: PoolSpec, scale_out_gbps: float,
+             oversub: float = 1.0, seqs: float | None = None) -> StepBreakdown:
+    """Step time of one replica processing `seqs` sequences (default global_batch / dp), and memory per GPU."""
+    dev = device(pool.gpu, tr.dtype)
+    net = links(pool, plan, scale_out_gbps, oversub)
+    seqs = tr.global_batch / plan.dp if seqs is None else seqs
+    nmb = max(1, math.ceil(seqs / plan.micro_batch))
+    tokens = plan.micro_batch * m.seq_len / plan.cp  # per GPU per micro-batch
+
+    lf, lb, lattn = layer_times(dev, m, tr, plan.micro_batch, plan.tp, plan.cp)
+    hf, hb = head_times(dev, m, plan.micro_batch, plan.tp, plan.cp)
+    # tensor parallel: 2 collectives of the (tokens x hidden) activation per layer in fwd, 2 in bwd
+    act_bytes = tokens * m.hidden * BYTES
+    tp_one = 2 * net.tp.all_gather(act_bytes, plan.tp) if tr.sequence_parallel else net.tp.all_reduce(act_bytes, plan.tp)
+    tp_layer = 4 * tp_one
+    # context parallel: each rank receives the other ranks' K and V (fwd), and K, V + their grads (bwd)
+    kvd = m.kv_heads * (m.hidden // m.heads)
+    kv_bytes = 2 * tokens * kvd / min(plan.tp, m.kv_heads) * BYTES * (plan.cp - 1)
+    cp_layer = max(0.0, 3 * (kv_bytes / net.cp.bw + (plan.cp - 1) * net.cp.latency) - lattn) if plan.cp > 1 else 0.0
+
+    extra = 0.0  # recompute: s per layer
+    if plan.recompute == "full":
+        extra = lf + 2 * tp_one
+    elif plan.recompute == "selective" and tr.attention == "unfused":
+        extra = _attention(dev, m, tr, plan.micro_batch, plan.tp, plan.cp)[0]
+
+    full, last = stage_layers(m.layers, plan.pp, plan.vpp)
+    per_layer = lf + lb + extra + tp_layer + cp_layer
+    head = hf + hb + (net.tp.all_gather(act_bytes, plan.tp) if tr.sequence_parallel else 0.0)
+    t_stage = max(full * per_layer, last * per_layer + head)
+    compute_layer = lf + lb + extra
+    t_compute = max(full * compute_layer, last * compute_layer + hf + hb)
+    # pipeline sends: per micro-batch each stage sends vpp activations forward and vpp gradients back
+    p2p = 0.0
+    if plan.pp > 1:
+        p2p = 2 * plan.vpp * net.pp.p2p(act_bytes / (plan.tp if tr.sequence_parallel else 1))
+    t_mb = t_stage + p2p
+    bubble = (plan.pp - 1) / plan.vpp * t_mb
+
+    dp_exposed, optim, mem = _dp_and_memory(m, tr, plan, dev, net, nmb, full, lf, lb, hf)
+    step = nmb * t_mb + bubble + dp_exposed + optim
+    return StepBreakdown(step_time_s=step, compute_s=nmb * t_compute, tp_comm_s=nmb * full * (tp_layer + (
+        2 * tp_one if plan.recompute == "full" else 0.0)), cp_comm_s=nmb * full * cp_layer, p2p_s=nmb * p2p,
+        bubble_s=bubble, dp_comm_s=dp_exposed, optimizer_s=optim, microbatches=nmb,
+        memory_gb=sum(mem.values()), memory=mem)
+
+
+def _dp_and_memory(m: ModelSpec, tr: TrainSpec, plan: Plan, dev: Device, net: Net, nmb: int, full: int,
+                   lf: float, lb: float, hf: float) -> tuple[float, float, dict]:
+    """(exposed data-parallel comm s, optimizer s, memory GB by kind) for the fullest stage."""
+    params = full * layer_params(m) / plan.tp + m.hidden * m.vocab / plan.tp  # + embedding or LM head
+    d = plan.dp
+    grad_bytes = params * BYTES
+    if tr.zero == 0:
+        t_dp = net.dp.all_reduce(grad_bytes, d)
+    else:  # reduce-scatter grads, all-gather updated bf16 weights (ZeRO-3: also per micro-batch fwd+bwd)
+        t_dp = 2 * net.dp.all_gather(grad_bytes, d)
+        if tr.zero == 3:
+            t_dp += 2 * (nmb - 1) * net.dp.all_gather(grad_bytes, d)
+    window = full * lb + (full * (nmb - 1) * (lf + lb) if tr.zero == 3 else 0.0)  # overlap: last backward
+    window *= 1.0 if tr.overlap_grad_reduce else 0.0
+    dp_exposed = max(0.0, t_dp - window) if d > 1 else 0.0
+    shard = d if tr.zero >= 1 else 1
+    optim = dev.mem_time(params / shard * 36)  # Adam: r/w fp32 master, m, v; read grad; write bf16 weight
+
+    w = params * BYTES / (d if tr.zero == 3 else 1)
+    g = params * BYTES / (d if tr.zero >= 2 else 1)
+    o = params * 12 / shard  # fp32 master weights + Adam m, v
+    act = _activation_bytes(m, tr, plan, nmb)
+    return dp_exposed, optim, {"weights": w / 1e9, "grads": g / 1e9, "optimizer": o / 1e9,
+                               "activations": act / 1e9, "reserved": RESERVED_GB}
+
+
+def layer_activation_bytes(m: ModelSpec, tr: TrainSpec, plan: Plan) -> float:
+    """Bytes one layer keeps for its backward, per micro-batch (Korthikanti et al. 2022, generalised to
+    GQA and SwiGLU; fused norm+linear keeps one input; flash attention keeps O and the log-sum-exp only)."""
+    t = plan.micro_batch * m.seq_len / plan.cp
+    h, f = m.hidden, m.ffn_hidden
+    kvd = m.kv_heads * (h // m.heads)
+    sp = plan.tp if tr.sequence_parallel else 1
+    if plan.recompute == "full":
+        return t * h / sp * BYTES  # only the layer input
+    attn = 2 * h / sp + (h + 2 * kvd) / plan.tp + h / plan.tp  # norm+qkv input, q k v, attention output
+    mlp = 2 * h / sp + ((2 * f if m.mlp == "swiglu" else f) + f) / plan.tp  # norm+fc1 input, fc1 out, act out
+    elems = t * (attn + mlp)
+    if tr.attention == "unfused" and plan.recompute == "none":
+        elems += 2.5 * plan.micro_batch * m.heads / plan.tp * (m.seq_len / plan.cp) * m.seq_len  # scores, probs, mask
+    return elems * BYTES
+
+
+def _activation_bytes(m: ModelSpec, tr: TrainSpec, plan: Plan, nmb: int) -> float:
+    """Peak activation bytes on the first stage: micro-batches in flight under (interleaved) 1F1B."""
+    per_chunk = math.ceil(m.layers / (plan.pp * plan.vpp))
+    if plan.vpp == 1:
+        chunks_in_flight = min(nmb, plan.pp)
+    else:  # Megatron interleaved warm-up: 2 (pp-1) + (vpp-1) pp micro-batch chunks, plus the one running
+        chunks_in_flight = min(nmb * plan.vpp, 2 * (plan.pp - 1) + (plan.vpp - 1) * plan.pp + 1)
+    stored = chunks_in_flight * per_chunk * layer_activation_bytes(m, tr, plan)
+    if plan.recompute == "full":  # one layer's full activations live during its recompute
+        stored += layer_activation_bytes(m, tr, Plan(**{**_asdict(plan), "recompute": "none"}))
+    logits = plan.micro_batch * m.seq_len / plan.cp * m.vocab / plan.tp * 4  # fp32 logits on the last stage
+    return stored + logits
+
+
+def _asdict(plan: Plan) -> dict:
+    return {k: getattr(plan, k) for k in Plan.__slots__}
+
+
+# ------------------------------------------------------------------------------------------ fleet
+@dataclass(kw_only=True, slots=True)
+class PoolStep:
+    pool: PoolSpec
+    replicas: int
+    seqs_per_replica: float  # sequences each replica of this pool processes per step
+    step: StepBreakdown
+
+
+@dataclass(kw_only=True, slots=True)
+class FleetStep:
+    step_time_s: float  # synchronous: the slowest replica
+    pools: list[PoolStep]
+    fits_in_memory: bool
+
+    @property
+    def critical(self) -> StepBreakdown:
+        return max(self.pools, key=lambda p: p.step.step_time_s).step
+
+
+def fleet_step(m: ModelSpec, tr: TrainSpec, plan: Plan, pools: list[PoolSpec], scale_out_gbps: float,
+               oversub: float = 1.0, balance: str = "equal") -> FleetStep:
+    """Synchronous step over (possibly mixed) pools. "equal": every replica takes global_batch / dp sequences,
+    the step is the slowest replica's. "throughput": shares proportional to each pool's replica speed,
+    rounded to whole micro-batches, so all replicas finish together."""
+    size = plan.tp * plan.pp * plan.cp
+    reps = [p.count // size for p in pools]
+    seqs0 = tr.global_batch / plan.dp
+    first = [estimate(m, tr, plan, p, scale_out_gbps, oversub, seqs0) for p in pools]
+    shares = [seqs0] * len(pools)
+    if balance == "throughput" and len(pools) > 1:
+        shares = _throughput_shares(m, tr, plan, pools, reps, first, seqs0, scale_out_gbps, oversub)
+    steps = [f if s == seqs0 else estimate(m, tr, plan, p, scale_out_gbps, oversub, s)
+             for f, s, p in zip(first, shares, pools)]
+    out = [PoolStep(pool=p, replicas=r, seqs_per_replica=s, step=b) for p, r, s, b in zip(pools, reps, shares, steps)]
+    fits = all(b.memory_gb <= device(p.gpu, tr.dtype).gpu.hbm_gb for p, b in zip(pools, steps))
+    return FleetStep(step_time_s=max(b.step_time_s for b in steps), pools=out, fits_in_memory=fits)
+
+
+def _throughput_shares(m, tr, plan, pools, reps, first, seqs0, so, oversub) -> list[float]:
+    """Mean sequences per replica per pool so that t_i(s_i) is equal, with t_i(s) = a_i + b_i s (two-point fit)."""
+    lin = []
+    for p, f in zip(pools, first):
+        t2 = estimate(m, tr, plan, p, so, oversub, 2 * seqs0).step_time_s
+        b = max((t2 - f.step_time_s) / seqs0, 1e-12)
+        lin.append((f.step_time_s - b * seqs0, b))
+    total = tr.global_batch
+    t = (total + sum(r * a / b for r, (a, b) in zip(reps, lin))) / sum(r / b for r, (a, b) in zip(reps, lin))
+    raw = [max((t - a) / b, 0.0) for a, b in lin]
+    scale = total / sum(r * s for r, s in zip(reps, raw))
+    # replicas of one pool differ by at most one micro-batch; `estimate` rounds up, i.e. times the fuller ones
+    return [s * scale for s in raw]

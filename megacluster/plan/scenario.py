@@ -1,0 +1,469 @@
+"""Scenario schema: TOML / JSON / dict -> validated, typed dataclasses.
+
+Every bad key or value raises `ScenarioError` naming the key (``section.key``) and what is allowed; the CLI
+turns it into exit code 2. Keys are a contract (issue 4): new keys are additive, names never change.
+A key that is left out and has no default is *chosen by the planner* (e.g. ``parallel.vpp``,
+``train.micro_batch``): it stays ``None`` here and `search.py` fills it in.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from ..hardware import GPUS
+
+
+class ScenarioError(InputError):
+    """A scenario key or value is invalid; the message names the key and what is allowed."""
+
+
+# --------------------------------------------------------------------------------------------- rules
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    kind: str  # "int" | "float" | "bool" | "str" | "choice" | "dict"
+    lo: float | None = None  # inclusive lower bound
+    hi: float | None = None  # inclusive upper bound
+    choices: tuple[str, ...] = ()
+    auto: bool = False  # the string "auto" is accepted and maps to None
+
+    def allowed(self) -> str:
+        if self.kind == "choice":
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.kind in ("int", "float"):
+            rng = f"{'an integer' if self.kind == 'int' else 'a number'}"
+            if self.lo is not None:
+                rng += f" >= {self.lo:g}"
+            if self.hi is not None:
+                rng += f" and <= {self.hi:g}"
+            return rng + (' or "auto"' if self.auto else "")
+        return {"bool": "true or false", "str": "a string", "dict": "a table of name = number"}[self.kind]
+
+
+def _int(lo=None, hi=None, auto=False):
+    return _Rule("int", lo, hi, auto=auto)
+
+
+def _num(lo=None, hi=None, auto=False):
+    return _Rule("float", lo, hi, auto=auto)
+
+
+def _choice(*c):
+    return _Rule("choice", choices=c)
+
+
+def _check(section: str, key: str, value: Any, rule: _Rule) -> Any:
+    name = f"{section}.{key}"
+    if rule.auto and value == "auto":
+        return None
+    bad = ScenarioError(f"{name} = {value!r} is invalid: must be {rule.allowed()}")
+    if rule.kind == "bool":
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if rule.kind == "choice":
+        if value not in rule.choices:
+            raise bad
+        return value
+    if rule.kind == "str":
+        if not isinstance(value, str) or not value:
+            raise bad
+        return value
+    if rule.kind == "dict":
+        if not isinstance(value, dict) or not value or any(
+                not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 for v in value.values()):
+            raise bad
+        return {str(k): float(v) for k, v in value.items()}
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad
+    if rule.kind == "int":
+        if isinstance(value, float) and not value.is_integer():
+            raise bad
+        value = int(value)
+    else:
+        value = float(value)
+    if (rule.lo is not None and value < rule.lo) or (rule.hi is not None and value > rule.hi):
+        raise bad
+    return value
+
+
+def _build(cls, section: str, raw: Any, rules: dict[str, _Rule]):
+    """Instantiate dataclass `cls` from the dict `raw`, checking every key against `rules`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"[{section}] must be a table, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(rules))
+    if unknown:
+        raise ScenarioError(f"{section}.{unknown[0]} is not a known key; allowed: {', '.join(rules)}")
+    kwargs = {k: _check(section, k, v, rules[k]) for k, v in raw.items()}
+    missing = [f.name for f in fields(cls) if f.name in rules and f.name not in kwargs and _required(f)]
+    if missing:
+        raise ScenarioError(f"{section}.{missing[0]} is required: must be {rules[missing[0]].allowed()}")
+    return cls(**kwargs)
+
+
+def _required(f) -> bool:
+    from dataclasses import MISSING
+    return f.default is MISSING and f.default_factory is MISSING
+
+
+# ------------------------------------------------------------------------------------------ sections
+@dataclass(kw_only=True, slots=True)
+class ModelSpec:
+    layers: int
+    hidden: int  # d_model
+    ffn_hidden: int  # MLP inner width (per branch for swiglu)
+    mlp: str = "swiglu"
+    heads: int
+    kv_heads: int | None = None  # None -> heads (multi-head attention)
+    vocab: int
+    seq_len: int  # tokens per sequence
+
+
+MODEL_RULES = {"layers": _int(1), "hidden": _int(1), "ffn_hidden": _int(1), "mlp": _choice("swiglu", "gelu"),
+               "heads": _int(1), "kv_heads": _int(1), "vocab": _int(1), "seq_len": _int(1)}
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainSpec:
+    global_batch: int  # sequences per optimizer step
+    micro_batch: int | None = None  # sequences per micro-batch; None -> chosen by the planner
+    dtype: str = "bf16"
+    recompute: str | None = None  # None -> chosen by the planner
+    sequence_parallel: bool = True
+    zero: int = 1  # ZeRO stage 0-3 (sharding over data-parallel ranks)
+    total_tokens: float | None = None  # tokens for the whole run (-> train_days)
+    # "flash" (fused, IO-aware, 2022+) | "unfused" (bmm + softmax through HBM) | None = auto: "unfused" for fp16
+    # runs (the fp16 mixed-precision era, e.g. Megatron-LM 2021, predates fused attention), "flash" for bf16/fp8
+    attention: str | None = None
+    # data-parallel gradient reduction overlapped with the last backward (bucketed, PyTorch DDP / Megatron
+    # --overlap-grad-reduce); None = auto: off for fp16 runs (Megatron-LM 2021 reduced after the backward)
+    overlap_grad_reduce: bool | None = None
+
+
+TRAIN_RULES = {"global_batch": _int(1), "micro_batch": _int(1, auto=True), "dtype": _choice("fp16", "bf16", "fp8"),
+               "recompute": _choice("none", "selective", "full", "auto"), "sequence_parallel": _Rule("bool"),
+               "zero": _int(0, 3), "total_tokens": _num(1), "attention": _choice("flash", "unfused", "auto"),
+               "overlap_grad_reduce": _Rule("bool")}
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelSpec:
+    tp: int | None = None  # tensor parallel (within the NVLink domain)
+    pp: int | None = None  # pipeline stages
+    cp: int | None = None  # context parallel (ring attention)
+    dp: int | None = None  # data-parallel replicas
+    vpp: int | None = None  # virtual stages per pipeline rank (interleaved 1F1B)
+    search: bool = False  # True: every key left out is searched, ranked by goodput
+
+
+PARALLEL_RULES = {"tp": _int(1), "pp": _int(1), "cp": _int(1), "dp": _int(1), "vpp": _int(1, auto=True),
+                  "search": _Rule("bool")}
+
+
+@dataclass(kw_only=True, slots=True)
+class PoolSpec:
+    gpu: str
+    count: int  # GPUs
+    gpus_per_node: int = 8
+    lease_usd_per_gpu_hour: float | None = None  # revenue if leased to inference instead of training
+
+
+POOL_RULES = {"gpu": _Rule("str"), "count": _int(1), "gpus_per_node": _int(1), "lease_usd_per_gpu_hour": _num(0)}
+
+
+@dataclass(kw_only=True, slots=True)
+class FleetSpec:
+    pools: list[PoolSpec]  # one pool for a homogeneous fleet
+    scale_out_gbps: float = 400.0  # Gb/s of scale-out (InfiniBand / RoCE) per GPU
+    topology: str = "rail-optimized"  # "rail-optimized" | "fat-tree" (descriptive; oversubscription is the knob)
+    oversubscription: float = 1.0  # scale-out bandwidth divisor above the leaf switch
+    balance: str = "equal"  # mixed fleets: "equal" shares or "throughput"-proportional shares
+
+    @property
+    def count(self) -> int:
+        return sum(p.count for p in self.pools)
+
+
+FLEET_RULES = {"gpu": _Rule("str"), "count": _int(1), "gpus_per_node": _int(1), "scale_out_gbps": _num(1e-3),
+               "topology": _choice("rail-optimized", "fat-tree"), "oversubscription": _num(1),
+               "balance": _choice("equal", "throughput"), "pools": _Rule("str")}
+
+# Llama 3 405B pre-training, 54 days on 16,384 H100 (2,048 nodes): 419 unexpected interruptions by root cause
+# (Llama 3 Herd of Models, arXiv 2407.21783, Table 5). Used as the default cause mix (weights, not rates).
+LLAMA3_CAUSES = {"faulty_gpu": 148, "gpu_hbm3": 72, "software_bug": 54, "network_switch_cable": 35,
+                 "host_maintenance": 32, "gpu_sram": 19, "gpu_system_processor": 17, "nic": 7,
+                 "nccl_watchdog_timeout": 7, "silent_data_corruption": 6, "gpu_thermal": 6, "ssd": 3, "psu": 3,
+                 "chassis": 2, "io_expansion_board": 2, "dependency": 2, "cpu": 2, "system_memory": 2}
+# 419 failures / (2,048 nodes x 54 days) = 3.789 per 1000 node-days; 47 planned interruptions / 54 days.
+LLAMA3_NODE_RATE = 419 / (2048 * 54) * 1000
+LLAMA3_PLANNED_PER_DAY = 47 / 54
+
+
+@dataclass(kw_only=True, slots=True)
+class ReliabilitySpec:
+    node_failures_per_1000_node_days: float = LLAMA3_NODE_RATE
+    causes: dict[str, float] = field(default_factory=lambda: dict(LLAMA3_CAUSES))  # relative weights
+    planned_per_day: float = LLAMA3_PLANNED_PER_DAY  # job-level planned interruptions (maintenance, updates)
+    checkpoint_write_s: float = 30.0  # s the job is blocked per checkpoint (snapshot; the upload is async)
+    restart_s: float = 300.0  # s from interruption to training again (detect, swap node, reload, warm up)
+    checkpoint_interval_s: float | None = None  # None -> Daly optimum
+    spare_nodes: int | None = None  # None -> enough hot spares; else a finite pool repaired in repair_h
+    repair_h: float = 24.0  # h to repair or replace a failed node (only matters with finite spare_nodes)
+    duration_days: float | None = None  # None -> the run's train_days (or 30 if total_tokens is not set)
+    trials: int = 1000  # Monte Carlo trials
+    seed: int = 0
+
+
+RELIABILITY_RULES = {"node_failures_per_1000_node_days": _num(0), "causes": _Rule("dict"),
+                     "planned_per_day": _num(0), "checkpoint_write_s": _num(0), "restart_s": _num(0),
+                     "checkpoint_interval_s": _num(1e-3, auto=True), "spare_nodes": _int(0), "repair_h": _num(0),
+                     "duration_days": _num(1e-6), "trials": _int(1, 10**6), "seed": _int(0)}
+
+
+@dataclass(kw_only=True, slots=True)
+class PowerSpec:
+    pue: float = 1.2  # facility power / IT power (Earth; orbit and Mars sites override)
+    node_overhead_w: float | None = None  # W per node besides GPUs (CPUs, DRAM, NICs, NVSwitch, fans); None -> 3,500 per 8 GPUs
+    network_w_per_gpu: float = 40.0  # W of scale-out switches and optics per GPU
+    gpu_compute_power_frac: float = 0.95  # GPU board power while computing, fraction of TDP
+    gpu_comm_power_frac: float = 0.35  # GPU board power while waiting in a collective / checkpoint, fraction of TDP
+    grid_mw: float | None = None  # MW the grid connection may draw; None -> unconstrained
+    battery_mwh: float = 0.0  # installed battery energy, MWh
+    battery_mw: float = 0.0  # installed battery power, MW
+    usd_per_mwh: float = 80.0  # electricity price, USD/MWh
+    usd_per_gpu_hour: float = 2.0  # amortised capital (or rental) cost of one GPU-hour, USD
+
+
+POWER_RULES = {"pue": _num(1.0, 5.0), "node_overhead_w": _num(0), "network_w_per_gpu": _num(0),
+               "gpu_compute_power_frac": _num(0, 1.5), "gpu_comm_power_frac": _num(0, 1.5), "grid_mw": _num(0),
+               "battery_mwh": _num(0), "battery_mw": _num(0), "usd_per_mwh": _num(0), "usd_per_gpu_hour": _num(0)}
+
+
+@dataclass(kw_only=True, slots=True)
+class SiteSpec:
+    kind: str = "earth"  # "earth" | "orbit" | "mars"
+    solar_w_m2: float | None = None  # irradiance at the array; None -> 1361 (orbit), 590 (Mars), 0 (Earth: grid)
+    panel_efficiency: float = 0.30  # solar cell efficiency (space-grade triple junction ~0.30)
+    sunlit_fraction: float | None = None  # None -> 0.99 (dawn-dusk sun-synchronous orbit), 0.5 (Mars sol)
+    radiator_temp_k: float = 300.0  # K, radiator surface temperature
+    emissivity: float = 0.90
+    sink_temp_k: float | None = None  # K, effective sink; None -> 4 (deep space, orbit), 210 (Mars)
+    light_time_s: float | None = None  # one-way light time to Earth; None -> 0.002 (LEO), 750 (Mars mean)
+
+
+SITE_RULES = {"kind": _choice("earth", "orbit", "mars"), "solar_w_m2": _num(0), "panel_efficiency": _num(0.01, 1),
+              "sunlit_fraction": _num(0.01, 1), "radiator_temp_k": _num(1), "emissivity": _num(0.01, 1),
+              "sink_temp_k": _num(0), "light_time_s": _num(0)}
+
+
+@dataclass(kw_only=True, slots=True)
+class Scenario:
+    name: str = "scenario"
+    model: ModelSpec
+    train: TrainSpec
+    parallel: ParallelSpec
+    fleet: FleetSpec
+    reliability: ReliabilitySpec
+    power: PowerSpec
+    site: SiteSpec
+    raw: dict = field(default_factory=dict)  # the input as given (for sweeps and reports)
+
+
+SECTIONS = ("name", "description", "model", "train", "parallel", "fleet", "reliability", "power", "site")
+
+
+# ------------------------------------------------------------------------------------------- loading
+def load_scenario(src: str | Path | dict) -> Scenario:
+    """A `Scenario` from a TOML/JSON path, a preset name, or a dict shaped like the TOML."""
+    if isinstance(src, Scenario):
+        return src
+    if isinstance(src, dict):
+        return from_dict(src)
+    path = Path(src)
+    if not path.exists():
+        if str(src) in preset_names():
+            return load_preset(str(src))
+        raise ScenarioError(f"scenario {str(src)!r}: no such file and not a preset; presets: {', '.join(preset_names())}")
+    text = path.read_text()
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ScenarioError(f"scenario {path}: cannot parse: {e}") from None
+    raw.setdefault("name", path.stem)
+    return from_dict(raw)
+
+
+def preset_names() -> list[str]:
+    files = resources.files("megacluster.plan").joinpath("presets").iterdir()
+    return sorted(f.name[:-5] for f in files if f.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> Scenario:
+    if name not in preset_names():
+        raise ScenarioError(f"--preset {name!r} is unknown; presets: {', '.join(preset_names())}")
+    text = resources.files("megacluster.plan").joinpath("presets", f"{name}.toml").read_text()
+    raw = tomllib.loads(text)
+    raw.setdefault("name", name)
+    return from_dict(raw)
+
+
+def from_dict(raw: dict) -> Scenario:
+    """Validate a dict shaped like the TOML; raise `ScenarioError` naming the first bad key."""
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"a scenario must be a table/dict, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ScenarioError(f"[{unknown[0]}] is not a known section; allowed: {', '.join(SECTIONS)}")
+    for sec in ("model", "train", "fleet"):
+        if sec not in raw:
+            raise ScenarioError(f"[{sec}] is required")
+    sc = Scenario(
+        name=str(raw.get("name", "scenario")),
+        model=_build(ModelSpec, "model", raw["model"], MODEL_RULES),
+        train=_build(TrainSpec, "train", raw["train"], TRAIN_RULES),
+        parallel=_build(ParallelSpec, "parallel", raw.get("parallel"), PARALLEL_RULES),
+        fleet=_fleet(raw["fleet"]),
+        reliability=_build(ReliabilitySpec, "reliability", raw.get("reliability"), RELIABILITY_RULES),
+        power=_build(PowerSpec, "power", raw.get("power"), POWER_RULES),
+        site=_build(SiteSpec, "site", raw.get("site"), SITE_RULES),
+        raw=raw,
+    )
+    if sc.train.recompute == "auto":
+        sc.train.recompute = None
+    _software_defaults(sc.train)
+    _cross_check(sc)
+    return sc
+
+
+def _software_defaults(t: TrainSpec) -> None:
+    """Resolve software-stack keys left out. The dtype is the only hint a published run gives of its software
+    generation: fp16 mixed precision (loss scaling) is the 2018-2021 stack (Megatron-LM SC'21: unfused softmax
+    attention, gradient all-reduce after the backward); bf16/fp8 runs use fused attention and overlap the
+    gradient reduction with the backward. Set the keys explicitly to override."""
+    legacy = t.dtype == "fp16"
+    if t.attention in (None, "auto"):
+        t.attention = "unfused" if legacy else "flash"
+    if t.overlap_grad_reduce is None:
+        t.overlap_grad_reduce = not legacy
+
+
+def _fleet(raw: Any) -> FleetSpec:
+    if not isinstance(raw, dict):
+        raise ScenarioError("[fleet] must be a table")
+    raw = dict(raw)
+    pools_raw = raw.pop("pools", None)
+    single = {k: raw.pop(k) for k in ("gpu", "count", "gpus_per_node") if k in raw}
+    rules = {k: v for k, v in FLEET_RULES.items() if k not in ("gpu", "count", "gpus_per_node", "pools")}
+    unknown = sorted(set(raw) - set(rules))
+    if unknown:
+        raise ScenarioError(f"fleet.{unknown[0]} is not a known key; allowed: {', '.join(FLEET_RULES)}")
+    if pools_raw is not None:
+        if {"gpu", "count"} & set(single):
+            raise ScenarioError("fleet: give either fleet.gpu/fleet.count or [[fleet.pools]], not both")
+        if not isinstance(pools_raw, list) or not pools_raw:
+            raise ScenarioError("fleet.pools must be a non-empty array of tables {gpu, count, gpus_per_node}")
+        gpn = single.get("gpus_per_node")
+        pools = [_pool(p, i, gpn) for i, p in enumerate(pools_raw)]
+    else:
+        if "gpu" not in single:
+            raise ScenarioError("fleet.gpu is required (or [[fleet.pools]]): one of " + ", ".join(GPUS))
+        if "count" not in single:
+            raise ScenarioError("fleet.count is required: must be an integer >= 1")
+        pools = [_pool(single, None, None)]
+    kwargs = {k: _check("fleet", k, v, rules[k]) for k, v in raw.items()}
+    return FleetSpec(pools=pools, **kwargs)
+
+
+def _pool(raw: Any, i: int | None, gpn_default: int | None) -> PoolSpec:
+    sec = "fleet" if i is None else f"fleet.pools[{i}]"
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{sec} must be a table {{gpu, count, gpus_per_node}}")
+    if gpn_default is not None:
+        raw = {"gpus_per_node": gpn_default, **raw}
+    pool = _build(PoolSpec, sec, raw, POOL_RULES)
+    if pool.gpu not in GPUS:
+        raise ScenarioError(f"{sec}.gpu = {pool.gpu!r} is unknown; allowed: {', '.join(GPUS)}")
+    if pool.count % pool.gpus_per_node and pool.count > pool.gpus_per_node:
+        raise ScenarioError(f"{sec}.count = {pool.count} is not a multiple of gpus_per_node = {pool.gpus_per_node}")
+    return pool
+
+
+def nvlink_domain(pool: PoolSpec) -> int:
+    """GPUs sharing one NVLink domain: the node (HGX boards) or the rack (NVL72, domain > 8)."""
+    gpu = GPUS[pool.gpu]
+    return gpu.nvlink_domain if gpu.nvlink_domain > 8 else min(gpu.nvlink_domain, pool.gpus_per_node)
+
+
+def _cross_check(sc: Scenario) -> None:
+    """Checks that involve more than one key."""
+    m, t, p = sc.model, sc.train, sc.parallel
+    if m.hidden % m.heads:
+        raise ScenarioError(f"model.hidden = {m.hidden} is not divisible by model.heads = {m.heads}")
+    if m.kv_heads is None:
+        m.kv_heads = m.heads
+    if m.heads % m.kv_heads:
+        raise ScenarioError(f"model.heads = {m.heads} is not divisible by model.kv_heads = {m.kv_heads}")
+    if t.micro_batch is not None and t.micro_batch > t.global_batch:
+        raise ScenarioError(f"train.micro_batch = {t.micro_batch} exceeds train.global_batch = {t.global_batch}")
+    for pool in sc.fleet.pools:
+        gpu = GPUS[pool.gpu]
+        if t.dtype not in gpu.peak_tflops:
+            raise ScenarioError(f"train.dtype = {t.dtype!r} is not supported on {pool.gpu}; "
+                                f"allowed there: {', '.join(k for k in ('fp16', 'bf16', 'fp8') if k in gpu.peak_tflops)}")
+    check_parallel(sc, p.tp, p.pp, p.cp, p.dp, p.vpp, complete=not p.search)
+
+
+def check_parallel(sc: Scenario, tp, pp, cp, dp, vpp, *, complete: bool) -> None:
+    """Raise `ScenarioError` if the (possibly partial) parallel plan cannot run on this model and fleet.
+
+    With ``complete`` the plan must be fully determined (dp may be derived from the GPU count)."""
+    m, n = sc.model, sc.fleet.count
+    if tp is not None:
+        if m.heads % tp:
+            raise ScenarioError(f"model.heads = {m.heads} is not divisible by parallel.tp = {tp}")
+        if m.kv_heads % tp and tp % m.kv_heads:
+            raise ScenarioError(f"model.kv_heads = {m.kv_heads} and parallel.tp = {tp}: one must divide the other")
+        if m.ffn_hidden % tp:
+            raise ScenarioError(f"model.ffn_hidden = {m.ffn_hidden} is not divisible by parallel.tp = {tp}")
+        worst_domain = min(nvlink_domain(p) for p in sc.fleet.pools)
+        if tp > worst_domain:
+            raise ScenarioError(f"parallel.tp = {tp} exceeds the NVLink domain ({worst_domain} GPUs)")
+    if pp is not None and pp > m.layers:
+        raise ScenarioError(f"parallel.pp = {pp} exceeds model.layers = {m.layers}")
+    if vpp is not None and pp is not None and pp * vpp > m.layers:
+        raise ScenarioError(f"parallel.pp x parallel.vpp = {pp * vpp} exceeds model.layers = {m.layers}")
+    if vpp is not None and vpp > 1 and pp == 1:
+        raise ScenarioError("parallel.vpp > 1 needs parallel.pp > 1 (interleaving splits pipeline stages)")
+    if cp is not None and m.seq_len % (2 * cp) and cp > 1:
+        raise ScenarioError(f"model.seq_len = {m.seq_len} is not divisible by 2 x parallel.cp = {2 * cp}")
+    if not complete:
+        return
+    tp, pp, cp = tp or 1, pp or 1, cp or 1
+    replica = tp * pp * cp
+    if dp is None:
+        if n % replica:
+            raise ScenarioError(f"parallel.tp x pp x cp = {replica} does not divide fleet.count = {n}")
+        dp = n // replica
+    if replica * dp != n:
+        raise ScenarioError(f"parallel.tp x pp x cp x dp = {tp}x{pp}x{cp}x{dp} = {replica * dp} "
+                            f"!= fleet GPU count {n}")
+    for i, pool in enumerate(sc.fleet.pools):
+        if pool.count % replica:
+            raise ScenarioError(f"fleet.pools[{i}].count = {pool.count} is not a multiple of one model replica "
+                                f"(tp x pp x cp = {replica} GPUs)")
+    if sc.train.global_batch < dp:
+        raise ScenarioError(f"train.global_batch = {sc.train.global_batch} is smaller than parallel.dp = {dp}")
+    equal = len(sc.fleet.pools) == 1 or sc.fleet.balance == "equal"
+    if equal and sc.train.global_batch % dp:
+        raise ScenarioError(f"train.global_batch = {sc.train.global_batch} is not divisible by parallel.dp = {dp}")
+    mb = sc.train.micro_batch
+    if equal and mb is not None and (sc.train.global_batch // dp) % mb:
+        raise ScenarioError(f"train.micro_batch = {mb} does not divide the per-replica batch "
+                            f"{sc.train.global_batch // dp} (global_batch / dp)")
