@@ -1,0 +1,324 @@
+"""CheckpointManager: round trip, snapshot semantics, keep-K, corruption fallback, SIGKILL mid-write."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from megacluster.errors import InputError
+from megacluster.train import checkpoint as ck
+from megacluster.train.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _same(a, b) -> bool:
+    """Deep equality with tensors compared by dtype, shape and value."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+class Log(list):
+    def __call__(self, msg):
+        self.append(msg)
+
+
+@pytest.fixture
+def mgr(tmp_path):
+    log = Log()
+    m = CheckpointManager(tmp_path / "ckpt", keep=3, log=log)
+    m.test_log = log
+    yield m
+    m.close()
+
+
+def _model(value: float) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((4, 3), value), "b": torch.arange(3, dtype=torch.int64) + int(value)}
+
+
+def _trained_optimizer():
+    layer = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)
+    layer(torch.ones(5, 3)).sum().backward()
+    opt.step()
+    return layer, opt
+
+
+def test_round_trip_with_tied_weights_optimizer_and_meta(mgr):
+    layer, opt = _trained_optimizer()
+    model = dict(layer.state_dict())
+    model["tied"] = model["weight"]  # same storage twice, as with tied embeddings
+    model["view"] = model["weight"].t()  # non-contiguous
+    state = {"optim": opt.state_dict(), "data": {"epoch": 1, "pos": [3, 4]}, "np_float": np.float64(0.25)}
+    mgr.save(7, model, state, {"loss": 1.5, "note": "x"}, blocking=True)
+    got = mgr.load(7)
+    assert got.step == 7 and got.path.name == "step_00000007"
+    assert _same(got.model, {k: v.contiguous() for k, v in model.items()})
+    assert _same(got.state["optim"], opt.state_dict())
+    assert got.state["data"] == {"epoch": 1, "pos": [3, 4]}
+    assert type(got.state["np_float"]) is float and got.state["np_float"] == 0.25
+    assert got.meta == {"loss": 1.5, "note": "x"}
+    opt2 = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=1e-3)
+    opt2.load_state_dict(got.state["optim"])  # the loaded state is usable as-is
+    manifest = (got.path / "manifest.json").read_text()
+    assert '"sha256"' in manifest and '"format": 1' in manifest
+
+
+def test_snapshot_is_taken_before_save_returns(mgr, monkeypatch):
+    gate = threading.Event()
+    real = ck._write_files
+
+    def gated(*args):
+        assert gate.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(ck, "_write_files", gated)
+    model = _model(1.0)
+    state = {"m": {"inner": [torch.ones(3)]}}
+    mgr.save(1, model, state, {})
+    model["w"].add_(100)  # the caller keeps training right away
+    state["m"]["inner"][0].mul_(-5)
+    gate.set()
+    mgr.wait()
+    got = mgr.load(1)
+    assert torch.equal(got.model["w"], torch.full((4, 3), 1.0))
+    assert torch.equal(got.state["m"]["inner"][0], torch.ones(3))
+
+
+def test_second_save_waits_for_the_first(mgr, monkeypatch):
+    gate = threading.Event()
+    real = ck._write_files
+    monkeypatch.setattr(ck, "_write_files", lambda *a: (gate.wait(10), real(*a))[1])
+    mgr.save(1, _model(1.0), {}, {})
+    second = threading.Thread(target=mgr.save, args=(2, _model(2.0), {}, {}))
+    second.start()
+    second.join(0.3)
+    assert second.is_alive()  # blocked behind the first write
+    assert mgr.steps() == []
+    gate.set()
+    second.join(10)
+    assert not second.is_alive()
+    mgr.wait()
+    assert mgr.steps() == [1, 2]
+
+
+def test_keeps_last_k(mgr):
+    for step in range(1, 6):
+        mgr.save(step, _model(step), {"step": step}, {})
+    mgr.wait()
+    assert mgr.steps() == [3, 4, 5]
+    got = mgr.latest()
+    assert got.step == 5 and torch.equal(got.model["w"], torch.full((4, 3), 5.0))
+    assert not [p for p in mgr.directory.iterdir() if p.name.startswith(".")]
+
+
+def test_rolled_back_run_never_deletes_newer_checkpoints(tmp_path):
+    m = CheckpointManager(tmp_path, keep=2, log=Log())
+    for step in (10, 20, 30):
+        m.save(step, _model(step), {}, {}, blocking=True)
+    m.save(25, _model(25), {}, {}, blocking=True)  # resumed from 20 (say 30 was corrupt)
+    assert m.steps() == [20, 25, 30]
+    m.close()
+
+
+def test_same_step_saved_again_replaces_it(mgr):
+    mgr.save(5, _model(1.0), {}, {"v": 1}, blocking=True)
+    mgr.save(5, _model(2.0), {}, {"v": 2}, blocking=True)
+    got = mgr.load(5)
+    assert got.meta == {"v": 2} and torch.equal(got.model["w"], torch.full((4, 3), 2.0))
+    assert mgr.steps() == [5]
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_byte_falls_back_to_previous_and_names_it(mgr):
+    for step in (1, 2, 3):
+        mgr.save(step, _model(step), {}, {}, blocking=True)
+    newest = mgr.directory / "step_00000003" / "model.safetensors"
+    _flip_byte(newest, newest.stat().st_size - 5)  # inside the tensor data
+    got = mgr.latest()
+    assert got.step == 2 and torch.equal(got.model["w"], torch.full((4, 3), 2.0))
+    assert any("step_00000003" in line and "sha256" in line for line in mgr.test_log)
+    with pytest.raises(CheckpointError, match="step_00000003"):
+        mgr.load(3)
+
+
+def test_truncated_missing_and_garbage_files_are_skipped(mgr):
+    mgr.keep = 4
+    for step in (1, 2, 3, 4):
+        mgr.save(step, _model(step), {"s": torch.tensor(step)}, {}, blocking=True)
+    (mgr.directory / "step_00000004" / "manifest.json").write_text("{not json")
+    state = mgr.directory / "step_00000003" / "state.pt"
+    state.write_bytes(state.read_bytes()[:-10])
+    (mgr.directory / "step_00000002" / "model.safetensors").unlink()
+    got = mgr.latest()
+    assert got.step == 1 and got.state["s"].item() == 1
+    skipped = "\n".join(mgr.test_log)
+    for name in ("step_00000004", "step_00000003", "step_00000002"):
+        assert name in skipped
+    with pytest.raises(CheckpointError, match="missing"):
+        mgr.load(2)
+
+
+def test_empty_and_missing(mgr):
+    assert mgr.latest() is None and mgr.steps() == []
+    with pytest.raises(CheckpointError):
+        mgr.load(3)
+    (mgr.directory / "step_00000009").mkdir()  # a directory without a manifest is not a checkpoint
+    assert mgr.steps() == [] and mgr.latest() is None
+
+
+def test_leftovers_of_dead_writers_are_ignored_then_removed(mgr):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    leftover = mgr.directory / f".step_00000009.tmp-{dead_pid}-1"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half a file")
+    alive = mgr.directory / f".step_00000008.tmp-{os.getppid()}-1"  # a live process's write: not ours to remove
+    alive.mkdir()
+    assert mgr.steps() == [] and mgr.latest() is None
+    mgr.save(1, _model(1.0), {}, {}, blocking=True)
+    assert not leftover.exists() and alive.exists()
+    assert mgr.steps() == [1]
+
+
+def test_failed_write_is_raised_once_and_leaves_nothing(mgr, monkeypatch):
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    mgr.save(1, _model(1.0), {}, {})
+    with pytest.raises(OSError, match="disk full"):
+        mgr.wait()
+    mgr.wait()  # reported once
+    mgr.save(2, _model(2.0), {}, {})
+    with pytest.raises(OSError, match="disk full"):  # the next save reports the previous failure
+        mgr.save(3, _model(3.0), {}, {})
+    monkeypatch.undo()
+    mgr.save(4, _model(4.0), {}, {}, blocking=True)
+    assert mgr.steps() == [4]
+    assert not [p for p in mgr.directory.iterdir() if p.name.startswith(".")]
+
+
+def test_rejects_what_weights_only_could_not_load(mgr):
+    with pytest.raises(TypeError, match=r"state\['rng'\]\['np'\]"):
+        mgr.save(1, _model(1.0), {"rng": {"np": np.zeros(3)}}, {})
+    with pytest.raises(TypeError, match="JSON"):
+        mgr.save(1, _model(1.0), {}, {"bad": object()})
+    with pytest.raises(TypeError):
+        mgr.save(1, {"w": [1, 2]}, {}, {})
+    with pytest.raises(InputError, match="keep"):
+        CheckpointManager(mgr.directory, keep=0)
+    assert mgr.steps() == []
+
+
+def test_rng_state_round_trips_through_a_checkpoint(mgr):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.standard_normal()  # leaves a cached gaussian in numpy's state
+    mgr.save(1, _model(0.0), {"rng": rng_state()}, {}, blocking=True)
+    expected = (random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(mgr.load(1).state["rng"])  # loaded with weights_only=True
+    got = (random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3))
+    assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, time, torch
+    from megacluster.train import checkpoint as ck
+    directory, slow = sys.argv[1], sys.argv[2] == "slow"
+    if slow:  # widen the window between the data files and the manifest
+        real = ck._digest
+        def slow_digest(path, *, sync=False):
+            out = real(path, sync=sync)
+            time.sleep(0.5 if sync else 0)
+            return out
+        ck._digest = slow_digest
+    m = ck.CheckpointManager(directory, keep=2, log=lambda s: None)
+    model = {"w": torch.zeros(2_000_000), "tied": torch.zeros(1)}  # 8 MB
+    model["tied"] = model["w"]
+    step = 0
+    while True:
+        step += 1
+        model["w"].fill_(step)
+        m.save(step, model, {"step": torch.tensor(step)}, {"step": step}, blocking=True)
+        print(step, flush=True)
+    """
+)
+
+
+def _start_writer(tmp_path, directory, mode):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen(
+        [sys.executable, str(script), str(directory), mode], stdout=subprocess.PIPE, text=True, env=env
+    )
+
+
+def _check_survivor(directory):
+    m = CheckpointManager(directory, keep=2, log=Log())
+    got = m.latest()
+    assert got is not None and got.step == max(m.steps())
+    assert torch.equal(got.model["w"], torch.full((2_000_000,), float(got.step)))
+    assert got.state["step"].item() == got.step == got.meta["step"]
+    return m, got
+
+
+def test_sigkill_in_the_middle_of_a_write_keeps_the_previous_checkpoint(tmp_path):
+    directory = tmp_path / "ckpt"
+    proc = _start_writer(tmp_path, directory, "slow")
+    try:
+        while int(proc.stdout.readline()) < 2:  # two complete checkpoints
+            pass
+        deadline = time.monotonic() + 20
+        while not list(directory.glob(".step_*.tmp-*/model.safetensors")):  # the third is being written
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
+        proc.stdout.close()
+    assert list(directory.glob(".step_*.tmp-*")), "the kill did not land mid-write"
+    m, got = _check_survivor(directory)
+    assert got.step >= 2
+    m.save(got.step + 1, {"w": torch.zeros(1)}, {}, {}, blocking=True)
+    assert not list(directory.glob(".step_*"))  # the dead writer's leftovers are gone
+    m.close()
+
+
+def test_sigkill_at_random_moments_always_leaves_a_good_checkpoint(tmp_path):
+    directory = tmp_path / "ckpt"
+    rnd = random.Random(0)
+    for _ in range(2):
+        proc = _start_writer(tmp_path, directory, "fast")
+        try:
+            proc.stdout.readline()  # at least one complete checkpoint in this run
+            time.sleep(rnd.uniform(0.0, 0.3))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        finally:
+            proc.kill()
+            proc.stdout.close()
+        _check_survivor(directory)[0].close()
