@@ -31,7 +31,6 @@ import random
 import re
 import shutil
 import sys
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -358,7 +357,8 @@ def _verify_file(path: Path, expected: dict | None) -> None:
     except FileNotFoundError:
         raise CheckpointError(f"{path.parent.name}: {path.name} is missing") from None
     if size != expected.get("bytes"):
-        raise CheckpointError(f"{path.parent.name}: {path.name} has {size} bytes, manifest says {expected.get('bytes')}")
+        listed = expected.get("bytes")
+        raise CheckpointError(f"{path.parent.name}: {path.name} has {size} bytes, manifest says {listed}")
     if _digest(path)["sha256"] != expected.get("sha256"):
         raise CheckpointError(f"{path.parent.name}: {path.name} sha256 does not match the manifest (corrupt)")
 
