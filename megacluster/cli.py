@@ -48,9 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"megacluster {verb}: error: {e}", file=sys.stderr)
         return 2
-    if args.json:
+    except RuntimeError as e:  # a run that failed (a worker died, ...): say why, exit 1
+        print(f"megacluster {verb}: failed: {e}", file=sys.stderr)
+        return 1
+    if args.json and result is not None:  # None: a non-main rank under torchrun, which stays quiet
         print(json.dumps(result, default=_jsonable), flush=True)
-    return int(result.get("exit_code", 0)) if isinstance(result, dict) else 0
+    return 0
 
 
 def _jsonable(x):

@@ -1,0 +1,158 @@
+"""A Llama-style decoder in one file: RoPE, RMSNorm, SwiGLU, grouped-query attention through
+`scaled_dot_product_attention`, tied or untied output head.
+
+No distributed, logging or file code lives here: the trainer wraps and places the model after building it.
+Shapes in comments: B batch, T sequence, d model width, nh query heads, nkv key/value heads, hs head size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig, ffn_hidden
+
+
+def flops_per_token(m: ModelConfig, seq_len: int | None = None) -> int:
+    """Training FLOPs per token (forward + backward), the figure MFU is computed from.
+
+        F = 6 * N_matmul + 12 * L * T * (nh * hs)
+
+    N_matmul counts every weight that multiplies an activation: per layer the q/k/v projections
+    d*(nh + 2*nkv)*hs, the output projection (nh*hs)*d and the SwiGLU gate/up/down 3*d*f; plus the output
+    head d*V (counted whether or not it is tied to the embedding; the embedding lookup itself is free).
+    A weight costs 2 FLOPs per token forward (multiply + add) and 4 backward: hence 6N.
+    Attention scores QK^T and the weighted sum AV each cost 2*T*hs per head per token forward,
+    4*T*nh*hs together, times 3 for forward + backward: 12*L*T*nh*hs. As in PaLM, nanoGPT and Megatron,
+    the full T x T square is counted even though causal kernels skip the upper half; norms, RoPE,
+    softmax and the loss are not counted.
+    """
+    T = m.seq_len if seq_len is None else seq_len
+    hs = m.d_model // m.n_head
+    nkv = m.n_kv_head or m.n_head
+    per_layer = m.d_model * (m.n_head + 2 * nkv) * hs + m.n_head * hs * m.d_model + 3 * m.d_model * ffn_hidden(m)
+    n_matmul = m.n_layer * per_layer + m.d_model * m.vocab_size
+    return 6 * n_matmul + 12 * m.n_layer * T * m.n_head * hs
+
+
+def rope_cache(seq_len: int, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of shape (T, hs/2) for rotary position embeddings (fp32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (T, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :hs/2], x[..., hs/2:]) of x: (B, T, h, hs) by position; cos/sin: (T, hs/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # broadcast over B and heads
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, m: ModelConfig):
+        super().__init__()
+        self.nh, self.nkv = m.n_head, (m.n_kv_head or m.n_head)
+        self.hs = m.d_model // m.n_head
+        # one fused projection for q, k, v: fewer, larger matmuls
+        self.qkv = nn.Linear(m.d_model, (self.nh + 2 * self.nkv) * self.hs, bias=False)
+        self.proj = nn.Linear(self.nh * self.hs, m.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.nh * self.hs, self.nkv * self.hs, self.nkv * self.hs], dim=-1)
+        q = apply_rope(q.view(B, T, self.nh, self.hs), cos, sin)  # (B, T, nh, hs)
+        k = apply_rope(k.view(B, T, self.nkv, self.hs), cos, sin)  # (B, T, nkv, hs)
+        v = v.view(B, T, self.nkv, self.hs)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, h, T, hs), the layout SDPA wants
+        if self.nkv != self.nh:  # grouped-query attention: each kv head serves nh/nkv query heads
+            k = k.repeat_interleave(self.nh // self.nkv, dim=1)
+            v = v.repeat_interleave(self.nh // self.nkv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, m: ModelConfig):
+        super().__init__()
+        self.hidden = ffn_hidden(m)
+        self.gate_up = nn.Linear(m.d_model, 2 * self.hidden, bias=False)  # gate and up fused in one matmul
+        self.down = nn.Linear(self.hidden, m.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, m: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(m.d_model, m.norm_eps)
+        self.attn = Attention(m)
+        self.mlp_norm = RMSNorm(m.d_model, m.norm_eps)
+        self.mlp = SwiGLU(m)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer. `forward(idx)` -> logits (B, T, V); `forward(idx, targets)` -> summed loss.
+
+    The loss is the *sum* of token cross-entropies (fp32): the trainer divides by the global token count so
+    that any split of the batch over workers and micro-batches gives the same gradient.
+    """
+
+    def __init__(self, m: ModelConfig):
+        super().__init__()
+        self.config = m
+        self.embed = nn.Embedding(m.vocab_size, m.d_model)
+        self.blocks = nn.ModuleList(Block(m) for _ in range(m.n_layer))
+        self.norm = RMSNorm(m.d_model, m.norm_eps)
+        self.head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        if m.tie_embeddings:
+            self.head.weight = self.embed.weight
+        cos, sin = rope_cache(m.seq_len, m.d_model // m.n_head, m.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 style init: N(0, std); residual output projections scaled by 1/sqrt(2L) (one per sublayer)."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue  # norm weights stay at 1
+            scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith(("proj.weight", "down.weight")) else 1.0
+            nn.init.normal_(p, mean=0.0, std=std * scale)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights are one parameter, counted once
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        B, T = idx.shape  # (B, T) token ids
+        if T > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence of {T} tokens is longer than model.seq_len={self.rope_cos.shape[0]}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed(idx)  # (B, T, d)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        logits = self.head(self.norm(x))  # (B, T, V)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), reduction="sum")

@@ -1,0 +1,55 @@
+"""`megacluster train` flags. Each dedicated flag is an alias of exactly one config key (FLAGS)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .. import config
+
+# flag dest -> config key it sets (applied after preset, --config and --set, so flags win)
+FLAGS = {
+    "workers": "run.workers",
+    "device": "run.device",
+    "max_steps": "run.max_steps",
+    "run_dir": "run.run_dir",
+    "balance": "run.balance",
+    "chaos": "run.chaos",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help=f"named config: {', '.join(config.PRESETS)} (default tiny)")
+    p.add_argument("--config", metavar="FILE.toml", help="TOML file with [model] [data] [optim] [run] tables")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key (repeatable), e.g. --set optim.lr=1e-3")
+    p.add_argument("--data", nargs="+", metavar="PATH",
+                   help="text files, directories, globs, .jsonl (field 'text') or .npy/.bin token shards "
+                        "(default: the Python standard library source)")
+    p.add_argument("--workers", type=int, help="local worker processes (DDP over gloo on CPU, NCCL on GPU)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="compute device (default auto)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps to train")
+    p.add_argument("--run-dir", help="where checkpoints, metrics.jsonl and result.json go")
+    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --run-dir")
+    p.add_argument("--balance", choices=("equal", "auto"), help="batch shares: equal, or by measured throughput")
+    p.add_argument("--chaos", metavar="SPEC", help='fault injection, e.g. "kill:rank=1,step=60; flap:step=90"')
+
+
+def build_config(args: argparse.Namespace) -> config.Config:
+    cfg = config.build(args.preset, args.config, args.set)
+    for dest, key in FLAGS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            config.set_value(cfg, key, value)
+    if args.data:
+        cfg.data.paths = list(args.data)
+    if args.resume:
+        cfg.run.resume = True
+    config.validate(cfg)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    cfg = build_config(args)  # bad input fails here, before torch is imported
+    from .supervisor import train
+
+    return train(cfg)

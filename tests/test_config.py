@@ -1,0 +1,74 @@
+import subprocess
+import sys
+
+import pytest
+
+from megacluster import config
+from megacluster.errors import InputError
+
+
+def test_presets_build_and_have_nanogpt_shapes():
+    shapes = {"gpt2-124m": (768, 12, 12), "gpt2-350m": (1024, 24, 16), "gpt2-774m": (1280, 36, 20),
+              "gpt2-1.5b": (1600, 48, 25)}
+    for name, (d, L, h) in shapes.items():
+        m = config.build(name).model
+        assert (m.d_model, m.n_layer, m.n_head, m.seq_len) == (d, L, h, 1024)
+    llama = config.build("llama-1b").model
+    assert (llama.n_kv_head, llama.tie_embeddings) == (8, False)
+
+
+def test_toml_then_set_then_validate(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[model]\nd_model = 64\nn_head = 2\n[optim]\nschedule = "wsd"\n[data]\npaths = ["a.txt"]\n')
+    cfg = config.build("tiny", str(f), ["optim.lr=1e-3", "run.resume=true", "data.paths=x.txt,y.txt"])
+    assert (cfg.model.d_model, cfg.model.n_head, cfg.optim.schedule) == (64, 2, "wsd")
+    assert cfg.optim.lr == 1e-3 and cfg.run.resume is True and cfg.data.paths == ["x.txt", "y.txt"]
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("model.widht=3", "unknown config key 'model.widht'"),
+    ("modle.d_model=3", "section one of"),
+    ("model.n_layer=abc", "model.n_layer: expected an integer"),
+    ("model.n_layer=0", "model.n_layer: must be > 0"),
+    ("optim.schedule=linear", "optim.schedule: 'linear' is not allowed; choose one of cosine, wsd, constant"),
+    ("run.balance=fast", "run.balance"),
+    ("model.n_head=3", "divisible by model.n_head"),
+    ("run.resume=maybe", "expected true or false"),
+    ("data.val_fraction=1.5", "data.val_fraction"),
+    ("noequals", "expected section.key=value"),
+])
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(InputError, match=None) as e:
+        config.build("tiny", None, [override])
+    assert needle in str(e.value)
+
+
+def test_bad_toml_and_preset(tmp_path):
+    with pytest.raises(InputError, match="unknown preset 'gpt5'"):
+        config.build("gpt5")
+    f = tmp_path / "bad.toml"
+    f.write_text("[model\n")
+    with pytest.raises(InputError, match="invalid TOML"):
+        config.build("tiny", str(f))
+    f.write_text("lr = 3\n")
+    with pytest.raises(InputError, match="must be a \\[section\\] table"):
+        config.build("tiny", str(f))
+
+
+def test_roundtrip_dict():
+    cfg = config.build("llama-1b", None, ["run.seed=7"])
+    assert config.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--set", "model.nope=1"], "unknown config key 'model.nope'"),
+    (["--preset", "huge"], "unknown preset"),
+    (["--workers", "0"], "run.workers: must be > 0"),
+    (["--device", "tpu"], "invalid choice: 'tpu'"),
+    (["--data", "/no/such/file.txt"], "--data: no such file"),
+])
+def test_cli_bad_input_exits_2(argv, needle, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "megacluster", "train", "--run-dir", str(tmp_path), *argv],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
