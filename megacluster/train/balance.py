@@ -264,23 +264,26 @@ class Balancer:
             "last_step": self._last_step,
         }
 
-    def load_state_dict(self, d: dict) -> None:
-        """Restore what state_dict() returned. The world is taken from `d`: call resize() afterwards if it changed.
+    def load_state_dict(self, d: dict, *, keep: Sequence[int] | None = None) -> None:
+        """Restore what state_dict() returned, for this Balancer's world (the world it was built with wins).
 
-        The stored shares are reused when global_batch and mode still match, else recomputed from the estimates.
+        Same world: an exact restore (the stored shares are reused when global_batch and mode still match, else
+        recomputed from the estimates). Different world (the run shrank or grew across the restart): the saved
+        estimates are mapped as in resize(self.world, keep=keep); without keep they are dropped (equal shares).
         """
         if d.get("version") != 1:
             raise ValueError(f"unknown Balancer state version {d.get('version')!r}")
-        world = _check_int("world", d["world"], minimum=1)
+        world, saved = self.world, _check_int("world", d["world"], minimum=1)
         lists = [list(d[k]) for k in ("throughput", "baseline", "low", "shares")]
-        if any(len(x) != world for x in lists):
-            raise ValueError(f"Balancer state lists must have world={world} entries")
-        self.world = world
+        if any(len(x) != saved for x in lists):
+            raise ValueError(f"Balancer state lists must have world={saved} entries")
+        self.world = saved
         self._throughput, self._baseline, self._low, shares = lists
         self._observed = int(d["observed"])
         self._last_step = d.get("last_step")
-        same = d["global_batch"] == self.global_batch and d["mode"] == self.mode
-        if same:
+        if saved != world:
+            self.resize(world, keep=keep)
+        elif d["global_batch"] == self.global_batch and d["mode"] == self.mode:
             self._shares = shares
         elif self.mode == "auto":
             self._shares = self._proportional_shares()

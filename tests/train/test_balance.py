@@ -182,7 +182,7 @@ def test_state_dict_is_json_and_round_trips():
     bal = Balancer(world=3, global_batch=90, every=3)
     _run(bal, 7, [100.0, 50.0, 150.0])
     d = json.loads(json.dumps(bal.state_dict()))
-    fresh = Balancer(world=1, global_batch=90, every=3)
+    fresh = Balancer(world=3, global_batch=90, every=3)
     fresh.load_state_dict(d)
     assert fresh.shares() == bal.shares() and fresh.throughputs() == bal.throughputs()
     for step in range(7, 14):  # continues exactly like the original
@@ -190,9 +190,21 @@ def test_state_dict_is_json_and_round_trips():
         times = [s / v for s, v in zip(shares, [100.0, 60.0, 150.0])]
         assert bal.observe(step, times, shares) == fresh.observe(step, times, shares)
         assert bal.shares() == fresh.shares()
-    other = Balancer(world=1, global_batch=30, every=3)  # different global batch: shares recomputed
+    other = Balancer(world=3, global_batch=30, every=3)  # different global batch: shares recomputed
     other.load_state_dict(d)
-    assert sum(other.shares()) == 30
+    assert sum(other.shares()) == 30 and other.throughputs() == d["throughput"]
+
+
+def test_load_state_dict_into_a_different_world_keeps_the_current_world():
+    bal = Balancer(world=3, global_batch=90, every=1, ema=1.0)
+    _run(bal, 1, [100.0, 50.0, 150.0])
+    d = bal.state_dict()
+    shrunk = Balancer(world=2, global_batch=90)
+    shrunk.load_state_dict(d)  # no mapping given: estimates dropped
+    assert shrunk.world == 2 and shrunk.shares() == [45, 45]
+    mapped = Balancer(world=2, global_batch=90)
+    mapped.load_state_dict(d, keep=[0, 2])  # old rank 1 is gone
+    assert mapped.throughputs() == pytest.approx([100.0, 150.0]) and mapped.shares() == [36, 54]
 
 
 @pytest.mark.parametrize(
