@@ -22,6 +22,11 @@ BYTES = 2  # bytes per activation / weight element (bf16/fp16; fp8 runs keep bf1
 RESERVED_GB = 2.0  # GB per GPU: CUDA context, NCCL buffers, allocator fragmentation
 
 
+def capacity_gb(gpu_name: str) -> float:
+    """Usable device memory in GB (1e9 B). Marketed "80GB" HBM is 80 GiB; nvidia-smi shows ~99.5% of it."""
+    return device(gpu_name, "bf16").gpu.hbm_gb * 2**30 / 1e9 * 0.995
+
+
 @dataclass(kw_only=True, slots=True, frozen=True)
 class Plan:
     """A fully chosen parallel plan."""
@@ -300,7 +305,7 @@ def fleet_step(m: ModelSpec, tr: TrainSpec, plan: Plan, pools: list[PoolSpec], s
     steps = [f if s == seqs0 else estimate(m, tr, plan, p, scale_out_gbps, oversub, s)
              for f, s, p in zip(first, shares, pools)]
     out = [PoolStep(pool=p, replicas=r, seqs_per_replica=s, step=b) for p, r, s, b in zip(pools, reps, shares, steps)]
-    fits = all(b.memory_gb <= device(p.gpu, tr.dtype).gpu.hbm_gb for p, b in zip(pools, steps))
+    fits = all(b.memory_gb <= capacity_gb(p.gpu) for p, b in zip(pools, steps))
     return FleetStep(step_time_s=max(b.step_time_s for b in steps), pools=out, fits_in_memory=fits)
 
 

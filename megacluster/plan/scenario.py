@@ -212,7 +212,9 @@ class ReliabilitySpec:
     causes: dict[str, float] = field(default_factory=lambda: dict(LLAMA3_CAUSES))  # relative weights
     planned_per_day: float = LLAMA3_PLANNED_PER_DAY  # job-level planned interruptions (maintenance, updates)
     checkpoint_write_s: float = 30.0  # s the job is blocked per checkpoint (snapshot; the upload is async)
-    restart_s: float = 300.0  # s from interruption to training again (detect, swap node, reload, warm up)
+    # s from interruption to training again (detect, swap node, reload, warm up). Llama 3 reports > 90% effective
+    # training time with 466 interruptions in 54 days, i.e. < ~10 min lost per interruption all-in.
+    restart_s: float = 240.0
     checkpoint_interval_s: float | None = None  # None -> Daly optimum
     spare_nodes: int | None = None  # None -> enough hot spares; else a finite pool repaired in repair_h
     repair_h: float = 24.0  # h to repair or replace a failed node (only matters with finite spare_nodes)
@@ -460,7 +462,7 @@ def check_parallel(sc: Scenario, tp, pp, cp, dp, vpp, *, complete: bool) -> None
                                 f"(tp x pp x cp = {replica} GPUs)")
     if sc.train.global_batch < dp:
         raise ScenarioError(f"train.global_batch = {sc.train.global_batch} is smaller than parallel.dp = {dp}")
-    equal = len(sc.fleet.pools) == 1 or sc.fleet.balance == "equal"
+    equal = len(sc.fleet.pools) == 1  # mixed fleets may split unevenly (replicas differ by a micro-batch)
     if equal and sc.train.global_batch % dp:
         raise ScenarioError(f"train.global_batch = {sc.train.global_batch} is not divisible by parallel.dp = {dp}")
     mb = sc.train.micro_batch

@@ -14,7 +14,7 @@ from functools import reduce
 from itertools import product
 
 from .perf import FleetStep, Plan, fleet_step
-from .scenario import Scenario, ScenarioError, check_parallel, nvlink_domain
+from .scenario import ParallelSpec, Scenario, ScenarioError, check_parallel, nvlink_domain
 
 RECOMPUTE = ("none", "selective", "full")
 
@@ -40,6 +40,8 @@ def candidates(sc: Scenario) -> list[Plan]:
     n = sc.fleet.count
     unit = reduce(math.gcd, (pool.count for pool in sc.fleet.pools))  # a replica must fit every pool
     dom = min(nvlink_domain(pool) for pool in sc.fleet.pools)
+    if not p.search:  # a fixed plan: what is not given is 1 (dp: the rest of the fleet)
+        p = ParallelSpec(tp=p.tp or 1, pp=p.pp or 1, cp=p.cp or 1, dp=p.dp, vpp=p.vpp, search=False)
     tps = [p.tp] if p.tp else [t for t in _pow2_upto(dom) if _ok(sc, tp=t)]
     cps = [p.cp] if p.cp else [c for c in _pow2_upto(64) if c == 1 or (m.seq_len >= 16384 and _ok(sc, cp=c))]
     out = []
@@ -50,7 +52,7 @@ def candidates(sc: Scenario) -> list[Plan]:
             if unit % size or (p.dp and p.dp * size != n):
                 continue
             dp = n // size
-            equal = len(sc.fleet.pools) == 1 or sc.fleet.balance == "equal"
+            equal = len(sc.fleet.pools) == 1
             if tr.global_batch < dp or (equal and tr.global_batch % dp):
                 continue
             out += _inner(sc, tp, pp, cp, dp)
@@ -60,7 +62,7 @@ def candidates(sc: Scenario) -> list[Plan]:
 def _inner(sc: Scenario, tp: int, pp: int, cp: int, dp: int) -> list[Plan]:
     """Plans for a fixed (tp, pp, cp, dp): vpp, micro-batch and recompute choices."""
     p, tr, m = sc.parallel, sc.train, sc.model
-    per_replica = tr.global_batch // dp
+    per_replica = max(tr.global_batch // dp, 1)
     mbs = [tr.micro_batch] if tr.micro_batch else [b for b in _divisors(per_replica) if b <= 16]
     vpps = [p.vpp] if p.vpp else ([1] if pp == 1 else [v for v in (1, 2, 3, 4, 6, 8, 12, 16) if pp * v <= m.layers])
     recs = [tr.recompute] if tr.recompute else RECOMPUTE

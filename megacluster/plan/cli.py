@@ -1,0 +1,74 @@
+"""`megacluster plan [SCENARIO | --preset NAME] [--report DIR] [--sweep key=v1,v2,...]`.
+
+Parse, predict, print (stderr), return the dict the CLI prints with `--json`. No modelling here."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tomllib
+from pathlib import Path
+
+from .predict import predict
+from .scenario import ScenarioError, from_dict, load_preset, load_scenario
+
+DEFAULT_PRESET = "colossus-1"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("scenario", nargs="?", help="scenario TOML/JSON file or preset name (default: colossus-1)")
+    parser.add_argument("--preset", help="embedded preset: colossus-1, colossus-2, 1m-gpu, llama3-405b, orbital-1gw")
+    parser.add_argument("--report", metavar="DIR", help="write DIR/report.html with PNG plots")
+    parser.add_argument("--sweep", metavar="KEY=V1,V2,...", help="vary one scenario key, e.g. fleet.count=8192,16384")
+    parser.add_argument("--no-mc", action="store_true", help="skip the Monte Carlo (analytic reliability only)")
+
+
+def run(args) -> dict:
+    if args.scenario and args.preset:
+        raise ScenarioError("give a SCENARIO file or --preset NAME, not both")
+    sc = load_preset(args.preset) if args.preset else load_scenario(args.scenario or DEFAULT_PRESET)
+    pred = predict(sc, mc=not args.no_mc)
+    result = pred.to_dict()
+    options = None
+    if len(sc.fleet.pools) > 1:
+        from .options import compare
+        options = compare(sc)
+        result["mixed_fleet"] = options
+    sweep = sweep_rows(sc.raw, args.sweep) if args.sweep else None
+    if sweep:
+        result["sweep"] = sweep
+    from .report import print_summary, write_report
+    print_summary(pred, options, sweep)
+    if args.report:
+        path = write_report(Path(args.report), sc, pred, sweep, args.sweep.split("=")[0] if args.sweep else None)
+        result["report"] = str(path)
+    return result
+
+
+def sweep_rows(raw: dict, spec: str) -> list[dict]:
+    """Predict the scenario once per value of a dotted key (`section.key=v1,v2`)."""
+    if "=" not in spec or "." not in spec.split("=")[0]:
+        raise ScenarioError(f"--sweep {spec!r}: expected SECTION.KEY=V1,V2,... (e.g. fleet.count=8192,16384)")
+    key, values = spec.split("=", 1)
+    section, name = key.split(".", 1)
+    rows = []
+    for text in values.split(","):
+        value = _parse_value(text.strip())
+        r = copy.deepcopy(raw)
+        if section == "fleet" and name in ("count", "gpu") and "pools" in r.get("fleet", {}):
+            raise ScenarioError(f"--sweep {key}: this fleet has pools; sweep fleet.pools is not supported")
+        r.setdefault(section, {})[name] = value
+        if section == "fleet" and name == "count":
+            r.get("parallel", {}).pop("dp", None)
+        p = predict(from_dict(r), mc=False)
+        rows.append({"value": value, "step_time_s": p.step_time_s, "mfu": p.mfu, "job_mttf_h": p.job_mttf_h,
+                     "ettr": p.ettr, "goodput": p.goodput, "facility_mw": p.facility_mw,
+                     "fits_in_memory": p.fits_in_memory})
+    return rows
+
+
+def _parse_value(text: str):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text

@@ -1,0 +1,51 @@
+"""The mixed-fleet question (Colossus-1): train on the fleet as is, balance it, or train on the homogeneous
+part and lease the rest to inference. Compared by net cost per million useful training tokens:
+(GPU-hours of the whole fleet + electricity - lease revenue) / (tokens/s x ETTR)."""
+
+from __future__ import annotations
+
+import copy
+
+from ..hardware import get_gpu
+from .predict import predict
+from .scenario import Scenario, from_dict
+
+DEFAULT_LEASE_USD_PER_GPU_HOUR = 1.0  # inference lease rate when a pool does not give one
+
+
+def _variant(sc: Scenario, **fleet) -> dict:
+    raw = copy.deepcopy(sc.raw)
+    raw["fleet"] = {**raw["fleet"], **fleet}
+    raw.setdefault("parallel", {})
+    raw["parallel"] = {k: v for k, v in raw["parallel"].items() if k != "dp"}
+    return raw
+
+
+def compare(sc: Scenario) -> dict:
+    """Three options for a mixed fleet, each predicted in full, and the cheapest per useful token."""
+    pools = sc.raw["fleet"]["pools"]
+    fastest = max(get_gpu(p["gpu"]).peak(sc.train.dtype) for p in pools)
+    keep = [p for p in pools if get_gpu(p["gpu"]).peak(sc.train.dtype) == fastest]
+    lease = [p for p in pools if p not in keep]
+    variants = [("as is (equal shares)", _variant(sc, balance="equal"), []),
+                ("balanced (throughput shares)", _variant(sc, balance="throughput"), [])]
+    if lease:
+        variants.append((f"train on {'+'.join(p['gpu'] for p in keep)}, lease {'+'.join(p['gpu'] for p in lease)}",
+                         _variant(sc, pools=keep, balance="throughput"), lease))
+    out = []
+    for label, raw, leased in variants:
+        p = predict(from_dict(raw), mc=False)
+        lease_day = sum(q["count"] * q.get("lease_usd_per_gpu_hour", DEFAULT_LEASE_USD_PER_GPU_HOUR) * 24
+                        for q in leased)
+        cost_day = (sc.fleet.count * sc.power.usd_per_gpu_hour * 24 + p.power["facility_avg_mw"] * 24
+                    * sc.power.usd_per_mwh)
+        useful_tok_day = p.tokens_per_s * p.ettr * 86400 if p.fits_in_memory else 0.0
+        net = (cost_day - lease_day) / useful_tok_day * 1e6 if useful_tok_day else float("inf")
+        out.append({"option": label, "training_gpus": p.gpus, "tokens_per_s": p.tokens_per_s, "mfu": p.mfu,
+                    "goodput": p.goodput, "train_days": p.train_days, "fits_in_memory": p.fits_in_memory,
+                    "lease_usd_per_day": lease_day, "net_usd_per_mtok": net, "plan": p.plan})
+    best = min(out, key=lambda o: o["net_usd_per_mtok"])
+    worst = max(out, key=lambda o: o["net_usd_per_mtok"])
+    rec = (f"{best['option']}: ${best['net_usd_per_mtok']:.2f} net per 1M useful tokens "
+           f"({best['tokens_per_s']:,.0f} tok/s), vs ${worst['net_usd_per_mtok']:.2f} for {worst['option']}")
+    return {"options": out, "recommendation": rec, "best": best["option"]}

@@ -1,0 +1,113 @@
+"""`predict(scenario) -> Prediction`: performance x reliability x power for one scenario."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from ..hardware import get_gpu
+from . import power as pw
+from . import reliability as rel
+from .perf import model_flops_per_token
+from .search import Ranked, rank
+from .scenario import Scenario, load_scenario
+
+DEFAULT_DURATION_DAYS = 30.0  # reliability/energy horizon when the scenario gives neither tokens nor days
+
+
+@dataclass(kw_only=True, slots=True)
+class Prediction:
+    """What the planner predicts for a scenario. `to_dict()` is the `--json` contract (issue 4)."""
+    name: str
+    step_time_s: float
+    tokens_per_s: float
+    model_tflops_per_gpu: float
+    mfu: float
+    memory_gb_per_gpu: float
+    fits_in_memory: bool
+    bubble_fraction: float
+    exposed_comm_fraction: float
+    job_mttf_h: float
+    interruptions: float
+    checkpoint_interval_s: float
+    ettr: float
+    goodput: float
+    train_days: float | None
+    energy_mwh: float
+    facility_mw: float
+    load_swing_mw: float
+    battery_mwh_needed: float
+    cost_usd: float
+    gpus: int
+    plan: dict  # the chosen parallel plan (incl. keys the scenario left out)
+    chosen: list[str]  # which plan keys the planner chose
+    configs_evaluated: int
+    breakdown: dict  # s per step by component (critical replica)
+    memory: dict  # GB per GPU by kind
+    pools: list[dict]
+    reliability: dict
+    power: dict
+    site: dict
+    software: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def predict(scenario: Scenario | dict | str, *, mc: bool = True) -> Prediction:
+    """Predict a scenario (a `Scenario`, a dict shaped like the TOML, a path or a preset name)."""
+    sc = load_scenario(scenario)
+    ranked = rank(sc)
+    return assemble(sc, ranked[0], len(ranked), mc=mc)
+
+
+def assemble(sc: Scenario, best: Ranked, n_configs: int, *, mc: bool = True) -> Prediction:
+    fs, plan = best.fleet, best.plan
+    crit = fs.critical
+    n = sc.fleet.count
+    step = fs.step_time_s
+    tokens = sc.train.global_batch * sc.model.seq_len
+    flops = model_flops_per_token(sc.model) * tokens
+    tflops = flops / step / n / 1e12
+    peak = sum(p.count * get_gpu(p.gpu).peak(sc.train.dtype) for p in sc.fleet.pools) / n / 1e12
+    nodes = sum(math.ceil(p.count / p.gpus_per_node) for p in sc.fleet.pools)
+
+    gpn = n / nodes
+    r0 = rel.analyse(sc.reliability, nodes, 1.0, mc=False, gpus_per_node=gpn)  # ETTR does not depend on the horizon
+    tps = tokens / step
+    train_days = sc.train.total_tokens / (tps * r0.ettr) / 86400 if sc.train.total_tokens else None
+    horizon = sc.reliability.duration_days or train_days or DEFAULT_DURATION_DAYS
+    r = rel.analyse(sc.reliability, nodes, horizon, mc=mc, gpus_per_node=gpn)
+
+    busy = step - crit.bubble_s - crit.dp_comm_s - crit.optimizer_s
+    off_earth = sc.site.kind != "earth" and "pue" not in sc.raw.get("power", {})
+    p = pw.analyse(sc.fleet.pools, sc.power, step, busy, sc.reliability.restart_s, pue=1.05 if off_earth else None)
+    wall_h = horizon * 24
+    energy = p.facility_avg_mw * wall_h
+    cost = energy * sc.power.usd_per_mwh + n * sc.power.usd_per_gpu_hour * wall_h
+    chosen = [k for k, given in (("tp", sc.parallel.tp), ("pp", sc.parallel.pp), ("cp", sc.parallel.cp),
+                                 ("vpp", sc.parallel.vpp), ("micro_batch", sc.train.micro_batch),
+                                 ("recompute", sc.train.recompute)) if given is None]
+    return Prediction(
+        name=sc.name, step_time_s=step, tokens_per_s=tps, model_tflops_per_gpu=tflops, mfu=tflops / peak,
+        memory_gb_per_gpu=max(ps.step.memory_gb for ps in fs.pools), fits_in_memory=fs.fits_in_memory,
+        bubble_fraction=crit.bubble_s / step, exposed_comm_fraction=crit.exposed_comm_s / step,
+        job_mttf_h=r.job_mttf_h, interruptions=r.interruptions, checkpoint_interval_s=r.checkpoint_interval_s,
+        ettr=r.ettr, goodput=tflops / peak * r.ettr, train_days=train_days, energy_mwh=energy,
+        facility_mw=p.facility_mw, load_swing_mw=p.load_swing_mw, battery_mwh_needed=p.battery_mwh_needed,
+        cost_usd=cost, gpus=n, plan={k: getattr(plan, k) for k in plan.__slots__}, chosen=chosen,
+        configs_evaluated=n_configs, breakdown=_breakdown(crit), memory=dict(crit.memory),
+        pools=[{"gpu": ps.pool.gpu, "count": ps.pool.count, "replicas": ps.replicas,
+                "seqs_per_replica": ps.seqs_per_replica, "step_time_s": ps.step.step_time_s,
+                "memory_gb_per_gpu": ps.step.memory_gb} for ps in fs.pools],
+        reliability={"nodes": nodes, "duration_days": horizon, "unexpected": r.unexpected, "planned": r.planned,
+                     "by_cause": r.by_cause, "spare_wait_s": r.spare_wait_s, "monte_carlo": r.mc},
+        power={k: getattr(p, k) for k in p.__slots__},
+        site=pw.site(sc.site, p.facility_avg_mw),
+        software={"attention": sc.train.attention, "overlap_grad_reduce": sc.train.overlap_grad_reduce,
+                  "balance": sc.fleet.balance})
+
+
+def _breakdown(b) -> dict:
+    keys = ("compute_s", "tp_comm_s", "cp_comm_s", "p2p_s", "bubble_s", "dp_comm_s", "optimizer_s")
+    return {k: getattr(b, k) for k in keys} | {"microbatches": b.microbatches}

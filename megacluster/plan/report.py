@@ -1,0 +1,181 @@
+"""Human output: a rich table on stderr, and `--report DIR` (report.html + PNG plots, matplotlib Agg)."""
+
+from __future__ import annotations
+
+import html
+import math
+import sys
+from pathlib import Path
+
+from . import reliability as rel
+from .perf import fleet_step, model_flops_per_token
+from .predict import Prediction
+from .scenario import PoolSpec, Scenario
+
+ROWS = (  # (key, label, format)
+    ("step_time_s", "step time", "{:.2f} s"), ("tokens_per_s", "throughput", "{:,.0f} tok/s"),
+    ("model_tflops_per_gpu", "model TFLOP/s per GPU", "{:.0f}"), ("mfu", "MFU", "{:.1%}"),
+    ("memory_gb_per_gpu", "memory per GPU", "{:.1f} GB"), ("fits_in_memory", "fits in memory", "{}"),
+    ("bubble_fraction", "pipeline bubble", "{:.1%}"), ("exposed_comm_fraction", "exposed communication", "{:.1%}"),
+    ("job_mttf_h", "job MTTF", "{:.2f} h"), ("interruptions", "interruptions", "{:,.0f}"),
+    ("checkpoint_interval_s", "checkpoint interval", "{:,.0f} s"), ("ettr", "ETTR", "{:.1%}"),
+    ("goodput", "goodput (MFU x ETTR)", "{:.1%}"), ("train_days", "train days", "{:.1f}"),
+    ("facility_mw", "facility power (full load)", "{:,.1f} MW"), ("load_swing_mw", "load swing", "{:,.1f} MW"),
+    ("battery_mwh_needed", "battery to flatten", "{:,.2f} MWh"), ("energy_mwh", "energy", "{:,.0f} MWh"),
+    ("cost_usd", "cost", "${:,.0f}"),
+)
+
+
+def _fmt(fmt: str, v) -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def print_summary(pred: Prediction, options: dict | None = None, sweep: list | None = None, file=None) -> None:
+    """Readable summary on stderr (rich when available)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(file=file or sys.stderr, width=110)
+    d = pred.to_dict()
+    plan = ", ".join(f"{k}={v}" for k, v in d["plan"].items())
+    t = Table(title=f"megacluster plan: {pred.name} ({pred.gpus:,} GPUs)", show_header=False)
+    for key, label, fmt in ROWS:
+        t.add_row(label, _fmt(fmt, d[key]))
+    t.add_row("parallel plan", plan + (f"  (chosen: {', '.join(d['chosen'])})" if d["chosen"] else ""))
+    con.print(t)
+    if options:
+        _print_options(con, options)
+    if sweep:
+        st = Table(title="sweep")
+        for col in sweep[0]:
+            st.add_column(col)
+        for row in sweep:
+            st.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+        con.print(st)
+
+
+def _print_options(con, options: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title="mixed fleet: what to do with it")
+    for col in ("option", "training GPUs", "tokens/s", "MFU", "train days", "lease $/day", "net $ per 1M tokens"):
+        t.add_column(col)
+    for o in options["options"]:
+        t.add_row(o["option"], f"{o['training_gpus']:,}", f"{o['tokens_per_s']:,.0f}", f"{o['mfu']:.1%}",
+                  _fmt("{:.1f}", o["train_days"]), f"{o['lease_usd_per_day']:,.0f}", f"{o['net_usd_per_mtok']:.2f}")
+    con.print(t)
+    con.print(f"[bold]recommendation:[/bold] {options['recommendation']}")
+
+
+# ---------------------------------------------------------------------------------------------- html
+def write_report(out: Path, sc: Scenario, pred: Prediction, sweep: list | None = None,
+                 sweep_key: str | None = None) -> Path:
+    """Write report.html and PNG plots into `out`; returns the HTML path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = [_scale_plot(plt, out, sc, pred), _breakdown_plot(plt, out, pred), _power_plot(plt, out, pred)]
+    if sweep:
+        pngs.append(_sweep_plot(plt, out, sweep, sweep_key))
+    d = pred.to_dict()
+    rows = "".join(f"<tr><td>{html.escape(label)}</td><td>{html.escape(_fmt(fmt, d[k]))}</td></tr>"
+                   for k, label, fmt in ROWS)
+    imgs = "".join(f'<p><img src="{p.name}" width="640"></p>' for p in pngs)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>megacluster plan: {html.escape(pred.name)}"
+            f"</title></head><body><h1>megacluster plan: {html.escape(pred.name)}</h1>"
+            f"<p>{pred.gpus:,} GPUs; plan {html.escape(str(d['plan']))}</p><table border=1>{rows}</table>{imgs}"
+            "</body></html>")
+    path = out / "report.html"
+    path.write_text(page)
+    return path
+
+
+def scale_curve(sc: Scenario, pred: Prediction, counts: list[int]) -> list[tuple[int, float, float]]:
+    """(GPUs, job MTTF h, goodput) when the scenario's replica is replicated (weak scaling: batch per replica
+    fixed) over `counts` GPUs of its first pool."""
+    p = pred.plan
+    size = p["tp"] * p["pp"] * p["cp"]
+    pool0 = sc.fleet.pools[0]
+    from .perf import Plan
+    out = []
+    for n in counts:
+        dp = max(1, n // size)
+        pool = PoolSpec(gpu=pool0.gpu, count=dp * size, gpus_per_node=pool0.gpus_per_node)
+        seqs = sc.train.global_batch / p["dp"]
+        tr = _with_batch(sc.train, max(1, round(seqs * dp)))
+        plan = Plan(**{**p, "dp": dp})
+        fs = fleet_step(sc.model, tr, plan, [pool], sc.fleet.scale_out_gbps, sc.fleet.oversubscription)
+        flops = model_flops_per_token(sc.model) * tr.global_batch * sc.model.seq_len
+        mfu = flops / fs.step_time_s / pool.count / pool0_peak(pool0, sc)
+        r = rel.analyse(sc.reliability, math.ceil(pool.count / pool.gpus_per_node), 1.0, mc=False,
+                        gpus_per_node=pool.gpus_per_node)
+        out.append((pool.count, r.job_mttf_h, mfu * r.ettr))
+    return out
+
+
+def pool0_peak(pool: PoolSpec, sc: Scenario) -> float:
+    from ..hardware import get_gpu
+    return get_gpu(pool.gpu).peak(sc.train.dtype)
+
+
+def _with_batch(train, batch: int):
+    from dataclasses import replace
+    return replace(train, global_batch=batch)
+
+
+def _scale_plot(plt, out: Path, sc: Scenario, pred: Prediction) -> Path:
+    counts = [1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000]
+    pts = scale_curve(sc, pred, counts)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([p[0] for p in pts], [p[2] for p in pts], "o-", label="goodput (MFU x ETTR)")
+    ax.set_xscale("log")
+    ax.set_xlabel("GPUs")
+    ax.set_ylabel("goodput")
+    ax2 = ax.twinx()
+    ax2.plot([p[0] for p in pts], [p[1] for p in pts], "s--", color="tab:red", label="job MTTF (h)")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("job MTTF (h)")
+    ax.set_title("goodput and job MTTF vs GPU count")
+    fig.legend(loc="lower left")
+    return _save(plt, fig, out / "scale.png")
+
+
+def _breakdown_plot(plt, out: Path, pred: Prediction) -> Path:
+    b = {k: v for k, v in pred.breakdown.items() if k.endswith("_s")}
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.barh(list(b), list(b.values()))
+    ax.set_xlabel("s per step (critical replica)")
+    ax.set_title("time breakdown")
+    return _save(plt, fig, out / "breakdown.png")
+
+
+def _power_plot(plt, out: Path, pred: Prediction) -> Path:
+    tr = pred.power["trace"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.step([t for t, _ in tr[:-1]], [mw for _, mw in tr[:-1]], where="post", label="facility")
+    ax.axhline(pred.power["facility_avg_mw"], ls="--", color="gray", label="average (flattened grid draw)")
+    ax.set_xlabel("s within one step")
+    ax.set_ylabel("MW")
+    ax.set_title("power over a step")
+    ax.legend()
+    return _save(plt, fig, out / "power.png")
+
+
+def _sweep_plot(plt, out: Path, sweep: list, key: str | None) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    xs = [str(r["value"]) for r in sweep]
+    for metric in ("mfu", "goodput", "ettr"):
+        ax.plot(xs, [r[metric] for r in sweep], "o-", label=metric)
+    ax.set_xlabel(key or "value")
+    ax.legend()
+    ax.set_title(f"sweep of {key}")
+    return _save(plt, fig, out / "sweep.png")
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
