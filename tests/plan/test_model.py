@@ -1,0 +1,144 @@
+"""Properties of the performance, reliability, power and search models."""
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megacluster.plan import predict
+from megacluster.plan import reliability as rel
+from megacluster.plan.scenario import ReliabilitySpec, load_scenario
+from megacluster.plan.search import candidates, rank
+
+REPO = Path(__file__).resolve().parents[2]
+JSON_KEYS = ("step_time_s", "tokens_per_s", "model_tflops_per_gpu", "mfu", "memory_gb_per_gpu", "fits_in_memory",
+             "bubble_fraction", "exposed_comm_fraction", "job_mttf_h", "interruptions", "checkpoint_interval_s",
+             "ettr", "goodput", "train_days", "energy_mwh", "facility_mw", "load_swing_mw", "battery_mwh_needed",
+             "cost_usd")
+SMALL = {"model": {"layers": 32, "hidden": 4096, "ffn_hidden": 14336, "heads": 32, "kv_heads": 8,
+                   "vocab": 128256, "seq_len": 8192},
+         "train": {"global_batch": 1024, "total_tokens": 1e12},
+         "parallel": {"search": True},
+         "fleet": {"gpu": "H100-SXM", "count": 1024}}
+
+
+def test_no_torch_import():
+    code = "import sys, megacluster.plan, megacluster.plan.cli, megacluster.plan.report; " \
+           "megacluster.plan.predict('llama3-405b', mc=False); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_mttf_falls_and_ettr_falls_with_scale():
+    mttf = [rel.analyse(ReliabilitySpec(), n, 1, mc=False).job_mttf_h for n in (125, 1250, 12500, 125000)]
+    ettr = [rel.analyse(ReliabilitySpec(), n, 1, mc=False).ettr for n in (125, 1250, 12500, 125000)]
+    assert all(a > b for a, b in zip(mttf, mttf[1:]))
+    assert all(a > b for a, b in zip(ettr, ettr[1:]))
+    assert mttf[0] / mttf[1] == pytest.approx(10)
+
+
+def test_monte_carlo_matches_analytic_and_is_fast():
+    spec = ReliabilitySpec(trials=1000)
+    t = time.perf_counter()
+    r = rel.analyse(spec, 1_000_000 // 8, 90)  # 1M GPUs, 90 days
+    assert time.perf_counter() - t < 1.0
+    lo, mid, hi = r.mc["unexpected_p5_p50_p95"]
+    assert lo < r.unexpected < hi and mid == pytest.approx(r.unexpected, rel=0.01)
+    small = rel.analyse(spec, 2048, 54)  # Llama 3 scale: MC and Daly's closed form agree
+    assert small.mc["ettr_mean"] == pytest.approx(small.ettr, abs=0.02)
+
+
+def test_daly_limits():
+    assert rel.daly_interval(100, 40) == 40  # delta >= 2M -> tau = M
+    assert rel.daly_interval(1, 1e9) == pytest.approx(math.sqrt(2e9), rel=0.01)
+
+
+def test_search_valid_and_fast():
+    sc = load_scenario(SMALL)
+    t = time.perf_counter()
+    ranked = rank(sc)
+    rate = len(ranked) / (time.perf_counter() - t)
+    assert len(ranked) > 50 and rate > 1000
+    for r in ranked:
+        p = r.plan
+        assert p.tp * p.pp * p.cp * p.dp == 1024 and 32 % p.tp == 0 and p.vpp * p.pp <= 32
+    best = ranked[0]
+    assert best.fleet.fits_in_memory
+    fitting = [r for r in ranked if r.fleet.fits_in_memory]
+    assert all(best.tokens_per_s >= r.tokens_per_s for r in fitting)
+
+
+def test_more_interleaving_smaller_bubble():
+    base = {**SMALL, "parallel": {"tp": 8, "pp": 4, "cp": 1}, "train": {"global_batch": 1024, "micro_batch": 1,
+                                                                         "recompute": "none"}}
+    bubbles = []
+    for v in (1, 2, 4):
+        base["parallel"]["vpp"] = v
+        bubbles.append(predict(base, mc=False).bubble_fraction)
+    assert bubbles[0] > bubbles[1] > bubbles[2] > 0
+
+
+def test_throughput_balance_beats_equal_on_mixed_fleet():
+    d = dict(SMALL, parallel={"tp": 8, "pp": 1, "cp": 1},
+             fleet={"pools": [{"gpu": "H100-SXM", "count": 512}, {"gpu": "A100-80GB", "count": 512}]})
+    eq = predict({**d, "fleet": {**d["fleet"], "balance": "equal"}}, mc=False)
+    th = predict({**d, "fleet": {**d["fleet"], "balance": "throughput"}}, mc=False)
+    assert th.tokens_per_s > 1.3 * eq.tokens_per_s
+    h100, a100 = th.pools
+    assert h100["seqs_per_replica"] > 2 * a100["seqs_per_replica"]
+
+
+def test_memory_grows_with_micro_batch_and_recompute_saves():
+    d = dict(SMALL, parallel={"tp": 8, "pp": 1, "cp": 1}, train={"global_batch": 1024, "recompute": "none"})
+    m1 = predict({**d, "train": {**d["train"], "micro_batch": 1}}, mc=False).memory_gb_per_gpu
+    m4 = predict({**d, "train": {**d["train"], "micro_batch": 4}}, mc=False).memory_gb_per_gpu
+    mf = predict({**d, "train": {**d["train"], "micro_batch": 4, "recompute": "full"}}, mc=False)
+    assert m4 > m1 > mf.memory_gb_per_gpu * 0 and mf.memory_gb_per_gpu < m4
+
+
+def test_orbit_site_sizes_array_and_radiator():
+    p = predict("orbital-1gw", mc=False)
+    assert 800 < p.facility_mw < 1300
+    s = p.site
+    assert s["kind"] == "orbit" and 2000 < s["array_m2_per_mw"] < 3000 and 1000 < s["radiator_m2_per_mw"] < 1500
+
+
+def test_api_dict_and_json_keys():
+    d = predict(SMALL, mc=True).to_dict()
+    assert all(k in d for k in JSON_KEYS)
+    json.dumps(d)
+    assert 0 < d["mfu"] < 1 and 0 < d["ettr"] <= 1 and d["train_days"] > 0
+
+
+def test_cli_default_preset_json_and_time():
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "megacluster", "plan", "--json"], capture_output=True, text=True,
+                       cwd=REPO, timeout=60)
+    assert time.perf_counter() - t < 2.0 + 1.0  # 2 s budget (+ slack for a loaded CI machine)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert all(k in d for k in JSON_KEYS)
+    assert "recommendation" in d["mixed_fleet"] and "recommendation" in r.stderr
+
+
+def test_cli_sweep_and_report(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "megacluster", "plan", "--preset", "llama3-405b", "--no-mc", "--json",
+                        "--sweep", "fleet.scale_out_gbps=100,400", "--report", str(tmp_path)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    slow, fast = d["sweep"]
+    assert slow["step_time_s"] >= fast["step_time_s"]
+    html = (tmp_path / "report.html").read_text()
+    for png in ("scale.png", "breakdown.png", "power.png", "sweep.png"):
+        assert (tmp_path / png).stat().st_size > 1000 and png in html
+
+
+@pytest.mark.parametrize("name", ["colossus-1", "colossus-2", "1m-gpu", "llama3-405b", "orbital-1gw"])
+def test_presets_run(name):
+    p = predict(name, mc=False)
+    assert p.step_time_s > 0 and p.fits_in_memory

@@ -1,0 +1,91 @@
+"""Bad scenarios: one clear error naming the key; exit 2 from the CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megacluster.errors import InputError
+from megacluster.plan import ScenarioError, load_scenario, predict
+
+REPO = Path(__file__).resolve().parents[2]
+
+BASE = {"model": {"layers": 32, "hidden": 4096, "ffn_hidden": 14336, "heads": 32, "kv_heads": 8, "vocab": 128256,
+                  "seq_len": 8192},
+        "train": {"global_batch": 512, "micro_batch": 1},
+        "parallel": {"tp": 8, "pp": 1, "cp": 1, "dp": 8},
+        "fleet": {"gpu": "H100-SXM", "count": 64}}
+
+
+def with_(section, **kw):
+    d = json.loads(json.dumps(BASE))
+    d[section] = {**d[section], **kw}
+    return d
+
+
+@pytest.mark.parametrize("raw, needle", [
+    (with_("fleet", gpu="H900"), "fleet.gpu"),
+    (with_("parallel", dp=16), "!= fleet GPU count 64"),
+    (with_("fleet", count=-8), "fleet.count"),
+    (with_("parallel", tp=3, dp=None), "parallel.tp"),
+    (with_("model", heads=30), "model.hidden"),
+    (with_("train", dtype="fp64"), "train.dtype"),
+    (with_("train", recompute="sometimes"), "train.recompute"),
+    (with_("train", zero=4), "train.zero"),
+    (with_("model", mlp="relu"), "model.mlp"),
+    (with_("model", layerz=3), "model.layerz"),
+    (with_("fleet", balance="random"), "fleet.balance"),
+    (with_("train", global_batch=1.5), "train.global_batch"),
+    (with_("parallel", tp=16, dp=4), "NVLink domain"),
+    ({**BASE, "bogus": {}}, "[bogus]"),
+])
+def test_bad_values_name_the_key(raw, needle):
+    raw = {k: ({kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v) for k, v in raw.items()}
+    with pytest.raises(ScenarioError) as e:
+        load_scenario(raw)
+    assert needle in str(e.value)
+    assert isinstance(e.value, InputError)
+
+
+def test_allowed_values_listed():
+    with pytest.raises(ScenarioError, match="A100-40GB.*H100-SXM.*GB200"):
+        load_scenario(with_("fleet", gpu="TPU"))
+    with pytest.raises(ScenarioError, match="'none', 'selective', 'full'"):
+        load_scenario(with_("train", recompute="x"))
+
+
+def test_mixed_pools_and_defaults():
+    d = with_("fleet")
+    d["fleet"] = {"pools": [{"gpu": "H100-SXM", "count": 32}, {"gpu": "A100-80GB", "count": 32}],
+                  "balance": "throughput"}
+    sc = load_scenario(d)
+    assert sc.fleet.count == 64 and sc.model.kv_heads == 8 and sc.train.attention == "flash"
+    with pytest.raises(ScenarioError, match=r"fleet.pools\[1\].gpu"):
+        d["fleet"]["pools"][1]["gpu"] = "Z100"
+        load_scenario(d)
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "megacluster", "plan", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=60)
+
+
+def test_cli_bad_scenario_exits_2(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\nlayers = 32\nhidden = 4096\nffn_hidden = 14336\nheads = 32\nvocab = 1000\n'
+                   'seq_len = 2048\n[train]\nglobal_batch = 64\n[parallel]\ntp = 8\npp = 2\ncp = 1\ndp = 8\n'
+                   '[fleet]\ngpu = "H100-SXM"\ncount = 64\n')
+    r = _cli(str(bad), "--json")
+    assert r.returncode == 2
+    assert "tp x pp x cp x dp" in r.stderr and r.stdout == ""
+    r = _cli("--preset", "nope")
+    assert r.returncode == 2 and "colossus-1" in r.stderr
+
+
+def test_cli_unknown_gpu_exit_2(tmp_path):
+    p = tmp_path / "s.json"
+    p.write_text(json.dumps(with_("fleet", gpu="H900")))
+    r = _cli(str(p))
+    assert r.returncode == 2 and "fleet.gpu" in r.stderr
