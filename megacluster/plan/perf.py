@@ -154,12 +154,40 @@ def links(pool: PoolSpec, plan: Plan, scale_out_gbps: float, oversub: float) -> 
 
 
 # ----------------------------------------------------------------------------------------- stage
-def stage_layers(layers: int, pp: int, vpp: int) -> tuple[int, int]:
-    """(layers on a full stage, layers on the last stage): chunks of ceil(L / (pp vpp)) layers; the last
-    stage takes what is left, so the LM head lands where there is slack (Llama 3 style balancing)."""
-    per_stage = math.ceil(layers / (pp * vpp)) * vpp
-    last = max(layers - (pp - 1) * per_stage, 0)
-    return per_stage, min(last, per_stage)
+def stage_layers(layers: int, pp: int, vpp: int) -> tuple[int, int, int]:
+    """(layers on the first stage, on a full stage, on the last stage). Chunks hold c = ceil(L / (pp vpp))
+    layers; when pp vpp c > L the spare slots are taken off the first stage (the one holding the most
+    micro-batches in flight, plus the embedding) and the last stage (the LM head), as Llama 3 balanced its
+    126-layer model on 16 stages (7 + 14 x 8 + 7 layers)."""
+    if pp == 1:
+        return layers, layers, layers
+    per_chunk = math.ceil(layers / (pp * vpp))
+    full = per_chunk * vpp
+    spare = pp * full - layers
+    first = full - min(spare // 2, per_chunk - 1)  # the trim comes out of the first stage's first chunk
+    last = min(max(layers - (pp - 2) * full - first, 0), full)
+    return first, full, last
+
+
+def chunk_layers(stage_total: int, per_chunk: int, vpp: int, trim_front: bool) -> list[int]:
+    """Layers per model chunk on one stage: full chunks, the deficit taken from the first chunk (first stage)
+    or from the last chunks (last stage)."""
+    if trim_front:
+        return [max(stage_total - (vpp - 1) * per_chunk, 0)] + [per_chunk] * (vpp - 1)
+    return [min(per_chunk, max(stage_total - k * per_chunk, 0)) for k in range(vpp)]
+
+
+def in_flight(pp: int, vpp: int, nmb: int, stage: int) -> list[int]:
+    """Micro-batches whose activations a stage holds at its peak, per model chunk (1F1B; interleaved when
+    vpp > 1). Megatron's warm-up on stage r runs W = 2(pp-r-1) + (vpp-1)pp forwards (vpp = 1: pp-r-1), in
+    groups of pp micro-batches per chunk, then one more forward before the first backward. Stage 0 with
+    pp=16, vpp=4: chunk 0 holds 31 micro-batches, chunks 1-3 hold 16 (Korthikanti et al. 2022:
+    L (1 + (pp-1)/(pp vpp)) layers' worth in total)."""
+    if vpp == 1:
+        return [min(nmb, pp - stage)]
+    forwards = min(2 * (pp - stage - 1) + (vpp - 1) * pp + 1, nmb * vpp)
+    rounds, rem = divmod(forwards, pp * vpp)
+    return [min(nmb, rounds * pp + min(max(rem - k * pp, 0), pp)) for k in range(vpp)]
 
 
 def estimate(m: ModelSpec, tr: TrainSpec, plan: Plan, pool: PoolSpec, scale_out_gbps: float,
@@ -188,7 +216,7 @@ def estimate(m: ModelSpec, tr: TrainSpec, plan: Plan, pool: PoolSpec, scale_out_
     elif plan.recompute == "selective" and tr.attention == "unfused":
         extra = _attention(dev, m, tr, plan.micro_batch, plan.tp, plan.cp)[0]
 
-    full, last = stage_layers(m.layers, plan.pp, plan.vpp)
+    first, full, last = stage_layers(m.layers, plan.pp, plan.vpp)
     per_layer = lf + lb + extra + tp_layer + cp_layer
     head = hf + hb + (net.tp.all_gather(act_bytes, plan.tp) if tr.sequence_parallel else 0.0)
     t_stage = max(full * per_layer, last * per_layer + head)
@@ -201,7 +229,7 @@ def estimate(m: ModelSpec, tr: TrainSpec, plan: Plan, pool: PoolSpec, scale_out_
     t_mb = t_stage + p2p
     bubble = (plan.pp - 1) / plan.vpp * t_mb
 
-    dp_exposed, optim, mem = _dp_and_memory(m, tr, plan, dev, net, nmb, full, lf, lb, hf)
+    dp_exposed, optim, mem = _dp_and_memory(m, tr, plan, dev, net, nmb, (first, full, last), lf, lb)
     step = nmb * t_mb + bubble + dp_exposed + optim
     return StepBreakdown(step_time_s=step, compute_s=nmb * t_compute, tp_comm_s=nmb * full * (tp_layer + (
         2 * tp_one if plan.recompute == "full" else 0.0)), cp_comm_s=nmb * full * cp_layer, p2p_s=nmb * p2p,
@@ -209,30 +237,61 @@ def estimate(m: ModelSpec, tr: TrainSpec, plan: Plan, pool: PoolSpec, scale_out_
         memory_gb=sum(mem.values()), memory=mem)
 
 
-def _dp_and_memory(m: ModelSpec, tr: TrainSpec, plan: Plan, dev: Device, net: Net, nmb: int, full: int,
-                   lf: float, lb: float, hf: float) -> tuple[float, float, dict]:
-    """(exposed data-parallel comm s, optimizer s, memory GB by kind) for the fullest stage."""
-    params = full * layer_params(m) / plan.tp + m.hidden * m.vocab / plan.tp  # + embedding or LM head
+def grad_bytes_per_param(tr: TrainSpec) -> int:
+    """Bytes per parameter of the gradient buffer. bf16/fp8 runs accumulate gradients over micro-batches in
+    fp32 (Megatron's main_grad default for bf16; Llama 3 section 3.3.2) and reduce them in fp32; fp16 runs
+    (Megatron SC'21) keep fp16 grads and copy them to fp32 inside the optimizer."""
+    return 2 if tr.dtype == "fp16" else 4
+
+
+def optimizer_bytes_per_param(tr: TrainSpec) -> int:
+    """Bytes per parameter of optimizer state: fp32 master weights + Adam m, v (12); fp16 runs also hold the
+    fp32 copy of the grads (16). Megatron distributed-optimizer table: bf16/fp32-grad 6 + 12/d, fp16 4 + 16/d."""
+    return 16 if tr.dtype == "fp16" else 12
+
+
+def _dp_and_memory(m: ModelSpec, tr: TrainSpec, plan: Plan, dev: Device, net: Net, nmb: int,
+                   layers: tuple[int, int, int], lf: float, lb: float) -> tuple[float, float, dict]:
+    """(exposed data-parallel comm s, optimizer s, memory GB by kind on the fuller of the first and last stage)."""
+    first, full, last = layers
+    emb = m.hidden * m.vocab / plan.tp  # embedding (first stage) or LM head (last stage), vocab-parallel
+    params = full * layer_params(m) / plan.tp + emb  # the fullest stage: it sets the DP and optimizer time
     d = plan.dp
-    grad_bytes = params * BYTES
+    gb = grad_bytes_per_param(tr)
     if tr.zero == 0:
-        t_dp = net.dp.all_reduce(grad_bytes, d)
+        t_dp = net.dp.all_reduce(params * gb, d)
     else:  # reduce-scatter grads, all-gather updated bf16 weights (ZeRO-3: also per micro-batch fwd+bwd)
-        t_dp = 2 * net.dp.all_gather(grad_bytes, d)
+        t_dp = net.dp.all_gather(params * gb, d) + net.dp.all_gather(params * BYTES, d)
         if tr.zero == 3:
-            t_dp += 2 * (nmb - 1) * net.dp.all_gather(grad_bytes, d)
+            t_dp += 2 * (nmb - 1) * net.dp.all_gather(params * BYTES, d)
     window = full * lb + (full * (nmb - 1) * (lf + lb) if tr.zero == 3 else 0.0)  # overlap: last backward
     window *= 1.0 if tr.overlap_grad_reduce else 0.0
     dp_exposed = max(0.0, t_dp - window) if d > 1 else 0.0
-    shard = d if tr.zero >= 1 else 1
-    optim = dev.mem_time(params / shard * 36)  # Adam: r/w fp32 master, m, v; read grad; write bf16 weight
+    optim = dev.mem_time(params / (d if tr.zero >= 1 else 1) * 36)  # Adam: r/w fp32 master, m, v; grad; bf16 w
 
-    w = params * BYTES / (d if tr.zero == 3 else 1)
-    g = params * BYTES / (d if tr.zero >= 2 else 1)
-    o = params * 12 / shard  # fp32 master weights + Adam m, v
-    act = _activation_bytes(m, tr, plan, nmb)
-    return dp_exposed, optim, {"weights": w / 1e9, "grads": g / 1e9, "optimizer": o / 1e9,
-                               "activations": act / 1e9, "reserved": RESERVED_GB}
+    per_chunk = math.ceil(m.layers / (plan.pp * plan.vpp)) if plan.pp > 1 else m.layers
+    stages = [(0, first, emb * (2 if plan.pp == 1 else 1), True)]  # pp = 1: embedding and head on one stage
+    if plan.pp > 1:
+        stages.append((plan.pp - 1, last, emb, False))
+    mems = []
+    for stage, n_layers, extra, front in stages:
+        p = n_layers * layer_params(m) / plan.tp + extra
+        chunks = chunk_layers(n_layers, per_chunk, plan.vpp if plan.pp > 1 else 1, front)
+        act = activation_bytes(m, tr, plan, nmb, chunks, in_flight(plan.pp, plan.vpp if plan.pp > 1 else 1,
+                                                                    nmb, stage), last_stage=stage == plan.pp - 1)
+        mems.append(memory_gb(p, tr, d, act))
+    mem = max(mems, key=lambda x: sum(x.values()))
+    return dp_exposed, optim, mem
+
+
+def memory_gb(params: float, tr: TrainSpec, dp: int, act_bytes: float) -> dict:
+    """GB per GPU by kind for a stage holding `params` parameters (this GPU's tp shard): bf16 weights
+    (sharded over dp by ZeRO-3), grads (ZeRO-2/3), optimizer state (ZeRO-1/2/3), activations, reserved."""
+    w = params * BYTES / (dp if tr.zero == 3 else 1)
+    g = params * grad_bytes_per_param(tr) / (dp if tr.zero >= 2 else 1)
+    o = params * optimizer_bytes_per_param(tr) / (dp if tr.zero >= 1 else 1)
+    return {"weights": w / 1e9, "grads": g / 1e9, "optimizer": o / 1e9, "activations": act_bytes / 1e9,
+            "reserved": RESERVED_GB}
 
 
 def layer_activation_bytes(m: ModelSpec, tr: TrainSpec, plan: Plan) -> float:
@@ -252,18 +311,16 @@ def layer_activation_bytes(m: ModelSpec, tr: TrainSpec, plan: Plan) -> float:
     return elems * BYTES
 
 
-def _activation_bytes(m: ModelSpec, tr: TrainSpec, plan: Plan, nmb: int) -> float:
-    """Peak activation bytes on the first stage: micro-batches in flight under (interleaved) 1F1B."""
-    per_chunk = math.ceil(m.layers / (plan.pp * plan.vpp))
-    if plan.vpp == 1:
-        chunks_in_flight = min(nmb, plan.pp)
-    else:  # Megatron interleaved warm-up: 2 (pp-1) + (vpp-1) pp micro-batch chunks, plus the one running
-        chunks_in_flight = min(nmb * plan.vpp, 2 * (plan.pp - 1) + (plan.vpp - 1) * plan.pp + 1)
-    stored = chunks_in_flight * per_chunk * layer_activation_bytes(m, tr, plan)
+def activation_bytes(m: ModelSpec, tr: TrainSpec, plan: Plan, nmb: int, chunks: list[int], held: list[int],
+                     last_stage: bool) -> float:
+    """Peak activation bytes on one stage: sum over its model chunks of layers x micro-batches in flight x
+    bytes per layer; the last stage also holds one micro-batch's fp32 logits (vocab-parallel)."""
+    stored = sum(n * k for n, k in zip(chunks, held)) * layer_activation_bytes(m, tr, plan)
     if plan.recompute == "full":  # one layer's full activations live during its recompute
         stored += layer_activation_bytes(m, tr, Plan(**{**_asdict(plan), "recompute": "none"}))
-    logits = plan.micro_batch * m.seq_len / plan.cp * m.vocab / plan.tp * 4  # fp32 logits on the last stage
-    return stored + logits
+    if last_stage:
+        stored += plan.micro_batch * m.seq_len / plan.cp * m.vocab / plan.tp * 4
+    return stored
 
 
 def _asdict(plan: Plan) -> dict:
@@ -320,5 +377,17 @@ def _throughput_shares(m, tr, plan, pools, reps, first, seqs0, so, oversub) -> l
     t = (total + sum(r * a / b for r, (a, b) in zip(reps, lin))) / sum(r / b for r, (a, b) in zip(reps, lin))
     raw = [max((t - a) / b, 0.0) for a, b in lin]
     scale = total / sum(r * s for r, s in zip(reps, raw))
-    # replicas of one pool differ by at most one micro-batch; `estimate` rounds up, i.e. times the fuller ones
-    return [s * scale for s in raw]
+    return _whole_microbatches([s * scale for s in raw], reps, plan.micro_batch, total, lin)
+
+
+def _whole_microbatches(shares: list[float], reps: list[int], mb: int, total: int, lin) -> list[float]:
+    """Round shares to whole micro-batches: start every pool at floor, then hand the missing sequences out one
+    micro-batch per replica to the pool that stays fastest (t = a + b s). Returns the fullest replica's
+    sequences per pool (some replicas of a pool may take one micro-batch fewer); the step is timed on it."""
+    k = [math.floor(s / mb) for s in shares]  # micro-batches per replica
+    left = total - sum(r * ki * mb for r, ki in zip(reps, k))
+    while left > 0:
+        i = min((j for j in range(len(k)) if reps[j]), key=lambda j: lin[j][0] + lin[j][1] * (k[j] + 1) * mb)
+        k[i] += 1
+        left -= reps[i] * mb
+    return [float(ki * mb) for ki in k]

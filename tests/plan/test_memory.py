@@ -1,0 +1,59 @@
+"""Per-GPU memory breakdown on hand-computable cases (Korthikanti et al. 2022; Megatron distributed optimizer)."""
+
+import pytest
+
+from megacluster.plan import predict
+from megacluster.plan.perf import in_flight, stage_layers
+
+# 2 layers, h = 64, 4 heads (no GQA), GELU MLP f = 4h, V = 1000, s = 128: params per layer
+# attention h(h + 2h) + h^2 = 16,384, MLP 2 h f = 32,768 -> 49,152; embedding and head 64,000 each (pp = 1).
+TINY = {"model": {"layers": 2, "hidden": 64, "ffn_hidden": 256, "mlp": "gelu", "heads": 4, "vocab": 1000,
+                  "seq_len": 128},
+        "train": {"global_batch": 4, "micro_batch": 1, "dtype": "bf16", "recompute": "none", "zero": 1,
+                  "attention": "flash"},
+        "parallel": {"tp": 1, "pp": 1, "cp": 1, "dp": 4},
+        "fleet": {"gpu": "H100-SXM", "count": 4, "gpus_per_node": 4}}
+PARAMS = 2 * 49_152 + 2 * 64_000
+
+
+def test_tiny_breakdown_by_hand():
+    mem = predict(TINY, mc=False).memory  # GB (1e9 B)
+    assert mem["weights"] == pytest.approx(PARAMS * 2 / 1e9)  # bf16
+    assert mem["grads"] == pytest.approx(PARAMS * 4 / 1e9)  # fp32 accumulation, not sharded by ZeRO-1
+    assert mem["optimizer"] == pytest.approx(PARAMS * 12 / 4 / 1e9)  # master + m + v, sharded over dp = 4
+    # activations: Korthikanti's 34 s b h per layer (GPT, f = 4h) less the two 1-byte dropout masks (Llama-style
+    # models have no dropout) = 32 s b h, no 5 a s^2 b term with flash attention; one micro-batch in flight
+    # (pp = 1); plus fp32 logits s x V x 4 B
+    per_layer = 32 * 128 * 1 * 64
+    assert mem["activations"] == pytest.approx((2 * per_layer + 128 * 1000 * 4) / 1e9)
+    assert mem["reserved"] == 2.0
+
+
+def test_zero_stages_shard_what_they_say():
+    def mem(z):
+        return predict({**TINY, "train": {**TINY["train"], "zero": z}}, mc=False).memory
+    m0, m2, m3 = mem(0), mem(2), mem(3)
+    assert m0["optimizer"] == pytest.approx(PARAMS * 12 / 1e9)
+    assert m2["grads"] == pytest.approx(PARAMS * 4 / 4 / 1e9) and m2["weights"] == pytest.approx(PARAMS * 2 / 1e9)
+    assert m3["weights"] == pytest.approx(PARAMS * 2 / 4 / 1e9)
+
+
+def test_fp16_keeps_fp16_grads_and_fp32_grad_copy():
+    mem = predict({**TINY, "train": {**TINY["train"], "dtype": "fp16", "zero": 0}}, mc=False).memory
+    assert mem["grads"] == pytest.approx(PARAMS * 2 / 1e9)
+    assert mem["optimizer"] == pytest.approx(PARAMS * 16 / 1e9)  # Megatron: 20 B/param without ZeRO
+
+
+@pytest.mark.parametrize("pp,vpp", [(4, 1), (8, 2), (16, 4), (16, 8)])
+def test_in_flight_matches_korthikanti(pp, vpp):
+    """First stage: L (1 + (pp-1)/(pp vpp)) layers' worth interleaved, L (= pp stages x L/pp) without."""
+    held = in_flight(pp, vpp, 4 * pp, 0)
+    factor = 1 if vpp == 1 else 1 + (pp - 1) / (pp * vpp)
+    assert sum(held) / (pp * vpp) == pytest.approx(factor)  # chunk-micro-batches x L/(pp vpp) layers = L x factor
+    assert in_flight(pp, vpp, 4 * pp, pp - 1)[-1] == 1  # the last stage runs each micro-batch's backward at once
+
+
+def test_llama3_126_layers_trim_first_and_last_stage():
+    assert stage_layers(126, 16, 4) == (7, 8, 7)  # Llama 3: one layer off the first and the last stage
+    assert stage_layers(128, 64, 1) == (2, 2, 2)
+    assert stage_layers(105, 35, 1) == (3, 3, 3)
