@@ -4,9 +4,10 @@ Model: every node fails independently as a Poisson process (rate `node_failures_
 by root cause with the cause mix), so a synchronous job over N nodes fails at N times that rate (job MTTF =
 1 / rate); planned interruptions (maintenance, updates) arrive at a job-level rate and cost one restart
 after a fresh checkpoint. An unexpected failure loses the work since the last checkpoint and starts a
-recovery of `restart_s`; a failure during a recovery starts it again (the window grows; nothing more is lost). Checkpoint interval: Daly's higher-order optimum; ETTR: Daly's expected
-wall-clock for exponential failures (Daly, FGCS 2006). Defaults are calibrated on Llama 3 (arXiv 2407.21783,
-section 3.3.4 / Table 5): 419 unexpected interruptions in 54 days on 2,048 nodes, 47 planned.
+recovery of `restart_s`; a failure during a recovery starts it again (the window grows; nothing more is
+lost). Checkpoint interval: Daly's higher-order optimum; ETTR: Daly's expected wall-clock for exponential
+failures (Daly, FGCS 2006). Defaults are calibrated on Llama 3 (arXiv 2407.21783, section 3.3.4 /
+Table 5): 419 unexpected interruptions in 54 days on 2,048 nodes, 47 planned.
 """
 
 from __future__ import annotations
