@@ -142,15 +142,19 @@ class Net:
 
 
 def links(pool: PoolSpec, plan: Plan, scale_out_gbps: float, oversub: float) -> Net:
-    """A group whose ranks fit in one NVLink domain talks over NVLink, otherwise over the scale-out NIC."""
+    """A group whose ranks fit in one NVLink domain (and whose size divides it, so every group does) talks
+    over NVLink, otherwise over the scale-out NIC."""
     dom = nvlink_domain(pool)
     nv, so = nvlink(device(pool.gpu, "bf16").gpu), scale_out(scale_out_gbps, 1.0)
     so_far = scale_out(scale_out_gbps, oversub)  # groups that span beyond a leaf (pp, dp) see oversubscription
     tpcp = plan.tp * plan.cp
-    return Net(tp=nv if plan.tp <= dom else so,
-               cp=nv if tpcp <= dom else so,
-               pp=nv if tpcp * plan.pp <= dom else so_far,
-               dp=nv if tpcp * plan.pp * plan.dp <= dom else so_far)
+
+    def inside(group: int) -> bool:  # groups tile the domain: tp = 16 in a 72-GPU NVL72 rack would straddle racks
+        return group <= dom and dom % group == 0
+    return Net(tp=nv if inside(plan.tp) else so,
+               cp=nv if inside(tpcp) else so,
+               pp=nv if inside(tpcp * plan.pp) else so_far,
+               dp=nv if inside(tpcp * plan.pp * plan.dp) else so_far)
 
 
 # ----------------------------------------------------------------------------------------- stage

@@ -49,6 +49,7 @@ class Prediction:
     power: dict
     site: dict
     software: dict = field(default_factory=dict)
+    limits: list[str] = field(default_factory=list)  # what holds MFU / goodput down, in words
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,6 +105,8 @@ def assemble(sc: Scenario, best: Ranked, n_configs: int, *, mc: bool = True) -> 
                      "by_cause": r.by_cause, "spare_wait_s": r.spare_wait_s, "monte_carlo": r.mc},
         power={k: getattr(p, k) for k in p.__slots__},
         site=pw.site(sc.site, p.facility_avg_mw),
+        limits=_limits(sc, plan, crit, step, tflops / peak, r.job_mttf_h, sc.reliability.restart_s, fs.fits_in_memory,
+                       max(ps.step.memory_gb for ps in fs.pools)),
         software={"attention": sc.train.attention, "overlap_grad_reduce": sc.train.overlap_grad_reduce,
                   "balance": sc.fleet.balance})
 
@@ -111,3 +114,26 @@ def assemble(sc: Scenario, best: Ranked, n_configs: int, *, mc: bool = True) -> 
 def _breakdown(b) -> dict:
     keys = ("compute_s", "tp_comm_s", "cp_comm_s", "p2p_s", "bubble_s", "dp_comm_s", "optimizer_s")
     return {k: getattr(b, k) for k in keys} | {"microbatches": b.microbatches}
+
+
+def _limits(sc: Scenario, plan, crit, step: float, mfu: float, mttf_h: float, restart_s: float, fits: bool,
+            mem_gb: float) -> list[str]:
+    """Why MFU and goodput are what they are: the step's largest losses, with the numbers that cause them."""
+    tokens_per_gpu = sc.train.global_batch * sc.model.seq_len / sc.fleet.count
+    out = [f"{tokens_per_gpu:,.0f} tokens per GPU per step ({sc.train.global_batch * sc.model.seq_len / 1e6:.1f}M "
+           f"tokens over {sc.fleet.count:,} GPUs); MFU {mfu:.1%}"]
+    if crit.bubble_s / step > 0.10:
+        out.append(f"pipeline bubble {crit.bubble_s / step:.0%} of the step: {crit.microbatches} micro-batches per "
+                   f"replica for pp={plan.pp} stages (vpp={plan.vpp}); more tokens per step or fewer GPUs per "
+                   "replica would shrink it")
+    comm = {"tensor-parallel": crit.tp_comm_s, "data-parallel (not hidden by the last backward)": crit.dp_comm_s,
+            "context-parallel": crit.cp_comm_s, "pipeline send/recv": crit.p2p_s}
+    name, worst = max(comm.items(), key=lambda kv: kv[1])
+    if worst / step > 0.10:
+        out.append(f"exposed {name} communication {worst / step:.0%} of the step")
+    if mttf_h * 3600 < 10 * restart_s:
+        out.append(f"job MTTF {mttf_h * 60:.1f} min vs {restart_s:.0f} s restart: failures cost a large share of "
+                   "wall time (ETTR)")
+    if not fits:
+        out.append(f"memory {mem_gb:.0f} GB per GPU is over the usable HBM by the memory model")
+    return out

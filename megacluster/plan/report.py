@@ -43,6 +43,8 @@ def print_summary(pred: Prediction, options: dict | None = None, sweep: list | N
         t.add_row(label, _fmt(fmt, d[key]))
     t.add_row("parallel plan", plan + (f"  (chosen: {', '.join(d['chosen'])})" if d["chosen"] else ""))
     con.print(t)
+    for line in pred.limits:
+        con.print(f"  - {line}")
     if options:
         _print_options(con, options)
     if sweep:
@@ -85,7 +87,8 @@ def write_report(out: Path, sc: Scenario, pred: Prediction, sweep: list | None =
     imgs = "".join(f'<p><img src="{p.name}" width="640"></p>' for p in pngs)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>megacluster plan: {html.escape(pred.name)}"
             f"</title></head><body><h1>megacluster plan: {html.escape(pred.name)}</h1>"
-            f"<p>{pred.gpus:,} GPUs; plan {html.escape(str(d['plan']))}</p><table border=1>{rows}</table>{imgs}"
+            f"<p>{pred.gpus:,} GPUs; plan {html.escape(str(d['plan']))}</p><table border=1>{rows}</table>"
+            f"<ul>{''.join(f'<li>{html.escape(x)}</li>' for x in pred.limits)}</ul>{imgs}"
             "</body></html>")
     path = out / "report.html"
     path.write_text(page)

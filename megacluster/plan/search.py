@@ -17,6 +17,7 @@ from .perf import FleetStep, Plan, capacity_gb, fleet_step
 from .scenario import ParallelSpec, Scenario, ScenarioError, check_parallel, nvlink_domain
 
 RECOMPUTE = ("none", "selective", "full")
+CP_MIN_TOKENS = 1024  # tokens of the sequence per context-parallel rank, at least
 
 
 @dataclass(kw_only=True, slots=True)
@@ -42,8 +43,11 @@ def candidates(sc: Scenario) -> list[Plan]:
     dom = min(nvlink_domain(pool) for pool in sc.fleet.pools)
     if not p.search:  # a fixed plan: what is not given is 1 (dp: the rest of the fleet)
         p = ParallelSpec(tp=p.tp or 1, pp=p.pp or 1, cp=p.cp or 1, dp=p.dp, vpp=p.vpp, search=False)
-    tps = [p.tp] if p.tp else [t for t in _pow2_upto(dom) if _ok(sc, tp=t)]
-    cps = [p.cp] if p.cp else [c for c in _pow2_upto(64) if c == 1 or (m.seq_len >= 16384 and _ok(sc, cp=c))]
+    # tp: powers of two that tile the NVLink domain (1-8 in a 72-GPU NVL72 rack: 16 would straddle racks)
+    tps = [p.tp] if p.tp else [t for t in _pow2_upto(dom) if dom % t == 0 and _ok(sc, tp=t)]
+    # cp: ranks keep >= CP_MIN_TOKENS of the sequence (attention and GEMM tiles stay efficient)
+    cps = [p.cp] if p.cp else [c for c in _pow2_upto(64) if c == 1 or (m.seq_len // c >= CP_MIN_TOKENS and
+                                                                       _ok(sc, cp=c))]
     out = []
     for tp, cp in product(tps, cps):
         pps = [p.pp] if p.pp else [q for q in _divisors(max(unit // (tp * cp), 1)) if q <= m.layers]
@@ -71,8 +75,8 @@ def _inner(sc: Scenario, tp: int, pp: int, cp: int, dp: int) -> list[Plan]:
         if rc == "selective" and tr.attention == "flash":
             continue  # identical to "none" with fused attention
         nmb = math.ceil(per_replica / mb)
-        if v > 1 and nmb % pp:
-            continue  # interleaved 1F1B needs the micro-batch count to be a multiple of pp
+        if v > 1 and nmb < pp:
+            continue  # interleaving needs >= pp micro-batches in flight (Llama 3's schedule: any count >= pp)
         out.append(Plan(tp=tp, pp=pp, cp=cp, dp=dp, vpp=v, micro_batch=mb, recompute=rc))
     return out
 
