@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,9 @@ from ..config import Config, OptimConfig
 from ..data import Corpus, SampleOrder, prepare
 from ..model import GPT, flops_per_token
 from . import balance as balance_mod
+from . import chaos as chaos_mod
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
+from .elastic import NODE_LOST, Membership, Plan
 
 
 @dataclass(kw_only=True, slots=True)
@@ -105,14 +108,15 @@ def build_optimizer(model: torch.nn.Module, o: OptimConfig, device: torch.device
 class FlatGrads:
     """All gradients as views into one fp32 buffer, plus `extra` slots reduced in the same collective.
 
-    Layout: [grads (n) | loss_sum (1) | compute_s per rank (world) | samples per rank (world)].
+    Layout: [grads (n) | loss_sum (1) | end-generation flag (1) | compute_s per rank (world) | samples per rank
+    (world)]. The flag is > 0 after the reduce when any rank saw the supervisor ask to end the generation.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], world: int, device: torch.device):
         self.params = params
         self.n = sum(p.numel() for p in params)
         self.world = world
-        self.buf = torch.zeros(self.n + 1 + 2 * world, dtype=torch.float32, device=device)
+        self.buf = torch.zeros(self.n + 2 + 2 * world, dtype=torch.float32, device=device)
         offset = 0
         for p in params:
             p.grad = self.buf[offset:offset + p.numel()].view_as(p)  # autograd accumulates in place here
@@ -129,11 +133,22 @@ class FlatGrads:
         return self.buf[self.n:]
 
 
-class Worker:
-    """Owns the model, optimizer, data order and metrics of one rank. `run()` trains to max_steps."""
+class CollectiveError(RuntimeError):
+    """A collective failed (peer died, link flapped, timeout): the generation must be re-formed."""
 
-    def __init__(self, cfg: Config, place: Place, corpus: Corpus | None = None, run_dir: str | None = None):
-        self.cfg, self.place = cfg, place
+
+class Worker:
+    """Owns the model, optimizer, data order and metrics of one rank. `run()` trains to max_steps.
+
+    With a `Membership` (started by the supervisor) the worker survives the failure of its peers: on a failed
+    collective it keeps its state of the last completed step, waits for the supervisor's plan of the next
+    generation, re-forms the process group and, if told, adopts the state of the most advanced peer.
+    """
+
+    def __init__(self, cfg: Config, place: Place, corpus: Corpus | None = None, run_dir: str | None = None,
+                 membership: Membership | None = None, wid: int | None = None):
+        self.cfg, self.place, self.membership = cfg, place, membership
+        self.wid = place.rank if wid is None else wid  # stable worker id (= rank in a full world)
         self.run_dir = Path(run_dir or cfg.run.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.run.seed)  # every rank builds identical initial weights: no broadcast needed
@@ -148,14 +163,20 @@ class Worker:
         self.order = SampleOrder(self.corpus.train, cfg.model.seq_len, B, cfg.run.seed)
         self.val_order = SampleOrder(self.corpus.val, cfg.model.seq_len, B, cfg.run.seed, shuffle=False)
         self.balancer = balance_mod.Balancer(world=place.world, global_batch=B, mode=cfg.run.balance)
+        self.chaos = chaos_mod.Chaos(chaos_mod.parse(cfg.run.chaos), rank=self.wid,
+                                     marker_dir=self.run_dir / "chaos")
         self.flops_per_token = flops_per_token(cfg.model)
         gpu = hardware.detect_local_gpu(place.local_rank) if place.device.type == "cuda" else None
         self.peak_flops = gpu.peak("bf16" if self.dtype == torch.bfloat16 else "tf32") if gpu else None
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.run.ckpt_keep) if place.is_main else None
+        self.ckpt: CheckpointManager | None = None
         self.losses: list[float] = []  # per-step global losses, index = step - 1
+        self.costs: list[float] = []  # per-step worker-seconds (wall time x world) of the kept history
         self.step = 0  # steps completed
         self.val_loss: float | None = None
-        self.metrics = MetricsLog(self.run_dir, enabled=place.is_main)
+        self.end_generation = False  # set when the supervisor asked this generation to end after this step
+        self.after_step_pending = False  # step `self.step` done, its logging/eval/checkpoint not yet
+        self.metrics: MetricsLog | None = None
+        self.grad_norm = torch.zeros(())
 
     # ---- set-up helpers ----
     def _dtype(self) -> torch.dtype:
@@ -199,29 +220,57 @@ class Worker:
         return total
 
     def train_step(self, step: int) -> torch.Tensor:
-        """One optimizer step (1-based `step`). Returns the global mean loss as a 0-d tensor (no host sync)."""
+        """One optimizer step (1-based `step`). Returns the global mean loss as a 0-d tensor (no host sync).
+
+        Raises CollectiveError if the all-reduce fails; the model and optimizer are then untouched (still the
+        state after step-1), so the step can be redone in the next generation.
+        """
         shares = self.balancer.shares()
-        start = balance_mod.offsets(shares)[self.place.rank]
+        rank, world = self.place.rank, self.place.world
+        start = balance_mod.offsets(shares)[rank]
         self.flat.zero()
         t0 = time.perf_counter()
-        loss_sum = self.compute_share(step, start, shares[self.place.rank])
+        loss_sum = self.compute_share(step, start, shares[rank])
+        timed = self.cfg.run.balance == "auto" or self.chaos.slow_factor(step) > 1
+        if timed and self.place.device.type == "cuda":
+            torch.cuda.synchronize(self.place.device)
+        compute_s = time.perf_counter() - t0
+        if (factor := self.chaos.slow_factor(step)) > 1:  # emulate a slower GPU: stretch this rank's compute
+            time.sleep((factor - 1) * compute_s)
+            compute_s *= factor
+        self.inject_faults(step)
         extras = self.flat.extras()
         extras[0] = loss_sum
+        if self.membership is not None and self.membership.bump_seen():
+            extras[1] = 1.0
         if self.cfg.run.balance == "auto":  # compute time, measured before the all-reduce equalises wall time
-            if self.place.device.type == "cuda":
-                torch.cuda.synchronize(self.place.device)
-            extras[1 + self.place.rank] = time.perf_counter() - t0
-            extras[1 + self.place.world + self.place.rank] = shares[self.place.rank]
+            extras[2 + rank] = compute_s
+            extras[2 + world + rank] = shares[rank]
         self.all_reduce()
+        self.end_generation = bool(extras[1] > 0) if self.membership is not None else False
         if self.cfg.run.balance == "auto":
-            times = extras[1:].tolist()
-            self.balancer.observe(step, times[: self.place.world], [int(s) for s in times[self.place.world:]])
+            times = extras[2:].tolist()
+            self.balancer.observe(step, times[:world], [int(s) for s in times[world:]])
         self.clip_and_step(step)
         return extras[0] / (self.cfg.run.batch_size * self.cfg.model.seq_len)
 
+    def inject_faults(self, step: int) -> None:
+        """Chaos faults due at this step, after the compute and before the all-reduce (mid-step)."""
+        if self.chaos.take(step, "kill") is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.chaos.take(step, "hang") is not None:
+            while True:  # no progress, no heartbeat: the supervisor must notice and kill us
+                time.sleep(1)
+        if self.place.rank == 0 and self.place.world > 1 and self.chaos.take(step, "flap") is not None:
+            dist.destroy_process_group()  # drop our links mid-step: every peer's all-reduce fails for real
+            raise CollectiveError(f"chaos flap at step {step}")
+
     def all_reduce(self) -> None:
         if self.place.world > 1:
-            dist.all_reduce(self.flat.buf, op=dist.ReduceOp.SUM)
+            try:
+                dist.all_reduce(self.flat.buf, op=dist.ReduceOp.SUM)
+            except (RuntimeError, dist.DistError) as e:
+                raise CollectiveError(str(e)) from e
 
     def clip_and_step(self, step: int) -> None:
         grads = self.flat.grads
@@ -248,9 +297,12 @@ class Worker:
                 with self.autocast():
                     total += self.forward(rows[:, :-1], rows[:, 1:])
                 done += mb
-        if self.place.world > 1:
-            dist.all_reduce(total)
         self.model.train()
+        if self.place.world > 1:
+            try:
+                dist.all_reduce(total)
+            except (RuntimeError, dist.DistError) as e:
+                raise CollectiveError(str(e)) from e
         return total.item() / (self.cfg.run.eval_batches * B * T)
 
     # ---- checkpoints ----
@@ -258,7 +310,7 @@ class Worker:
         if self.ckpt is None:
             return
         state = {"optimizer": self.opt.state_dict(), "rng": rng_state(), "balancer": self.balancer.state_dict()}
-        meta = {"step": self.step, "losses": self.losses, "val_loss": self.val_loss,
+        meta = {"step": self.step, "losses": self.losses, "costs": self.costs, "val_loss": self.val_loss,
                 "config": self.cfg.to_dict()}
         self.ckpt.save(self.step, self.model.state_dict(), state, meta, blocking=blocking)
 
@@ -273,65 +325,154 @@ class Worker:
         self.balancer.load_state_dict(loaded.state["balancer"])
         self.step = loaded.meta["step"]
         self.losses = list(loaded.meta["losses"])
+        self.costs = list(loaded.meta.get("costs") or [0.0] * self.step)
         self.val_loss = loaded.meta.get("val_loss")
         return True
 
+    # ---- generations (only with a supervisor) ----
+    def start(self) -> None:
+        """Restore if asked, then (with a supervisor) announce readiness and join the first generation."""
+        if self.cfg.run.resume:
+            self.restore()
+        if self.membership is None:
+            self._set_main()
+            return
+        if any(f.permanent and f.rank == self.wid and self.chaos.fired(f) for f in self.chaos.faults):
+            raise SystemExit(NODE_LOST)  # this slot's node is gone for good (chaos `permanent`)
+        self.membership.announce_ready(self.step)
+        self.enter(self.membership.wait_plan(self.step, self.cfg.run.hang_timeout * 10))
+
+    def enter(self, plan: Plan) -> None:
+        """Join the process group of `plan` and, if told, adopt the source's state."""
+        try:
+            rank, world = self.membership.join(plan, "nccl" if self.place.device.type == "cuda" else "gloo")
+        except (RuntimeError, dist.DistError) as e:
+            raise CollectiveError(f"forming generation {plan.gen}: {e}") from e
+        old_world = self.place.world
+        self.place.rank, self.place.world = rank, world
+        if world != self.flat.world:
+            self.flat = FlatGrads(self.params, world, self.place.device)
+        if world != old_world:
+            self.balancer.resize(world)
+        if plan.sync:
+            try:
+                self.sync_state(plan.members.index(plan.source))
+            except (RuntimeError, dist.DistError) as e:
+                raise CollectiveError(f"state transfer in generation {plan.gen}: {e}") from e
+        self._set_main()
+
+    def sync_state(self, src: int) -> None:
+        """Everyone adopts rank `src`'s model, optimizer state and history (broadcast in a fixed order)."""
+        init_optimizer_state(self.opt)
+        meta = [{"step": self.step, "losses": self.losses, "costs": self.costs, "val_loss": self.val_loss,
+                 "balancer": self.balancer.state_dict(), "after_step_pending": self.after_step_pending}]
+        dist.broadcast_object_list(meta, src=src)
+        m = meta[0]
+        self.step, self.losses, self.costs, self.val_loss = m["step"], m["losses"], m["costs"], m["val_loss"]
+        self.after_step_pending = m["after_step_pending"]
+        self.balancer.load_state_dict(m["balancer"])
+        with torch.no_grad():
+            for t in state_tensors(self.model, self.opt):
+                dist.broadcast(t, src=src)
+
+    def transition(self) -> None:
+        """End this generation: report our completed step, wait for the next plan, re-form and re-sync."""
+        while True:
+            self.membership.leave()
+            self.membership.report(self.step, self.after_step_pending)
+            try:
+                self.enter(self.membership.wait_plan(self.step, self.cfg.run.hang_timeout * 10))
+                return
+            except CollectiveError:
+                continue  # a member failed while the generation was forming: report again
+
+    def _set_main(self) -> None:
+        """Rank 0 of the current generation (alone) logs and checkpoints; a former rank 0 stops doing so."""
+        if self.place.is_main:
+            self.ckpt = self.ckpt or CheckpointManager(self.run_dir / "checkpoints", keep=self.cfg.run.ckpt_keep)
+            self.metrics = self.metrics or MetricsLog(self.run_dir, enabled=True)
+            return
+        for closable in (self.ckpt, self.metrics):
+            if closable is not None:
+                closable.close()
+        self.ckpt = self.metrics = None
+
     # ---- the loop ----
     def run(self) -> dict:
+        """Train to max_steps, riding through generation changes; returns the run's result (rank 0's is complete)."""
         cfg = self.cfg.run
-        if cfg.resume:
-            self.restore()
-        first = self.step + 1
+        self.start()
         tokens_per_step = cfg.batch_size * self.cfg.model.seq_len
-        progress = Progress(cfg.max_steps, first - 1, enabled=self.place.is_main and cfg.progress)
-        pending: list[torch.Tensor] = []  # losses not yet copied to the host (avoid a sync every step)
-        t_start = t_log = time.perf_counter()
-        logged = first - 1  # last step whose metrics were written
-        t_after_first = None
-        for step in range(first, cfg.max_steps + 1):
-            pending.append(self.train_step(step))
-            self.step = step
-            if step == first:
-                self._sync()
-                t_after_first = time.perf_counter()
-            last = step == cfg.max_steps
-            if step % cfg.log_every == 0 or last:
-                self.losses.extend(torch.stack(pending).tolist())
-                pending.clear()
-                now = time.perf_counter()
-                tps = (step - logged) * tokens_per_step / max(now - t_log, 1e-9)
-                t_log, logged = now, step
-                rec = {"step": step, "loss": self.losses[-1], "lr": lr_at(step, self.cfg.optim, cfg.max_steps),
-                       "grad_norm": float(self.grad_norm), "tokens_per_s": tps, "mfu": self.mfu(tps),
-                       "elapsed_s": now - t_start}
-                if self.place.world > 1 and cfg.balance == "auto":
-                    rec["shares"] = self.balancer.shares()
-                    rec["stragglers"] = self.balancer.stragglers()
-                self.metrics.write(rec)
-                progress.update(step, rec)
-            if (cfg.eval_every and step % cfg.eval_every == 0) or last:
-                self.val_loss = self.evaluate()
-                self.metrics.write({"step": step, "val_loss": self.val_loss})
-            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last:
-                self.save(blocking=last)
+        progress = Progress(cfg.max_steps, self.step, enabled=self.place.is_main and cfg.progress)
+        pending: list[torch.Tensor] = []  # losses of completed steps not yet copied to the host
+        t_start = time.perf_counter()
+        self.timer = StepTimer(self.step)
+        while self.step < cfg.max_steps or self.after_step_pending:
+            try:
+                if not self.after_step_pending:
+                    t0 = time.perf_counter()
+                    pending.append(self.train_step(self.step + 1))
+                    self.step += 1
+                    self.costs.append((time.perf_counter() - t0) * self.place.world)
+                    self.after_step_pending = True
+                    if self.membership is not None:
+                        self.membership.heartbeat(self.step)
+                self.after_step(pending, progress)
+                self.after_step_pending = False
+                if self.end_generation:
+                    self.end_generation = False
+                    self.transition()
+            except CollectiveError:
+                if self.membership is None:
+                    raise  # no supervisor (e.g. torchrun): exit, the launcher restarts us from the checkpoint
+                self.flush(pending)
+                self.transition()  # the step in flight is lost; after_step of a completed step is redone
         self._sync()
-        t_end = time.perf_counter()
         progress.close()
-        if self.ckpt is not None:
-            self.ckpt.close()
-        self.metrics.close()
-        ran = self.step - first + 1
-        timed_steps = max(ran - 1, 0)
-        if timed_steps and t_after_first is not None:
-            tps = timed_steps * tokens_per_step / max(t_end - t_after_first, 1e-9)  # first step (compile) excluded
-        else:
-            tps = ran * tokens_per_step / max(t_end - t_start, 1e-9)
+        for closable in (self.ckpt, self.metrics):
+            if closable is not None:
+                closable.close()
+        t_end = time.perf_counter()
+        tps = self.timer.tokens_per_s(tokens_per_step, t_end)
         return {"steps": self.step, "final_loss": self.losses[-1] if self.losses else None,
                 "val_loss": self.val_loss, "tokens": self.step * tokens_per_step, "tokens_per_s": tps,
                 "mfu": self.mfu(tps), "run_dir": str(self.run_dir), "world": self.place.world,
                 "device": str(self.place.device), "params": self.model.num_params(),
                 "loss_digest": loss_digest(self.losses), "shares": self.balancer.shares(),
+                "stragglers": self.balancer.stragglers(), "kept_worker_s": sum(self.costs),
                 "elapsed_s": t_end - t_start}
+
+    def flush(self, pending: list[torch.Tensor]) -> None:
+        if pending:
+            self.losses.extend(torch.stack(pending).tolist())
+            pending.clear()
+
+    def after_step(self, pending: list[torch.Tensor], progress: Progress) -> None:
+        """Logging, evaluation and checkpointing after completed step `self.step` (may raise CollectiveError)."""
+        cfg, step = self.cfg.run, self.step
+        last = step == cfg.max_steps
+        if step == self.timer.first_step + 1:
+            self._sync()
+            self.timer.first_done(time.perf_counter())
+        if step % cfg.log_every == 0 or last:
+            self.flush(pending)
+            rec = {"step": step, "loss": self.losses[-1], "lr": lr_at(step, self.cfg.optim, cfg.max_steps),
+                   "grad_norm": float(self.grad_norm)}
+            rec["tokens_per_s"] = self.timer.interval(step, cfg.batch_size * self.cfg.model.seq_len)
+            rec["mfu"] = self.mfu(rec["tokens_per_s"])
+            rec["world"] = self.place.world
+            if cfg.balance == "auto" or self.balancer.stragglers():
+                rec["shares"] = self.balancer.shares()
+                rec["stragglers"] = self.balancer.stragglers()
+            if self.metrics is not None:
+                self.metrics.write(rec)
+            progress.update(step, rec)
+        if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+            self.val_loss = self.evaluate()
+            if self.metrics is not None:
+                self.metrics.write({"step": step, "val_loss": self.val_loss})
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last:
+            self.save(blocking=last)
 
     def mfu(self, tokens_per_s: float) -> float | None:
         """Model FLOPs utilisation against the local GPU's dense peak for the run's dtype (None on CPU)."""
@@ -342,6 +483,54 @@ class Worker:
     def _sync(self) -> None:
         if self.place.device.type == "cuda":
             torch.cuda.synchronize(self.place.device)
+
+
+class StepTimer:
+    """Throughput bookkeeping: per log interval, and for the whole run with the first step (compile) excluded."""
+
+    def __init__(self, first_step: int):
+        self.first_step = first_step  # steps already done when this process started training
+        self.t0 = time.perf_counter()
+        self.t_first: float | None = None
+        self.last_t, self.last_step = self.t0, first_step
+
+    def first_done(self, t: float) -> None:
+        self.t_first = t
+
+    def interval(self, step: int, tokens_per_step: int) -> float:
+        now = time.perf_counter()
+        tps = (step - self.last_step) * tokens_per_step / max(now - self.last_t, 1e-9)
+        self.last_t, self.last_step = now, step
+        return tps
+
+    def tokens_per_s(self, tokens_per_step: int, t_end: float) -> float:
+        timed = self.last_step - self.first_step - 1
+        if self.t_first is not None and timed > 0:
+            return timed * tokens_per_step / max(t_end - self.t_first, 1e-9)
+        return max(self.last_step - self.first_step, 0) * tokens_per_step / max(t_end - self.t0, 1e-9)
+
+
+def init_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Create AdamW's per-parameter state (zeros, step 0) where it does not exist yet, so every rank has the
+    same tensors to broadcast into. Math is unchanged: a zero state at step 0 is what AdamW creates lazily."""
+    for group in opt.param_groups:
+        fused = bool(group.get("fused"))
+        for p in group["params"]:
+            st = opt.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def state_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor of the training state, in an order identical on every rank."""
+    out = [p.data for p in model.parameters()]
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state[p]
+            out += [st["step"], st["exp_avg"], st["exp_avg_sq"]]
+    return out
 
 
 class MetricsLog:

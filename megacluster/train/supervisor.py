@@ -1,25 +1,43 @@
-"""Launch the workers of a run and watch them.
+"""Launch the workers of a run, watch them, and keep the run going through their failures.
 
-- Under torchrun (or any launcher that sets RANK/WORLD_SIZE) this process *is* a worker: train in-process.
-- One local worker: train in-process (no process group).
-- N local workers: tokenize once here, then start N `megacluster.train.worker` processes with a fresh
-  rendezvous port, wait for them, and return rank 0's result. A worker that fails fails the run (exit 1).
+- Under torchrun (or any launcher that sets RANK/WORLD_SIZE) this process *is* a worker: it trains in-process
+  and, on a restart by the launcher (TORCHELASTIC_RESTART_COUNT > 0), resumes from the newest good checkpoint.
+- One local worker and no fault injection: train in-process (no process group, nothing to supervise).
+- Otherwise: the `Supervisor` starts one process per worker slot and runs the membership protocol of
+  `elastic.py`. It watches process exit and per-worker heartbeats (no progress for `hang_timeout` s = hung,
+  killed), and recovers:
+    (a) from a live peer: the survivors keep their in-memory state; a restarted replacement receives the
+        state of the most advanced survivor; only the step in flight is lost;
+    (b) from the newest good checkpoint when no worker survived (or after repeated collective failures);
+  A slot that cannot come back (exit NODE_LOST, or out of restarts) is dropped: the run continues with fewer
+  workers (shrink) and the global batch is re-split; a replacement that becomes ready later joins at the next
+  step boundary (grow). A collective failure with every worker alive (a link flap) re-forms the process group
+  after a backoff, without touching the disk; `max_flaps` such failures in a row without progress escalate
+  to restarting every worker from the checkpoint.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import Config
 from ..data import prepare
-from .loop import Worker, init_place
+from .elastic import NODE_LOST, Plan
 from .worker import write_json_atomic
+
+POLL_S = 0.05  # seconds between supervisor checks
+MAX_RESTARTS = 3  # restarts per worker slot before it is given up
+MAX_FLAPS = 3  # consecutive collective failures without progress before escalating to a full restart
 
 
 def under_launcher() -> bool:
@@ -34,40 +52,308 @@ def free_port() -> int:
 
 def train(cfg: Config) -> dict | None:
     """Train per `cfg`; returns rank 0's result dict (None on other ranks under a launcher)."""
+    from .loop import Worker, init_place  # torch is imported only when training
+
     if under_launcher():
-        place = init_place(cfg.run.device)
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            cfg.run.resume = True  # restarted by torchrun: continue exactly from the newest good checkpoint
+        place = init_place(cfg.run.device, timeout_s=max(60.0, cfg.run.hang_timeout))
         result = Worker(cfg, place).run()
         return result if place.is_main else None
     corpus = prepare(cfg.data, cfg.model.vocab_size)  # once, before any worker starts
-    if cfg.run.workers == 1:
+    if cfg.run.workers == 1 and not cfg.run.chaos:
         return Worker(cfg, init_place(cfg.run.device), corpus=corpus).run()
-    return launch_local(cfg)
+    return Supervisor(cfg).run()
 
 
-def launch_local(cfg: Config) -> dict:
-    run_dir = Path(cfg.run.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", cfg.to_dict())
-    (run_dir / "result.json").unlink(missing_ok=True)
-    port = free_port()
-    procs = []
-    for rank in range(cfg.run.workers):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(cfg.run.workers), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=os.environ.get(
-                       "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.run.workers))))
-        procs.append(subprocess.Popen([sys.executable, "-m", "megacluster.train.worker", str(run_dir)], env=env))
-    try:
-        while any(p.poll() is None for p in procs):
-            failed = [r for r, p in enumerate(procs) if p.returncode not in (None, 0)]
-            if failed:
-                raise RuntimeError(f"worker rank {failed[0]} exited with code {procs[failed[0]].returncode}")
-            time.sleep(0.1)
-        failed = [r for r, p in enumerate(procs) if p.returncode != 0]
-        if failed:
-            raise RuntimeError(f"worker rank {failed[0]} exited with code {procs[failed[0]].returncode}")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return json.loads((run_dir / "result.json").read_text())
+@dataclass(kw_only=True, slots=True)
+class Slot:
+    """One worker slot (stable worker id) and the process currently filling it."""
+
+    wid: int
+    proc: subprocess.Popen | None = None
+    state: str = "joining"  # joining | member | lost | done
+    restarts: int = 0
+    started: float = 0.0  # monotonic time the current process started
+    hb: str = ""  # last heartbeat value seen
+    hb_changed: float = 0.0  # monotonic time it last changed
+
+
+@dataclass(kw_only=True, slots=True)
+class Stats:
+    restarts: int = 0
+    recoveries_from_peer: int = 0
+    recoveries_from_checkpoint: int = 0
+    flaps_survived: int = 0
+    lost_steps: int = 0
+    recovery_s: list[float] = field(default_factory=list)  # failure detected -> next step done, seconds
+    stragglers_named: list[int] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, cfg: Config):
+        import torch.distributed as dist
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not cfg.run.resume:  # a fresh run: old one-shot chaos markers and results do not apply
+            shutil.rmtree(self.run_dir / "chaos", ignore_errors=True)
+        (self.run_dir / "result.json").unlink(missing_ok=True)
+        write_json_atomic(self.run_dir / "config.json", cfg.to_dict())
+        self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=60))
+        self.store.set("gen_counter", "0")
+        self.slots = [Slot(wid=w) for w in range(cfg.run.workers)]
+        self.gen = 0
+        self.plan: Plan | None = None
+        self.stats = Stats()
+        self.worker_s = 0.0  # worker-seconds of every process that ran (the goodput denominator)
+        self.t_last = time.monotonic()
+        self.recovering: tuple[float, int] | None = None  # (failure detected at, step to beat)
+        self.flaps_in_a_row = 0
+
+    # ---- processes ----
+    def spawn(self, slot: Slot, init: str) -> None:
+        """Start a process for `slot`; init: 'config' (first start), 'checkpoint' or 'peer' (state from a survivor)."""
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        threads = max(1, (os.cpu_count() or 1) // len(self.slots))
+        env.update(MC_STORE_PORT=str(self.store.port), MC_WORKER_ID=str(slot.wid), MC_INIT=init,
+                   MC_PG_TIMEOUT=str(max(2.0, self.cfg.run.hang_timeout / 2)),
+                   OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)))
+        if self.cfg.run.device != "cpu":
+            env.setdefault("LOCAL_RANK", str(slot.wid))
+        self.store.delete_key(f"ready/{slot.wid}")
+        self.store.delete_key(f"hb/{slot.wid}")
+        slot.proc = subprocess.Popen([sys.executable, "-m", "megacluster.train.worker", str(self.run_dir)], env=env)
+        slot.state, slot.started, slot.hb, slot.hb_changed = "joining", time.monotonic(), "", time.monotonic()
+        pids = {s.wid: s.proc.pid for s in self.slots if s.proc is not None}
+        write_json_atomic(self.run_dir / "workers.json", pids)  # for operators (and tests) to find the processes
+
+    def kill(self, slot: Slot) -> None:
+        if slot.proc is not None and slot.proc.poll() is None:
+            slot.proc.send_signal(signal.SIGKILL)
+            slot.proc.wait()
+
+    def members(self) -> list[Slot]:
+        return [s for s in self.slots if s.state == "member"]
+
+    # ---- watching ----
+    def poll(self) -> list[Slot]:
+        """Account worker-seconds, read heartbeats; returns members that died or hung (hung ones are killed)."""
+        now = time.monotonic()
+        self.worker_s += (now - self.t_last) * sum(1 for s in self.slots if s.proc and s.proc.poll() is None)
+        self.t_last = now
+        failed = []
+        for s in self.members():
+            code = s.proc.poll()
+            if code == 0:
+                s.state = "done"
+                continue
+            if code is not None:
+                self.log(f"worker {s.wid} exited with code {code}")
+                s.state = "failed"
+                failed.append(s)
+                continue
+            hb = self.store.get(f"hb/{s.wid}").decode() if self.store.check([f"hb/{s.wid}"]) else ""
+            if hb != s.hb:
+                s.hb, s.hb_changed = hb, now
+                self.note_progress(int(hb.split()[0]) if hb else 0, now)
+            elif now - s.hb_changed > self.hang_limit(s):
+                self.log(f"worker {s.wid} made no progress for {now - s.hb_changed:.1f} s: hung, killing it")
+                self.kill(s)
+                s.state = "failed"
+                failed.append(s)
+        return failed
+
+    def hang_limit(self, s: Slot) -> float:
+        """No-progress limit; the first step of a generation may also compile, so it gets more time."""
+        step = int(s.hb.split()[0]) if s.hb else 0
+        first = self.plan is not None and step <= self.plan.step
+        return self.cfg.run.hang_timeout * (5 if first else 1)
+
+    def note_progress(self, step: int, now: float) -> None:
+        if self.recovering is not None and step > self.recovering[1]:
+            self.stats.recovery_s.append(now - self.recovering[0])
+            self.log(f"recovered: step {step} done {now - self.recovering[0]:.2f} s after the failure was detected")
+            self.recovering = None
+            self.flaps_in_a_row = 0
+
+    def joiners_ready(self) -> list[Slot]:
+        return [s for s in self.slots if s.state == "joining" and self.store.check([f"ready/{s.wid}"])]
+
+    def check_joiners(self) -> None:
+        """Joiners that exited: NODE_LOST = gone for good; otherwise restart while restarts remain."""
+        for s in self.slots:
+            if s.state != "joining" or s.proc is None or s.proc.poll() is None:
+                if s.state == "joining" and s.proc is not None and \
+                        time.monotonic() - s.started > max(120.0, 4 * self.cfg.run.hang_timeout):
+                    self.log(f"worker {s.wid} did not become ready in time; killing it")
+                    self.kill(s)
+                continue
+            code = s.proc.returncode
+            if code == NODE_LOST or s.restarts >= MAX_RESTARTS:
+                why = "its node is gone" if code == NODE_LOST else f"{s.restarts} restarts used"
+                self.log(f"worker {s.wid} cannot come back ({why}): continuing without it")
+                s.state = "lost"
+            else:
+                self.restart(s, "peer" if self.members() else "checkpoint")
+
+    def restart(self, s: Slot, init: str) -> None:
+        s.restarts += 1
+        self.stats.restarts += 1
+        self.spawn(s, init)
+
+    # ---- generations ----
+    def run(self) -> dict:
+        try:
+            for s in self.slots:
+                self.spawn(s, "checkpoint" if self.cfg.run.resume else "config")
+            self.wait_ready(self.slots, timeout=max(120.0, 4 * self.cfg.run.hang_timeout))
+            self.form(reason="start")
+            while True:
+                failed = self.poll()
+                self.check_joiners()
+                if not failed and not self.members() and all(s.state in ("done", "lost") for s in self.slots):
+                    break
+                if not any(s.state == "member" for s in self.slots) and not failed:
+                    if any(s.state == "done" for s in self.slots):
+                        break  # finished (a joiner still starting up is not needed any more)
+                if failed:
+                    self.transition(failed, "failure")
+                elif self.reported():
+                    self.transition([], "error")
+                elif self.joiners_ready() and self.members():
+                    self.transition([], "grow")
+                time.sleep(POLL_S)
+        finally:
+            for s in self.slots:
+                self.kill(s)
+            self.store = None
+        return self.result()
+
+    def reported(self) -> list[int]:
+        return [s.wid for s in self.members() if self.store.check([f"status/{self.gen}/{s.wid}"])]
+
+    def wait_ready(self, slots: list[Slot], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while any(s.state == "joining" for s in slots) and time.monotonic() < deadline:
+            self.poll()
+            self.check_joiners()
+            if all(s.state != "joining" or self.store.check([f"ready/{s.wid}"]) for s in slots):
+                return
+            time.sleep(POLL_S)
+        if not any(self.store.check([f"ready/{s.wid}"]) for s in slots if s.state == "joining"):
+            raise RuntimeError("no worker became ready; see the worker errors above")
+
+    def transition(self, failed: list[Slot], cause: str) -> None:
+        """End generation `gen` (everyone stops at a step boundary), repair, and form the next one.
+
+        cause: 'failure' (members died or hung), 'error' (a member reported a failed collective), 'grow'."""
+        t_detect = time.monotonic()
+        self.store.add("gen_counter", 1)  # healthy members stop after their current step
+        max_step = max((int(s.hb.split()[0]) for s in self.members() + failed if s.hb), default=0)
+        dead = {s.wid for s in failed}
+        failed = list(failed)
+        # wait until every member has reported its state or died
+        while True:
+            newly = self.poll()
+            failed += newly
+            dead |= {s.wid for s in newly}
+            self.check_joiners()
+            waiting = [s for s in self.members() if not self.store.check([f"status/{self.gen}/{s.wid}"])]
+            if not waiting:
+                break
+            time.sleep(POLL_S)
+        survivors = self.members()
+        for s in failed:
+            if s.restarts >= MAX_RESTARTS:
+                self.log(f"worker {s.wid} failed {s.restarts + 1} times: continuing without it")
+                s.state = "lost"
+            else:
+                self.restart(s, "peer" if survivors else "checkpoint")
+        flap = not dead and cause == "error"  # a collective failed and yet every worker is alive
+        if flap:
+            self.flaps_in_a_row += 1
+            if self.flaps_in_a_row > MAX_FLAPS:
+                self.escalate()
+                return
+            backoff = 0.2 * 2 ** (self.flaps_in_a_row - 1)  # seconds: let a flapping link settle
+            self.log(f"collective failed with every worker alive (flap #{self.flaps_in_a_row}): "
+                     f"re-forming the process group in {backoff:.1f} s")
+            time.sleep(backoff)
+            self.stats.flaps_survived += 1
+        # replacements: wait for them to be ready so the world (and the exact batch split) stays the same
+        replacing = [s for s in self.slots if s.wid in dead and s.state == "joining"]
+        if replacing:
+            self.wait_ready(replacing, timeout=self.cfg.run.hang_timeout * 2)
+        source_step = self.form(reason="failure" if dead else ("flap" if flap else "grow"), survivors=survivors)
+        if dead or flap:
+            self.stats.lost_steps += max(max_step - source_step, 0) + 1  # + the step in flight
+            self.recovering = (t_detect, source_step)
+            if dead:
+                if survivors:
+                    self.stats.recoveries_from_peer += 1
+                else:
+                    self.stats.recoveries_from_checkpoint += 1
+
+    def form(self, reason: str, survivors: list[Slot] | None = None) -> int:
+        """Publish the plan of the next generation: survivors (their reported state) + ready joiners."""
+        survivors = survivors if survivors is not None else []
+        states = {}
+        for s in survivors:
+            st = json.loads(self.store.get(f"status/{self.gen}/{s.wid}"))
+            states[s.wid] = (st["step"], not st["pending"])
+        ready = self.joiners_ready()
+        for s in ready:
+            states[s.wid] = (int(self.store.get(f"ready/{s.wid}")), True)
+        if not states:
+            raise RuntimeError("no worker is left to continue the run")
+        source = max(states, key=lambda w: (states[w], -w))
+        members = sorted(states)
+        sync = bool(ready and survivors) or len(set(states.values())) > 1
+        self.gen += 1
+        self.plan = Plan(gen=self.gen, members=members, source=source, step=states[source][0], sync=sync)
+        for s in self.slots:
+            if s.wid in states:
+                s.state, s.hb_changed = "member", time.monotonic()
+        self.store.add("gen_counter", self.gen - self.store.add("gen_counter", 0))  # = gen: no bump pending
+        self.store.set(f"plan/{self.gen}", json.dumps({"gen": self.gen, "members": members, "source": source,
+                                                       "step": self.plan.step, "sync": sync}))
+        self.store.add("gen_latest", 1)  # = gen: where a process started from now on begins waiting
+        self.log(f"generation {self.gen} ({reason}): workers {members}, resuming after step {self.plan.step}"
+                 + (f" with the state of worker {source}" if sync else ""))
+        return self.plan.step
+
+    def escalate(self) -> None:
+        """Repeated collective failures: restart every worker from the newest good checkpoint."""
+        self.log(f"{self.flaps_in_a_row} collective failures in a row: restarting all workers from the checkpoint")
+        t_detect = time.monotonic()
+        for s in self.members():
+            self.kill(s)
+            self.restart(s, "checkpoint")
+        self.flaps_in_a_row = 0
+        self.wait_ready(self.slots, timeout=max(120.0, 4 * self.cfg.run.hang_timeout))
+        step = self.form(reason="restart from checkpoint")
+        self.stats.recoveries_from_checkpoint += 1
+        self.recovering = (t_detect, step)
+
+    def log(self, msg: str) -> None:
+        self.stats.events.append(msg)
+        print(f"supervisor: {msg}", file=sys.stderr, flush=True)
+
+    def result(self) -> dict:
+        path = self.run_dir / "result.json"
+        if not path.exists():
+            raise RuntimeError("the run ended without a result (every worker failed); see the log above")
+        res = json.loads(path.read_text())
+        st = self.stats
+        res.update(restarts=st.restarts, recoveries_from_peer=st.recoveries_from_peer,
+                   recoveries_from_checkpoint=st.recoveries_from_checkpoint, flaps_survived=st.flaps_survived,
+                   lost_steps=st.lost_steps, recovery_s=st.recovery_s,
+                   max_recovery_s=max(st.recovery_s) if st.recovery_s else None,
+                   worker_s=self.worker_s, goodput=res["kept_worker_s"] / self.worker_s if self.worker_s else None,
+                   workers_lost=[s.wid for s in self.slots if s.state == "lost"], generations=self.gen)
+        write_json_atomic(path, res)
+        return res

@@ -1,7 +1,9 @@
 """Entry point of one worker process: `python -m megacluster.train.worker RUN_DIR`.
 
-Reads RUN_DIR/config.json, joins the process group named by the environment, trains, and (rank 0)
-writes RUN_DIR/result.json atomically.
+Reads RUN_DIR/config.json, trains, and (rank 0 at the end) writes RUN_DIR/result.json atomically.
+Started by the supervisor, it takes part in the membership protocol (MC_* environment variables, see
+elastic.py); MC_INIT says where its initial state comes from: 'config' (a fresh start, or --resume),
+'checkpoint' (the newest good checkpoint) or 'peer' (a survivor sends it when the generation forms).
 """
 
 from __future__ import annotations
@@ -11,9 +13,6 @@ import os
 import sys
 from pathlib import Path
 
-from .. import config
-from .loop import Worker, init_place
-
 
 def write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -22,10 +21,20 @@ def write_json_atomic(path: Path, obj: dict) -> None:
 
 
 def main(run_dir: str) -> int:
+    from .. import config
+    from .elastic import Membership
+    from .loop import Worker, init_place
+
     cfg = config.from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
+    membership = Membership.from_env()
+    if membership is not None:
+        init = os.environ.get("MC_INIT", "config")
+        cfg.run.resume = init == "checkpoint" or (init == "config" and cfg.run.resume)
     place = init_place(cfg.run.device)
-    result = Worker(cfg, place, run_dir=run_dir).run()
-    if place.is_main:
+    worker = Worker(cfg, place, run_dir=run_dir, membership=membership,
+                    wid=membership.wid if membership is not None else None)
+    result = worker.run()
+    if worker.place.is_main:
         write_json_atomic(Path(run_dir) / "result.json", result)
     return 0
 

@@ -1,0 +1,91 @@
+"""Training throughput and MFU of the real trainer on the GPT-2 shapes (random tokens, seq 1024, bf16).
+
+    python benchmarks/train_mfu.py                      # the four shapes at nanoGPT's batch sizes, on CUDA
+    python benchmarks/train_mfu.py --shapes gpt2-124m --steps 30
+    python benchmarks/train_mfu.py --device cpu --smoke # CPU smoke test of this script (tiny shapes)
+
+It drives `megacluster.train.loop.Worker.train_step` (the same code `megacluster train` runs: torch.compile,
+bf16 autocast, fused AdamW, flat-buffer gradients, grad clipping) on a pre-tokenized shard of uniform random
+tokens, excludes `--warmup` steps (compilation, allocator warm-up), and prints one line per shape plus a JSON
+summary as the last stdout line. MFU = flops_per_token (model.py) x tok/s / dense bf16 peak of the local GPU
+(hardware.py). Record results in benchmarks/RESULTS.md with the command, device and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megacluster import config
+from megacluster.train.loop import Worker, init_place
+
+# nanoGPT's batch sizes on one H100 (issue 2), sequences of 1024 tokens
+SHAPES = {"gpt2-124m": 32, "gpt2-350m": 16, "gpt2-774m": 12, "gpt2-1.5b": 8}
+
+
+def bench(preset: str, batch: int, steps: int, warmup: int, device: str, shard: Path, smoke: bool,
+          extra: list[str]) -> dict:
+    sets = [f"run.batch_size={batch}", f"run.micro_batch={batch}", f"run.device={device}",
+            "run.progress=false", "run.eval_every=0", "run.ckpt_every=0", f"run.max_steps={warmup + steps}",
+            f"data.paths={shard}", "data.val_fraction=0.01"]
+    if smoke:  # a shape that runs in seconds on a CPU
+        sets += ["model.d_model=64", "model.n_layer=2", "model.n_head=2", "model.seq_len=128"]
+    cfg = config.build(preset, None, sets + extra)
+    with tempfile.TemporaryDirectory() as run_dir:
+        w = Worker(cfg, init_place(device), run_dir=run_dir)
+        for step in range(1, warmup + 1):
+            w.train_step(step)
+        w._sync()
+        t0 = time.perf_counter()
+        for step in range(warmup + 1, warmup + steps + 1):
+            loss = w.train_step(step)
+        w._sync()
+        dt = time.perf_counter() - t0
+        tps = steps * batch * cfg.model.seq_len / dt
+        mem = torch.cuda.max_memory_allocated() / 1e9 if w.place.device.type == "cuda" else None
+        row = {"shape": preset, "batch": batch, "seq": cfg.model.seq_len, "params": w.model.num_params(),
+               "tokens_per_s": tps, "mfu": w.mfu(tps), "step_ms": 1e3 * dt / steps, "loss": float(loss),
+               "peak_mem_gb": mem}
+        if w.ckpt is not None:
+            w.ckpt.close()
+        del w
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per shape")
+    ap.add_argument("--warmup", type=int, default=8, help="untimed steps first (compile, autotune)")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU check of the script itself)")
+    ap.add_argument("--set", action="append", default=[], help="extra config overrides, e.g. run.compile=off")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        shard = Path(tmp) / "random.npy"  # uniform random tokens, as nanoGPT's benchmark uses
+        np.save(shard, np.random.default_rng(0).integers(0, 50257, size=4_000_000, dtype=np.uint16))
+        for name in args.shapes:
+            batch = 4 if args.smoke else SHAPES[name]
+            row = bench(name, batch, args.steps, args.warmup, args.device, shard, args.smoke, args.set)
+            rows.append(row)
+            mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
+            print(f"{name:10s} batch {batch:3d}  {row['tokens_per_s']:>11,.0f} tok/s  MFU {mfu:>6s}  "
+                  f"{row['step_ms']:.1f} ms/step", file=sys.stderr, flush=True)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(json.dumps({"device": gpu, "torch": torch.__version__, "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

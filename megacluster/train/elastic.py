@@ -1,0 +1,105 @@
+"""The membership protocol between the supervisor and its workers, over one TCPStore the supervisor hosts.
+
+A run is a sequence of *generations*. In each, a fixed set of workers (by stable worker id = slot) forms one
+process group (rendezvous on the store under the prefix `pg/<gen>`) and trains. Any change — a worker died
+or hung (the supervisor kills it; the survivors' collective fails), a collective failed on its own (a link
+flap), or a restarted worker is ready to rejoin — ends the generation at a step boundary:
+
+    worker                                   supervisor
+    collective error, or gen bump seen  ->   (bumps `gen_counter` to ask healthy workers to stop at a step)
+    destroy its process group
+    set  status/<gen>/<wid> = {step}    ->   waits until every member reported or is dead,
+                                             restarts dead ones (replacements announce ready/<wid>),
+    wait for plan/<gen+1>               <-   publishes plan/<gen+1> = {members, source, step, sync}
+    join pg/<gen+1>, rank = index in members; if sync: receive model + optimizer + history from `source`
+
+Healthy workers see the bump in `gen_counter` at the start of a step and put a flag in the step's all-reduce,
+so all of them stop after the *same* step. The source is the member with the most completed steps (its state
+is a complete, correct step: nothing is lost but the step in flight). Heartbeats: `hb/<wid>` = completed
+step, written after every step and while waiting; a member whose heartbeat does not change for
+`hang_timeout` seconds is hung.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+NODE_LOST = 3  # exit code of a replacement worker whose slot is permanently gone (chaos `permanent`)
+
+
+@dataclass(kw_only=True, slots=True)
+class Plan:
+    gen: int
+    members: list[int]  # worker ids, in rank order
+    source: int  # worker id whose state everyone adopts (when sync): the most progress (step, then not pending)
+    step: int  # the source's completed steps
+    sync: bool  # whether members must receive state from the source
+
+
+def connect(host: str, port: int, timeout_s: float = 60.0) -> dist.TCPStore:
+    return dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+class Membership:
+    """Worker side of the protocol. Created from the environment the supervisor sets (MC_* variables)."""
+
+    def __init__(self, store: dist.TCPStore, wid: int, pg_timeout_s: float):
+        self.store, self.wid, self.gen = store, wid, 0
+        self.pg_timeout_s = pg_timeout_s
+
+    @classmethod
+    def from_env(cls) -> Membership | None:
+        if "MC_STORE_PORT" not in os.environ:
+            return None
+        store = connect(os.environ.get("MC_STORE_HOST", "127.0.0.1"), int(os.environ["MC_STORE_PORT"]))
+        return cls(store, int(os.environ["MC_WORKER_ID"]), float(os.environ.get("MC_PG_TIMEOUT", "60")))
+
+    def heartbeat(self, step: int) -> None:
+        self.store.set(f"hb/{self.wid}", f"{step} {time.time():.3f}")
+
+    def announce_ready(self, step: int) -> None:
+        """A new process: skip the generations formed before it existed, then tell the supervisor it can join."""
+        self.gen = int(self.store.add("gen_latest", 0))
+        self.heartbeat(step)
+        self.store.set(f"ready/{self.wid}", str(step))
+
+    def bump_seen(self) -> bool:
+        """True when the supervisor asked the current generation to end (cheap: one store round trip)."""
+        return self.store.add("gen_counter", 0) > self.gen
+
+    def report(self, step: int, pending: bool) -> None:
+        """Our state: `step` completed steps; `pending` = that step's logging/eval/checkpoint not yet done."""
+        self.store.set(f"status/{self.gen}/{self.wid}", json.dumps({"step": step, "pending": pending}))
+
+    def wait_plan(self, step: int, timeout_s: float) -> Plan:
+        """Block (heartbeating) until the plan for the next generation this worker belongs to is published."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            key = f"plan/{self.gen + 1}"
+            if self.store.check([key]):
+                plan = Plan(**json.loads(self.store.get(key)))
+                self.gen = plan.gen
+                if self.wid in plan.members:
+                    return plan
+                continue  # a generation formed without us (we were too late); wait for the next one
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker {self.wid}: no plan for generation {self.gen + 1} in {timeout_s:.0f} s")
+            self.heartbeat(step)
+            time.sleep(0.05)
+
+    def join(self, plan: Plan, backend: str) -> tuple[int, int]:
+        """Form the process group of `plan`; returns (rank, world)."""
+        rank, world = plan.members.index(self.wid), len(plan.members)
+        dist.init_process_group(backend, store=dist.PrefixStore(f"pg/{plan.gen}", self.store), rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=self.pg_timeout_s))
+        return rank, world
+
+    def leave(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

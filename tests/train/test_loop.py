@@ -1,0 +1,83 @@
+"""The trainer: 1 vs N processes compute the same thing; checkpoint -> resume is bit-identical; CLI contract."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from megacluster import config
+from megacluster.train.loop import lr_at
+from megacluster.train.supervisor import train
+
+SMALL = ["model.d_model=64", "model.n_layer=2", "model.n_head=4", "model.n_kv_head=2", "model.seq_len=32",
+         "model.vocab_size=512", "data.max_bytes=300000", "run.batch_size=6", "run.micro_batch=2",
+         "run.log_every=1", "run.eval_batches=2", "run.progress=false", "optim.warmup_steps=2"]
+
+
+def small_cfg(tmp_path, name, *extra):
+    return config.build("tiny", None, SMALL + [f"run.run_dir={tmp_path / name}", *extra])
+
+
+def losses(run_dir):
+    recs = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def test_one_vs_two_gloo_processes_same_losses(tmp_path):
+    one = train(small_cfg(tmp_path, "one", "run.max_steps=5"))
+    two = train(small_cfg(tmp_path, "two", "run.max_steps=5", "run.workers=2"))
+    assert one["world"] == 1 and two["world"] == 2 and one["steps"] == two["steps"] == 5
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    for s in a:
+        assert a[s] == pytest.approx(b[s], rel=1e-5)
+    assert a[5] < a[1]  # it learns
+    assert one["val_loss"] == pytest.approx(two["val_loss"], rel=1e-5)
+
+
+def test_resume_from_checkpoint_is_bit_identical(tmp_path):
+    full = train(small_cfg(tmp_path, "full", "run.max_steps=8", "run.ckpt_every=4", "run.eval_every=0"))
+    # the interrupted run: same run dir content up to the step-4 checkpoint, then --resume
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_00000004", tmp_path / "cut" / "checkpoints" / "step_00000004")
+    resumed = train(small_cfg(tmp_path, "cut", "run.max_steps=8", "run.ckpt_every=4", "run.eval_every=0",
+                              "run.resume=true"))
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert sorted(b) == [5, 6, 7, 8]  # only the steps after the checkpoint were trained
+    assert all(a[s] == b[s] for s in b)  # bit-identical, not approximately
+    assert resumed["loss_digest"] == full["loss_digest"]  # the digest covers restored steps 1-4 too
+    assert resumed["val_loss"] == full["val_loss"]
+
+
+def test_micro_batching_does_not_change_the_gradient(tmp_path):
+    a = train(small_cfg(tmp_path, "mb2", "run.max_steps=3"))
+    b = train(small_cfg(tmp_path, "mb6", "run.max_steps=3", "run.micro_batch=6"))
+    la, lb = losses(tmp_path / "mb2"), losses(tmp_path / "mb6")
+    assert all(la[s] == pytest.approx(lb[s], rel=1e-5) for s in la)
+    assert a["tokens"] == b["tokens"] == 3 * 6 * 32
+
+
+def test_lr_schedules():
+    o = config.OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    assert lr_at(5, o, 100) == 0.5 and lr_at(10, o, 100) == 1.0
+    assert lr_at(100, o, 100) == pytest.approx(0.1)
+    assert lr_at(55, o, 100) == pytest.approx(0.55)  # cosine midpoint
+    o.schedule = "wsd"
+    assert lr_at(80, o, 100) == 1.0 and lr_at(100, o, 100) == pytest.approx(0.1)
+    assert lr_at(90, o, 100) == pytest.approx(0.55)
+    o.schedule = "constant"
+    assert lr_at(99, o, 100) == 1.0
+
+
+def test_cli_json_contract(tmp_path):
+    run_dir = tmp_path / "cli"
+    r = subprocess.run([sys.executable, "-m", "megacluster", "train", "--max-steps", "3", "--run-dir", str(run_dir),
+                        "--json", *[a for kv in SMALL for a in ("--set", kv)]],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("steps", "final_loss", "val_loss", "tokens", "tokens_per_s", "mfu", "run_dir"):
+        assert key in out
+    assert out["steps"] == 3 and out["mfu"] is None and out["tokens"] == 3 * 6 * 32
+    assert sorted(losses(run_dir)) == [1, 2, 3]
