@@ -16,7 +16,7 @@ from megacluster.train.supervisor import train
 BASE = ["model.d_model=48", "model.n_layer=2", "model.n_head=4", "model.seq_len=32", "model.vocab_size=384",
         "data.max_bytes=200000", "run.batch_size=12", "run.micro_batch=12", "run.log_every=1",
         "run.eval_batches=1", "run.eval_every=0", "run.progress=false", "optim.warmup_steps=2",
-        "run.hang_timeout=5"]
+        "run.hang_timeout=8"]
 
 
 def cfg(tmp_path, name, *extra):
