@@ -60,6 +60,25 @@ def split(global_batch: int, weights: Sequence[float]) -> list[int]:
     return shares
 
 
+def fastest_split(global_batch: int, throughputs: Sequence[float]) -> list[int]:
+    """Integer shares summing to `global_batch` that minimise the step time max_i(share_i / throughput_i).
+
+    Every rank first gets floor(exact proportional share); each sample left over then goes to the rank that
+    would finish it soonest, (share + 1) / throughput, ties to the lower rank. This differs from `split` only in
+    where the left-over samples go, and matters when the batch is small: throughputs 1 and 4 samples/s with 8
+    samples give 1 + 7 (step 1.75 s), where largest remainder gives 2 + 6 (2 s).
+    Exact rational arithmetic: the same result on every rank. Errors as for `split`.
+    """
+    split(global_batch, throughputs)  # validates the inputs, with split's messages
+    rates = [_weight(i, t) for i, t in enumerate(throughputs)]
+    quotas = [global_batch * r / sum(rates) for r in rates]
+    shares = [math.floor(q) for q in quotas]
+    for _ in range(global_batch - sum(shares)):
+        rank = min((r for r in range(len(rates)) if rates[r] > 0), key=lambda r: ((shares[r] + 1) / rates[r], r))
+        shares[rank] += 1
+    return shares
+
+
 def _weight(rank: int, w: float) -> Fraction:
     """A weight as an exact Fraction (floats convert exactly), validated."""
     if isinstance(w, bool) or not isinstance(w, (int, float, Fraction)) or not math.isfinite(w) or w < 0:
@@ -213,7 +232,7 @@ class Balancer:
         if not known:
             return split(self.global_batch, [1] * self.world)
         median = statistics.median(known)
-        shares = split(self.global_batch, [median if t is None else t for t in self._throughput])
+        shares = fastest_split(self.global_batch, [median if t is None else t for t in self._throughput])
         return _at_least_one(shares) if self.global_batch >= self.world else shares
 
     def _set_shares(self, shares: list[int]) -> bool:

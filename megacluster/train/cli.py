@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .. import config
 
@@ -25,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", metavar="PATH",
                    help="text files, directories, globs, .jsonl (field 'text') or .npy/.bin token shards "
                         "(default: the Python standard library source)")
-    p.add_argument("--workers", type=int, help="local worker processes (DDP over gloo on CPU, NCCL on GPU)")
+    p.add_argument("--workers", type=int, help="local worker processes (data parallel: gloo on CPU, NCCL on GPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="compute device (default auto)")
     p.add_argument("--max-steps", type=int, help="optimizer steps to train")
     p.add_argument("--run-dir", help="where checkpoints, metrics.jsonl and result.json go")
@@ -52,4 +53,20 @@ def run(args: argparse.Namespace) -> dict | None:
     cfg = build_config(args)  # bad input fails here, before torch is imported
     from .supervisor import train
 
-    return train(cfg)
+    result = train(cfg)
+    if result is not None:
+        print(summary(result), file=sys.stderr)
+    return result
+
+
+def summary(r: dict) -> str:
+    """One human line about a finished run (stderr; the machine-readable result is --json)."""
+    val = f", val loss {r['val_loss']:.4f}" if r.get("val_loss") is not None else ""
+    mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
+    line = (f"done: {r['steps']} steps on {r['world']} worker(s), loss {r['final_loss']:.4f}{val}, "
+            f"{r['tokens_per_s']:,.0f} tok/s{mfu}; run dir {r['run_dir']}")
+    if "goodput" in r:
+        line += (f"\nresilience: {r['restarts']} restarts, {r['recoveries_from_peer']} recoveries from a peer, "
+                 f"{r['recoveries_from_checkpoint']} from a checkpoint, {r['flaps_survived']} flaps survived, "
+                 f"{r['lost_steps']} steps lost, goodput {r['goodput']:.2f}, loss digest {r['loss_digest'][:12]}")
+    return line

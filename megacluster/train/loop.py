@@ -463,6 +463,7 @@ class Worker:
             rec["world"] = self.place.world
             if cfg.balance == "auto" or self.balancer.stragglers():
                 rec["shares"] = self.balancer.shares()
+                rec["throughputs"] = [round(t, 2) if t else t for t in self.balancer.throughputs()]  # samples/s
                 rec["stragglers"] = self.balancer.stragglers()
             if self.metrics is not None:
                 self.metrics.write(rec)

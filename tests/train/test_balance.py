@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megacluster.errors import InputError
-from megacluster.train.balance import Balancer, micro_batches, offsets, split
+from megacluster.train.balance import Balancer, fastest_split, micro_batches, offsets, split
 
 weights_st = st.lists(st.floats(min_value=0, max_value=1e6, allow_nan=False), min_size=1, max_size=12).filter(
     lambda ws: sum(ws) > 0
@@ -167,7 +167,7 @@ def test_resize_keeps_estimates_by_index_or_resets():
     bal.resize(3, keep=[0, 2, 3])
     assert bal.world == 3
     assert bal.throughputs() == pytest.approx([100.0, 300.0, 400.0])
-    assert bal.shares() == split(100, [100.0, 300.0, 400.0])
+    assert bal.shares() == fastest_split(100, [100.0, 300.0, 400.0]) == [12, 38, 50]
     bal.resize(4, keep=[0, 1, 2])
     assert bal.shares() == split(100, [100.0, 300.0, 400.0, 300.0])  # newcomer counts as the median
     bal.resize(2)
@@ -234,3 +234,24 @@ def test_observe_rejects_wrong_lengths():
     bal = Balancer(world=2, global_batch=8)
     with pytest.raises(ValueError):
         bal.observe(0, [1.0], [4, 4])
+
+
+def test_fastest_split_minimises_the_slowest_rank():
+    assert split(8, [1, 4]) == [2, 6]  # largest remainder: step max(2/1, 6/4) = 2
+    assert fastest_split(8, [1, 4]) == [1, 7]  # step max(1/1, 7/4) = 1.75
+    assert fastest_split(10, [1, 1, 1]) == split(10, [1, 1, 1]) == [4, 3, 3]  # equal rates: as split
+    assert fastest_split(7, [2.0, 0.0]) == [7, 0]
+
+
+@given(st.integers(0, 200), st.lists(st.floats(0.1, 100.0), min_size=1, max_size=6))
+def test_fastest_split_is_optimal_among_nearby_splits(batch, rates):
+    shares = fastest_split(batch, rates)
+    assert sum(shares) == batch
+    step = max(s / r for s, r in zip(shares, rates))
+    for i in range(len(rates)):  # moving one sample from any rank to any other never makes the step faster
+        for j in range(len(rates)):
+            if i != j and shares[i] > 0:
+                moved = list(shares)
+                moved[i] -= 1
+                moved[j] += 1
+                assert max(s / r for s, r in zip(moved, rates)) >= step - 1e-12
