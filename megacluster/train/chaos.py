@@ -6,7 +6,8 @@ Spec grammar (faults separated by ';', keys by ','; spaces are ignored):
     kill:rank=1,step=60; hang:rank=2,step=120; flap:step=150; slow:rank=0,factor=3; kill:rank=3,step=50,permanent
 
 Kinds and keys:
-    kill  rank (optional: all ranks), step (required), permanent (flag: the worker never comes back; needs rank)
+    kill  rank (optional: all ranks), step (required), permanent (flag: the worker never comes back; needs rank),
+          down (seconds its replacement stays down before rejoining, like a rebooting node; default 0)
     hang  rank (optional: all ranks), step (required)       -- the worker stops making progress
     flap  step (required), no rank                           -- the collective breaks for everyone
     slow  rank (optional: all ranks), step (default 0), factor (>= 1, default 1) -- compute time x factor from step on
@@ -35,14 +36,14 @@ from megacluster.errors import InputError
 KINDS = ("kill", "hang", "flap", "slow")
 ONE_SHOT = ("kill", "hang", "flap")
 KEYS = {  # allowed keys per kind; `permanent` is a flag
-    "kill": ("rank", "step", "permanent"),
+    "kill": ("rank", "step", "permanent", "down"),
     "hang": ("rank", "step"),
     "flap": ("step",),
     "slow": ("rank", "step", "factor"),
 }
 GRAMMAR = (
     "grammar: KIND:key=value,...[; KIND:...] with KIND one of kill, hang, flap, slow; keys: "
-    "kill: rank, step, permanent | hang: rank, step | flap: step | slow: rank, step, factor; "
+    "kill: rank, step, permanent, down | hang: rank, step | flap: step | slow: rank, step, factor; "
     'e.g. "kill:rank=1,step=60; hang:rank=2,step=120; flap:step=150; slow:rank=0,factor=3"'
 )
 
@@ -56,17 +57,19 @@ class Fault:
     step: int | None  # optimizer step at which it fires (slow: from this step on)
     factor: float = 1.0  # slow only: compute time multiplier, >= 1
     permanent: bool = False  # kill only: the worker never comes back
+    down: float = 0.0  # kill only: seconds the replacement stays down before it rejoins
     id: str = ""  # stable and unique within a plan, e.g. "kill-r1-s60"; names the fired markers
 
     def __post_init__(self) -> None:
-        problem = _fault_problem(self.kind, self.rank, self.step, self.factor, self.permanent)
+        problem = _fault_problem(self.kind, self.rank, self.step, self.factor, self.permanent, self.down)
         if problem:
             raise InputError(f"--chaos: {problem}. {GRAMMAR}")
         if not self.id:
             object.__setattr__(self, "id", _make_id(self.kind, self.rank, self.step))
 
 
-def _fault_problem(kind: str, rank: object, step: object, factor: object, permanent: bool) -> str | None:
+def _fault_problem(kind: str, rank: object, step: object, factor: object, permanent: bool,
+                   down: object = 0.0) -> str | None:
     """What is wrong with a fault's fields, or None."""
     if kind not in KINDS:
         return f"unknown kind {kind!r} (allowed: {', '.join(KINDS)})"
@@ -85,6 +88,10 @@ def _fault_problem(kind: str, rank: object, step: object, factor: object, perman
         return f"permanent applies to kill only, not {kind}"
     if permanent and rank is None:
         return "a permanent kill needs a rank"
+    if isinstance(down, bool) or not isinstance(down, (int, float)) or not math.isfinite(down) or down < 0:
+        return f"down must be a number of seconds >= 0, got {down!r}"
+    if down and (kind != "kill" or permanent):
+        return "down applies to a kill that is not permanent"
     return None
 
 
@@ -134,6 +141,7 @@ def _parse_fault(part: str) -> Fault:
         step=_int(part, "step", values.get("step"), default=0 if kind == "slow" else None),
         factor=_float(part, "factor", values.get("factor")),
         permanent="permanent" in values,
+        down=_float(part, "down", values.get("down"), default=0.0),
     )
     problem = _fault_problem(**fields)
     if problem:
@@ -149,9 +157,9 @@ def _int(part: str, key: str, text: str | None, default: int | None = None) -> i
     return int(text)
 
 
-def _float(part: str, key: str, text: str | None) -> float:
+def _float(part: str, key: str, text: str | None, default: float = 1.0) -> float:
     if text is None:
-        return 1.0
+        return default
     try:
         return float(text)
     except ValueError:
@@ -177,6 +185,8 @@ def _format_fault(f: Fault) -> str:
         parts.append(f"factor={_float_text(f.factor)}")
     if f.permanent:
         parts.append("permanent")
+    if f.down:
+        parts.append(f"down={_float_text(f.down)}")
     return f"{f.kind}:" + ",".join(parts)
 
 
@@ -245,6 +255,18 @@ class Chaos:
             if f.kind == "slow" and self._applies(f) and step >= (f.step or 0):
                 factor *= f.factor
         return factor
+
+    def downtime(self) -> float:
+        """Seconds a (re)starting worker must stay down first: a fired `kill ... down=S` of this rank whose
+        downtime was not served yet (served once, recorded like a firing)."""
+        total = 0.0
+        for f in self.faults:
+            if f.kind == "kill" and f.down and self._applies(f) and self.fired(f):
+                served = Fault(kind="kill", rank=self.rank, step=f.step, id=f"{f.id}-down")
+                if not self.fired(served):
+                    self.fire(served)
+                    total += f.down
+        return total
 
     def permanent_ranks(self) -> set[int]:
         """Ranks with a permanent kill in the plan (they never come back once it fires)."""

@@ -339,6 +339,7 @@ class Worker:
             return
         if any(f.permanent and f.rank == self.wid and self.chaos.fired(f) for f in self.chaos.faults):
             raise SystemExit(NODE_LOST)  # this slot's node is gone for good (chaos `permanent`)
+        time.sleep(self.chaos.downtime())  # chaos `down`: a node that takes a while to come back
         self.membership.announce_ready(self.step)
         self.enter(self.membership.wait_plan(self.step, self.cfg.run.hang_timeout * 10))
 

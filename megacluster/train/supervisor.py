@@ -211,6 +211,8 @@ class Supervisor:
             for s in self.slots:
                 self.spawn(s, "checkpoint" if self.cfg.run.resume else "config")
             self.wait_ready(self.slots, timeout=max(120.0, 4 * self.cfg.run.hang_timeout))
+            if not self.joiners_ready():
+                raise RuntimeError("no worker became ready; see the worker errors above")
             self.form(reason="start")
             while True:
                 failed = self.poll()
@@ -237,6 +239,7 @@ class Supervisor:
         return [s.wid for s in self.members() if self.store.check([f"status/{self.gen}/{s.wid}"])]
 
     def wait_ready(self, slots: list[Slot], timeout: float) -> None:
+        """Wait until each of `slots` is ready to join (or gone); those still starting after `timeout` s join later."""
         deadline = time.monotonic() + timeout
         while any(s.state == "joining" for s in slots) and time.monotonic() < deadline:
             self.poll()
@@ -244,8 +247,6 @@ class Supervisor:
             if all(s.state != "joining" or self.store.check([f"ready/{s.wid}"]) for s in slots):
                 return
             time.sleep(POLL_S)
-        if not any(self.store.check([f"ready/{s.wid}"]) for s in slots if s.state == "joining"):
-            raise RuntimeError("no worker became ready; see the worker errors above")
 
     def transition(self, failed: list[Slot], cause: str) -> None:
         """End generation `gen` (everyone stops at a step boundary), repair, and form the next one.

@@ -144,3 +144,19 @@ def test_chaos_rejects_duplicate_ids():
     f = Fault(kind="kill", rank=1, step=2)
     with pytest.raises(InputError, match="duplicate"):
         Chaos([f, f], rank=0, marker_dir=None)
+
+
+def test_down_is_served_once_by_the_replacement(tmp_path):
+    from megacluster.train.chaos import Chaos, format, parse
+
+    faults = parse("kill:rank=1,step=5,down=2.5")
+    assert faults[0].down == 2.5 and parse(format(faults)) == faults
+    first = Chaos(faults, rank=1, marker_dir=tmp_path)
+    assert first.downtime() == 0.0  # not fired yet: nothing to serve
+    first.fire(first.due(5, "kill"))
+    replacement = Chaos(faults, rank=1, marker_dir=tmp_path)  # a new process after the kill
+    assert replacement.downtime() == 2.5
+    assert Chaos(faults, rank=1, marker_dir=tmp_path).downtime() == 0.0  # served once only
+    assert Chaos(faults, rank=0, marker_dir=tmp_path).downtime() == 0.0
+    with pytest.raises(InputError, match="down applies to a kill that is not permanent"):
+        parse("kill:rank=1,step=5,permanent,down=3")

@@ -127,3 +127,21 @@ def test_torchrun_restart_resumes_exactly(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
     assert res["loss_digest"] == clean["loss_digest"] and res["steps"] == 10
+
+
+def test_slow_replacement_shrinks_then_grows_back(tmp_path, capfd):
+    """A node that takes 8 s to come back: the run goes on with 2 workers, then the third rejoins.
+
+    The supervisor waits 2 x hang_timeout = 6 s for the replacement, so it forms [0, 2] first; the replacement is
+    ready ~8 s + start-up after the kill, with ~200 of the 300 (slowed) steps still to go."""
+    extra = ["run.workers=3", "run.max_steps=300", "run.log_every=10", "run.hang_timeout=3",
+             "run.chaos=slow:factor=6; kill:rank=1,step=5,down=8"]
+    res = train(cfg(tmp_path, "grow", *extra))
+    err = capfd.readouterr().err
+    assert "(failure): workers [0, 2]" in err, err
+    assert "(grow): workers [0, 1, 2]" in err, err
+    clean = train(cfg(tmp_path, "clean", *extra[:-1], "run.chaos=slow:factor=6"))
+    assert res["world"] == 3 and res["workers_lost"] == [] and res["steps"] == 300
+    a, b = losses(tmp_path / "grow"), losses(tmp_path / "clean")
+    assert sorted(a) == sorted(b)
+    assert all(a[s] == pytest.approx(b[s], rel=1e-4) for s in a)
