@@ -16,15 +16,19 @@ flap), or a restarted worker is ready to rejoin — ends the generation at a ste
 Healthy workers see the bump in `gen_counter` at the start of a step and put a flag in the step's all-reduce,
 so all of them stop after the *same* step. The source is the member with the most completed steps (its state
 is a complete, correct step: nothing is lost but the step in flight). Heartbeats: `hb/<wid>` = completed
-step, written after every step and while waiting; a member whose heartbeat does not change for
-`hang_timeout` seconds is hung.
+step, written after every step, and every 0.5 s by a background thread while the worker waits on its peers
+(inside a collective, a rendezvous or a state transfer): a member whose heartbeat does not change for
+`hang_timeout` seconds is hung in its *own* work, and the peers waiting on it are not mistaken for hung too.
+The process-group timeout is only a backstop (5 x hang_timeout, at least 30 s).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -49,19 +53,42 @@ def connect(host: str, port: int, timeout_s: float = 60.0) -> dist.TCPStore:
 class Membership:
     """Worker side of the protocol. Created from the environment the supervisor sets (MC_* variables)."""
 
-    def __init__(self, store: dist.TCPStore, wid: int, pg_timeout_s: float):
+    def __init__(self, store: dist.TCPStore, wid: int, pg_timeout_s: float, beat_store: dist.TCPStore | None = None):
         self.store, self.wid, self.gen = store, wid, 0
         self.pg_timeout_s = pg_timeout_s
+        self._waiting_step: int | None = None  # set while blocked on peers: the beat thread heartbeats for us
+        if beat_store is not None:  # its own connection: store clients are not shared across threads
+            threading.Thread(target=self._beat_while_waiting, args=(beat_store,), daemon=True).start()
 
     @classmethod
     def from_env(cls) -> Membership | None:
         if "MC_STORE_PORT" not in os.environ:
             return None
-        store = connect(os.environ.get("MC_STORE_HOST", "127.0.0.1"), int(os.environ["MC_STORE_PORT"]))
-        return cls(store, int(os.environ["MC_WORKER_ID"]), float(os.environ.get("MC_PG_TIMEOUT", "60")))
+        host, port = os.environ.get("MC_STORE_HOST", "127.0.0.1"), int(os.environ["MC_STORE_PORT"])
+        return cls(connect(host, port), int(os.environ["MC_WORKER_ID"]),
+                   float(os.environ.get("MC_PG_TIMEOUT", "60")), beat_store=connect(host, port))
 
     def heartbeat(self, step: int) -> None:
         self.store.set(f"hb/{self.wid}", f"{step} {time.time():.3f}")
+
+    @contextlib.contextmanager
+    def waiting(self, step: int):
+        """Around code that blocks on peers: keeps our heartbeat alive so only the stuck peer counts as hung."""
+        self._waiting_step = step
+        try:
+            yield
+        finally:
+            self._waiting_step = None
+
+    def _beat_while_waiting(self, store: dist.TCPStore) -> None:
+        while True:
+            step = self._waiting_step
+            if step is not None:
+                try:
+                    store.set(f"hb/{self.wid}", f"{step} wait {time.time():.3f}")
+                except Exception:  # the supervisor is gone: the main thread will find out
+                    return
+            time.sleep(0.5)
 
     def announce_ready(self, step: int) -> None:
         """A new process: skip the generations formed before it existed, then tell the supervisor it can join."""
@@ -94,12 +121,31 @@ class Membership:
             time.sleep(0.05)
 
     def join(self, plan: Plan, backend: str) -> tuple[int, int]:
-        """Form the process group of `plan`; returns (rank, world)."""
+        """Form the process group of `plan`; returns (rank, world).
+
+        First every member posts `joined/<gen>/<wid>` and waits for the others (heartbeating), giving up with
+        RuntimeError as soon as the supervisor ends this generation (a member died before it formed), so a
+        dead member costs a re-plan, not a rendezvous timeout."""
         rank, world = plan.members.index(self.wid), len(plan.members)
-        dist.init_process_group(backend, store=dist.PrefixStore(f"pg/{plan.gen}", self.store), rank=rank,
-                                world_size=world, timeout=datetime.timedelta(seconds=self.pg_timeout_s))
+        self.store.set(f"joined/{plan.gen}/{self.wid}", "1")
+        keys = [f"joined/{plan.gen}/{w}" for w in plan.members]
+        while not self.store.check(keys):
+            if self.bump_seen():
+                raise RuntimeError(f"generation {plan.gen} was ended before it formed")
+            self.heartbeat(plan.step)
+            time.sleep(0.02)
+        with self.waiting(plan.step):
+            dist.init_process_group(backend, store=dist.PrefixStore(f"pg/{plan.gen}", self.store), rank=rank,
+                                    world_size=world, timeout=datetime.timedelta(seconds=self.pg_timeout_s))
         return rank, world
 
     def leave(self) -> None:
-        if dist.is_initialized():
+        """Drop the current process group. After a failed collective the group is aborted, not shut down
+        gracefully: a graceful NCCL shutdown can wait forever on work queued for a dead peer."""
+        if not dist.is_initialized():
+            return
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if abort is not None and dist.get_backend() == "nccl":
+            abort()
+        else:
             dist.destroy_process_group()

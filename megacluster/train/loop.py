@@ -146,7 +146,7 @@ class Worker:
     """
 
     def __init__(self, cfg: Config, place: Place, corpus: Corpus | None = None, run_dir: str | None = None,
-                 membership: Membership | None = None, wid: int | None = None):
+                 membership: Membership | None = None, wid: int | None = None, needs_state: bool = False):
         self.cfg, self.place, self.membership = cfg, place, membership
         self.wid = place.rank if wid is None else wid  # stable worker id (= rank in a full world)
         self.run_dir = Path(run_dir or cfg.run.run_dir)
@@ -175,6 +175,11 @@ class Worker:
         self.val_loss: float | None = None
         self.end_generation = False  # set when the supervisor asked this generation to end after this step
         self.after_step_pending = False  # step `self.step` done, its logging/eval/checkpoint not yet
+        self.pending: list[torch.Tensor] = []  # losses of completed steps not yet copied to the host
+        self.valid = not needs_state  # False: our weights are no step's (a replacement waiting for a peer's
+        # state, or a half-finished transfer); we report step -1 and are never chosen as the source
+        self._loaded_balancer: dict | None = None  # from a checkpoint, applied once the world is known
+        self._flag_bufs: list | None = None  # CUDA: pinned buffers + events for the end-generation flag
         self.metrics: MetricsLog | None = None
         self.grad_norm = torch.zeros(())
 
@@ -246,13 +251,32 @@ class Worker:
         if self.cfg.run.balance == "auto":  # compute time, measured before the all-reduce equalises wall time
             extras[2 + rank] = compute_s
             extras[2 + world + rank] = shares[rank]
-        self.all_reduce()
-        self.end_generation = bool(extras[1] > 0) if self.membership is not None else False
+        with self.waiting(step - 1):  # heartbeats carry completed steps
+            self.all_reduce()
+            if self.membership is not None:
+                self.end_generation = self.read_flag(extras[1:2])
         if self.cfg.run.balance == "auto":
             times = extras[2:].tolist()
             self.balancer.observe(step, times[:world], [int(s) for s in times[world:]])
         self.clip_and_step(step)
         return extras[0] / (self.cfg.run.batch_size * self.cfg.model.seq_len)
+
+    def read_flag(self, flag: torch.Tensor) -> bool:
+        """The reduced end-generation flag. On CUDA it is read one step late, from a pinned buffer, so the host
+        never waits for the GPU on the hot path; every rank reads the same reduced values, so all of them
+        still stop after the same step."""
+        if flag.device.type != "cuda":
+            return bool(flag.item() > 0)
+        if self._flag_bufs is None:
+            self._flag_bufs = [(torch.zeros(1, pin_memory=True), torch.cuda.Event()) for _ in range(2)]
+            self._flag_turn = 0
+        host, event = self._flag_bufs[self._flag_turn]
+        host.copy_(flag, non_blocking=True)
+        event.record()
+        self._flag_turn ^= 1
+        prev_host, prev_event = self._flag_bufs[self._flag_turn]  # the previous step's flag
+        prev_event.synchronize()  # long done: the host runs at most one step ahead
+        return bool(prev_host.item() > 0)
 
     def inject_faults(self, step: int) -> None:
         """Chaos faults due at this step, after the compute and before the all-reduce (mid-step)."""
@@ -294,13 +318,14 @@ class Worker:
             done = 0
             for mb in balance_mod.micro_batches(count, self.cfg.run.micro_batch):
                 rows = torch.from_numpy(self.val_order.rows(b, start + done, mb)).to(self.place.device)
-                with self.autocast():
-                    total += self.forward(rows[:, :-1], rows[:, 1:])
+                with self.autocast():  # eager module: a compiled eval graph would mean a recompile stall
+                    total += self.model(rows[:, :-1], rows[:, 1:])
                 done += mb
         self.model.train()
         if self.place.world > 1:
             try:
-                dist.all_reduce(total)
+                with self.waiting(self.step):
+                    dist.all_reduce(total)
             except (RuntimeError, dist.DistError) as e:
                 raise CollectiveError(str(e)) from e
         return total.item() / (self.cfg.run.eval_batches * B * T)
@@ -309,6 +334,7 @@ class Worker:
     def save(self, blocking: bool = False) -> None:
         if self.ckpt is None:
             return
+        self.flush()  # the checkpoint's loss history must cover every step it contains
         state = {"optimizer": self.opt.state_dict(), "rng": rng_state(), "balancer": self.balancer.state_dict()}
         meta = {"step": self.step, "losses": self.losses, "costs": self.costs, "val_loss": self.val_loss,
                 "config": self.cfg.to_dict()}
@@ -322,7 +348,8 @@ class Worker:
         self.model.load_state_dict(loaded.model)
         self.opt.load_state_dict(loaded.state["optimizer"])
         set_rng_state(loaded.state["rng"])
-        self.balancer.load_state_dict(loaded.state["balancer"])
+        self._loaded_balancer = loaded.state["balancer"]
+        self.balancer.load_state_dict(self._loaded_balancer)
         self.step = loaded.meta["step"]
         self.losses = list(loaded.meta["losses"])
         self.costs = list(loaded.meta.get("costs") or [0.0] * self.step)
@@ -340,7 +367,7 @@ class Worker:
         if any(f.permanent and f.rank == self.wid and self.chaos.fired(f) for f in self.chaos.faults):
             raise SystemExit(NODE_LOST)  # this slot's node is gone for good (chaos `permanent`)
         time.sleep(self.chaos.downtime())  # chaos `down`: a node that takes a while to come back
-        self.membership.announce_ready(self.step)
+        self.membership.announce_ready(self.step if self.valid else -1)
         self.enter(self.membership.wait_plan(self.step, self.cfg.run.hang_timeout * 10))
 
     def enter(self, plan: Plan) -> None:
@@ -355,12 +382,21 @@ class Worker:
             self.flat = FlatGrads(self.params, world, self.place.device)
         if world != old_world:
             self.balancer.resize(world)
+            if self._loaded_balancer is not None:  # restored before the world was known: apply it now
+                self.balancer.load_state_dict(self._loaded_balancer)
+        self._loaded_balancer = None
         if plan.sync:
             try:
-                self.sync_state(plan.members.index(plan.source))
+                with self.waiting(self.step):
+                    self.sync_state(plan.members.index(plan.source))
             except (RuntimeError, dist.DistError) as e:
                 raise CollectiveError(f"state transfer in generation {plan.gen}: {e}") from e
         self._set_main()
+        self._flag_bufs = None  # a new generation: no flag of the previous one is pending
+        every = self.cfg.run.ckpt_every
+        if self.ckpt is not None and every and self.step and self.step % every == 0 \
+                and not self.after_step_pending and self.step not in self.ckpt.steps():
+            self.save()  # the previous rank 0 died while writing this step's checkpoint
 
     def sync_state(self, src: int) -> None:
         """Everyone adopts rank `src`'s model, optimizer state and history (broadcast in a fixed order)."""
@@ -369,18 +405,22 @@ class Worker:
                  "balancer": self.balancer.state_dict(), "after_step_pending": self.after_step_pending}]
         dist.broadcast_object_list(meta, src=src)
         m = meta[0]
-        self.step, self.losses, self.costs, self.val_loss = m["step"], m["losses"], m["costs"], m["val_loss"]
-        self.after_step_pending = m["after_step_pending"]
-        self.balancer.load_state_dict(m["balancer"])
+        if self.place.rank != src:
+            self.valid = False  # until every tensor has arrived: a half-copied state is no step's state
         with torch.no_grad():
             for t in state_tensors(self.model, self.opt):
                 dist.broadcast(t, src=src)
+        self.step, self.losses, self.costs, self.val_loss = m["step"], m["losses"], m["costs"], m["val_loss"]
+        self.after_step_pending = m["after_step_pending"]
+        self.balancer.load_state_dict(m["balancer"])
+        self.valid = True
 
     def transition(self) -> None:
         """End this generation: report our completed step, wait for the next plan, re-form and re-sync."""
+        self.flush()
         while True:
             self.membership.leave()
-            self.membership.report(self.step, self.after_step_pending)
+            self.membership.report(self.step if self.valid else -1, self.after_step_pending)
             try:
                 self.enter(self.membership.wait_plan(self.step, self.cfg.run.hang_timeout * 10))
                 return
@@ -405,20 +445,18 @@ class Worker:
         self.start()
         tokens_per_step = cfg.batch_size * self.cfg.model.seq_len
         progress = Progress(cfg.max_steps, self.step, enabled=self.place.is_main and cfg.progress)
-        pending: list[torch.Tensor] = []  # losses of completed steps not yet copied to the host
         t_start = time.perf_counter()
         self.timer = StepTimer(self.step)
         while self.step < cfg.max_steps or self.after_step_pending:
             try:
                 if not self.after_step_pending:
                     t0 = time.perf_counter()
-                    pending.append(self.train_step(self.step + 1))
+                    self.pending.append(self.train_step(self.step + 1))
                     self.step += 1
                     self.costs.append((time.perf_counter() - t0) * self.place.world)
                     self.after_step_pending = True
-                    if self.membership is not None:
-                        self.membership.heartbeat(self.step)
-                self.after_step(pending, progress)
+                    self.beat()
+                self.after_step(progress)
                 self.after_step_pending = False
                 if self.end_generation:
                     self.end_generation = False
@@ -426,7 +464,6 @@ class Worker:
             except CollectiveError:
                 if self.membership is None:
                     raise  # no supervisor (e.g. torchrun): exit, the launcher restarts us from the checkpoint
-                self.flush(pending)
                 self.transition()  # the step in flight is lost; after_step of a completed step is redone
         self._sync()
         progress.close()
@@ -443,12 +480,13 @@ class Worker:
                 "stragglers": self.balancer.stragglers(), "kept_worker_s": sum(self.costs),
                 "elapsed_s": t_end - t_start}
 
-    def flush(self, pending: list[torch.Tensor]) -> None:
-        if pending:
-            self.losses.extend(torch.stack(pending).tolist())
-            pending.clear()
+    def flush(self) -> None:
+        """Copy the losses of completed steps to the host history (one device sync)."""
+        if self.pending:
+            self.losses.extend(torch.stack(self.pending).tolist())
+            self.pending.clear()
 
-    def after_step(self, pending: list[torch.Tensor], progress: Progress) -> None:
+    def after_step(self, progress: Progress) -> None:
         """Logging, evaluation and checkpointing after completed step `self.step` (may raise CollectiveError)."""
         cfg, step = self.cfg.run, self.step
         last = step == cfg.max_steps
@@ -456,7 +494,7 @@ class Worker:
             self._sync()
             self.timer.first_done(time.perf_counter())
         if step % cfg.log_every == 0 or last:
-            self.flush(pending)
+            self.flush()
             rec = {"step": step, "loss": self.losses[-1], "lr": lr_at(step, self.cfg.optim, cfg.max_steps),
                    "grad_norm": float(self.grad_norm)}
             rec["tokens_per_s"] = self.timer.interval(step, cfg.batch_size * self.cfg.model.seq_len)
@@ -470,11 +508,22 @@ class Worker:
                 self.metrics.write(rec)
             progress.update(step, rec)
         if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+            self.beat()
             self.val_loss = self.evaluate()
+            self.beat()
             if self.metrics is not None:
                 self.metrics.write({"step": step, "val_loss": self.val_loss})
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last:
             self.save(blocking=last)
+            self.beat()
+
+    def waiting(self, step: int):
+        """Context for code blocked on peers (see Membership.waiting); a no-op without a supervisor."""
+        return self.membership.waiting(step) if self.membership is not None else contextlib.nullcontext()
+
+    def beat(self) -> None:
+        if self.membership is not None:
+            self.membership.heartbeat(self.step)
 
     def mfu(self, tokens_per_s: float) -> float | None:
         """Model FLOPs utilisation against the local GPU's dense peak for the run's dtype (None on CPU)."""

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..data import prepare
+from ..errors import InputError
 from .elastic import NODE_LOST, Plan
 from .worker import write_json_atomic
 
@@ -52,7 +53,7 @@ def free_port() -> int:
 
 def train(cfg: Config) -> dict | None:
     """Train per `cfg`; returns rank 0's result dict (None on other ranks under a launcher)."""
-    from .loop import Worker, init_place  # torch is imported only when training
+    from .loop import Worker, init_place, resolve_device  # torch is imported only when training
 
     if under_launcher():
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
@@ -60,6 +61,12 @@ def train(cfg: Config) -> dict | None:
         place = init_place(cfg.run.device, timeout_s=max(60.0, cfg.run.hang_timeout))
         result = Worker(cfg, place).run()
         return result if place.is_main else None
+    if cfg.run.workers > 1 and resolve_device(cfg.run.device) == "cuda":
+        import torch
+
+        if cfg.run.workers > torch.cuda.device_count():
+            raise InputError(f"run.workers={cfg.run.workers}: one GPU per worker, and this machine has "
+                             f"{torch.cuda.device_count()}; use --device cpu for more workers than GPUs")
     corpus = prepare(cfg.data, cfg.model.vocab_size)  # once, before any worker starts
     if cfg.run.workers == 1 and not cfg.run.chaos:
         return Worker(cfg, init_place(cfg.run.device), corpus=corpus).run()
@@ -120,7 +127,8 @@ class Supervisor:
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         threads = max(1, (os.cpu_count() or 1) // len(self.slots))
         env.update(MC_STORE_PORT=str(self.store.port), MC_WORKER_ID=str(slot.wid), MC_INIT=init,
-                   MC_PG_TIMEOUT=str(max(2.0, self.cfg.run.hang_timeout / 2)),
+                   MC_PG_TIMEOUT=str(max(30.0, 5 * self.cfg.run.hang_timeout)),  # a backstop (elastic.py)
+                   TORCH_NCCL_BLOCKING_WAIT="1",  # NCCL: a failed collective raises here instead of aborting us
                    OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)))
         if self.cfg.run.device != "cpu":
             env.setdefault("LOCAL_RANK", str(slot.wid))
@@ -217,11 +225,9 @@ class Supervisor:
             while True:
                 failed = self.poll()
                 self.check_joiners()
-                if not failed and not self.members() and all(s.state in ("done", "lost") for s in self.slots):
+                if any(s.state == "done" for s in self.slots):
+                    self.finish()  # a member finished the last step: the run is over, no more generations
                     break
-                if not any(s.state == "member" for s in self.slots) and not failed:
-                    if any(s.state == "done" for s in self.slots):
-                        break  # finished (a joiner still starting up is not needed any more)
                 if failed:
                     self.transition(failed, "failure")
                 elif self.reported():
@@ -234,6 +240,13 @@ class Supervisor:
                 self.kill(s)
             self.store = None
         return self.result()
+
+    def finish(self, grace_s: float = 30.0) -> None:
+        """The last step is done: let the other members exit (they finish the same step), then stop."""
+        deadline = time.monotonic() + grace_s
+        while any(s.state == "member" and s.proc.poll() is None for s in self.slots) and time.monotonic() < deadline:
+            self.poll()
+            time.sleep(POLL_S)
 
     def reported(self) -> list[int]:
         return [s.wid for s in self.members() if self.store.check([f"status/{self.gen}/{s.wid}"])]
@@ -289,6 +302,10 @@ class Supervisor:
         replacing = [s for s in self.slots if s.wid in dead and s.state == "joining"]
         if replacing:
             self.wait_ready(replacing, timeout=self.cfg.run.hang_timeout * 2)
+            for s in [s for s in survivors if s.state == "failed"]:  # died while we waited: replace it too
+                dead.add(s.wid)
+                self.restart(s, "peer")
+            survivors = [s for s in survivors if s.state == "member"]
         source_step = self.form(reason="failure" if dead else ("flap" if flap else "grow"), survivors=survivors)
         if dead or flap:
             self.stats.lost_steps += max(max_step - source_step, 0) + 1  # + the step in flight
@@ -308,10 +325,12 @@ class Supervisor:
             states[s.wid] = (st["step"], not st["pending"])
         ready = self.joiners_ready()
         for s in ready:
-            states[s.wid] = (int(self.store.get(f"ready/{s.wid}")), True)
+            states[s.wid] = (int(self.store.get(f"ready/{s.wid}")), True)  # step -1: no state of its own
         if not states:
             raise RuntimeError("no worker is left to continue the run")
         source = max(states, key=lambda w: (states[w], -w))
+        if states[source][0] < 0:  # nobody holds a consistent state (all replacements, or half-synced)
+            return self.restart_from_checkpoint("no worker holds a consistent state")
         members = sorted(states)
         sync = bool(ready and survivors) or len(set(states.values())) > 1
         self.gen += 1
@@ -329,16 +348,21 @@ class Supervisor:
 
     def escalate(self) -> None:
         """Repeated collective failures: restart every worker from the newest good checkpoint."""
-        self.log(f"{self.flaps_in_a_row} collective failures in a row: restarting all workers from the checkpoint")
         t_detect = time.monotonic()
-        for s in self.members():
-            self.kill(s)
-            self.restart(s, "checkpoint")
+        step = self.restart_from_checkpoint(f"{self.flaps_in_a_row} collective failures in a row")
         self.flaps_in_a_row = 0
-        self.wait_ready(self.slots, timeout=max(120.0, 4 * self.cfg.run.hang_timeout))
-        step = self.form(reason="restart from checkpoint")
-        self.stats.recoveries_from_checkpoint += 1
         self.recovering = (t_detect, step)
+
+    def restart_from_checkpoint(self, why: str) -> int:
+        """Kill every worker process and restart all live slots from the newest good checkpoint."""
+        self.log(f"{why}: restarting every worker from the newest good checkpoint")
+        for s in self.slots:
+            if s.state in ("member", "joining", "failed"):
+                self.kill(s)
+                self.restart(s, "checkpoint")
+        self.wait_ready(self.slots, timeout=max(120.0, 4 * self.cfg.run.hang_timeout))
+        self.stats.recoveries_from_checkpoint += 1
+        return self.form(reason="restart from checkpoint")
 
     def log(self, msg: str) -> None:
         self.stats.events.append(msg)

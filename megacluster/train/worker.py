@@ -27,12 +27,12 @@ def main(run_dir: str) -> int:
 
     cfg = config.from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
     membership = Membership.from_env()
+    init = os.environ.get("MC_INIT", "config") if membership is not None else "config"
     if membership is not None:
-        init = os.environ.get("MC_INIT", "config")
         cfg.run.resume = init == "checkpoint" or (init == "config" and cfg.run.resume)
     place = init_place(cfg.run.device)
     worker = Worker(cfg, place, run_dir=run_dir, membership=membership,
-                    wid=membership.wid if membership is not None else None)
+                    wid=membership.wid if membership is not None else None, needs_state=init == "peer")
     result = worker.run()
     if worker.place.is_main:
         write_json_atomic(Path(run_dir) / "result.json", result)
