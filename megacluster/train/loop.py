@@ -466,6 +466,8 @@ class Worker:
                     raise  # no supervisor (e.g. torchrun): exit, the launcher restarts us from the checkpoint
                 self.transition()  # the step in flight is lost; after_step of a completed step is redone
         self._sync()
+        if dist.is_initialized():  # a clean shutdown: exiting with live gloo threads aborts the process
+            dist.destroy_process_group()
         progress.close()
         for closable in (self.ckpt, self.metrics):
             if closable is not None:
