@@ -96,10 +96,12 @@ def _jsonl_texts(path: Path) -> list[str]:
 
 
 def _fingerprint(files: list[Path], extra: dict) -> str:
+    """Cache key from each file's resolved path, size and modification time (as make and ccache do), not its
+    bytes: every worker and every restarted worker computes it, and hashing a large corpus would delay them."""
     h = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
     for p in files:
-        h.update(str(p.name).encode())
-        h.update(hashlib.sha256(p.read_bytes()).digest())
+        st = p.stat()
+        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
