@@ -32,7 +32,7 @@ def run(args) -> dict:
     options = None
     if len(sc.fleet.pools) > 1:
         from .options import compare
-        options = compare(sc)
+        options = compare(sc, as_is=pred)
         result["mixed_fleet"] = options
     sweep = sweep_rows(sc.raw, args.sweep) if args.sweep else None
     if sweep:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 
 from ..hardware import get_gpu
-from .predict import predict
+from .predict import Prediction, predict
 from .scenario import Scenario, from_dict
 
 DEFAULT_LEASE_USD_PER_GPU_HOUR = 1.0  # inference lease rate when a pool does not give one
@@ -21,8 +21,9 @@ def _variant(sc: Scenario, **fleet) -> dict:
     return raw
 
 
-def compare(sc: Scenario) -> dict:
-    """Three options for a mixed fleet, each predicted in full, and the cheapest per useful token."""
+def compare(sc: Scenario, as_is: Prediction | None = None) -> dict:
+    """Three options for a mixed fleet, each predicted in full, and the cheapest per useful token.
+    `as_is`: the scenario's own prediction, reused for option (a) when the scenario already uses equal shares."""
     pools = sc.raw["fleet"]["pools"]
     fastest = max(get_gpu(p["gpu"]).peak(sc.train.dtype) for p in pools)
     keep = [p for p in pools if get_gpu(p["gpu"]).peak(sc.train.dtype) == fastest]
@@ -34,7 +35,8 @@ def compare(sc: Scenario) -> dict:
                          _variant(sc, pools=keep, balance="throughput"), lease))
     out = []
     for label, raw, leased in variants:
-        p = predict(from_dict(raw), mc=False)
+        reuse = as_is is not None and not leased and raw["fleet"]["balance"] == sc.fleet.balance
+        p = as_is if reuse else predict(from_dict(raw), mc=False)
         lease_day = sum(q["count"] * q.get("lease_usd_per_gpu_hour", DEFAULT_LEASE_USD_PER_GPU_HOUR) * 24
                         for q in leased)
         cost_day = (sc.fleet.count * sc.power.usd_per_gpu_hour * 24 + p.power["facility_avg_mw"] * 24

@@ -106,9 +106,23 @@ def assemble(sc: Scenario, best: Ranked, n_configs: int, *, mc: bool = True) -> 
         power={k: getattr(p, k) for k in p.__slots__},
         site=pw.site(sc.site, p.facility_avg_mw),
         limits=_limits(sc, plan, crit, step, tflops / peak, r.job_mttf_h, sc.reliability.restart_s, fs.fits_in_memory,
-                       max(ps.step.memory_gb for ps in fs.pools)),
+                       max(ps.step.memory_gb for ps in fs.pools)) + _pool_limits(sc, fs),
         software={"attention": sc.train.attention, "overlap_grad_reduce": sc.train.overlap_grad_reduce,
                   "balance": sc.fleet.balance})
+
+
+def _pool_limits(sc: Scenario, fs) -> list[str]:
+    """Mixed fleets with equal shares: the slowest pool's replicas set the step; say by how much."""
+    if len(fs.pools) < 2 or sc.fleet.balance != "equal":
+        return []
+    slow = max(fs.pools, key=lambda ps: ps.step.step_time_s)
+    fast = min(fs.pools, key=lambda ps: ps.step.step_time_s)
+    wait = 1 - fast.step.step_time_s / slow.step.step_time_s
+    if wait < 0.10:
+        return []
+    return [f"equal shares: {slow.pool.gpu} replicas take {slow.step.step_time_s:.2f} s per step vs "
+            f"{fast.step.step_time_s:.2f} s on {fast.pool.gpu}, which wait {wait:.0%} of every step "
+            "(balance = \"throughput\" or training without the slow pool removes it)"]
 
 
 def _breakdown(b) -> dict:

@@ -23,3 +23,19 @@ def _raw(name):
 
     import megacluster.plan as plan
     return tomllib.loads((Path(plan.__file__).parent / "presets" / f"{name}.toml").read_text())
+
+
+def test_colossus1_default_is_searched_and_says_why_as_is_is_slow():
+    from megacluster.plan.options import compare
+    from megacluster.plan.scenario import load_preset
+    sc = load_preset("colossus-1")
+    p = predict(sc, mc=False)
+    assert set(p.chosen) >= {"tp", "pp", "cp"} and p.fits_in_memory  # searched, not fixed
+    assert p.bubble_fraction < 0.15
+    assert 30e6 <= sc.train.global_batch * sc.model.seq_len <= 70e6  # frontier-sized step
+    assert any("equal shares" in line and "A100" in line for line in p.limits)
+    o = compare(sc, as_is=p)
+    as_is, balanced, hopper = o["options"]
+    assert as_is["tokens_per_s"] == p.tokens_per_s  # option (a) is the headline prediction
+    assert balanced["tokens_per_s"] > 1.5 * as_is["tokens_per_s"]  # A100s no longer set the pace
+    assert o["best"] == hopper["option"] and "lease A100" in o["best"]
