@@ -159,6 +159,7 @@ class Worker:
         self.opt = build_optimizer(self.model, cfg.optim, place.device)
         self.dtype = self._dtype()
         self.forward = self._compiled_forward()
+        self.dynamic_batch = self.forward is not self.model and cfg.run.balance == "auto"
         B = cfg.run.batch_size
         self.order = SampleOrder(self.corpus.train, cfg.model.seq_len, B, cfg.run.seed)
         self.val_order = SampleOrder(self.corpus.val, cfg.model.seq_len, B, cfg.run.seed, shuffle=False)
@@ -208,6 +209,9 @@ class Worker:
     def micro_step(self, rows: torch.Tensor, scale: float) -> torch.Tensor:
         """Forward + backward of one micro-batch; grads accumulate into the flat buffer. Returns loss sum."""
         x, y = rows[:, :-1], rows[:, 1:]  # (b, T) inputs and shifted targets
+        if self.dynamic_batch:  # shares move with the balancer: one graph for every micro-batch size, so a
+            torch._dynamo.mark_dynamic(x, 0)  # new share never stalls a step on a recompile (hang detection)
+            torch._dynamo.mark_dynamic(y, 0)
         with self.autocast():
             loss_sum = self.forward(x, y)  # summed token cross-entropy, fp32
         (loss_sum * scale).backward()
