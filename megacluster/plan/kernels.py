@@ -50,12 +50,7 @@ class Device:
         """Fraction of peak a GEMM of this shape reaches (compute-bound part)."""
         if self.measured is not None:
             return _interp(self.measured, m, n, k)
-        best = 0.0
-        for tm, tn, rel in self.tiles:  # the library picks the tile with the best wave utilisation
-            tiles = math.ceil(m / tm) * math.ceil(n / tn) * batch
-            waves = math.ceil(tiles / self.sms)
-            best = max(best, rel * tiles / (waves * self.sms))
-        return self.gemm_eff_max * best * k / (k + self.k_half)
+        return _tile_eff(self.tiles, self.sms, self.gemm_eff_max, self.k_half, m, n, k, batch)
 
     def flash_time(self, flops_fwd: float, seq: float) -> tuple[float, float]:
         """(fwd, bwd) seconds of fused attention doing `flops_fwd` in the forward (bwd does 2.5x: recomputes S)."""
@@ -67,6 +62,19 @@ class Device:
     def mem_time(self, nbytes: float) -> float:
         """Seconds to stream `nbytes` through HBM (elementwise / normalisation / optimizer kernels)."""
         return nbytes / self.hbm_bw
+
+
+@lru_cache(maxsize=1 << 16)
+def _tile_eff(tiles: tuple, sms: int, eff_max: float, k_half: float, m: float, n: float, k: float,
+              batch: float) -> float:
+    """The tile/wave model of `Device.gemm_eff`, memoised: a plan search asks for the same shapes thousands
+    of times."""
+    best = 0.0
+    for tm, tn, rel in tiles:  # the library picks the tile with the best wave utilisation
+        n_tiles = math.ceil(m / tm) * math.ceil(n / tn) * batch
+        waves = math.ceil(n_tiles / sms)
+        best = max(best, rel * n_tiles / (waves * sms))
+    return eff_max * best * k / (k + k_half)
 
 
 def _interp(measured: tuple, m: float, n: float, k: float) -> float:

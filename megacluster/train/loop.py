@@ -372,7 +372,7 @@ class Worker:
             raise SystemExit(NODE_LOST)  # this slot's node is gone for good (chaos `permanent`)
         time.sleep(self.chaos.downtime())  # chaos `down`: a node that takes a while to come back
         self.membership.announce_ready(self.step if self.valid else -1)
-        self.enter(self.membership.wait_plan(self.step, self.cfg.run.hang_timeout * 10))
+        self.enter(self.membership.wait_plan(self.step, self.plan_timeout()))
 
     def enter(self, plan: Plan) -> None:
         """Join the process group of `plan` and, if told, adopt the source's state."""
@@ -426,7 +426,7 @@ class Worker:
             self.membership.leave()
             self.membership.report(self.step if self.valid else -1, self.after_step_pending)
             try:
-                self.enter(self.membership.wait_plan(self.step, self.cfg.run.hang_timeout * 10))
+                self.enter(self.membership.wait_plan(self.step, self.plan_timeout()))
                 return
             except CollectiveError:
                 continue  # a member failed while the generation was forming: report again
@@ -522,6 +522,10 @@ class Worker:
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last:
             self.save(blocking=last)
             self.beat()
+
+    def plan_timeout(self) -> float:
+        """How long to wait for the supervisor's next plan (it may be waiting for a replacement to start)."""
+        return 10 * max(60.0, self.cfg.run.hang_timeout)
 
     def waiting(self, step: int):
         """Context for code blocked on peers (see Membership.waiting); a no-op without a supervisor."""

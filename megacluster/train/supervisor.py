@@ -270,13 +270,24 @@ class Supervisor:
         max_step = max((int(s.hb.split()[0]) for s in self.members() + failed if s.hb), default=0)
         dead = {s.wid for s in failed}
         failed = list(failed)
-        # wait until every member has reported its state or died
+        # wait until every member has reported its state or died. A member that keeps waiting on its peers
+        # (heartbeating) for hang_timeout after the generation ended is stuck in a collective the transport did
+        # not fail: it is killed and replaced like a dead one (the members that reported hold the state).
+        deadline = time.monotonic() + self.cfg.run.hang_timeout
         while True:
             newly = self.poll()
+            waiting = [s for s in self.members() if not self.store.check([f"status/{self.gen}/{s.wid}"])]
+            if waiting and time.monotonic() > deadline and len(waiting) < len(self.members()):
+                for s in waiting:
+                    self.log(f"worker {s.wid} is still blocked {self.cfg.run.hang_timeout:.0f} s after the "
+                             "generation ended: killing it")
+                    self.kill(s)
+                    s.state = "failed"
+                newly += waiting
+                waiting = []
             failed += newly
             dead |= {s.wid for s in newly}
             self.check_joiners()
-            waiting = [s for s in self.members() if not self.store.check([f"status/{self.gen}/{s.wid}"])]
             if not waiting:
                 break
             time.sleep(POLL_S)
