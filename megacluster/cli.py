@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 from .errors import InputError
@@ -53,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.json and result is not None:  # None: a non-main rank under torchrun, which stays quiet
         print(json.dumps(result, default=_jsonable), flush=True)
+    if "RANK" in os.environ and "torch.distributed" in sys.modules:  # a worker under torchrun
+        from .train.worker import hard_exit
+
+        hard_exit(0)
     return 0
 
 

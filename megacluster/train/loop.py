@@ -69,8 +69,17 @@ def init_place(device_name: str, timeout_s: float = 600.0) -> Place:
     if kind == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        backend, timeout = "nccl" if kind == "cuda" else "gloo", datetime.timedelta(seconds=timeout_s)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun keeps one store across restarts: the default keys would still hold the dead workers'
+            # addresses, and a restarted rank can read a stale one before its peer overwrites it (then gloo
+            # fails with "Connection refused"). Every restart round rendezvouses under its own prefix.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                  is_master=False, timeout=timeout)
+            store = dist.PrefixStore(f"megacluster/round{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
     return Place(rank=rank, world=world, local_rank=local_rank, device=device)
 
 

@@ -181,6 +181,11 @@ class Supervisor:
         first = self.plan is not None and step <= self.plan.step
         return self.cfg.run.hang_timeout * (5 if first else 1)
 
+    def last_step(self, s: Slot) -> int:
+        """The newest completed step `s` reported (read from the store: the last poll may be older)."""
+        key = f"hb/{s.wid}"
+        return int(self.store.get(key).decode().split()[0]) if self.store.check([key]) else 0
+
     def note_progress(self, step: int, now: float) -> None:
         if self.recovering is not None and step > self.recovering[1]:
             self.stats.recovery_s.append(now - self.recovering[0])
@@ -267,7 +272,7 @@ class Supervisor:
         cause: 'failure' (members died or hung), 'error' (a member reported a failed collective), 'grow'."""
         t_detect = time.monotonic()
         self.store.add("gen_counter", 1)  # healthy members stop after their current step
-        max_step = max((int(s.hb.split()[0]) for s in self.members() + failed if s.hb), default=0)
+        max_step = max((self.last_step(s) for s in self.members() + failed), default=0)  # before the failure
         dead = {s.wid for s in failed}
         failed = list(failed)
         # wait until every member has reported its state or died. A member that keeps waiting on its peers

@@ -39,5 +39,14 @@ def main(run_dir: str) -> int:
     return 0
 
 
+def hard_exit(code: int) -> None:
+    """Exit without running C++ static destructors: a process that used gloo can otherwise die at exit with
+    'terminate called without an active exception' (SIGABRT), which a supervisor or torchrun would take for
+    a failure of a run that finished. Everything of ours is flushed and closed before this."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    hard_exit(main(sys.argv[1]))

@@ -124,7 +124,7 @@ def test_torchrun_restart_resumes_exactly(tmp_path):
             "train", "--max-steps", "10", "--run-dir", str(tmp_path / "tr"), "--chaos", "kill:rank=1,step=5",
             "--json", "--set", "run.ckpt_every=3", *sets]
     r = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[-20000:]
     res = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
     assert res["loss_digest"] == clean["loss_digest"] and res["steps"] == 10
 
