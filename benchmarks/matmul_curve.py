@@ -9,7 +9,6 @@ interpolates this grid (log-space) instead of its physical model. This script im
 
 import argparse
 import json
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
-import json
 import math
 import os
 import signal
@@ -34,6 +33,7 @@ from . import balance as balance_mod
 from . import chaos as chaos_mod
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .elastic import NODE_LOST, Membership, Plan
+from .metrics import MetricsLog, Progress, StepTimer
 
 
 @dataclass(kw_only=True, slots=True)
@@ -444,7 +444,7 @@ class Worker:
         """Rank 0 of the current generation (alone) logs and checkpoints; a former rank 0 stops doing so."""
         if self.place.is_main:
             self.ckpt = self.ckpt or CheckpointManager(self.run_dir / "checkpoints", keep=self.cfg.run.ckpt_keep)
-            self.metrics = self.metrics or MetricsLog(self.run_dir, enabled=True)
+            self.metrics = self.metrics or MetricsLog(self.run_dir)
             return
         for closable in (self.ckpt, self.metrics):
             if closable is not None:
@@ -555,31 +555,6 @@ class Worker:
             torch.cuda.synchronize(self.place.device)
 
 
-class StepTimer:
-    """Throughput bookkeeping: per log interval, and for the whole run with the first step (compile) excluded."""
-
-    def __init__(self, first_step: int):
-        self.first_step = first_step  # steps already done when this process started training
-        self.t0 = time.perf_counter()
-        self.t_first: float | None = None
-        self.last_t, self.last_step = self.t0, first_step
-
-    def first_done(self, t: float) -> None:
-        self.t_first = t
-
-    def interval(self, step: int, tokens_per_step: int) -> float:
-        now = time.perf_counter()
-        tps = (step - self.last_step) * tokens_per_step / max(now - self.last_t, 1e-9)
-        self.last_t, self.last_step = now, step
-        return tps
-
-    def tokens_per_s(self, tokens_per_step: int, t_end: float) -> float:
-        timed = self.last_step - self.first_step - 1
-        if self.t_first is not None and timed > 0:
-            return timed * tokens_per_step / max(t_end - self.t_first, 1e-9)
-        return max(self.last_step - self.first_step, 0) * tokens_per_step / max(t_end - self.t0, 1e-9)
-
-
 def init_optimizer_state(opt: torch.optim.Optimizer) -> None:
     """Create AdamW's per-parameter state (zeros, step 0) where it does not exist yet, so every rank has the
     same tensors to broadcast into. Math is unchanged: a zero state at step 0 is what AdamW creates lazily."""
@@ -601,62 +576,3 @@ def state_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[to
             st = opt.state[p]
             out += [st["step"], st["exp_avg"], st["exp_avg_sq"]]
     return out
-
-
-class MetricsLog:
-    """RUN_DIR/metrics.jsonl (one JSON object per line), and TensorBoard scalars if tensorboard is installed."""
-
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tb"))
-            except ImportError:  # tensorboard is optional
-                pass
-
-    def write(self, rec: dict) -> None:
-        if self.file is None:
-            return
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, rec["step"])
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-class Progress:
-    """rich progress bar on stderr with loss, tok/s, MFU and ETA (rank 0 only)."""
-
-    def __init__(self, total: int, done: int, enabled: bool):
-        self.bar = None
-        if not enabled:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-        from rich.progress import Progress as RichProgress
-
-        self.bar = RichProgress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                TextColumn("{task.fields[info]}"), console=Console(stderr=True))
-        self.task = self.bar.add_task("train", total=total, completed=done, info="")
-        self.bar.start()
-
-    def update(self, step: int, rec: dict) -> None:
-        if self.bar is None:
-            return
-        mfu = f" mfu {rec['mfu'] * 100:.1f}%" if rec.get("mfu") is not None else ""
-        info = f"loss {rec['loss']:.4f} | {rec['tokens_per_s']:,.0f} tok/s{mfu}"
-        self.bar.update(self.task, completed=step, info=info)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()

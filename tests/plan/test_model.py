@@ -12,7 +12,7 @@ import pytest
 from megacluster.plan import predict
 from megacluster.plan import reliability as rel
 from megacluster.plan.scenario import ReliabilitySpec, load_scenario
-from megacluster.plan.search import candidates, rank
+from megacluster.plan.search import rank
 
 REPO = Path(__file__).resolve().parents[2]
 JSON_KEYS = ("step_time_s", "tokens_per_s", "model_tflops_per_gpu", "mfu", "memory_gb_per_gpu", "fits_in_memory",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from megacluster.errors import InputError
-from megacluster.plan import ScenarioError, load_scenario, predict
+from megacluster.plan import ScenarioError, load_scenario
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -57,8 +57,8 @@ def test_permanent_loss_shrinks_and_matches_a_clean_smaller_run(tmp_path):
 
 
 def test_one_vs_three_workers_from_scratch(tmp_path):
-    one = train(cfg(tmp_path, "one", "run.max_steps=6"))
-    three = train(cfg(tmp_path, "three", "run.workers=3", "run.max_steps=6"))
+    train(cfg(tmp_path, "one", "run.max_steps=6"))
+    train(cfg(tmp_path, "three", "run.workers=3", "run.max_steps=6"))
     a, b = losses(tmp_path / "one"), losses(tmp_path / "three")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert all(a[s] == pytest.approx(b[s], rel=1e-4) for s in a)
@@ -140,7 +140,7 @@ def test_slow_replacement_shrinks_then_grows_back(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "(failure): workers [0, 2]" in err, err
     assert "(grow): workers [0, 1, 2]" in err, err
-    clean = train(cfg(tmp_path, "clean", *extra[:-1], "run.chaos=slow:factor=6"))
+    train(cfg(tmp_path, "clean", *extra[:-1], "run.chaos=slow:factor=6"))
     assert res["world"] == 3 and res["workers_lost"] == [] and res["steps"] == 300
     a, b = losses(tmp_path / "grow"), losses(tmp_path / "clean")
     assert sorted(a) == sorted(b)

@@ -1,0 +1,87 @@
+"""Run metrics: RUN_DIR/metrics.jsonl (+ TensorBoard if installed), the rich progress bar, throughput timing."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+class StepTimer:
+    """Throughput bookkeeping: per log interval, and for the whole run with the first step (compile) excluded."""
+
+    def __init__(self, first_step: int):
+        self.first_step = first_step  # steps already done when this process started training
+        self.t0 = time.perf_counter()
+        self.t_first: float | None = None
+        self.last_t, self.last_step = self.t0, first_step
+
+    def first_done(self, t: float) -> None:
+        self.t_first = t
+
+    def interval(self, step: int, tokens_per_step: int) -> float:
+        now = time.perf_counter()
+        tps = (step - self.last_step) * tokens_per_step / max(now - self.last_t, 1e-9)
+        self.last_t, self.last_step = now, step
+        return tps
+
+    def tokens_per_s(self, tokens_per_step: int, t_end: float) -> float:
+        timed = self.last_step - self.first_step - 1
+        if self.t_first is not None and timed > 0:
+            return timed * tokens_per_step / max(t_end - self.t_first, 1e-9)
+        return max(self.last_step - self.first_step, 0) * tokens_per_step / max(t_end - self.t0, 1e-9)
+
+
+class MetricsLog:
+    """RUN_DIR/metrics.jsonl (one JSON object per line), and TensorBoard scalars if tensorboard is installed."""
+
+    def __init__(self, run_dir: Path):
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        except ImportError:  # tensorboard is optional
+            pass
+
+    def write(self, rec: dict) -> None:
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, rec["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Progress:
+    """rich progress bar on stderr with loss, tok/s, MFU and ETA (rank 0 only)."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        self.bar = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        self.bar = RichProgress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                TextColumn("{task.fields[info]}"), console=Console(stderr=True))
+        self.task = self.bar.add_task("train", total=total, completed=done, info="")
+        self.bar.start()
+
+    def update(self, step: int, rec: dict) -> None:
+        if self.bar is None:
+            return
+        mfu = f" mfu {rec['mfu'] * 100:.1f}%" if rec.get("mfu") is not None else ""
+        info = f"loss {rec['loss']:.4f} | {rec['tokens_per_s']:,.0f} tok/s{mfu}"
+        self.bar.update(self.task, completed=step, info=info)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
