@@ -141,20 +141,25 @@ class Net:
     dp: Link
 
 
-def links(pool: PoolSpec, plan: Plan, scale_out_gbps: float, oversub: float) -> Net:
+def links(pool: PoolSpec, plan: Plan, scale_out_gbps: float, oversub: float, rail: bool = True) -> Net:
     """A group whose ranks fit in one NVLink domain (and whose size divides it, so every group does) talks
-    over NVLink, otherwise over the scale-out NIC."""
+    over NVLink, otherwise over the scale-out NIC. pp and dp groups span beyond a leaf switch and see the
+    oversubscription, except on a rail-optimized fabric when every member has the same local GPU index (the
+    group's stride is a multiple of gpus_per_node): that traffic stays on its rail, which is not oversubscribed."""
     dom = nvlink_domain(pool)
     nv, so = nvlink(device(pool.gpu, "bf16").gpu), scale_out(scale_out_gbps, 1.0)
-    so_far = scale_out(scale_out_gbps, oversub)  # groups that span beyond a leaf (pp, dp) see oversubscription
+    so_far = scale_out(scale_out_gbps, oversub)
     tpcp = plan.tp * plan.cp
+
+    def far(stride: int) -> Link:  # members `stride` ranks apart
+        return so if rail and stride % pool.gpus_per_node == 0 else so_far
 
     def inside(group: int) -> bool:  # groups tile the domain: tp = 16 in a 72-GPU NVL72 rack would straddle racks
         return group <= dom and dom % group == 0
     return Net(tp=nv if inside(plan.tp) else so,
                cp=nv if inside(tpcp) else so,
-               pp=nv if inside(tpcp * plan.pp) else so_far,
-               dp=nv if inside(tpcp * plan.pp * plan.dp) else so_far)
+               pp=nv if inside(tpcp * plan.pp) else far(tpcp),
+               dp=nv if inside(tpcp * plan.pp * plan.dp) else far(tpcp * plan.pp))
 
 
 # ----------------------------------------------------------------------------------------- stage
@@ -195,10 +200,10 @@ def in_flight(pp: int, vpp: int, nmb: int, stage: int) -> list[int]:
 
 
 def estimate(m: ModelSpec, tr: TrainSpec, plan: Plan, pool: PoolSpec, scale_out_gbps: float,
-             oversub: float = 1.0, seqs: float | None = None) -> StepBreakdown:
+             oversub: float = 1.0, seqs: float | None = None, rail: bool = True) -> StepBreakdown:
     """Step time of one replica processing `seqs` sequences (default global_batch / dp), and memory per GPU."""
     dev = device(pool.gpu, tr.dtype)
-    net = links(pool, plan, scale_out_gbps, oversub)
+    net = links(pool, plan, scale_out_gbps, oversub, rail)
     seqs = tr.global_batch / plan.dp if seqs is None else seqs
     nmb = max(1, math.ceil(seqs / plan.micro_batch))
     tokens = plan.micro_batch * m.seq_len / plan.cp  # per GPU per micro-batch
@@ -352,29 +357,29 @@ class FleetStep:
 
 
 def fleet_step(m: ModelSpec, tr: TrainSpec, plan: Plan, pools: list[PoolSpec], scale_out_gbps: float,
-               oversub: float = 1.0, balance: str = "equal") -> FleetStep:
+               oversub: float = 1.0, balance: str = "equal", rail: bool = True) -> FleetStep:
     """Synchronous step over (possibly mixed) pools. "equal": every replica takes global_batch / dp sequences,
     the step is the slowest replica's. "throughput": shares proportional to each pool's replica speed,
     rounded to whole micro-batches, so all replicas finish together."""
     size = plan.tp * plan.pp * plan.cp
     reps = [p.count // size for p in pools]
     seqs0 = tr.global_batch / plan.dp
-    first = [estimate(m, tr, plan, p, scale_out_gbps, oversub, seqs0) for p in pools]
+    first = [estimate(m, tr, plan, p, scale_out_gbps, oversub, seqs0, rail) for p in pools]
     shares = [seqs0] * len(pools)
     if balance == "throughput" and len(pools) > 1:
-        shares = _throughput_shares(m, tr, plan, pools, reps, first, seqs0, scale_out_gbps, oversub)
-    steps = [f if s == seqs0 else estimate(m, tr, plan, p, scale_out_gbps, oversub, s)
+        shares = _throughput_shares(m, tr, plan, pools, reps, first, seqs0, scale_out_gbps, oversub, rail)
+    steps = [f if s == seqs0 else estimate(m, tr, plan, p, scale_out_gbps, oversub, s, rail)
              for f, s, p in zip(first, shares, pools)]
     out = [PoolStep(pool=p, replicas=r, seqs_per_replica=s, step=b) for p, r, s, b in zip(pools, reps, shares, steps)]
     fits = all(b.memory_gb <= capacity_gb(p.gpu) for p, b in zip(pools, steps))
     return FleetStep(step_time_s=max(b.step_time_s for b in steps), pools=out, fits_in_memory=fits)
 
 
-def _throughput_shares(m, tr, plan, pools, reps, first, seqs0, so, oversub) -> list[float]:
+def _throughput_shares(m, tr, plan, pools, reps, first, seqs0, so, oversub, rail) -> list[float]:
     """Mean sequences per replica per pool so that t_i(s_i) is equal, with t_i(s) = a_i + b_i s (two-point fit)."""
     lin = []
     for p, f in zip(pools, first):
-        t2 = estimate(m, tr, plan, p, so, oversub, 2 * seqs0).step_time_s
+        t2 = estimate(m, tr, plan, p, so, oversub, 2 * seqs0, rail).step_time_s
         b = max((t2 - f.step_time_s) / seqs0, 1e-12)
         lin.append((f.step_time_s - b * seqs0, b))
     total = tr.global_batch

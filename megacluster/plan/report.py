@@ -109,7 +109,8 @@ def scale_curve(sc: Scenario, pred: Prediction, counts: list[int]) -> list[tuple
         seqs = sc.train.global_batch / p["dp"]
         tr = _with_batch(sc.train, max(1, round(seqs * dp)))
         plan = Plan(**{**p, "dp": dp})
-        fs = fleet_step(sc.model, tr, plan, [pool], sc.fleet.scale_out_gbps, sc.fleet.oversubscription)
+        fs = fleet_step(sc.model, tr, plan, [pool], sc.fleet.scale_out_gbps, sc.fleet.oversubscription,
+                        rail=sc.fleet.topology == "rail-optimized")
         flops = model_flops_per_token(sc.model) * tr.global_batch * sc.model.seq_len
         mfu = flops / fs.step_time_s / pool.count / pool0_peak(pool0, sc)
         r = rel.analyse(sc.reliability, math.ceil(pool.count / pool.gpus_per_node), 1.0, mc=False,

@@ -182,7 +182,7 @@ POOL_RULES = {"gpu": _Rule("str"), "count": _int(1), "gpus_per_node": _int(1), "
 class FleetSpec:
     pools: list[PoolSpec]  # one pool for a homogeneous fleet
     scale_out_gbps: float = 400.0  # Gb/s of scale-out (InfiniBand / RoCE) per GPU
-    topology: str = "rail-optimized"  # "rail-optimized" | "fat-tree" (descriptive; oversubscription is the knob)
+    topology: str = "rail-optimized"  # "rail-optimized": same-local-rank traffic skips the oversubscribed spine | "fat-tree"
     oversubscription: float = 1.0  # scale-out bandwidth divisor above the leaf switch
     balance: str = "equal"  # mixed fleets: "equal" shares or "throughput"-proportional shares
 

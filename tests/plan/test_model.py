@@ -92,6 +92,17 @@ def test_throughput_balance_beats_equal_on_mixed_fleet():
     assert h100["seqs_per_replica"] > 2 * a100["seqs_per_replica"]
 
 
+def test_rail_optimized_fabric_spares_on_rail_traffic_from_oversubscription():
+    """tp=8 fills a node, so pp/dp peers share a local GPU index: on rails they skip the oversubscribed spine."""
+    d = dict(SMALL, parallel={"tp": 8, "pp": 2, "cp": 1},
+             fleet={"gpu": "H100-SXM", "count": 1024, "gpus_per_node": 8, "oversubscription": 4})
+    rail = predict({**d, "fleet": {**d["fleet"], "topology": "rail-optimized"}}, mc=False)
+    tree = predict({**d, "fleet": {**d["fleet"], "topology": "fat-tree"}}, mc=False)
+    flat = predict({**d, "fleet": {**d["fleet"], "oversubscription": 1, "topology": "fat-tree"}}, mc=False)
+    assert rail.step_time_s == pytest.approx(flat.step_time_s)  # on-rail: as if not oversubscribed
+    assert tree.step_time_s > rail.step_time_s
+
+
 def test_memory_grows_with_micro_batch_and_recompute_saves():
     d = dict(SMALL, parallel={"tp": 8, "pp": 1, "cp": 1}, train={"global_batch": 1024, "recompute": "none"})
     m1 = predict({**d, "train": {**d["train"], "micro_batch": 1}}, mc=False).memory_gb_per_gpu
