@@ -110,7 +110,8 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(root).expanduser()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all: temp file, fsync, rename (a crash leaves the old file or none)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -163,13 +164,13 @@ def _build(files: list[Path], cfg: DataConfig, vocab_size: int, directory: Path)
     ids = [np.asarray(e.ids + [eot], dtype=dtype) for e in tok.encode_batch(docs)]
     stream = np.concatenate(ids)
     n_val = max(int(len(stream) * cfg.val_fraction), 2)
-    _atomic_write(directory / "train.bin", stream[:-n_val].tobytes())
-    _atomic_write(directory / "val.bin", stream[-n_val:].tobytes())
+    atomic_write(directory / "train.bin", stream[:-n_val].tobytes())
+    atomic_write(directory / "val.bin", stream[-n_val:].tobytes())
     tok.save(str(directory / "tokenizer.json"))
     meta = {"format": FORMAT_VERSION, "files": len(files), "documents": len(docs), "tokens": int(len(stream)),
             "train_tokens": int(len(stream) - n_val), "val_tokens": n_val,
             "vocab_size": tok.get_vocab_size(), "dtype": np.dtype(dtype).name}
-    _atomic_write(directory / "meta.json", json.dumps(meta, indent=1).encode())  # written last: marks complete
+    atomic_write(directory / "meta.json", json.dumps(meta, indent=1).encode())  # written last: marks complete
 
 
 def _pretokenized(files: list[Path], cfg: DataConfig, vocab_size: int) -> Corpus:

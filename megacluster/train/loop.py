@@ -146,6 +146,17 @@ class CollectiveError(RuntimeError):
     """A collective failed (peer died, link flapped, timeout): the generation must be re-formed."""
 
 
+@contextlib.contextmanager
+def collective(what: str):
+    """Around communication with peers: any transport error becomes a CollectiveError naming `what`."""
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except (RuntimeError, dist.DistError) as e:
+        raise CollectiveError(f"{what}: {e}") from e
+
+
 class Worker:
     """Owns the model, optimizer, data order and metrics of one rank. `run()` trains to max_steps.
 
@@ -249,11 +260,11 @@ class Worker:
         self.flat.zero()
         t0 = time.perf_counter()
         loss_sum = self.compute_share(step, start, shares[rank])
-        timed = self.cfg.run.balance == "auto" or self.chaos.slow_factor(step) > 1
-        if timed and self.place.device.type == "cuda":
-            torch.cuda.synchronize(self.place.device)
+        factor = self.chaos.slow_factor(step)
+        if (self.cfg.run.balance == "auto" or factor > 1) and self.place.device.type == "cuda":
+            torch.cuda.synchronize(self.place.device)  # compute time, not launch time
         compute_s = time.perf_counter() - t0
-        if (factor := self.chaos.slow_factor(step)) > 1:  # emulate a slower GPU: stretch this rank's compute
+        if factor > 1:  # emulate a slower GPU: stretch this rank's compute
             time.sleep((factor - 1) * compute_s)
             compute_s *= factor
         self.inject_faults(step)
@@ -304,10 +315,8 @@ class Worker:
 
     def all_reduce(self) -> None:
         if self.place.world > 1:
-            try:
+            with collective("all-reduce"):
                 dist.all_reduce(self.flat.buf, op=dist.ReduceOp.SUM)
-            except (RuntimeError, dist.DistError) as e:
-                raise CollectiveError(str(e)) from e
 
     def clip_and_step(self, step: int) -> None:
         grads = self.flat.grads
@@ -336,11 +345,8 @@ class Worker:
                 done += mb
         self.model.train()
         if self.place.world > 1:
-            try:
-                with self.waiting(self.step):
-                    dist.all_reduce(total)
-            except (RuntimeError, dist.DistError) as e:
-                raise CollectiveError(str(e)) from e
+            with collective("validation all-reduce"), self.waiting(self.step):
+                dist.all_reduce(total)
         return total.item() / (self.cfg.run.eval_batches * B * T)
 
     # ---- checkpoints ----
@@ -385,10 +391,8 @@ class Worker:
 
     def enter(self, plan: Plan) -> None:
         """Join the process group of `plan` and, if told, adopt the source's state."""
-        try:
+        with collective(f"forming generation {plan.gen}"):
             rank, world = self.membership.join(plan, "nccl" if self.place.device.type == "cuda" else "gloo")
-        except (RuntimeError, dist.DistError) as e:
-            raise CollectiveError(f"forming generation {plan.gen}: {e}") from e
         old_world = self.place.world
         self.place.rank, self.place.world = rank, world
         if world != self.flat.world:
@@ -399,11 +403,8 @@ class Worker:
                 self.balancer.load_state_dict(self._loaded_balancer)
         self._loaded_balancer = None
         if plan.sync:
-            try:
-                with self.waiting(self.step):
-                    self.sync_state(plan.members.index(plan.source))
-            except (RuntimeError, dist.DistError) as e:
-                raise CollectiveError(f"state transfer in generation {plan.gen}: {e}") from e
+            with collective(f"state transfer in generation {plan.gen}"), self.waiting(self.step):
+                self.sync_state(plan.members.index(plan.source))
         self._set_main()
         self._flag_bufs = None  # a new generation: no flag of the previous one is pending
         every = self.cfg.run.ckpt_every

@@ -44,6 +44,11 @@ def under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def hb_step(value: str) -> int:
+    """The completed step in a heartbeat value ("<step> [wait] <time>"; "" = none yet)."""
+    return int(value.split()[0]) if value else 0
+
+
 def train(cfg: Config) -> dict | None:
     """Train per `cfg`; returns rank 0's result dict (None on other ranks under a launcher)."""
     from .loop import Worker, init_place, resolve_device  # torch is imported only when training
@@ -72,7 +77,7 @@ class Slot:
 
     wid: int
     proc: subprocess.Popen | None = None
-    state: str = "joining"  # joining | member | lost | done
+    state: str = "joining"  # joining | member | failed (dead or killed, not yet replaced) | lost | done
     restarts: int = 0
     started: float = 0.0  # monotonic time the current process started
     hb: str = ""  # last heartbeat value seen
@@ -160,7 +165,7 @@ class Supervisor:
             hb = self.store.get(f"hb/{s.wid}").decode() if self.store.check([f"hb/{s.wid}"]) else ""
             if hb != s.hb:
                 s.hb, s.hb_changed = hb, now
-                self.note_progress(int(hb.split()[0]) if hb else 0, now)
+                self.note_progress(hb_step(hb), now)
             elif now - s.hb_changed > self.hang_limit(s):
                 self.log(f"worker {s.wid} made no progress for {now - s.hb_changed:.1f} s: hung, killing it")
                 self.kill(s)
@@ -170,14 +175,14 @@ class Supervisor:
 
     def hang_limit(self, s: Slot) -> float:
         """No-progress limit; the first step of a generation may also compile, so it gets more time."""
-        step = int(s.hb.split()[0]) if s.hb else 0
+        step = hb_step(s.hb)
         first = self.plan is not None and step <= self.plan.step
         return self.cfg.run.hang_timeout * (5 if first else 1)
 
     def last_step(self, s: Slot) -> int:
         """The newest completed step `s` reported (read from the store: the last poll may be older)."""
         key = f"hb/{s.wid}"
-        return int(self.store.get(key).decode().split()[0]) if self.store.check([key]) else 0
+        return hb_step(self.store.get(key).decode()) if self.store.check([key]) else 0
 
     def note_progress(self, step: int, now: float) -> None:
         if self.recovering is not None and step > self.recovering[1]:

@@ -13,11 +13,11 @@ import os
 import sys
 from pathlib import Path
 
+from ..data import atomic_write
+
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj).encode())
 
 
 def main(run_dir: str) -> int:
