@@ -3,6 +3,8 @@
     python benchmarks/train_mfu.py                      # the four shapes at nanoGPT's batch sizes, on CUDA
     python benchmarks/train_mfu.py --shapes gpt2-124m --steps 30
     python benchmarks/train_mfu.py --device cpu --smoke # CPU smoke test of this script (tiny shapes)
+    python benchmarks/train_mfu.py --profile out/       # also a kernel-time table per shape (torch.profiler)
+    python benchmarks/train_mfu.py --sdpa cudnn         # force one attention backend (default: torch's choice)
 
 It drives `megacluster.train.loop.Worker.train_step` (the same code `megacluster train` runs: torch.compile,
 bf16 autocast, fused AdamW, flat-buffer gradients, grad clipping) on a pre-tokenized shard of uniform random
@@ -30,8 +32,41 @@ from megacluster.train.loop import Worker, init_place
 SHAPES = {"gpt2-124m": 32, "gpt2-350m": 16, "gpt2-774m": 12, "gpt2-1.5b": 8}
 
 
+def kernel_table(w: Worker, step0: int, steps: int, path: Path) -> None:
+    """Profile `steps` more steps; write the kernels sorted by device time, and their share by kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        for step in range(step0, step0 + steps):
+            w.train_step(step)
+        w._sync()
+    cuda = torch.cuda.is_available()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or not cuda]
+    us = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) for e in events}  # microseconds
+    total = sum(us.values()) or 1.0
+    kinds: dict[str, float] = {}
+    for e in events:
+        n = e.key.lower()
+        kind = ("attention" if ("flash" in n or "fmha" in n or "attention" in n or "cudnn" in n) else
+                "matmul" if ("gemm" in n or "nvjet" in n or "cutlass" in n or "sm90" in n) else
+                "optimizer" if ("adam" in n or "foreach" in n or "multi_tensor" in n) else
+                "copy" if ("memcpy" in n or "memset" in n or "copy" in n or "cat" in n) else
+                "nccl" if "nccl" in n else "triton/elementwise")
+        kinds[kind] = kinds.get(kind, 0.0) + us[e.key]
+    lines = [f"device time over {steps} steps: {total / 1e3:.1f} ms ({total / 1e3 / steps:.1f} ms/step)"]
+    lines += [f"  {k:20s} {100 * v / total:5.1f}%  {v / 1e3 / steps:8.2f} ms/step"
+              for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    lines.append("")
+    for e in sorted(events, key=lambda e: -us[e.key])[:40]:
+        lines.append(f"{100 * us[e.key] / total:5.1f}%  {us[e.key] / 1e3 / steps:8.3f} "
+                     f"ms/step  x{e.count // steps:<4d} {e.key[:140]}")
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[: len(kinds) + 1]), file=sys.stderr, flush=True)
+
+
 def bench(preset: str, batch: int, steps: int, warmup: int, device: str, shard: Path, smoke: bool,
-          extra: list[str]) -> dict:
+          extra: list[str], profile_dir: Path | None = None) -> dict:
     sets = [f"run.batch_size={batch}", f"run.micro_batch={batch}", f"run.device={device}",
             "run.progress=false", "run.eval_every=0", "run.ckpt_every=0", f"run.max_steps={warmup + steps}",
             f"data.paths={shard}", "data.val_fraction=0.01"]
@@ -53,6 +88,9 @@ def bench(preset: str, batch: int, steps: int, warmup: int, device: str, shard: 
         row = {"shape": preset, "batch": batch, "seq": cfg.model.seq_len, "params": w.model.num_params(),
                "tokens_per_s": tps, "mfu": w.mfu(tps), "step_ms": 1e3 * dt / steps, "loss": float(loss),
                "peak_mem_gb": mem}
+        if profile_dir is not None:
+            profile_dir.mkdir(parents=True, exist_ok=True)
+            kernel_table(w, warmup + steps + 1, 3, profile_dir / f"kernels-{preset}.txt")
         if w.ckpt is not None:
             w.ckpt.close()
         del w
@@ -70,14 +108,21 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU check of the script itself)")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides, e.g. run.compile=off")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR", help="write kernel tables here")
+    ap.add_argument("--sdpa", default="default", choices=("default", "flash", "cudnn", "efficient"),
+                    help="only this scaled_dot_product_attention backend (an experiment, not a trainer option)")
     args = ap.parse_args()
+    if args.sdpa != "default":
+        for name in ("flash", "cudnn", "mem_efficient", "math"):
+            getattr(torch.backends.cuda, f"enable_{name}_sdp")(name.startswith(args.sdpa))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         shard = Path(tmp) / "random.npy"  # uniform random tokens, as nanoGPT's benchmark uses
         np.save(shard, np.random.default_rng(0).integers(0, 50257, size=4_000_000, dtype=np.uint16))
         for name in args.shapes:
             batch = 4 if args.smoke else SHAPES[name]
-            row = bench(name, batch, args.steps, args.warmup, args.device, shard, args.smoke, args.set)
+            row = bench(name, batch, args.steps, args.warmup, args.device, shard, args.smoke, args.set, args.profile)
+            row["sdpa"] = args.sdpa
             rows.append(row)
             mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
             print(f"{name:10s} batch {batch:3d}  {row['tokens_per_s']:>11,.0f} tok/s  MFU {mfu:>6s}  "

@@ -81,3 +81,23 @@ def test_cli_json_contract(tmp_path):
         assert key in out
     assert out["steps"] == 3 and out["mfu"] is None and out["tokens"] == 3 * 6 * 32
     assert sorted(losses(run_dir)) == [1, 2, 3]
+
+
+def test_clipping_inside_fused_adamw_equals_explicit_clipping(tmp_path):
+    """On CUDA the clip is handed to the fused AdamW kernel (grad_scale); it must equal dividing the grads."""
+    import torch
+
+    from megacluster.train.loop import Worker, init_place
+
+    cfg = small_cfg(tmp_path, "clip", "optim.grad_clip=0.01", "run.max_steps=3")  # small: every step clips
+    plain, fused = (Worker(cfg, init_place("cpu"), run_dir=str(tmp_path / n)) for n in ("a", "b"))
+    params = [p for p in fused.model.parameters() if p.requires_grad]
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in fused.opt.param_groups]
+    fused.opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                  eps=cfg.optim.eps, fused=True)  # the CUDA path, on CPU
+    for step in (1, 2, 3):
+        assert float(plain.train_step(step)) == pytest.approx(float(fused.train_step(step)), rel=1e-6)
+        assert float(plain.grad_norm) > 10 * cfg.optim.grad_clip  # the clip really acted
+    assert getattr(fused.opt, "grad_scale", None) is not None and not hasattr(plain.opt, "grad_scale")
+    for p, q in zip(plain.model.parameters(), params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
