@@ -59,7 +59,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)  # bf16 stream: bf16 weight
 
 
 class Attention(nn.Module):
@@ -150,6 +150,10 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than model.seq_len={self.rope_cos.shape[0]}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.embed(idx)  # (B, T, d)
+        if torch.is_autocast_enabled(x.device.type):
+            # the residual stream in the autocast dtype (Megatron's default): every norm and residual add then
+            # moves half the bytes; the norms still compute in fp32 internally
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         for block in self.blocks:
             x = block(x, cos, sin)
         logits = self.head(self.norm(x))  # (B, T, V)

@@ -83,3 +83,16 @@ def test_gpt2_124m_parameter_count():
     with torch.device("meta"):
         n = GPT(cfg.model).num_params()
     assert 123e6 < n < 125e6
+
+
+def test_residual_stream_follows_autocast_dtype():
+    """Under bf16 autocast the residual stream is bf16 (half the bytes per norm/add); the loss stays fp32."""
+    m = GPT(tiny())
+    idx = torch.randint(0, m.config.vocab_size, (2, 16))
+    seen = []
+    m.blocks[0].register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    full = m(idx, idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = m(idx, idx)
+    assert seen == [torch.float32, torch.bfloat16]
+    assert half.dtype == torch.float32 and half.item() == pytest.approx(full.item(), rel=2e-2)
