@@ -7,13 +7,13 @@ interpolated from it (log-space, trilinear) instead of the physical model.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
-import numpy as np
 
 from ..hardware import GPU, get_gpu
 
@@ -49,7 +49,7 @@ class Device:
     def gemm_eff(self, m: float, n: float, k: float, batch: float = 1.0) -> float:
         """Fraction of peak a GEMM of this shape reaches (compute-bound part)."""
         if self.measured is not None:
-            return _interp(self.measured, m, n, k)
+            return _interp(self.gpu.name, m, n, k)
         return _tile_eff(self.tiles, self.sms, self.gemm_eff_max, self.k_half, m, n, k, batch)
 
     def flash_time(self, flops_fwd: float, seq: float) -> tuple[float, float]:
@@ -77,20 +77,36 @@ def _tile_eff(tiles: tuple, sms: int, eff_max: float, k_half: float, m: float, n
     return eff_max * best * k / (k + k_half)
 
 
-def _interp(measured: tuple, m: float, n: float, k: float) -> float:
-    gm, gn, gk, eff = measured
-    x = [float(np.clip(math.log2(max(v, 1.0)), g[0], g[-1])) for v, g in ((m, gm), (n, gn), (k, gk))]
+@lru_cache(maxsize=1 << 16)
+def _interp(gpu_name: str, m: float, n: float, k: float) -> float:
+    """Trilinear interpolation of the GPU's measured efficiency grid in log2(m, n, k), clamped to the grid's
+    edges. Memoised on the GPU's name (hashing the grid itself on every call would cost more than the work)."""
+    gm, gn, gk, eff = _measured_grid(gpu_name)
     idx, w = [], []
-    for xi, g in zip(x, (gm, gn, gk)):
-        j = int(min(max(np.searchsorted(g, xi) - 1, 0), len(g) - 2))
+    for v, g in ((m, gm), (n, gn), (k, gk)):
+        x = min(max(math.log2(max(v, 1.0)), g[0]), g[-1])
+        j = min(max(bisect.bisect_left(g, x) - 1, 0), len(g) - 2)
         idx.append(j)
-        w.append((xi - g[j]) / (g[j + 1] - g[j]))
+        w.append((x - g[j]) / (g[j + 1] - g[j]))
     out = 0.0
     for corner in range(8):
         bits = [(corner >> d) & 1 for d in range(3)]
         weight = math.prod(w[d] if b else 1 - w[d] for d, b in enumerate(bits))
-        out += weight * eff[idx[0] + bits[0], idx[1] + bits[1], idx[2] + bits[2]]
+        out += weight * eff[idx[0] + bits[0]][idx[1] + bits[1]][idx[2] + bits[2]]
     return max(out, 1e-3)
+
+
+@lru_cache(maxsize=16)
+def _measured_grid(gpu_name: str) -> tuple | None:
+    """(log2 m grid, log2 n grid, log2 k grid, efficiency[m][n][k] as fractions of the bf16 peak), or None."""
+    g = kernel_data()["gpus"][gpu_name].get("measured")
+    if g is None:
+        return None
+    eff = [t * 1e12 / get_gpu(gpu_name).peak("bf16") for t in g["tflops"]]  # flat, m-major
+    nn_, nk = len(g["n"]), len(g["k"])
+    grid = tuple(tuple(tuple(eff[(i * nn_ + j) * nk:(i * nn_ + j + 1) * nk]) for j in range(nn_))
+                 for i in range(len(g["m"])))
+    return (*(tuple(math.log2(v) for v in g[a]) for a in "mnk"), grid)
 
 
 @lru_cache(maxsize=64)
@@ -99,12 +115,7 @@ def device(gpu_name: str, dtype: str) -> Device:
     data = kernel_data()
     gpu = get_gpu(gpu_name)
     p = data["gpus"][gpu_name]
-    measured = None
-    if "measured" in p and dtype in ("bf16", "fp16"):
-        g = p["measured"]
-        eff = np.asarray(g["tflops"], dtype=float) * 1e12 / gpu.peak("bf16")
-        measured = (np.log2(g["m"]), np.log2(g["n"]), np.log2(g["k"]),
-                    eff.reshape(len(g["m"]), len(g["n"]), len(g["k"])))
+    measured = _measured_grid(gpu_name) if dtype in ("bf16", "fp16") else None
     return Device(gpu=gpu, peak=gpu.peak(dtype), sms=p["sms"], gemm_eff_max=p["gemm_eff_max"], k_half=p["k_half"],
                   hbm_bw=gpu.hbm_gb_s * 1e9 * p["hbm_eff"], launch_s=p["launch_us"] * 1e-6,
                   flash_fwd_eff=p["flash_fwd_eff"], flash_bwd_eff=p["flash_bwd_eff"], attn_s_half=p["attn_s_half"],
