@@ -6,8 +6,8 @@ the supervisor, and as one of N processes on M nodes under `torchrun` (RANK/WORL
 Exactness: every rank sums token losses over its share and divides by the *global* token count, and the
 gradients are summed (not averaged) across ranks. So any number of workers and any split of the batch into
 shares and micro-batches computes the same gradient as one process, up to float summation order.
-All gradients live in one flat buffer; a single all-reduce per step carries the gradients, the loss and each
-rank's compute time (for the balancer).
+A single all-reduce per step carries the gradients (copied into one flat buffer), the loss and each rank's
+compute time (for the balancer); a lone rank reduces nothing and copies nothing.
 """
 
 from __future__ import annotations
@@ -124,6 +124,8 @@ class FlatGrads:
     the buffer (one kernel), the buffer is reduced in one collective and p.grad become views of the reduced sums.
     Why not pre-assigned views (DDP's gradient_as_bucket_view): that costs a zeroing pass and a
     read-modify-write accumulate every step, 16 bytes per parameter, against 8 for the copy and 0 on one rank.
+    The price with several ranks: during the copy both the fresh gradients and the buffer exist (4 more bytes
+    per parameter at the peak, as DDP without gradient_as_bucket_view).
     """
 
     def __init__(self, params: list[torch.nn.Parameter], world: int, device: torch.device):
