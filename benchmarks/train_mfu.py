@@ -112,9 +112,10 @@ def main() -> int:
     ap.add_argument("--sdpa", default="default", choices=("default", "flash", "cudnn", "efficient"),
                     help="only this scaled_dot_product_attention backend (an experiment, not a trainer option)")
     args = ap.parse_args()
-    if args.sdpa != "default":
+    if args.sdpa != "default":  # only the named backend stays enabled (math too is off: no silent fallback)
+        only = {"flash": "flash", "cudnn": "cudnn", "efficient": "mem_efficient"}[args.sdpa]
         for name in ("flash", "cudnn", "mem_efficient", "math"):
-            getattr(torch.backends.cuda, f"enable_{name}_sdp")(name.startswith(args.sdpa))
+            getattr(torch.backends.cuda, f"enable_{name}_sdp")(name == only)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         shard = Path(tmp) / "random.npy"  # uniform random tokens, as nanoGPT's benchmark uses
