@@ -42,17 +42,19 @@ def kernel_table(w: Worker, step0: int, steps: int, path: Path) -> None:
             w.train_step(step)
         w._sync()
     cuda = torch.cuda.is_available()
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or not cuda]
+    # kernels only: user ranges such as "Optimizer.step#AdamW.step" also carry device time (their kernels')
+    events = [e for e in prof.key_averages() if (e.device_type.name == "CUDA" or not cuda) and "#" not in e.key]
     us = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) for e in events}  # microseconds
     total = sum(us.values()) or 1.0
     kinds: dict[str, float] = {}
     for e in events:
         n = e.key.lower()
-        kind = ("attention" if ("flash" in n or "fmha" in n or "attention" in n or "cudnn" in n) else
-                "matmul" if ("gemm" in n or "nvjet" in n or "cutlass" in n or "sm90" in n) else
-                "optimizer" if ("adam" in n or "foreach" in n or "multi_tensor" in n) else
-                "copy" if ("memcpy" in n or "memset" in n or "copy" in n or "cat" in n) else
-                "nccl" if "nccl" in n else "triton/elementwise")
+        kind = ("attention" if ("flash" in n or "fmha" in n or "sdpa" in n or "cudnn" in n) else
+                "elementwise (triton)" if n.startswith("triton") else
+                "matmul" if ("gemm" in n or "nvjet" in n or "cutlass" in n) else
+                "optimizer" if ("adam" in n or "multi_tensor" in n) else
+                "copy" if ("memcpy" in n or "memset" in n) else
+                "nccl" if "nccl" in n else "other")
         kinds[kind] = kinds.get(kind, 0.0) + us[e.key]
     lines = [f"device time over {steps} steps: {total / 1e3:.1f} ms ({total / 1e3 / steps:.1f} ms/step)"]
     lines += [f"  {k:20s} {100 * v / total:5.1f}%  {v / 1e3 / steps:8.2f} ms/step"
