@@ -199,6 +199,7 @@ class Worker:
         self.forward = self._compiled_forward()
         self.dynamic_batch = self.forward is not self.model and cfg.run.balance == "auto"
         B = cfg.run.batch_size
+        self.tokens_per_step = B * cfg.model.seq_len  # the global token count every loss is divided by
         self.order = SampleOrder(self.corpus.train, cfg.model.seq_len, B, cfg.run.seed)
         self.val_order = SampleOrder(self.corpus.val, cfg.model.seq_len, B, cfg.run.seed, shuffle=False)
         self.balancer = balance_mod.Balancer(world=place.world, global_batch=B, mode=cfg.run.balance)
@@ -245,7 +246,7 @@ class Worker:
 
     # ---- the hot path ----
     def micro_step(self, rows: torch.Tensor, scale: float) -> torch.Tensor:
-        """Forward + backward of one micro-batch; grads accumulate into the flat buffer. Returns loss sum."""
+        """Forward + backward of one micro-batch; grads land in (or add to) p.grad. Returns the loss sum."""
         x, y = rows[:, :-1], rows[:, 1:]  # (b, T) inputs and shifted targets
         if self.dynamic_batch:  # shares move with the balancer: one graph for every micro-batch size, so a
             torch._dynamo.mark_dynamic(x, 0)  # new share never stalls a step on a recompile (hang detection)
@@ -258,7 +259,7 @@ class Worker:
     def compute_share(self, step: int, start: int, count: int) -> torch.Tensor:
         """Forward/backward over this rank's `count` sequences of the global batch; returns its loss sum."""
         total = torch.zeros((), device=self.place.device)
-        scale = 1.0 / (self.cfg.run.batch_size * self.cfg.model.seq_len)  # global token count
+        scale = 1.0 / self.tokens_per_step
         done = 0
         for mb in balance_mod.micro_batches(count, self.cfg.run.micro_batch):
             rows = self.to_device(self.order.rows(step, start + done, mb))
@@ -310,7 +311,7 @@ class Worker:
             times = extras[2:].tolist()
             self.balancer.observe(step, times[:world], [int(s) for s in times[world:]])
         self.clip_and_step(step)
-        return extras[0] / (self.cfg.run.batch_size * self.cfg.model.seq_len)
+        return extras[0] / self.tokens_per_step
 
     def read_flag(self, flag: torch.Tensor) -> bool:
         """The reduced end-generation flag. On CUDA it is read one step late, from a pinned buffer, so the host
@@ -389,9 +390,12 @@ class Worker:
             return
         self.flush()  # the checkpoint's loss history must cover every step it contains
         state = {"optimizer": self.opt.state_dict(), "rng": rng_state(), "balancer": self.balancer.state_dict()}
-        meta = {"step": self.step, "losses": self.losses, "costs": self.costs, "val_loss": self.val_loss,
-                "config": self.cfg.to_dict()}
+        meta = {**self.history(), "config": self.cfg.to_dict()}
         self.ckpt.save(self.step, self.model.state_dict(), state, meta, blocking=blocking)
+
+    def history(self) -> dict:
+        """What a checkpoint and a peer's state transfer carry besides tensors: completed steps and their record."""
+        return {"step": self.step, "losses": self.losses, "costs": self.costs, "val_loss": self.val_loss}
 
     def restore(self) -> bool:
         """Load the newest good checkpoint of this run dir, if any. Every rank reads the same files."""
@@ -449,8 +453,8 @@ class Worker:
     def sync_state(self, src: int) -> None:
         """Everyone adopts rank `src`'s model, optimizer state and history (broadcast in a fixed order)."""
         init_optimizer_state(self.opt)
-        meta = [{"step": self.step, "losses": self.losses, "costs": self.costs, "val_loss": self.val_loss,
-                 "balancer": self.balancer.state_dict(), "after_step_pending": self.after_step_pending}]
+        meta = [{**self.history(), "balancer": self.balancer.state_dict(),
+                 "after_step_pending": self.after_step_pending}]
         dist.broadcast_object_list(meta, src=src)
         m = meta[0]
         if self.place.rank != src:
@@ -491,7 +495,6 @@ class Worker:
         """Train to max_steps, riding through generation changes; returns the run's result (rank 0's is complete)."""
         cfg = self.cfg.run
         self.start()
-        tokens_per_step = cfg.batch_size * self.cfg.model.seq_len
         progress = Progress(cfg.max_steps, self.step, enabled=self.place.is_main and cfg.progress)
         t_start = time.perf_counter()
         self.timer = StepTimer(self.step)
@@ -521,9 +524,9 @@ class Worker:
             if closable is not None:
                 closable.close()
         t_end = time.perf_counter()
-        tps = self.timer.tokens_per_s(tokens_per_step, t_end)
+        tps = self.timer.tokens_per_s(self.tokens_per_step, t_end)
         return {"steps": self.step, "final_loss": self.losses[-1] if self.losses else None,
-                "val_loss": self.val_loss, "tokens": self.step * tokens_per_step, "tokens_per_s": tps,
+                "val_loss": self.val_loss, "tokens": self.step * self.tokens_per_step, "tokens_per_s": tps,
                 "mfu": self.mfu(tps), "run_dir": str(self.run_dir), "world": self.place.world,
                 "device": str(self.place.device), "params": self.model.num_params(),
                 "loss_digest": loss_digest(self.losses), "shares": self.balancer.shares(),
@@ -547,7 +550,7 @@ class Worker:
             self.flush()
             rec = {"step": step, "loss": self.losses[-1], "lr": lr_at(step, self.cfg.optim, cfg.max_steps),
                    "grad_norm": float(self.grad_norm)}
-            rec["tokens_per_s"] = self.timer.interval(step, cfg.batch_size * self.cfg.model.seq_len)
+            rec["tokens_per_s"] = self.timer.interval(step, self.tokens_per_step)
             rec["mfu"] = self.mfu(rec["tokens_per_s"])
             rec["world"] = self.place.world
             if cfg.balance == "auto" or self.balancer.stragglers():
