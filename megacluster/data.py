@@ -29,6 +29,7 @@ import numpy as np
 from . import tokenizer as tk
 from .config import DataConfig
 from .errors import InputError
+from .files import atomic_write
 
 FORMAT_VERSION = 1
 PRETOKENIZED = (".npy", ".bin")
@@ -108,16 +109,6 @@ def _fingerprint(files: list[Path], extra: dict) -> str:
 def cache_root(cfg: DataConfig) -> Path:
     root = cfg.cache_dir or os.environ.get("MEGACLUSTER_CACHE") or Path.home() / ".cache" / "megacluster"
     return Path(root).expanduser()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `path` whole or not at all: temp file, fsync, rename (a crash leaves the old file or none)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _token_dtype(vocab_size: int):

@@ -24,7 +24,6 @@ again. slow is persistent. Use in the worker:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megacluster.errors import InputError
+from megacluster.files import write_json
 
 KINDS = ("kill", "hang", "flap", "slow")
 ONE_SHOT = ("kill", "hang", "flap")
@@ -239,7 +239,7 @@ class Chaos:
         name = self._marker(fault)
         self._fired.add(name)
         if self.marker_dir is not None:
-            _write_durably(self.marker_dir, name, {"id": fault.id, "rank": self.rank, "pid": os.getpid()})
+            write_json(self.marker_dir / name, {"id": fault.id, "rank": self.rank, "pid": os.getpid()})
 
     def take(self, step: int, kind: str) -> Fault | None:
         """due() and, if a fault is due, fire() it: the caller then acts on the returned fault."""
@@ -271,18 +271,3 @@ class Chaos:
     def permanent_ranks(self) -> set[int]:
         """Ranks with a permanent kill in the plan (they never come back once it fires)."""
         return {f.rank for f in self.faults if f.kind == "kill" and f.permanent and f.rank is not None}
-
-
-def _write_durably(directory: Path, name: str, content: dict) -> None:
-    """Write directory/name atomically (tmp file, fsync, rename, fsync the directory)."""
-    tmp = directory / f".{name}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(content, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, directory / name)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

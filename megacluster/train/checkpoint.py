@@ -43,6 +43,7 @@ import safetensors.torch
 import torch
 
 from megacluster.errors import InputError
+from megacluster.files import fsync_dir
 
 FORMAT = 1  # manifest.json "format"
 MODEL_FILE = "model.safetensors"
@@ -156,11 +157,11 @@ class CheckpointManager:
             aside = self._hidden(step, "old")
             os.replace(final, aside)
             os.replace(tmp, final)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             shutil.rmtree(aside, ignore_errors=True)
         else:
             os.replace(tmp, final)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
     def _prune(self, just_written: int) -> None:
         """Delete the oldest checkpoints below the one just written so that keep-1 of them remain.
@@ -280,7 +281,7 @@ def _write_files(tmp: Path, step: int, model: dict, state: dict, meta: dict) -> 
         json.dump(manifest, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     return files
 
 
@@ -294,14 +295,6 @@ def _digest(path: Path, *, sync: bool = False) -> dict:
         if sync:
             os.fsync(fh.fileno())
     return {"bytes": size, "sha256": digest.hexdigest()}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:

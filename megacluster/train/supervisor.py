@@ -32,8 +32,8 @@ from pathlib import Path
 from ..config import Config
 from ..data import prepare
 from ..errors import InputError
+from ..files import write_json
 from .elastic import NODE_LOST, Plan
-from .worker import write_json_atomic
 
 POLL_S = 0.05  # seconds between supervisor checks
 MAX_RESTARTS = 3  # restarts per worker slot before it is given up
@@ -106,7 +106,7 @@ class Supervisor:
         if not cfg.run.resume:  # a fresh run: old one-shot chaos markers and results do not apply
             shutil.rmtree(self.run_dir / "chaos", ignore_errors=True)
         (self.run_dir / "result.json").unlink(missing_ok=True)
-        write_json_atomic(self.run_dir / "config.json", cfg.to_dict())
+        write_json(self.run_dir / "config.json", cfg.to_dict())
         self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                                    timeout=datetime.timedelta(seconds=60))
         self.store.set("gen_counter", "0")
@@ -135,7 +135,7 @@ class Supervisor:
         slot.proc = subprocess.Popen([sys.executable, "-m", "megacluster.train.worker", str(self.run_dir)], env=env)
         slot.state, slot.started, slot.hb, slot.hb_changed = "joining", time.monotonic(), "", time.monotonic()
         pids = {s.wid: s.proc.pid for s in self.slots if s.proc is not None}
-        write_json_atomic(self.run_dir / "workers.json", pids)  # for operators (and tests) to find the processes
+        write_json(self.run_dir / "workers.json", pids)  # for operators (and tests) to find the processes
 
     def kill(self, slot: Slot) -> None:
         if slot.proc is not None and slot.proc.poll() is None:
@@ -394,5 +394,5 @@ class Supervisor:
                    max_recovery_s=max(st.recovery_s) if st.recovery_s else None,
                    worker_s=self.worker_s, goodput=res["kept_worker_s"] / self.worker_s if self.worker_s else None,
                    workers_lost=[s.wid for s in self.slots if s.state == "lost"], generations=self.gen)
-        write_json_atomic(path, res)
+        write_json(path, res)
         return res

@@ -13,11 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..data import atomic_write
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    atomic_write(path, json.dumps(obj).encode())
+from ..files import write_json
 
 
 def main(run_dir: str) -> int:
@@ -35,7 +31,7 @@ def main(run_dir: str) -> int:
                     wid=membership.wid if membership is not None else None, needs_state=init == "peer")
     result = worker.run()
     if worker.place.is_main:
-        write_json_atomic(Path(run_dir) / "result.json", result)
+        write_json(Path(run_dir) / "result.json", result)
     return 0
 
 

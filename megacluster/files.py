@@ -1,0 +1,33 @@
+"""Durable file writes, shared by the data cache, the run directory's JSON files, chaos markers and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in directory `path` survive a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all: temp file, fsync, rename, fsync the directory (a crash leaves the
+    old file or none)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json(path: Path, obj) -> None:
+    """`obj` as JSON, atomically (see atomic_write)."""
+    atomic_write(path, json.dumps(obj).encode())
