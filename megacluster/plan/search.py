@@ -27,8 +27,9 @@ class Ranked:
     tokens_per_s: float
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def _divisors(n: int, upto: int) -> list[int]:
+    """Divisors of n that are <= upto (n can be ~1M GPUs; only small divisors are ever wanted)."""
+    return [d for d in range(1, min(n, upto) + 1) if n % d == 0]
 
 
 def _pow2_upto(n: int) -> list[int]:
@@ -50,7 +51,7 @@ def candidates(sc: Scenario) -> list[Plan]:
                                                                        _ok(sc, cp=c))]
     out = []
     for tp, cp in product(tps, cps):
-        pps = [p.pp] if p.pp else [q for q in _divisors(max(unit // (tp * cp), 1)) if q <= m.layers]
+        pps = [p.pp] if p.pp else _divisors(max(unit // (tp * cp), 1), m.layers)
         for pp in pps:
             size = tp * cp * pp
             if unit % size or (p.dp and p.dp * size != n):
@@ -67,7 +68,7 @@ def _inner(sc: Scenario, tp: int, pp: int, cp: int, dp: int) -> list[Plan]:
     """Plans for a fixed (tp, pp, cp, dp): vpp, micro-batch and recompute choices."""
     p, tr, m = sc.parallel, sc.train, sc.model
     per_replica = max(tr.global_batch // dp, 1)
-    mbs = [tr.micro_batch] if tr.micro_batch else [b for b in _divisors(per_replica) if b <= 16]
+    mbs = [tr.micro_batch] if tr.micro_batch else _divisors(per_replica, 16)
     vpps = [p.vpp] if p.vpp else ([1] if pp == 1 else [v for v in (1, 2, 3, 4, 6, 8, 12, 16) if pp * v <= m.layers])
     recs = [tr.recompute] if tr.recompute else RECOMPUTE
     out = []
@@ -115,9 +116,3 @@ MEMORY_MODEL_TOL = 0.20
 
 def _plausible(r: Ranked) -> bool:
     return all(ps.step.memory_gb <= capacity_gb(ps.pool.gpu) * (1 + MEMORY_MODEL_TOL) for ps in r.fleet.pools)
-
-
-def best(sc: Scenario) -> tuple[Ranked, int]:
-    """The best plan and how many configurations were evaluated."""
-    ranked = rank(sc)
-    return ranked[0], len(ranked)
