@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
-
 from ..hardware import GPU, get_gpu
 
 

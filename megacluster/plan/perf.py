@@ -13,7 +13,7 @@ Equations and sources: docs/plan.md.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .kernels import Device, Link, device, nvlink, scale_out
 from .scenario import ModelSpec, PoolSpec, TrainSpec, nvlink_domain
@@ -326,14 +326,10 @@ def activation_bytes(m: ModelSpec, tr: TrainSpec, plan: Plan, nmb: int, chunks: 
     bytes per layer; the last stage also holds one micro-batch's fp32 logits (vocab-parallel)."""
     stored = sum(n * k for n, k in zip(chunks, held)) * layer_activation_bytes(m, tr, plan)
     if plan.recompute == "full":  # one layer's full activations live during its recompute
-        stored += layer_activation_bytes(m, tr, Plan(**{**_asdict(plan), "recompute": "none"}))
+        stored += layer_activation_bytes(m, tr, replace(plan, recompute="none"))
     if last_stage:
         stored += plan.micro_batch * m.seq_len / plan.cp * m.vocab / plan.tp * 4
     return stored
-
-
-def _asdict(plan: Plan) -> dict:
-    return {k: getattr(plan, k) for k in Plan.__slots__}
 
 
 # ------------------------------------------------------------------------------------------ fleet

@@ -5,10 +5,12 @@ from __future__ import annotations
 import html
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+from ..hardware import get_gpu
 from . import reliability as rel
-from .perf import fleet_step, model_flops_per_token
+from .perf import Plan, fleet_step, model_flops_per_token
 from .predict import Prediction
 from .scenario import PoolSpec, Scenario
 
@@ -101,32 +103,21 @@ def scale_curve(sc: Scenario, pred: Prediction, counts: list[int]) -> list[tuple
     p = pred.plan
     size = p["tp"] * p["pp"] * p["cp"]
     pool0 = sc.fleet.pools[0]
-    from .perf import Plan
     out = []
     for n in counts:
         dp = max(1, n // size)
         pool = PoolSpec(gpu=pool0.gpu, count=dp * size, gpus_per_node=pool0.gpus_per_node)
         seqs = sc.train.global_batch / p["dp"]
-        tr = _with_batch(sc.train, max(1, round(seqs * dp)))
+        tr = replace(sc.train, global_batch=max(1, round(seqs * dp)))
         plan = Plan(**{**p, "dp": dp})
         fs = fleet_step(sc.model, tr, plan, [pool], sc.fleet.scale_out_gbps, sc.fleet.oversubscription,
                         rail=sc.fleet.topology == "rail-optimized")
         flops = model_flops_per_token(sc.model) * tr.global_batch * sc.model.seq_len
-        mfu = flops / fs.step_time_s / pool.count / pool0_peak(pool0, sc)
+        mfu = flops / fs.step_time_s / pool.count / get_gpu(pool0.gpu).peak(sc.train.dtype)
         r = rel.analyse(sc.reliability, math.ceil(pool.count / pool.gpus_per_node), 1.0, mc=False,
                         gpus_per_node=pool.gpus_per_node)
         out.append((pool.count, r.job_mttf_h, mfu * r.ettr))
     return out
-
-
-def pool0_peak(pool: PoolSpec, sc: Scenario) -> float:
-    from ..hardware import get_gpu
-    return get_gpu(pool.gpu).peak(sc.train.dtype)
-
-
-def _with_batch(train, batch: int):
-    from dataclasses import replace
-    return replace(train, global_batch=batch)
 
 
 def _scale_plot(plt, out: Path, sc: Scenario, pred: Prediction) -> Path:
