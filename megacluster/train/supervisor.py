@@ -92,8 +92,6 @@ class Stats:
     flaps_survived: int = 0
     lost_steps: int = 0
     recovery_s: list[float] = field(default_factory=list)  # failure detected -> next step done, seconds
-    stragglers_named: list[int] = field(default_factory=list)
-    events: list[str] = field(default_factory=list)
 
 
 class Supervisor:
@@ -162,7 +160,7 @@ class Supervisor:
                 s.state = "failed"
                 failed.append(s)
                 continue
-            hb = self.store.get(f"hb/{s.wid}").decode() if self.store.check([f"hb/{s.wid}"]) else ""
+            hb = self.read_hb(s)
             if hb != s.hb:
                 s.hb, s.hb_changed = hb, now
                 self.note_progress(hb_step(hb), now)
@@ -179,10 +177,19 @@ class Supervisor:
         first = self.plan is not None and step <= self.plan.step
         return self.cfg.run.hang_timeout * (5 if first else 1)
 
+    def read_hb(self, s: Slot) -> str:
+        """The heartbeat value `s` last wrote ("" if none yet)."""
+        key = f"hb/{s.wid}"
+        return self.store.get(key).decode() if self.store.check([key]) else ""
+
     def last_step(self, s: Slot) -> int:
         """The newest completed step `s` reported (read from the store: the last poll may be older)."""
-        key = f"hb/{s.wid}"
-        return hb_step(self.store.get(key).decode()) if self.store.check([key]) else 0
+        return hb_step(self.read_hb(s))
+
+    @property
+    def ready_timeout(self) -> float:
+        """How long a new worker process may take to become ready (imports, data, CUDA context)."""
+        return max(120.0, 4 * self.cfg.run.hang_timeout)
 
     def note_progress(self, step: int, now: float) -> None:
         if self.recovering is not None and step > self.recovering[1]:
@@ -197,9 +204,10 @@ class Supervisor:
     def check_joiners(self) -> None:
         """Joiners that exited: NODE_LOST = gone for good; otherwise restart while restarts remain."""
         for s in self.slots:
-            if s.state != "joining" or s.proc is None or s.proc.poll() is None:
-                if s.state == "joining" and s.proc is not None and \
-                        time.monotonic() - s.started > max(120.0, 4 * self.cfg.run.hang_timeout):
+            if s.state != "joining" or s.proc is None:
+                continue
+            if s.proc.poll() is None:  # still starting
+                if time.monotonic() - s.started > self.ready_timeout:
                     self.log(f"worker {s.wid} did not become ready in time; killing it")
                     self.kill(s)
                 continue
@@ -221,7 +229,7 @@ class Supervisor:
         try:
             for s in self.slots:
                 self.spawn(s, "checkpoint" if self.cfg.run.resume else "config")
-            self.wait_ready(self.slots, timeout=max(120.0, 4 * self.cfg.run.hang_timeout))
+            self.wait_ready(self.slots, timeout=self.ready_timeout)
             if not self.joiners_ready():
                 raise RuntimeError("no worker became ready; see the worker errors above")
             self.form(reason="start")
@@ -374,12 +382,11 @@ class Supervisor:
             if s.state in ("member", "joining", "failed"):
                 self.kill(s)
                 self.restart(s, "checkpoint")
-        self.wait_ready(self.slots, timeout=max(120.0, 4 * self.cfg.run.hang_timeout))
+        self.wait_ready(self.slots, timeout=self.ready_timeout)
         self.stats.recoveries_from_checkpoint += 1
         return self.form(reason="restart from checkpoint")
 
     def log(self, msg: str) -> None:
-        self.stats.events.append(msg)
         print(f"supervisor: {msg}", file=sys.stderr, flush=True)
 
     def result(self) -> dict:
