@@ -22,17 +22,11 @@ VERBS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse already exits 2; make the message name the verb
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verb = argv[0] if argv and argv[0] in VERBS else None
-    parser = _Parser(prog="megacluster", description="megacluster: train, plan, serve")
-    sub = parser.add_subparsers(dest="verb", metavar="{" + ",".join(VERBS) + "}", parser_class=_Parser)
+    parser = argparse.ArgumentParser(prog="megacluster", description="megacluster: train, plan, serve")
+    sub = parser.add_subparsers(dest="verb", metavar="{" + ",".join(VERBS) + "}")
     mod = None
     for name, (modname, help_text) in VERBS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

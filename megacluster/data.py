@@ -157,7 +157,7 @@ def _build(files: list[Path], cfg: DataConfig, vocab_size: int, directory: Path)
     n_val = max(int(len(stream) * cfg.val_fraction), 2)
     atomic_write(directory / "train.bin", stream[:-n_val].tobytes())
     atomic_write(directory / "val.bin", stream[-n_val:].tobytes())
-    tok.save(str(directory / "tokenizer.json"))
+    tk.save(tok, directory / "tokenizer.json")
     meta = {"format": FORMAT_VERSION, "files": len(files), "documents": len(docs), "tokens": int(len(stream)),
             "train_tokens": int(len(stream) - n_val), "val_tokens": n_val,
             "vocab_size": tok.get_vocab_size(), "dtype": np.dtype(dtype).name}

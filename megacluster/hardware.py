@@ -78,23 +78,18 @@ def get_gpu(name: str) -> GPU:
         raise KeyError(f"unknown GPU {name!r}; known: {', '.join(GPUS)}") from None
 
 
-def match_device_name(device_name: str, total_memory_gb: float | None = None) -> GPU | None:
+def match_device_name(device_name: str) -> GPU | None:
     """Map a CUDA device name (e.g. 'NVIDIA H100 80GB HBM3') to a catalogue entry, or None if unknown.
 
-    The longest matching alias wins, so 'H100 PCIe' is not taken for the SXM part. Memory breaks the
-    A100 40/80 GB tie when the name does not say.
+    The longest matching alias wins, so 'H100 PCIe' is not taken for the SXM part. Every A100 alias names
+    its memory (40GB / 80GB), so a bare 'A100' matches nothing: MFU is then null rather than a guess.
     """
     best: tuple[int, GPU] | None = None
     for gpu in GPUS.values():
         for alias in gpu.aliases:
             if alias.lower() in device_name.lower() and (best is None or len(alias) > best[0]):
                 best = (len(alias), gpu)
-    if best is None:
-        return None
-    gpu = best[1]
-    if gpu.name.startswith("A100") and total_memory_gb is not None and "GB" not in device_name:
-        gpu = GPUS["A100-80GB" if total_memory_gb > 45 else "A100-40GB"]
-    return gpu
+    return best[1] if best is not None else None
 
 
 def detect_local_gpu(device_index: int = 0) -> GPU | None:
@@ -104,5 +99,4 @@ def detect_local_gpu(device_index: int = 0) -> GPU | None:
 
     if not torch.cuda.is_available():
         return None
-    props = torch.cuda.get_device_properties(device_index)
-    return match_device_name(props.name, props.total_memory / 1e9)
+    return match_device_name(torch.cuda.get_device_properties(device_index).name)
