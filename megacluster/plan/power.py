@@ -42,11 +42,10 @@ def pool_watts(pool: PoolSpec, spec: PowerSpec) -> tuple[float, float]:
     return pool.count * (gpu.tdp_w * spec.gpu_compute_power_frac + flat), pool.count * (idle + flat)
 
 
-def analyse(pools: list[PoolSpec], spec: PowerSpec, step_s: float, busy_s: float, stall_s: float,
-            pue: float | None = None) -> PowerResult:
+def analyse(pools: list[PoolSpec], spec: PowerSpec, step_s: float, busy_s: float, stall_s: float) -> PowerResult:
     """Power for a step of `step_s` seconds of which `busy_s` compute; `stall_s`: longest all-idle stretch
     (a restart) the battery must absorb to keep the grid draw flat."""
-    pue = spec.pue if pue is None else pue
+    pue = spec.pue
     hi = sum(pool_watts(p, spec)[0] for p in pools) * pue / 1e6  # MW
     lo = sum(pool_watts(p, spec)[1] for p in pools) * pue / 1e6
     busy = min(max(busy_s, 0.0), step_s)

@@ -81,8 +81,7 @@ def assemble(sc: Scenario, best: Ranked, n_configs: int, *, mc: bool = True) -> 
     r = rel.analyse(sc.reliability, nodes, horizon, mc=mc, gpus_per_node=gpn)
 
     busy = step - crit.bubble_s - crit.dp_comm_s - crit.optimizer_s
-    off_earth = sc.site.kind != "earth" and "pue" not in sc.raw.get("power", {})
-    p = pw.analyse(sc.fleet.pools, sc.power, step, busy, sc.reliability.restart_s, pue=1.05 if off_earth else None)
+    p = pw.analyse(sc.fleet.pools, sc.power, step, busy, sc.reliability.restart_s)
     wall_h = horizon * 24
     energy = p.facility_avg_mw * wall_h
     cost = energy * sc.power.usd_per_mwh + n * sc.power.usd_per_gpu_hour * wall_h

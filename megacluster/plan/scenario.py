@@ -231,7 +231,7 @@ RELIABILITY_RULES = {"node_failures_per_1000_node_days": _num(0), "causes": _Rul
 
 @dataclass(kw_only=True, slots=True)
 class PowerSpec:
-    pue: float = 1.2  # facility power / IT power (Earth; orbit and Mars sites override)
+    pue: float = 1.2  # facility power / IT power on Earth (off Earth: OFF_EARTH_PUE unless given)
     node_overhead_w: float | None = None  # W per node besides GPUs (CPUs, DRAM, NICs, NVSwitch, fans); None -> 3,500 per 8 GPUs
     network_w_per_gpu: float = 40.0  # W of scale-out switches and optics per GPU
     gpu_compute_power_frac: float = 0.95  # GPU board power while computing, fraction of TDP
@@ -243,6 +243,7 @@ class PowerSpec:
     usd_per_gpu_hour: float = 2.0  # amortised capital (or rental) cost of one GPU-hour, USD
 
 
+OFF_EARTH_PUE = 1.05  # orbit / Mars: radiators reject heat to space, only pumps add to the IT load
 POWER_RULES = {"pue": _num(1.0, 5.0), "node_overhead_w": _num(0), "network_w_per_gpu": _num(0),
                "gpu_compute_power_frac": _num(0, 1.5), "gpu_comm_power_frac": _num(0, 1.5), "grid_mw": _num(0),
                "battery_mwh": _num(0), "battery_mw": _num(0), "usd_per_mwh": _num(0), "usd_per_gpu_hour": _num(0)}
@@ -339,6 +340,8 @@ def from_dict(raw: dict) -> Scenario:
     )
     if sc.train.recompute == "auto":
         sc.train.recompute = None
+    if sc.site.kind != "earth" and "pue" not in (raw.get("power") or {}):
+        sc.power.pue = OFF_EARTH_PUE
     _software_defaults(sc.train)
     _cross_check(sc)
     return sc
