@@ -211,18 +211,22 @@ class Supervisor:
                     self.log(f"worker {s.wid} did not become ready in time; killing it")
                     self.kill(s)
                 continue
-            code = s.proc.returncode
-            if code == NODE_LOST or s.restarts >= MAX_RESTARTS:
-                why = "its node is gone" if code == NODE_LOST else f"{s.restarts} restarts used"
-                self.log(f"worker {s.wid} cannot come back ({why}): continuing without it")
-                s.state = "lost"
-            else:
-                self.restart(s, "peer" if self.members() else "checkpoint")
+            self.restart(s, "peer" if self.members() else "checkpoint", exit_code=s.proc.returncode)
 
-    def restart(self, s: Slot, init: str) -> None:
+    def restart(self, s: Slot, init: str, exit_code: int | None = None) -> bool:
+        """Start a new process for slot `s`, or give the slot up: the one place that decides.
+
+        A slot is given up (state 'lost', the run continues without it) when its process exited with NODE_LOST
+        or it has used its MAX_RESTARTS restarts. Returns whether a process was started."""
+        if exit_code == NODE_LOST or s.restarts >= MAX_RESTARTS:
+            why = "its node is gone" if exit_code == NODE_LOST else f"{s.restarts} restarts used"
+            self.log(f"worker {s.wid} cannot come back ({why}): continuing without it")
+            s.state = "lost"
+            return False
         s.restarts += 1
         self.stats.restarts += 1
         self.spawn(s, init)
+        return True
 
     # ---- generations ----
     def run(self) -> dict:
@@ -304,11 +308,7 @@ class Supervisor:
             time.sleep(POLL_S)
         survivors = self.members()
         for s in failed:
-            if s.restarts >= MAX_RESTARTS:
-                self.log(f"worker {s.wid} failed {s.restarts + 1} times: continuing without it")
-                s.state = "lost"
-            else:
-                self.restart(s, "peer" if survivors else "checkpoint")
+            self.restart(s, "peer" if survivors else "checkpoint")
         flap = not dead and cause == "error"  # a collective failed and yet every worker is alive
         if flap:
             self.flaps_in_a_row += 1
@@ -376,12 +376,16 @@ class Supervisor:
         self.recovering = (t_detect, step)
 
     def restart_from_checkpoint(self, why: str) -> int:
-        """Kill every worker process and restart all live slots from the newest good checkpoint."""
+        """Kill every worker process and restart all live slots from the newest good checkpoint.
+
+        This is the supervisor's decision, not a failure of any one slot (the failures that led here were
+        counted when they happened), so it uses none of a slot's MAX_RESTARTS."""
         self.log(f"{why}: restarting every worker from the newest good checkpoint")
         for s in self.slots:
             if s.state in ("member", "joining", "failed"):
                 self.kill(s)
-                self.restart(s, "checkpoint")
+                self.stats.restarts += 1
+                self.spawn(s, "checkpoint")
         self.wait_ready(self.slots, timeout=self.ready_timeout)
         self.stats.recoveries_from_checkpoint += 1
         return self.form(reason="restart from checkpoint")

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from megacluster import config
-from megacluster.train.supervisor import train
+from megacluster.train.elastic import NODE_LOST
+from megacluster.train.supervisor import MAX_RESTARTS, Supervisor, train
 
 BASE = ["model.d_model=48", "model.n_layer=2", "model.n_head=4", "model.seq_len=32", "model.vocab_size=384",
         "data.max_bytes=200000", "run.batch_size=12", "run.micro_batch=12", "run.log_every=1",
@@ -145,3 +146,27 @@ def test_slow_replacement_shrinks_then_grows_back(tmp_path, capfd):
     a, b = losses(tmp_path / "grow"), losses(tmp_path / "clean")
     assert sorted(a) == sorted(b)
     assert all(a[s] == pytest.approx(b[s], rel=1e-4) for s in a)
+
+
+def test_a_slot_out_of_restarts_is_dropped_and_the_run_matches_a_clean_one(tmp_path):
+    """Worker 1 dies four times: three restarts, then the slot is given up and worker 0 trains alone on the same
+    global batch (the sample order and the loss normalisation do not depend on the world size)."""
+    clean = train(cfg(tmp_path, "clean", "run.workers=2", "run.max_steps=10"))
+    kills = "; ".join(f"kill:rank=1,step={s}" for s in (3, 4, 5, 6))
+    res = train(cfg(tmp_path, "flaky", "run.workers=2", "run.max_steps=10", f"run.chaos={kills}"))
+    assert res["restarts"] == MAX_RESTARTS and res["workers_lost"] == [1] and res["world"] == 1
+    assert res["steps"] == 10 and res["recoveries_from_peer"] == MAX_RESTARTS + 1
+    a, b = losses(tmp_path / "clean"), losses(tmp_path / "flaky")
+    assert sorted(b) == list(range(1, 11))
+    assert all(a[s] == pytest.approx(b[s], rel=1e-4) for s in a)
+
+
+def test_restart_is_the_one_place_that_gives_a_slot_up(tmp_path, monkeypatch):
+    sup = Supervisor(cfg(tmp_path, "decide", "run.workers=2"))
+    started = []
+    monkeypatch.setattr(sup, "spawn", lambda s, init: started.append((s.wid, init)))  # no real processes here
+    flaky, gone = sup.slots
+    assert all(sup.restart(flaky, "peer") for _ in range(MAX_RESTARTS))
+    assert not sup.restart(flaky, "peer") and flaky.state == "lost"
+    assert not sup.restart(gone, "checkpoint", exit_code=NODE_LOST) and gone.state == "lost"
+    assert started == [(0, "peer")] * MAX_RESTARTS and sup.stats.restarts == MAX_RESTARTS
