@@ -105,20 +105,21 @@ class Membership:
         self.store.set(f"status/{self.gen}/{self.wid}", json.dumps({"step": step, "pending": pending}))
 
     def wait_plan(self, step: int, timeout_s: float) -> Plan:
-        """Block (heartbeating) until the plan for the next generation this worker belongs to is published."""
+        """Block (the beat thread heartbeats for us) until the plan for the next generation this worker belongs to is published."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            key = f"plan/{self.gen + 1}"
-            if self.store.check([key]):
-                plan = Plan(**json.loads(self.store.get(key)))
-                self.gen = plan.gen
-                if self.wid in plan.members:
-                    return plan
-                continue  # a generation formed without us (we were too late); wait for the next one
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"worker {self.wid}: no plan for generation {self.gen + 1} in {timeout_s:.0f} s")
-            self.heartbeat(step)
-            time.sleep(0.05)
+        with self.waiting(step):
+            while True:
+                key = f"plan/{self.gen + 1}"
+                if self.store.check([key]):
+                    plan = Plan(**json.loads(self.store.get(key)))
+                    self.gen = plan.gen
+                    if self.wid in plan.members:
+                        return plan
+                    continue  # a generation formed without us (we were too late); wait for the next one
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"worker {self.wid}: no plan for generation {self.gen + 1} in "
+                                       f"{timeout_s:.0f} s")
+                time.sleep(0.05)
 
     def join(self, plan: Plan, backend: str) -> tuple[int, int]:
         """Form the process group of `plan`; returns (rank, world).
@@ -129,12 +130,11 @@ class Membership:
         rank, world = plan.members.index(self.wid), len(plan.members)
         self.store.set(f"joined/{plan.gen}/{self.wid}", "1")
         keys = [f"joined/{plan.gen}/{w}" for w in plan.members]
-        while not self.store.check(keys):
-            if self.bump_seen():
-                raise RuntimeError(f"generation {plan.gen} was ended before it formed")
-            self.heartbeat(plan.step)
-            time.sleep(0.02)
         with self.waiting(plan.step):
+            while not self.store.check(keys):
+                if self.bump_seen():
+                    raise RuntimeError(f"generation {plan.gen} was ended before it formed")
+                time.sleep(0.02)
             dist.init_process_group(backend, store=dist.PrefixStore(f"pg/{plan.gen}", self.store), rank=rank,
                                     world_size=world, timeout=datetime.timedelta(seconds=self.pg_timeout_s))
         return rank, world
