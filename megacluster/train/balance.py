@@ -12,7 +12,7 @@ Use (every rank runs the same code on the same all-gathered numbers, so every ra
         share = bal.shares()[rank]; start = offsets(bal.shares())[rank]   # this rank's slice of the global batch
         for mb in micro_batches(share, micro_batch=8): ...                 # forward+backward, timed -> compute_s
         all_compute_s, all_samples = all_gather(compute_s, share)
-        bal.observe(step, all_compute_s, all_samples)                     # True when shares changed
+        bal.observe(all_compute_s, all_samples)                          # True when shares changed
 """
 
 from __future__ import annotations
@@ -143,7 +143,6 @@ class Balancer:
     _low: list[int] = field(default_factory=list, init=False, repr=False)  # consecutive low estimates
     _shares: list[int] = field(default_factory=list, init=False, repr=False)  # samples per rank
     _observed: int = field(default=0, init=False, repr=False)  # steps observed since the last estimate
-    _last_step: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -178,7 +177,7 @@ class Balancer:
         """Ranks currently flagged as stragglers, ascending."""
         return [r for r, n in enumerate(self._low) if n >= self.patience]
 
-    def observe(self, step: int, compute_s: Sequence[float], samples: Sequence[int]) -> bool:
+    def observe(self, compute_s: Sequence[float], samples: Sequence[int]) -> bool:
         """Record one step: per-rank compute seconds (forward+backward, before the all-reduce) and samples.
 
         Every `every` calls it re-estimates: updates the straggler flags and, in "auto" mode, the shares.
@@ -191,7 +190,6 @@ class Balancer:
             )
         for rank, (seconds, n) in enumerate(zip(compute_s, samples)):
             self._measure(rank, seconds, n)
-        self._last_step = step
         self._observed += 1
         if self._observed < self.every:
             return False
@@ -280,7 +278,6 @@ class Balancer:
             "low": list(self._low),
             "shares": list(self._shares),
             "observed": self._observed,
-            "last_step": self._last_step,
         }
 
     def load_state_dict(self, d: dict, *, keep: Sequence[int] | None = None) -> None:
@@ -299,7 +296,6 @@ class Balancer:
         self.world = saved
         self._throughput, self._baseline, self._low, shares = lists
         self._observed = int(d["observed"])
-        self._last_step = d.get("last_step")
         if saved != world:
             self.resize(world, keep=keep)
         elif d["global_batch"] == self.global_batch and d["mode"] == self.mode:

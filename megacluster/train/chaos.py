@@ -268,6 +268,6 @@ class Chaos:
                     total += f.down
         return total
 
-    def permanent_ranks(self) -> set[int]:
-        """Ranks with a permanent kill in the plan (they never come back once it fires)."""
-        return {f.rank for f in self.faults if f.kind == "kill" and f.permanent and f.rank is not None}
+    def node_lost(self) -> bool:
+        """Whether a permanent kill of this rank has fired: its slot never comes back."""
+        return any(f.kind == "kill" and f.permanent and f.rank == self.rank and self.fired(f) for f in self.faults)

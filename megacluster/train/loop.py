@@ -309,7 +309,7 @@ class Worker:
                 self.end_generation = self.read_flag(extras[1:2])
         if self.cfg.run.balance == "auto":
             times = extras[2:].tolist()
-            self.balancer.observe(step, times[:world], [int(s) for s in times[world:]])
+            self.balancer.observe(times[:world], [int(s) for s in times[world:]])
         self.clip_and_step(step)
         return extras[0] / self.tokens_per_step
 
@@ -421,7 +421,7 @@ class Worker:
         if self.membership is None:
             self._set_main()
             return
-        if any(f.permanent and f.rank == self.wid and self.chaos.fired(f) for f in self.chaos.faults):
+        if self.chaos.node_lost():
             raise SystemExit(NODE_LOST)  # this slot's node is gone for good (chaos `permanent`)
         time.sleep(self.chaos.downtime())  # chaos `down`: a node that takes a while to come back
         self.membership.announce_ready(self.step if self.valid else -1)

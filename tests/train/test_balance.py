@@ -99,7 +99,7 @@ def _run(bal, steps, speeds, start=0):
     flags = []
     for step in range(start, start + steps):
         shares = bal.shares()
-        flags.append(bal.observe(step, [s / v if s else 0.0 for s, v in zip(shares, speeds)], shares))
+        flags.append(bal.observe([s / v if s else 0.0 for s, v in zip(shares, speeds)], shares))
     return flags
 
 
@@ -126,7 +126,7 @@ def test_two_balancers_fed_the_same_numbers_agree():
     for step in range(10):
         shares = a.shares()
         times = [s / v * (1 + 0.01 * ((step * 7 + r) % 5)) for r, (s, v) in enumerate(zip(shares, speeds))]
-        assert a.observe(step, times, shares) == b.observe(step, times, shares)
+        assert a.observe(times, shares) == b.observe(times, shares)
         assert a.shares() == b.shares()
     assert sum(a.shares()) == 257
 
@@ -188,7 +188,7 @@ def test_state_dict_is_json_and_round_trips():
     for step in range(7, 14):  # continues exactly like the original
         shares = bal.shares()
         times = [s / v for s, v in zip(shares, [100.0, 60.0, 150.0])]
-        assert bal.observe(step, times, shares) == fresh.observe(step, times, shares)
+        assert bal.observe(times, shares) == fresh.observe(times, shares)
         assert bal.shares() == fresh.shares()
     other = Balancer(world=3, global_batch=30, every=3)  # different global batch: shares recomputed
     other.load_state_dict(d)
@@ -233,7 +233,7 @@ def test_bad_mode_lists_allowed_values():
 def test_observe_rejects_wrong_lengths():
     bal = Balancer(world=2, global_batch=8)
     with pytest.raises(ValueError):
-        bal.observe(0, [1.0], [4, 4])
+        bal.observe([1.0], [4, 4])
 
 
 def test_fastest_split_minimises_the_slowest_rank():

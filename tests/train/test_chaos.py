@@ -135,9 +135,13 @@ def test_slow_factor_is_persistent_and_multiplies():
         c.due(0, "slow")
 
 
-def test_permanent_ranks():
-    c = Chaos(parse("kill:rank=1,step=50,permanent; kill:rank=2,step=50; hang:rank=3,step=1"), rank=0, marker_dir=None)
-    assert c.permanent_ranks() == {1}
+def test_node_lost_only_after_a_permanent_kill_of_this_rank_fired(tmp_path):
+    faults = parse("kill:rank=1,step=50,permanent; kill:rank=2,step=50")
+    one, two = (Chaos(faults, rank=r, marker_dir=tmp_path) for r in (1, 2))
+    assert not one.node_lost() and not two.node_lost()
+    assert one.take(50, "kill") is not None and two.take(50, "kill") is not None
+    assert not two.node_lost()  # an ordinary kill: the replacement comes back
+    assert Chaos(faults, rank=1, marker_dir=tmp_path).node_lost()  # a restarted process sees the marker
 
 
 def test_chaos_rejects_duplicate_ids():
