@@ -5,6 +5,7 @@
     python benchmarks/train_mfu.py --device cpu --smoke # CPU smoke test of this script (tiny shapes)
     python benchmarks/train_mfu.py --profile out/       # also a kernel-time table per shape (torch.profiler)
     python benchmarks/train_mfu.py --sdpa cudnn         # force one attention backend (default: torch's choice)
+    python benchmarks/train_mfu.py --compile-mode max-autotune-no-cudagraphs   # a torch.compile mode to try
 
 It drives `megacluster.train.loop.Worker.train_step` (the same code `megacluster train` runs: torch.compile,
 bf16 autocast, fused AdamW, flat-buffer gradients, grad clipping) on a pre-tokenized shard of uniform random
@@ -69,7 +70,7 @@ def kernel_table(w: Worker, step0: int, steps: int, path: Path) -> None:
 
 
 def bench(preset: str, batch: int, steps: int, warmup: int, device: str, shard: Path, smoke: bool,
-          extra: list[str], profile_dir: Path | None = None) -> dict:
+          extra: list[str], profile_dir: Path | None = None, compile_mode: str = "default") -> dict:
     sets = [f"run.batch_size={batch}", f"run.micro_batch={batch}", f"run.device={device}",
             "run.progress=false", "run.eval_every=0", "run.ckpt_every=0", f"run.max_steps={warmup + steps}",
             f"data.paths={shard}", "data.val_fraction=0.01"]
@@ -78,6 +79,8 @@ def bench(preset: str, batch: int, steps: int, warmup: int, device: str, shard: 
     cfg = config.build(preset, None, sets + extra)
     with tempfile.TemporaryDirectory() as run_dir:
         w = Worker(cfg, init_place(device), run_dir=run_dir)
+        if compile_mode != "default":  # an experiment: the trainer itself compiles with torch's default mode
+            w.forward = torch.compile(w.model, mode=compile_mode)
         for step in range(1, warmup + 1):
             w.train_step(step)
         w._sync()
@@ -114,6 +117,9 @@ def main() -> int:
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR", help="write kernel tables here")
     ap.add_argument("--sdpa", default="default", choices=("default", "flash", "cudnn", "efficient"),
                     help="only this scaled_dot_product_attention backend (an experiment, not a trainer option)")
+    ap.add_argument("--compile-mode", default="default",
+                    choices=("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"),
+                    help="torch.compile mode for the model (an experiment, not a trainer option)")
     args = ap.parse_args()
     if args.sdpa != "default":  # only the named backend stays enabled (math too is off: no silent fallback)
         only = {"flash": "flash", "cudnn": "cudnn", "efficient": "mem_efficient"}[args.sdpa]
@@ -125,8 +131,9 @@ def main() -> int:
         np.save(shard, np.random.default_rng(0).integers(0, 50257, size=4_000_000, dtype=np.uint16))
         for name in args.shapes:
             batch = 4 if args.smoke else SHAPES[name]
-            row = bench(name, batch, args.steps, args.warmup, args.device, shard, args.smoke, args.set, args.profile)
-            row["sdpa"] = args.sdpa
+            row = bench(name, batch, args.steps, args.warmup, args.device, shard, args.smoke, args.set, args.profile,
+                        args.compile_mode)
+            row["sdpa"], row["compile_mode"] = args.sdpa, args.compile_mode
             rows.append(row)
             mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
             print(f"{name:10s} batch {batch:3d}  {row['tokens_per_s']:>11,.0f} tok/s  MFU {mfu:>6s}  "
