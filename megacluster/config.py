@@ -35,7 +35,7 @@ class ModelConfig:
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     paths: list[str] = field(default_factory=list)  # files, dirs, globs, .jsonl, .bin/.npy shards; [] = stdlib
-    max_bytes: int = 12_000_000  # cap on raw text read (deterministic: sorted file order); 0 = no cap
+    max_bytes: int = 12_000_000  # cap on UTF-8 text read in sorted file order, the crossing document cut; 0 = no cap
     val_fraction: float = 0.02  # last fraction of the token stream held out for validation
     cache_dir: str = ""  # "" = $MEGACLUSTER_CACHE or ~/.cache/megacluster
 
@@ -100,8 +100,10 @@ POSITIVE = {"model.vocab_size", "model.n_layer", "model.n_head", "model.d_model"
             "run.eval_batches", "optim.lr", "model.rope_theta", "model.norm_eps", "run.hang_timeout"}
 NON_NEGATIVE = {"model.n_kv_head", "model.ffn_hidden", "run.max_steps", "run.eval_every", "run.ckpt_every",
                 "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "data.max_bytes",
-                "model.init_std", "optim.min_lr_ratio", "run.seed"}
-UNIT_INTERVAL = {"data.val_fraction", "optim.decay_fraction", "optim.beta1", "optim.beta2", "optim.min_lr_ratio"}
+                "model.init_std", "run.seed"}
+UNIT_INTERVAL = {"optim.decay_fraction", "optim.beta1", "optim.beta2", "optim.min_lr_ratio"}  # [0, 1)
+OPEN_UNIT_INTERVAL = {"data.val_fraction"}  # (0, 1)
+# each key is in at most one of POSITIVE, NON_NEGATIVE, UNIT_INTERVAL, OPEN_UNIT_INTERVAL (tests/test_config.py)
 
 
 def _gpt2(d: int, layers: int, heads: int, batch: int) -> dict:
@@ -247,6 +249,8 @@ def validate(cfg: Config) -> None:
                 raise InputError(f"{key}: must be >= 0, got {value!r}")
             if key in UNIT_INTERVAL and not 0 <= value < 1:
                 raise InputError(f"{key}: must be in [0, 1), got {value!r}")
+            if key in OPEN_UNIT_INTERVAL and not 0 < value < 1:
+                raise InputError(f"{key}: must be in (0, 1), got {value!r}")
     m = cfg.model
     if m.d_model % m.n_head:
         raise InputError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
@@ -257,8 +261,6 @@ def validate(cfg: Config) -> None:
         raise InputError(f"model.n_kv_head ({kv}) must divide model.n_head ({m.n_head})")
     if cfg.run.micro_batch > cfg.run.batch_size:
         cfg.run.micro_batch = cfg.run.batch_size  # a micro-batch never exceeds the global batch
-    if not 0 < cfg.data.val_fraction < 1:
-        raise InputError(f"data.val_fraction: must be in (0, 1), got {cfg.data.val_fraction}")
 
 
 def ffn_hidden(m: ModelConfig) -> int:

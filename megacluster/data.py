@@ -4,8 +4,10 @@ Inputs (`--data`, any mix): text files, directories (all files below, sorted), g
 `text` field per line, and pre-tokenized shards (`.npy` arrays of token ids, or `.bin` raw uint16 as nanoGPT
 writes them). With no input the corpus is the Python standard library source of the running interpreter.
 
-Text is tokenized once with a BPE trained on it and cached under a key of (content, vocab size, options);
-the token stream's last `val_fraction` is the held-out validation split.
+Text is tokenized once with a BPE trained on it and cached under a key of (each file's path, size and mtime,
+vocab size, options); the token stream's last `val_fraction` is the held-out validation split. Shards are
+checked once (token ids < vocab size) and the result kept in a manifest under the same kind of key, so the
+workers' own `prepare()` calls after the supervisor's cost a directory listing and a stat per file.
 
 **Sample order is a pure function of (seed, step)**: the training stream is cut into non-overlapping windows
 of seq_len+1 tokens; epoch e visits them in the order of a permutation seeded by (seed, e); step k trains on
@@ -31,15 +33,21 @@ from .config import DataConfig
 from .errors import InputError
 from .files import atomic_write
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the document that crosses data.max_bytes is cut at the cap (1 kept it whole)
 PRETOKENIZED = (".npy", ".bin")
 _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__", "turtledemo", "ensurepip"}
 
 
 def default_corpus() -> list[Path]:
-    """The running interpreter's standard library .py files (test suites and vendored packages left out)."""
+    """The running interpreter's standard library .py files (test suites and vendored packages left out).
+    The skipped directories are pruned from the walk, not filtered after it: site-packages alone can hold
+    more than the whole stdlib, and every worker lists the corpus again."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts))
+    files = []
+    for top, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS]
+        files.extend(Path(top, n) for n in names if n.endswith(".py"))
+    return sorted(files)
 
 
 def resolve(paths: list[str]) -> list[Path]:
@@ -67,33 +75,47 @@ def resolve(paths: list[str]) -> list[Path]:
 
 
 def _documents(files: list[Path], max_bytes: int):
-    """Yield document texts in file order, stopping once max_bytes (0 = no cap) of text were read."""
-    total = 0
+    """Yield document texts in file order: a text file is one document, a .jsonl line another.
+
+    With a cap (max_bytes > 0) the documents are the first max_bytes bytes (UTF-8) of that sequence: they are
+    taken whole while they fit, the one that crosses the cap is cut there (back to a whole character; dropped
+    if nothing is left) and nothing after it is read. A text file is read only up to the bytes left
+    (`_read_text`), a .jsonl file only up to the line that crosses the cap. Under the cap every document is
+    whole, as before; format 1 kept the crossing document whole too, which needed reading it whole."""
+    left = max_bytes or None  # bytes the cap still allows; None = no cap
     for path in files:
-        if path.suffix == ".jsonl":
-            texts = _jsonl_texts(path)
-        else:
-            texts = [path.read_text(encoding="utf-8", errors="replace")]
+        texts = _jsonl_texts(path) if path.suffix == ".jsonl" else [_read_text(path, left)]
         for text in texts:
-            if max_bytes and total >= max_bytes:
-                return
+            if left is not None:
+                data = text.encode("utf-8")
+                if len(data) >= left:
+                    if cut := data[:left].decode("utf-8", errors="ignore"):  # "ignore": a char cut in two
+                        yield cut
+                    return
+                left -= len(data)
             yield text
-            total += len(text.encode("utf-8"))
 
 
-def _jsonl_texts(path: Path) -> list[str]:
-    texts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"--data {path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise InputError(f"--data {path}:{n}: each .jsonl line needs a string field 'text'")
-        texts.append(obj["text"])
-    return texts
+def _read_text(path: Path, limit: int | None) -> str:
+    """The file as text (undecodable bytes replaced, universal newlines), or its first `limit` characters:
+    at least `limit` bytes of UTF-8 unless the file is shorter, so the caller can cut it at the cap."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read(-1 if limit is None else limit)
+
+
+def _jsonl_texts(path: Path):
+    """Yield the `text` field of each non-empty line, reading the file one line at a time."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"--data {path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise InputError(f"--data {path}:{n}: each .jsonl line needs a string field 'text'")
+            yield obj["text"]
 
 
 def _fingerprint(files: list[Path], extra: dict) -> str:
@@ -115,19 +137,50 @@ def _token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 65536 else np.uint32
 
 
+class Shards:
+    """Several 1-D token arrays (memmapped shards) read as one stream without copying them into one: len(),
+    contiguous slices [a:b] (returned as an ndarray) and np.asarray(). The dtype is numpy's promotion of the
+    shards' dtypes, as np.concatenate would give."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(a) for a in parts])  # starts[i]: offset of parts[i]; [-1]: length
+        self.dtype = np.result_type(*parts)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise IndexError("Shards: only contiguous slices")
+        pieces = [a[max(start - lo, 0):stop - lo] for a, lo, hi in zip(self.parts, self.starts, self.starts[1:])
+                  if lo < stop and hi > start]
+        return np.concatenate(pieces, dtype=self.dtype) if pieces else np.zeros(0, self.dtype)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+
 @dataclass(kw_only=True, slots=True)
 class Corpus:
-    """Prepared token streams: `train` and `val` are read-only memmaps of token ids."""
+    """Prepared token streams: `train` and `val` are read-only memmaps of token ids (or, for several shards,
+    `Shards` over their memmaps)."""
 
-    train: np.ndarray
-    val: np.ndarray
+    train: np.ndarray | Shards
+    val: np.ndarray | Shards
     vocab_size: int  # tokens actually in the tokenizer (<= the model's vocab)
     directory: Path
     tokenizer_path: Path | None
 
 
 def prepare(cfg: DataConfig, vocab_size: int) -> Corpus:
-    """Tokenize the inputs once (cached, process-safe under a file lock) and memmap the shards."""
+    """Tokenize the inputs once (cached, process-safe under a file lock) and memmap the shards.
+
+    The supervisor calls this before starting workers and every worker calls it again: a call that finds the
+    cache of unchanged inputs lists the inputs, stats each file and memmaps, reading no input's content. The
+    cache key covers each file's path, size and mtime (`_fingerprint`) and the options, so an edited, added or
+    removed file makes a new key and a rebuild."""
     files = resolve(cfg.paths)
     if files[0].suffix in PRETOKENIZED:
         return _pretokenized(files, cfg, vocab_size)
@@ -154,7 +207,7 @@ def _build(files: list[Path], cfg: DataConfig, vocab_size: int, directory: Path)
     dtype = _token_dtype(vocab_size)
     ids = [np.asarray(e.ids + [eot], dtype=dtype) for e in tok.encode_batch(docs)]
     stream = np.concatenate(ids)
-    n_val = max(int(len(stream) * cfg.val_fraction), 2)
+    n_val = _n_val(len(stream), cfg.val_fraction)
     atomic_write(directory / "train.bin", stream[:-n_val].tobytes())
     atomic_write(directory / "val.bin", stream[-n_val:].tobytes())
     tk.save(tok, directory / "tokenizer.json")
@@ -164,18 +217,53 @@ def _build(files: list[Path], cfg: DataConfig, vocab_size: int, directory: Path)
     atomic_write(directory / "meta.json", json.dumps(meta, indent=1).encode())  # written last: marks complete
 
 
+def _n_val(tokens: int, val_fraction: float) -> int:
+    return max(int(tokens * val_fraction), 2)
+
+
 def _pretokenized(files: list[Path], cfg: DataConfig, vocab_size: int) -> Corpus:
     arrays = [np.load(p, mmap_mode="r") if p.suffix == ".npy" else np.memmap(p, dtype=np.uint16, mode="r")
               for p in files]
     for p, a in zip(files, arrays):
         if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
             raise InputError(f"--data {p}: a pre-tokenized shard must be a 1-D integer array, got {a.dtype}{a.shape}")
-        if len(a) and int(a.max()) >= vocab_size:
-            raise InputError(f"--data {p}: token id {int(a.max())} >= model.vocab_size {vocab_size}")
-    stream = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-    n_val = max(int(len(stream) * cfg.val_fraction), 2)
-    return Corpus(train=stream[:-n_val], val=stream[-n_val:], vocab_size=vocab_size,
-                  directory=files[0].parent, tokenizer_path=None)
+    for p, top in zip(files, _max_ids(files, arrays, cfg)):
+        if top >= vocab_size:
+            raise InputError(f"--data {p}: token id {top} >= model.vocab_size {vocab_size}")
+    total = sum(len(a) for a in arrays)
+    cut = total - _n_val(total, cfg.val_fraction)  # as stream[:-n_val], stream[-n_val:]
+    if len(arrays) == 1:
+        train, val = arrays[0][:cut], arrays[0][cut:]
+    else:  # split shard by shard at the cut: views of the memmaps, nothing copied
+        starts = np.cumsum([0] + [len(a) for a in arrays[:-1]])
+        train = Shards([a[:max(cut - lo, 0)] for a, lo in zip(arrays, starts)])
+        val = Shards([a[max(cut - lo, 0):] for a, lo in zip(arrays, starts)])
+    return Corpus(train=train, val=val, vocab_size=vocab_size, directory=files[0].parent, tokenizer_path=None)
+
+
+def _max_ids(files: list[Path], arrays: list[np.ndarray], cfg: DataConfig) -> list[int]:
+    """The largest token id of each shard (-1 if empty). Finding it reads every shard whole, so it is done
+    once and kept in a manifest keyed like the text cache (path, size and mtime of each shard); a changed
+    shard gives another key and a new scan. Workers that scan at the same time write the same manifest
+    atomically; a cache directory that cannot be written only costs the scan again."""
+    manifest = cache_root(cfg) / f"shards-{_fingerprint(files, {'v': FORMAT_VERSION})}.json"
+    try:
+        top = json.loads(manifest.read_text())["max_ids"]
+        if isinstance(top, list) and len(top) == len(files):
+            return top
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    top = _scan_max_ids(arrays)
+    try:
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(manifest, json.dumps({"files": [str(p.resolve()) for p in files], "max_ids": top}).encode())
+    except OSError:
+        pass
+    return top
+
+
+def _scan_max_ids(arrays: list[np.ndarray]) -> list[int]:
+    return [int(a.max()) if len(a) else -1 for a in arrays]
 
 
 class SampleOrder:

@@ -34,13 +34,24 @@ def test_toml_then_set_then_validate(tmp_path):
     ("run.balance=fast", "run.balance"),
     ("model.n_head=3", "divisible by model.n_head"),
     ("run.resume=maybe", "expected true or false"),
-    ("data.val_fraction=1.5", "data.val_fraction"),
+    ("data.val_fraction=1.5", "data.val_fraction: must be in (0, 1), got 1.5"),
+    ("data.val_fraction=0", "data.val_fraction: must be in (0, 1), got 0.0"),
+    ("optim.min_lr_ratio=-0.5", "optim.min_lr_ratio: must be in [0, 1), got -0.5"),
+    ("optim.min_lr_ratio=1", "optim.min_lr_ratio: must be in [0, 1), got 1.0"),
     ("noequals", "expected section.key=value"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(InputError, match=None) as e:
         config.build("tiny", None, [override])
     assert needle in str(e.value)
+
+
+def test_each_key_has_one_range_check():
+    tables = [config.POSITIVE, config.NON_NEGATIVE, config.UNIT_INTERVAL, config.OPEN_UNIT_INTERVAL]
+    keys = [k for t in tables for k in t]
+    assert len(keys) == len(set(keys)), "a key in two range tables is checked twice"
+    fields = {f"{s}.{f}" for s, sec in config.Config().to_dict().items() for f in sec}
+    assert set(keys) <= fields
 
 
 def test_bad_toml_and_preset(tmp_path):

@@ -1,8 +1,12 @@
 import json
+import os
+import sysconfig
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from megacluster import data
 from megacluster.config import DataConfig
 from megacluster.data import SampleOrder, default_corpus, prepare, resolve
 from megacluster.errors import InputError
@@ -14,6 +18,8 @@ def test_default_corpus_is_stdlib_source():
     assert {"os.py", "json"} & names or "os.py" in names
     assert all(f.suffix == ".py" for f in files)
     assert not any("site-packages" in f.parts or "test" in f.parts for f in files)
+    root = Path(sysconfig.get_paths()["stdlib"])  # the pruned walk lists what a full rglob + filter lists
+    assert files == sorted(p for p in root.rglob("*.py") if not data._SKIP_DIRS & set(p.relative_to(root).parts))
 
 
 def _write_corpus(tmp_path):
@@ -42,6 +48,79 @@ def test_inputs_dirs_globs_jsonl(tmp_path):
     assert again.directory == c.directory and np.array_equal(again.train, c.train)
 
 
+def _count(monkeypatch, name):
+    calls = []
+    real = getattr(data, name)
+    monkeypatch.setattr(data, name, lambda *a, **k: calls.append(a) or real(*a, **k))
+    return calls
+
+
+def _touch(path, later_s=10):
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + int(later_s * 1e9)))
+
+
+def test_second_prepare_reads_no_input_and_a_changed_input_rebuilds(tmp_path, monkeypatch):
+    _write_corpus(tmp_path)
+    cfg = DataConfig(paths=[str(tmp_path / "docs")], cache_dir=str(tmp_path / "cache"))
+    first = prepare(cfg, 300)
+    builds, reads = _count(monkeypatch, "_build"), _count(monkeypatch, "_read_text")
+    again = prepare(cfg, 300)  # what every worker does after the supervisor's call
+    assert (builds, reads) == ([], []) and again.directory == first.directory
+    assert np.array_equal(again.train, first.train) and np.array_equal(again.val, first.val)
+    _touch(tmp_path / "docs" / "f3.txt")  # same bytes, newer mtime: rebuilt (as make would)
+    touched = prepare(cfg, 300)
+    assert len(builds) == 1 and touched.directory != first.directory
+    (tmp_path / "docs" / "f3.txt").write_text("def changed():\n    pass\n" * 40)
+    changed = prepare(cfg, 300)
+    assert len(builds) == 2 and changed.directory not in (first.directory, touched.directory)
+    from megacluster.tokenizer import load
+
+    assert "def changed():" in load(changed.tokenizer_path).decode([int(t) for t in changed.train])
+
+
+def test_second_prepare_of_shards_scans_nothing_and_a_changed_shard_is_rescanned(tmp_path, monkeypatch):
+    (tmp_path / "s").mkdir()
+    for i in range(3):
+        np.save(tmp_path / "s" / f"{i}.npy", (np.arange(1000 + i, dtype=np.int32) * (i + 1)) % 60)
+    cfg = DataConfig(paths=[str(tmp_path / "s")], cache_dir=str(tmp_path / "cache"), val_fraction=0.1)
+    scans = _count(monkeypatch, "_scan_max_ids")
+    first = prepare(cfg, 64)
+    again = prepare(cfg, 64)
+    assert len(scans) == 1 and list((tmp_path / "cache").glob("shards-*.json"))
+    assert np.array_equal(again.train, first.train) and np.array_equal(again.val, first.val)
+    bad = np.load(tmp_path / "s" / "1.npy")
+    bad[5] = 64  # same size: only the newer mtime tells the manifest is stale
+    np.save(tmp_path / "s" / "1.npy", bad)
+    _touch(tmp_path / "s" / "1.npy")
+    with pytest.raises(InputError, match="1.npy: token id 64 >= model.vocab_size 64"):
+        prepare(cfg, 64)
+    assert len(scans) == 2
+
+
+def test_max_bytes_reads_at_most_the_cap(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_bytes(b"first\r\nline \xff\n")  # CRLF and a bad byte, as read_text gives them
+    (tmp_path / "b.txt").write_text("\u00e9" * 500_000, encoding="utf-8")  # 1 MB, 2 bytes a character
+    (tmp_path / "c.txt").write_text("never read")
+    files = [tmp_path / n for n in ("a.txt", "b.txt", "c.txt")]
+    whole = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    assert list(data._documents(files, 0)) == whole  # no cap: every file whole
+    assert list(data._documents(files, 10_000_000)) == whole  # under the cap: the same
+    reads = []
+    real = data._read_text
+    monkeypatch.setattr(data, "_read_text", lambda p, n: reads.append(real(p, n)) or reads[-1])
+    a = len(whole[0].encode())
+    docs = list(data._documents(files, a + 1001))  # b.txt crosses the cap: cut to whole characters
+    assert docs == [whole[0], "\u00e9" * 500] and len(reads) == 2 and len(reads[1]) == 1001
+    assert list(data._documents(files, a)) == [whole[0]]  # a cap on a file's end: the next is not opened
+
+
+def test_max_bytes_cuts_the_jsonl_line_that_crosses_it(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["abc", "defgh", "ij"]) + "not json\n")
+    assert list(data._documents([f], 6)) == ["abc", "def"]  # the bad line after the cap is never read
+
+
 def test_bad_inputs(tmp_path):
     with pytest.raises(InputError, match="--data: no such file"):
         resolve([str(tmp_path / "missing.txt")])
@@ -60,6 +139,11 @@ def test_pretokenized_shards(tmp_path):
     (np.arange(1000, dtype=np.uint16) % 7).tofile(tmp_path / "b.bin")
     c = prepare(DataConfig(paths=[str(tmp_path / "a.npy"), str(tmp_path / "b.bin")], val_fraction=0.1), 64)
     assert len(c.train) + len(c.val) == 2000 and c.tokenizer_path is None
+    stream = np.concatenate([np.arange(1000) % 50, np.arange(1000) % 7])  # what the shards read as, uncopied
+    assert np.array_equal(c.train, stream[:1800]) and np.array_equal(c.val, stream[1800:])
+    assert np.array_equal(c.train[990:1010], stream[990:1010]) and len(c.train[1790:1900]) == 10
+    rows = SampleOrder(c.train, 16, 8, seed=1).rows(5, 0, 8)
+    assert np.array_equal(rows, SampleOrder(stream[:1800], 16, 8, seed=1).rows(5, 0, 8))
 
 
 def test_sample_order_is_a_function_of_seed_and_step_only():
