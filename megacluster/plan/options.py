@@ -25,8 +25,8 @@ def compare(sc: Scenario, as_is: Prediction | None = None) -> dict:
     """Three options for a mixed fleet, each predicted in full, and the cheapest per useful token.
     `as_is`: the scenario's own prediction, reused for option (a) when the scenario already uses equal shares."""
     pools = sc.raw["fleet"]["pools"]
-    fastest = max(get_gpu(p["gpu"]).peak(sc.train.dtype) for p in pools)
-    keep = [p for p in pools if get_gpu(p["gpu"]).peak(sc.train.dtype) == fastest]
+    peak = {p["gpu"]: get_gpu(p["gpu"]).peak(sc.train.dtype) for p in pools}
+    keep = [p for p in pools if peak[p["gpu"]] == max(peak.values())]
     lease = [p for p in pools if p not in keep]
     variants = [("as is (equal shares)", _variant(sc, balance="equal"), []),
                 ("balanced (throughput shares)", _variant(sc, balance="throughput"), [])]

@@ -13,6 +13,7 @@ Equations and sources: docs/plan.md.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from .kernels import Device, Link, device, nvlink, scale_out
@@ -29,7 +30,8 @@ def capacity_gb(gpu_name: str) -> float:
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class Plan:
-    """A fully chosen parallel plan."""
+    """A fully chosen parallel plan. vpp = 1 when pp = 1: `scenario.check_parallel` refuses anything else and
+    the search generates nothing else."""
     tp: int
     pp: int
     cp: int
@@ -60,10 +62,14 @@ class StepBreakdown:
 
 
 # ------------------------------------------------------------------------------------------ flops
+def kv_width(m: ModelSpec) -> int:
+    """Width of the K (and of the V) projection: kv_heads x head dimension (smaller than hidden with GQA)."""
+    return m.kv_heads * (m.hidden // m.heads)
+
+
 def layer_params(m: ModelSpec) -> float:
     """Weights of one transformer layer (attention + MLP; norms are negligible)."""
-    hd = m.hidden // m.heads
-    kvd = m.kv_heads * hd
+    kvd = kv_width(m)
     mlp = (3 if m.mlp == "swiglu" else 2) * m.hidden * m.ffn_hidden
     return m.hidden * (m.hidden + 2 * kvd) + m.hidden * m.hidden + mlp
 
@@ -100,7 +106,7 @@ def _attention(dev: Device, m: ModelSpec, tr: TrainSpec, mb: int, tp: int, cp: i
 
 def _elementwise_bytes(m: ModelSpec, tr: TrainSpec, tp: int) -> float:
     """HBM bytes per token per layer in the forward for norms, residuals, rotary, activation function."""
-    kvd = m.kv_heads * (m.hidden // m.heads)
+    kvd = kv_width(m)
     sp = tp if tr.sequence_parallel else 1  # norms and residuals are sharded only with sequence parallelism
     act = 3 * m.ffn_hidden if m.mlp == "swiglu" else 2 * m.ffn_hidden
     return BYTES * (10 * m.hidden / sp + 2 * (m.hidden + kvd) / tp + act / tp)
@@ -109,8 +115,7 @@ def _elementwise_bytes(m: ModelSpec, tr: TrainSpec, tp: int) -> float:
 def layer_times(dev: Device, m: ModelSpec, tr: TrainSpec, mb: int, tp: int, cp: int) -> tuple[float, float, float]:
     """(fwd, bwd, attention fwd+bwd) s of one layer for one micro-batch on one GPU (compute only)."""
     t = mb * m.seq_len / cp  # tokens on this GPU
-    hd = m.hidden // m.heads
-    kvd = m.kv_heads * hd
+    kvd = kv_width(m)
     ffn_in = (2 if m.mlp == "swiglu" else 1) * m.ffn_hidden
     shapes = ((m.hidden + 2 * kvd) / tp, m.hidden), (m.hidden, m.hidden / tp), \
         (ffn_in / tp, m.hidden), (m.hidden, m.ffn_hidden / tp)
@@ -168,8 +173,6 @@ def stage_layers(layers: int, pp: int, vpp: int) -> tuple[int, int, int]:
     layers; when pp vpp c > L the spare slots are taken off the first stage (the one holding the most
     micro-batches in flight, plus the embedding) and the last stage (the LM head), as Llama 3 balanced its
     126-layer model on 16 stages (7 + 14 x 8 + 7 layers)."""
-    if pp == 1:
-        return layers, layers, layers
     per_chunk = math.ceil(layers / (pp * vpp))
     full = per_chunk * vpp
     spare = pp * full - layers
@@ -199,13 +202,13 @@ def in_flight(pp: int, vpp: int, nmb: int, stage: int) -> list[int]:
     return [min(nmb, rounds * pp + min(max(rem - k * pp, 0), pp)) for k in range(vpp)]
 
 
-def estimate(m: ModelSpec, tr: TrainSpec, plan: Plan, pool: PoolSpec, scale_out_gbps: float,
-             oversub: float = 1.0, seqs: float | None = None, rail: bool = True) -> StepBreakdown:
-    """Step time of one replica processing `seqs` sequences (default global_batch / dp), and memory per GPU."""
+def estimator(m: ModelSpec, tr: TrainSpec, plan: Plan, pool: PoolSpec, scale_out_gbps: float,
+              oversub: float = 1.0, rail: bool = True) -> Callable[[float], StepBreakdown]:
+    """`step(seqs)`: step time of one replica processing `seqs` sequences, and memory per GPU. Everything but
+    the micro-batch count is computed here, once per (pool, plan): a throughput-balanced fleet times each
+    pool's replica at up to three batch sizes (`fleet_step`)."""
     dev = device(pool.gpu, tr.dtype)
     net = links(pool, plan, scale_out_gbps, oversub, rail)
-    seqs = tr.global_batch / plan.dp if seqs is None else seqs
-    nmb = max(1, math.ceil(seqs / plan.micro_batch))
     tokens = plan.micro_batch * m.seq_len / plan.cp  # per GPU per micro-batch
 
     lf, lb, lattn = layer_times(dev, m, tr, plan.micro_batch, plan.tp, plan.cp)
@@ -215,7 +218,7 @@ def estimate(m: ModelSpec, tr: TrainSpec, plan: Plan, pool: PoolSpec, scale_out_
     tp_one = 2 * net.tp.all_gather(act_bytes, plan.tp) if tr.sequence_parallel else net.tp.all_reduce(act_bytes, plan.tp)
     tp_layer = 4 * tp_one
     # context parallel: each rank receives the other ranks' K and V (fwd), and K, V + their grads (bwd)
-    kvd = m.kv_heads * (m.hidden // m.heads)
+    kvd = kv_width(m)
     kv_bytes = 2 * tokens * kvd / min(plan.tp, m.kv_heads) * BYTES * (plan.cp - 1)
     cp_layer = max(0.0, 3 * (kv_bytes / net.cp.bw + (plan.cp - 1) * net.cp.latency) - lattn) if plan.cp > 1 else 0.0
 
@@ -237,13 +240,18 @@ def estimate(m: ModelSpec, tr: TrainSpec, plan: Plan, pool: PoolSpec, scale_out_
         p2p = 2 * plan.vpp * net.pp.p2p(act_bytes / (plan.tp if tr.sequence_parallel else 1))
     t_mb = t_stage + p2p
     bubble = (plan.pp - 1) / plan.vpp * t_mb
+    tp_mb = tp_layer + (2 * tp_one if plan.recompute == "full" else 0.0)
+    dp_exposed, optim = _dp_time(m, tr, plan, dev, net, full, lf, lb)
+    memory = _memory(m, tr, plan, (first, full, last))
 
-    dp_exposed, optim, mem = _dp_and_memory(m, tr, plan, dev, net, nmb, (first, full, last), lf, lb)
-    step = nmb * t_mb + bubble + dp_exposed + optim
-    return StepBreakdown(step_time_s=step, compute_s=nmb * t_compute, tp_comm_s=nmb * full * (tp_layer + (
-        2 * tp_one if plan.recompute == "full" else 0.0)), cp_comm_s=nmb * full * cp_layer, p2p_s=nmb * p2p,
-        bubble_s=bubble, dp_comm_s=dp_exposed, optimizer_s=optim, microbatches=nmb,
-        memory_gb=sum(mem.values()), memory=mem)
+    def step(seqs: float) -> StepBreakdown:
+        nmb = max(1, math.ceil(seqs / plan.micro_batch))
+        dp_s, mem = dp_exposed(nmb), memory(nmb)
+        return StepBreakdown(step_time_s=nmb * t_mb + bubble + dp_s + optim, compute_s=nmb * t_compute,
+                             tp_comm_s=nmb * full * tp_mb, cp_comm_s=nmb * full * cp_layer, p2p_s=nmb * p2p,
+                             bubble_s=bubble, dp_comm_s=dp_s, optimizer_s=optim, microbatches=nmb,
+                             memory_gb=sum(mem.values()), memory=mem)
+    return step
 
 
 def grad_bytes_per_param(tr: TrainSpec) -> int:
@@ -259,10 +267,9 @@ def optimizer_bytes_per_param(tr: TrainSpec) -> int:
     return 16 if tr.dtype == "fp16" else 12
 
 
-def _dp_and_memory(m: ModelSpec, tr: TrainSpec, plan: Plan, dev: Device, net: Net, nmb: int,
-                   layers: tuple[int, int, int], lf: float, lb: float) -> tuple[float, float, dict]:
-    """(exposed data-parallel comm s, optimizer s, memory GB by kind on the fuller of the first and last stage)."""
-    first, full, last = layers
+def _dp_time(m: ModelSpec, tr: TrainSpec, plan: Plan, dev: Device, net: Net, full: int, lf: float,
+             lb: float) -> tuple[Callable[[int], float], float]:
+    """(exposed data-parallel comm s as a function of the micro-batch count, optimizer s), for the fullest stage."""
     emb = m.hidden * m.vocab / plan.tp  # embedding (first stage) or LM head (last stage), vocab-parallel
     params = full * layer_params(m) / plan.tp + emb  # the fullest stage: it sets the DP and optimizer time
     d = plan.dp
@@ -271,26 +278,46 @@ def _dp_and_memory(m: ModelSpec, tr: TrainSpec, plan: Plan, dev: Device, net: Ne
         t_dp = net.dp.all_reduce(params * gb, d)
     else:  # reduce-scatter grads, all-gather updated bf16 weights (ZeRO-3: also per micro-batch fwd+bwd)
         t_dp = net.dp.all_gather(params * gb, d) + net.dp.all_gather(params * BYTES, d)
-        if tr.zero == 3:
-            t_dp += 2 * (nmb - 1) * net.dp.all_gather(params * BYTES, d)
-    window = full * lb + (full * (nmb - 1) * (lf + lb) if tr.zero == 3 else 0.0)  # overlap: last backward
-    window *= 1.0 if tr.overlap_grad_reduce else 0.0
-    dp_exposed = max(0.0, t_dp - window) if d > 1 else 0.0
+    gather = net.dp.all_gather(params * BYTES, d) if tr.zero == 3 else 0.0
     optim = dev.mem_time(params / (d if tr.zero >= 1 else 1) * 36)  # Adam: r/w fp32 master, m, v; grad; bf16 w
 
-    per_chunk = math.ceil(m.layers / (plan.pp * plan.vpp)) if plan.pp > 1 else m.layers
+    def exposed(nmb: int) -> float:
+        t = t_dp + 2 * (nmb - 1) * gather if tr.zero == 3 else t_dp
+        window = full * lb + (full * (nmb - 1) * (lf + lb) if tr.zero == 3 else 0.0)  # overlap: last backward
+        window *= 1.0 if tr.overlap_grad_reduce else 0.0
+        return max(0.0, t - window) if d > 1 else 0.0
+    return exposed, optim
+
+
+def _memory(m: ModelSpec, tr: TrainSpec, plan: Plan, layers: tuple[int, int, int]) -> Callable[[int], dict]:
+    """Memory GB by kind on the fuller of the first and the last stage, as a function of the micro-batch count.
+    Activations: sum over a stage's model chunks of layers x micro-batches in flight x bytes per layer; the
+    last stage also holds one micro-batch's fp32 logits (vocab-parallel)."""
+    first, _, last = layers
+    emb = m.hidden * m.vocab / plan.tp  # embedding (first stage) or LM head (last stage), vocab-parallel
+    per_chunk = math.ceil(m.layers / (plan.pp * plan.vpp))
+    per_layer = layer_activation_bytes(m, tr, plan)
+    # full recompute: one layer's full activations live during its recompute
+    live = layer_activation_bytes(m, tr, replace(plan, recompute="none")) if plan.recompute == "full" else 0.0
+    logits = plan.micro_batch * m.seq_len / plan.cp * m.vocab / plan.tp * 4
     stages = [(0, first, emb * (2 if plan.pp == 1 else 1), True)]  # pp = 1: embedding and head on one stage
     if plan.pp > 1:
         stages.append((plan.pp - 1, last, emb, False))
-    mems = []
-    for stage, n_layers, extra, front in stages:
-        p = n_layers * layer_params(m) / plan.tp + extra
-        chunks = chunk_layers(n_layers, per_chunk, plan.vpp if plan.pp > 1 else 1, front)
-        act = activation_bytes(m, tr, plan, nmb, chunks, in_flight(plan.pp, plan.vpp if plan.pp > 1 else 1,
-                                                                    nmb, stage), last_stage=stage == plan.pp - 1)
-        mems.append(memory_gb(p, tr, d, act))
-    mem = max(mems, key=lambda x: sum(x.values()))
-    return dp_exposed, optim, mem
+    # per stage: (index, parameters on this GPU, layers per model chunk)
+    stages = [(stage, n * layer_params(m) / plan.tp + extra, chunk_layers(n, per_chunk, plan.vpp, front))
+              for stage, n, extra, front in stages]
+
+    def memory(nmb: int) -> dict:
+        mems = []
+        for stage, params, chunks in stages:
+            act = sum(n * k for n, k in zip(chunks, in_flight(plan.pp, plan.vpp, nmb, stage))) * per_layer
+            if plan.recompute == "full":
+                act += live
+            if stage == plan.pp - 1:
+                act += logits
+            mems.append(memory_gb(params, tr, plan.dp, act))
+        return max(mems, key=lambda x: sum(x.values()))
+    return memory
 
 
 def memory_gb(params: float, tr: TrainSpec, dp: int, act_bytes: float) -> dict:
@@ -308,7 +335,7 @@ def layer_activation_bytes(m: ModelSpec, tr: TrainSpec, plan: Plan) -> float:
     GQA and SwiGLU; fused norm+linear keeps one input; flash attention keeps O and the log-sum-exp only)."""
     t = plan.micro_batch * m.seq_len / plan.cp
     h, f = m.hidden, m.ffn_hidden
-    kvd = m.kv_heads * (h // m.heads)
+    kvd = kv_width(m)
     sp = plan.tp if tr.sequence_parallel else 1
     if plan.recompute == "full":
         return t * h / sp * BYTES  # only the layer input
@@ -318,18 +345,6 @@ def layer_activation_bytes(m: ModelSpec, tr: TrainSpec, plan: Plan) -> float:
     if tr.attention == "unfused" and plan.recompute == "none":
         elems += 2.5 * plan.micro_batch * m.heads / plan.tp * (m.seq_len / plan.cp) * m.seq_len  # scores, probs, mask
     return elems * BYTES
-
-
-def activation_bytes(m: ModelSpec, tr: TrainSpec, plan: Plan, nmb: int, chunks: list[int], held: list[int],
-                     last_stage: bool) -> float:
-    """Peak activation bytes on one stage: sum over its model chunks of layers x micro-batches in flight x
-    bytes per layer; the last stage also holds one micro-batch's fp32 logits (vocab-parallel)."""
-    stored = sum(n * k for n, k in zip(chunks, held)) * layer_activation_bytes(m, tr, plan)
-    if plan.recompute == "full":  # one layer's full activations live during its recompute
-        stored += layer_activation_bytes(m, tr, replace(plan, recompute="none"))
-    if last_stage:
-        stored += plan.micro_batch * m.seq_len / plan.cp * m.vocab / plan.tp * 4
-    return stored
 
 
 # ------------------------------------------------------------------------------------------ fleet
@@ -360,22 +375,22 @@ def fleet_step(m: ModelSpec, tr: TrainSpec, plan: Plan, pools: list[PoolSpec], s
     size = plan.tp * plan.pp * plan.cp
     reps = [p.count // size for p in pools]
     seqs0 = tr.global_batch / plan.dp
-    first = [estimate(m, tr, plan, p, scale_out_gbps, oversub, seqs0, rail) for p in pools]
+    steppers = [estimator(m, tr, plan, p, scale_out_gbps, oversub, rail) for p in pools]
+    first = [step(seqs0) for step in steppers]
     shares = [seqs0] * len(pools)
     if balance == "throughput" and len(pools) > 1:
-        shares = _throughput_shares(m, tr, plan, pools, reps, first, seqs0, scale_out_gbps, oversub, rail)
-    steps = [f if s == seqs0 else estimate(m, tr, plan, p, scale_out_gbps, oversub, s, rail)
-             for f, s, p in zip(first, shares, pools)]
+        shares = _throughput_shares(tr, plan, steppers, reps, first, seqs0)
+    steps = [f if s == seqs0 else step(s) for f, s, step in zip(first, shares, steppers)]
     out = [PoolStep(pool=p, replicas=r, seqs_per_replica=s, step=b) for p, r, s, b in zip(pools, reps, shares, steps)]
     fits = all(b.memory_gb <= capacity_gb(p.gpu) for p, b in zip(pools, steps))
     return FleetStep(step_time_s=max(b.step_time_s for b in steps), pools=out, fits_in_memory=fits)
 
 
-def _throughput_shares(m, tr, plan, pools, reps, first, seqs0, so, oversub, rail) -> list[float]:
+def _throughput_shares(tr, plan, steppers, reps, first, seqs0) -> list[float]:
     """Mean sequences per replica per pool so that t_i(s_i) is equal, with t_i(s) = a_i + b_i s (two-point fit)."""
     lin = []
-    for p, f in zip(pools, first):
-        t2 = estimate(m, tr, plan, p, so, oversub, 2 * seqs0, rail).step_time_s
+    for step, f in zip(steppers, first):
+        t2 = step(2 * seqs0).step_time_s
         b = max((t2 - f.step_time_s) / seqs0, 1e-12)
         lin.append((f.step_time_s - b * seqs0, b))
     total = tr.global_batch

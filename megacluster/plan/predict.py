@@ -71,6 +71,8 @@ def assemble(sc: Scenario, best: Ranked, n_configs: int, *, mc: bool = True) -> 
     flops = model_flops_per_token(sc.model) * tokens
     tflops = flops / step / n / 1e12
     peak = sum(p.count * get_gpu(p.gpu).peak(sc.train.dtype) for p in sc.fleet.pools) / n / 1e12
+    mfu = tflops / peak
+    mem_gb = max(ps.step.memory_gb for ps in fs.pools)
     nodes = sum(math.ceil(p.count / p.gpus_per_node) for p in sc.fleet.pools)
 
     gpn = n / nodes
@@ -89,11 +91,11 @@ def assemble(sc: Scenario, best: Ranked, n_configs: int, *, mc: bool = True) -> 
                                  ("vpp", sc.parallel.vpp), ("micro_batch", sc.train.micro_batch),
                                  ("recompute", sc.train.recompute)) if given is None]
     return Prediction(
-        name=sc.name, step_time_s=step, tokens_per_s=tps, model_tflops_per_gpu=tflops, mfu=tflops / peak,
-        memory_gb_per_gpu=max(ps.step.memory_gb for ps in fs.pools), fits_in_memory=fs.fits_in_memory,
+        name=sc.name, step_time_s=step, tokens_per_s=tps, model_tflops_per_gpu=tflops, mfu=mfu,
+        memory_gb_per_gpu=mem_gb, fits_in_memory=fs.fits_in_memory,
         bubble_fraction=crit.bubble_s / step, exposed_comm_fraction=crit.exposed_comm_s / step,
         job_mttf_h=r.job_mttf_h, interruptions=r.interruptions, checkpoint_interval_s=r.checkpoint_interval_s,
-        ettr=r.ettr, goodput=tflops / peak * r.ettr, train_days=train_days, energy_mwh=energy,
+        ettr=r.ettr, goodput=mfu * r.ettr, train_days=train_days, energy_mwh=energy,
         facility_mw=p.facility_mw, load_swing_mw=p.load_swing_mw, battery_mwh_needed=p.battery_mwh_needed,
         cost_usd=cost, gpus=n, plan=asdict(plan), chosen=chosen,
         configs_evaluated=n_configs, breakdown=_breakdown(crit), memory=dict(crit.memory),
@@ -104,8 +106,8 @@ def assemble(sc: Scenario, best: Ranked, n_configs: int, *, mc: bool = True) -> 
                      "by_cause": r.by_cause, "spare_wait_s": r.spare_wait_s, "monte_carlo": r.mc},
         power=asdict(p),
         site=pw.site(sc.site, p.facility_avg_mw),
-        limits=_limits(sc, plan, crit, step, tflops / peak, r.job_mttf_h, sc.reliability.restart_s, fs.fits_in_memory,
-                       max(ps.step.memory_gb for ps in fs.pools)) + _pool_limits(sc, fs),
+        limits=_limits(sc, plan, crit, step, mfu, r.job_mttf_h, sc.reliability.restart_s, fs.fits_in_memory,
+                       mem_gb) + _pool_limits(sc, fs),
         software={"attention": sc.train.attention, "overlap_grad_reduce": sc.train.overlap_grad_reduce,
                   "balance": sc.fleet.balance})
 

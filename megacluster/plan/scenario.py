@@ -30,19 +30,20 @@ class _Rule:
     lo: float | None = None  # inclusive lower bound
     hi: float | None = None  # inclusive upper bound
     choices: tuple[str, ...] = ()
-    auto: bool = False  # the string "auto" is accepted and maps to None
+    auto: bool = False  # the string "auto" is accepted and maps to None, as if the key were left out
 
     def allowed(self) -> str:
         if self.kind == "choice":
-            return "one of " + ", ".join(repr(c) for c in self.choices)
+            return "one of " + ", ".join(repr(c) for c in self.choices + (("auto",) if self.auto else ()))
         if self.kind in ("int", "float"):
             rng = f"{'an integer' if self.kind == 'int' else 'a number'}"
             if self.lo is not None:
                 rng += f" >= {self.lo:g}"
             if self.hi is not None:
                 rng += f" and <= {self.hi:g}"
-            return rng + (' or "auto"' if self.auto else "")
-        return {"bool": "true or false", "str": "a string", "dict": "a table of name = number"}[self.kind]
+        else:
+            rng = {"bool": "true or false", "str": "a string", "dict": "a table of name = number"}[self.kind]
+        return rng + (' or "auto"' if self.auto else "")
 
 
 def _int(lo=None, hi=None, auto=False):
@@ -53,13 +54,13 @@ def _num(lo=None, hi=None, auto=False):
     return _Rule("float", lo, hi, auto=auto)
 
 
-def _choice(*c):
-    return _Rule("choice", choices=c)
+def _choice(*c, auto=False):
+    return _Rule("choice", choices=c, auto=auto)
 
 
 def _check(section: str, key: str, value: Any, rule: _Rule) -> Any:
     name = f"{section}.{key}"
-    if rule.auto and value == "auto":
+    if rule.auto and value == "auto":  # the one place "auto" is read: from here on it is None
         return None
     bad = ScenarioError(f"{name} = {value!r} is invalid: must be {rule.allowed()}")
     if rule.kind == "bool":
@@ -148,9 +149,9 @@ class TrainSpec:
 
 
 TRAIN_RULES = {"global_batch": _int(1), "micro_batch": _int(1, auto=True), "dtype": _choice("fp16", "bf16", "fp8"),
-               "recompute": _choice("none", "selective", "full", "auto"), "sequence_parallel": _Rule("bool"),
-               "zero": _int(0, 3), "total_tokens": _num(1), "attention": _choice("flash", "unfused", "auto"),
-               "overlap_grad_reduce": _Rule("bool")}
+               "recompute": _choice("none", "selective", "full", auto=True), "sequence_parallel": _Rule("bool"),
+               "zero": _int(0, 3), "total_tokens": _num(1), "attention": _choice("flash", "unfused", auto=True),
+               "overlap_grad_reduce": _Rule("bool", auto=True)}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -338,8 +339,6 @@ def from_dict(raw: dict) -> Scenario:
         site=_build(SiteSpec, "site", raw.get("site"), SITE_RULES),
         raw=raw,
     )
-    if sc.train.recompute == "auto":
-        sc.train.recompute = None
     if sc.site.kind != "earth" and "pue" not in (raw.get("power") or {}):
         sc.power.pue = OFF_EARTH_PUE
     _software_defaults(sc.train)
@@ -353,7 +352,7 @@ def _software_defaults(t: TrainSpec) -> None:
     attention, gradient all-reduce after the backward); bf16/fp8 runs use fused attention and overlap the
     gradient reduction with the backward. Set the keys explicitly to override."""
     legacy = t.dtype == "fp16"
-    if t.attention in (None, "auto"):
+    if t.attention is None:
         t.attention = "unfused" if legacy else "flash"
     if t.overlap_grad_reduce is None:
         t.overlap_grad_reduce = not legacy
@@ -430,6 +429,9 @@ def check_parallel(sc: Scenario, tp, pp, cp, dp, vpp, *, complete: bool) -> None
 
     With ``complete`` the plan must be fully determined (dp may be derived from the GPU count)."""
     m, n = sc.model, sc.fleet.count
+    pp_given = pp is not None
+    if complete:  # a fixed plan: what is not given is 1
+        tp, pp, cp = tp or 1, pp or 1, cp or 1
     if tp is not None:
         if m.heads % tp:
             raise ScenarioError(f"model.heads = {m.heads} is not divisible by parallel.tp = {tp}")
@@ -442,15 +444,16 @@ def check_parallel(sc: Scenario, tp, pp, cp, dp, vpp, *, complete: bool) -> None
             raise ScenarioError(f"parallel.tp = {tp} exceeds the NVLink domain ({worst_domain} GPUs)")
     if pp is not None and pp > m.layers:
         raise ScenarioError(f"parallel.pp = {pp} exceeds model.layers = {m.layers}")
+    if vpp is not None and vpp > 1 and pp == 1:
+        raise ScenarioError(f"parallel.vpp = {vpp} is invalid with parallel.pp = 1"
+                            f"{'' if pp_given else ' (pp not given and parallel.search = false)'}: must be 1 "
+                            "(interleaving splits pipeline stages; give parallel.pp > 1 to interleave)")
     if vpp is not None and pp is not None and pp * vpp > m.layers:
         raise ScenarioError(f"parallel.pp x parallel.vpp = {pp * vpp} exceeds model.layers = {m.layers}")
-    if vpp is not None and vpp > 1 and pp == 1:
-        raise ScenarioError("parallel.vpp > 1 needs parallel.pp > 1 (interleaving splits pipeline stages)")
     if cp is not None and m.seq_len % (2 * cp) and cp > 1:
         raise ScenarioError(f"model.seq_len = {m.seq_len} is not divisible by 2 x parallel.cp = {2 * cp}")
     if not complete:
         return
-    tp, pp, cp = tp or 1, pp or 1, cp or 1
     replica = tp * pp * cp
     if dp is None:
         if n % replica:

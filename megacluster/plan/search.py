@@ -17,6 +17,7 @@ from .perf import FleetStep, Plan, capacity_gb, fleet_step
 from .scenario import ParallelSpec, Scenario, ScenarioError, check_parallel, nvlink_domain
 
 RECOMPUTE = ("none", "selective", "full")
+VPP = (1, 2, 3, 4, 6, 8, 12, 16)  # interleaving depths searched
 CP_MIN_TOKENS = 1024  # tokens of the sequence per context-parallel rank, at least
 
 
@@ -66,10 +67,11 @@ def candidates(sc: Scenario) -> list[Plan]:
 
 def _inner(sc: Scenario, tp: int, pp: int, cp: int, dp: int) -> list[Plan]:
     """Plans for a fixed (tp, pp, cp, dp): vpp, micro-batch and recompute choices."""
-    p, tr, m = sc.parallel, sc.train, sc.model
+    p, tr = sc.parallel, sc.train
     per_replica = max(tr.global_batch // dp, 1)
     mbs = [tr.micro_batch] if tr.micro_batch else _divisors(per_replica, 16)
-    vpps = [p.vpp] if p.vpp else ([1] if pp == 1 else [v for v in (1, 2, 3, 4, 6, 8, 12, 16) if pp * v <= m.layers])
+    # vpp (given or searched) as scenario validation allows it: 1 without a pipeline, pp x vpp <= layers
+    vpps = [v for v in ([p.vpp] if p.vpp else VPP) if _ok(sc, pp=pp, vpp=v)]
     recs = [tr.recompute] if tr.recompute else RECOMPUTE
     out = []
     for mb, v, rc in product(mbs, vpps, recs):
@@ -82,9 +84,9 @@ def _inner(sc: Scenario, tp: int, pp: int, cp: int, dp: int) -> list[Plan]:
     return out
 
 
-def _ok(sc: Scenario, **kw) -> bool:
+def _ok(sc: Scenario, tp=None, pp=None, cp=None, vpp=None) -> bool:
     try:
-        check_parallel(sc, kw.get("tp"), None, kw.get("cp"), None, None, complete=False)
+        check_parallel(sc, tp, pp, cp, None, vpp, complete=False)
         return True
     except ScenarioError:
         return False

@@ -89,3 +89,43 @@ def test_cli_unknown_gpu_exit_2(tmp_path):
     p.write_text(json.dumps(with_("fleet", gpu="H900")))
     r = _cli(str(p))
     assert r.returncode == 2 and "fleet.gpu" in r.stderr
+
+
+def test_auto_is_the_same_as_leaving_the_key_out():
+    from dataclasses import asdict
+    auto = with_("train", micro_batch="auto", recompute="auto", attention="auto", overlap_grad_reduce="auto")
+    auto["parallel"] = {**BASE["parallel"], "vpp": "auto"}
+    auto["reliability"] = {"checkpoint_interval_s": "auto"}
+    out = with_("train")
+    del out["train"]["micro_batch"]
+    a, b = load_scenario(auto), load_scenario(out)
+    assert {k: v for k, v in asdict(a).items() if k != "raw"} == {k: v for k, v in asdict(b).items() if k != "raw"}
+    assert a.train.recompute is None and a.train.attention == "flash" and a.parallel.vpp is None
+    assert a.train.overlap_grad_reduce is True
+    with pytest.raises(ScenarioError, match='train.overlap_grad_reduce = 1 is invalid: must be true or false or "auto"'):
+        load_scenario(with_("train", overlap_grad_reduce=1))
+    with pytest.raises(ScenarioError, match="train.recompute = 'x' is invalid: must be one of 'none', 'selective', "
+                                            "'full', 'auto'"):
+        load_scenario(with_("train", recompute="x"))
+
+
+@pytest.mark.parametrize("parallel", [{"tp": 8, "pp": 1, "vpp": 2}, {"tp": 8, "vpp": 2}])
+def test_interleaving_without_a_pipeline_is_refused(parallel):
+    """vpp > 1 needs pp > 1, also when pp is left out of a fixed plan (it is then 1)."""
+    with pytest.raises(ScenarioError, match=r"parallel.vpp = 2 is invalid with parallel.pp = 1.*must be 1"):
+        load_scenario({**BASE, "parallel": parallel})
+
+
+def test_cli_interleaving_without_a_pipeline_exits_2(tmp_path):
+    p = tmp_path / "s.json"
+    p.write_text(json.dumps({**BASE, "parallel": {"tp": 8, "vpp": 4}}))
+    r = _cli(str(p), "--json")
+    assert r.returncode == 2 and r.stdout == ""
+    assert "parallel.vpp = 4" in r.stderr and "parallel.pp = 1" in r.stderr
+
+
+def test_search_with_a_given_vpp_only_tries_pipelines_it_can_interleave():
+    from megacluster.plan.search import candidates
+    sc = load_scenario({**BASE, "train": {"global_batch": 512}, "parallel": {"search": True, "vpp": 4}})
+    plans = candidates(sc)
+    assert plans and all(p.vpp == 4 and p.pp > 1 and p.pp * p.vpp <= 32 for p in plans)
