@@ -9,6 +9,7 @@ Every key is checked: an unknown section/key or a value of the wrong type or out
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -97,8 +98,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 POSITIVE = {"model.vocab_size", "model.n_layer", "model.n_head", "model.d_model", "model.seq_len",
             "run.batch_size", "run.micro_batch", "run.workers", "run.log_every", "run.ckpt_keep",
-            "run.eval_batches", "optim.lr", "model.rope_theta", "model.norm_eps", "run.hang_timeout"}
-NON_NEGATIVE = {"model.n_kv_head", "model.ffn_hidden", "run.max_steps", "run.eval_every", "run.ckpt_every",
+            "run.eval_batches", "optim.lr", "model.rope_theta", "model.norm_eps", "run.hang_timeout", "optim.eps",
+            "run.max_steps"}
+NON_NEGATIVE = {"model.n_kv_head", "model.ffn_hidden", "run.eval_every", "run.ckpt_every",
                 "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "data.max_bytes",
                 "model.init_std", "run.seed"}
 UNIT_INTERVAL = {"optim.decay_fraction", "optim.beta1", "optim.beta2", "optim.min_lr_ratio"}  # [0, 1)
@@ -115,7 +117,7 @@ def _gpt2(d: int, layers: int, heads: int, batch: int) -> dict:
 
 
 PRESETS: dict[str, dict] = {
-    # trains on 2 CPU cores and visibly learns within ~1 minute (~0.9M parameters)
+    # trains on 2 CPU cores and visibly learns within ~1 minute (~1.1M parameters)
     "tiny": {},
     "gpt2-124m": _gpt2(768, 12, 12, 32),
     "gpt2-350m": _gpt2(1024, 24, 16, 16),
@@ -160,9 +162,12 @@ def _coerce(key: str, tp, value):
         if isinstance(value, bool):
             raise InputError(f"{key}: expected a number, got {value!r}")
         try:
-            return float(value)
+            x = float(value)
         except (TypeError, ValueError):
             raise InputError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(x):
+            raise InputError(f"{key}: expected a finite number, got {value!r}")
+        return x
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise InputError(f"{key}: expected a string, got {value!r}")
@@ -259,6 +264,8 @@ def validate(cfg: Config) -> None:
     kv = m.n_kv_head or m.n_head
     if m.n_head % kv:
         raise InputError(f"model.n_kv_head ({kv}) must divide model.n_head ({m.n_head})")
+    if not cfg.run.run_dir.strip():
+        raise InputError("run.run_dir (--run-dir): must name a directory, got an empty string")
     if cfg.run.micro_batch > cfg.run.batch_size:
         cfg.run.micro_batch = cfg.run.batch_size  # a micro-batch never exceeds the global batch
 

@@ -39,6 +39,11 @@ def test_toml_then_set_then_validate(tmp_path):
     ("optim.min_lr_ratio=-0.5", "optim.min_lr_ratio: must be in [0, 1), got -0.5"),
     ("optim.min_lr_ratio=1", "optim.min_lr_ratio: must be in [0, 1), got 1.0"),
     ("noequals", "expected section.key=value"),
+    ("optim.eps=-1", "optim.eps: must be > 0"),
+    ("run.max_steps=0", "run.max_steps: must be > 0"),
+    ("model.norm_eps=nan", "model.norm_eps: expected a finite number"),
+    ("run.hang_timeout=inf", "run.hang_timeout: expected a finite number"),
+    ("run.run_dir=", "run.run_dir (--run-dir): must name a directory"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(InputError, match=None) as e:
@@ -77,6 +82,9 @@ def test_roundtrip_dict():
     (["--workers", "0"], "run.workers: must be > 0"),
     (["--device", "tpu"], "invalid choice: 'tpu'"),
     (["--data", "/no/such/file.txt"], "--data: no such file"),
+    (["--chaos", "bogus"], "--chaos (run.chaos): bad fault 'bogus'"),  # refused before a worker starts
+    (["--workers", "2", "--chaos", "kill:rank=2,step=3"], "names rank 2, but the run has 2 worker(s)"),
+    (["--set", "optim.lr=inf"], "optim.lr: expected a finite number"),
 ])
 def test_cli_bad_input_exits_2(argv, needle, tmp_path):
     r = subprocess.run([sys.executable, "-m", "megacluster", "train", "--run-dir", str(tmp_path), *argv],

@@ -63,7 +63,7 @@ class Fault:
     def __post_init__(self) -> None:
         problem = _fault_problem(self.kind, self.rank, self.step, self.factor, self.permanent, self.down)
         if problem:
-            raise InputError(f"--chaos: {problem}. {GRAMMAR}")
+            raise InputError(f"--chaos (run.chaos): {problem}. {GRAMMAR}")
         if not self.id:
             object.__setattr__(self, "id", _make_id(self.kind, self.rank, self.step))
 
@@ -113,7 +113,7 @@ def _check_unique(faults: list[Fault]) -> None:
     seen: set[str] = set()
     for f in faults:
         if f.id in seen:
-            raise InputError(f"--chaos: duplicate fault {f.id!r} (one fault per kind, rank and step). {GRAMMAR}")
+            raise InputError(f"--chaos (run.chaos): duplicate fault {f.id!r} (one fault per kind, rank and step). {GRAMMAR}")
         seen.add(f.id)
 
 
@@ -167,7 +167,15 @@ def _float(part: str, key: str, text: str | None, default: float = 1.0) -> float
 
 
 def _bad(part: str, why: str):
-    raise InputError(f"--chaos: bad fault {part!r}: {why}. {GRAMMAR}")
+    raise InputError(f"--chaos (run.chaos): bad fault {part!r}: {why}. {GRAMMAR}")
+
+
+def check_ranks(faults: list[Fault], world: int) -> None:
+    """Refuse a fault aimed at a rank the run does not have: it would silently never fire."""
+    for f in faults:
+        if f.rank is not None and f.rank >= world:
+            raise InputError(f"--chaos (run.chaos): fault {f.id!r} names rank {f.rank}, but the run has {world} "
+                             f"worker(s): ranks 0-{world - 1}")
 
 
 def format(faults: list[Fault]) -> str:  # noqa: A001 - the inverse of parse, named as in the interface

@@ -18,6 +18,7 @@ import hashlib
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -399,8 +400,11 @@ class Worker:
 
     def restore(self) -> bool:
         """Load the newest good checkpoint of this run dir, if any. Every rank reads the same files."""
-        loaded = CheckpointManager(self.run_dir / "checkpoints", keep=self.cfg.run.ckpt_keep).latest()
+        directory = self.run_dir / "checkpoints"
+        loaded = CheckpointManager(directory, keep=self.cfg.run.ckpt_keep).latest()
         if loaded is None:
+            if self.wid == 0:  # say it once: a resume that silently starts over would look like a resume
+                print(f"resume: no good checkpoint in {directory}; starting from step 0", file=sys.stderr, flush=True)
             return False
         self.model.load_state_dict(loaded.model)
         self.opt.load_state_dict(loaded.state["optimizer"])

@@ -33,6 +33,7 @@ from ..config import Config
 from ..data import prepare
 from ..errors import InputError
 from ..files import write_json
+from .chaos import check_ranks, parse
 from .elastic import NODE_LOST, Plan
 
 POLL_S = 0.05  # seconds between supervisor checks
@@ -53,13 +54,15 @@ def train(cfg: Config) -> dict | None:
     """Train per `cfg`; returns rank 0's result dict (None on other ranks under a launcher)."""
     from .loop import Worker, init_place, resolve_device  # torch is imported only when training
 
+    world = int(os.environ["WORLD_SIZE"]) if under_launcher() else cfg.run.workers
+    check_ranks(parse(cfg.run.chaos), world)  # a bad spec is refused before any process starts
     if under_launcher():
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             cfg.run.resume = True  # restarted by torchrun: continue exactly from the newest good checkpoint
         place = init_place(cfg.run.device, timeout_s=max(60.0, cfg.run.hang_timeout))
         result = Worker(cfg, place).run()
         return result if place.is_main else None
-    if cfg.run.workers > 1 and resolve_device(cfg.run.device) == "cuda":
+    if resolve_device(cfg.run.device) == "cuda" and cfg.run.workers > 1:  # also refuses cuda without a GPU
         import torch
 
         if cfg.run.workers > torch.cuda.device_count():

@@ -50,6 +50,12 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path):
     assert resumed["val_loss"] == full["val_loss"]
 
 
+def test_resume_without_a_checkpoint_says_so_and_starts_at_step_1(tmp_path, capfd):
+    res = train(small_cfg(tmp_path, "empty", "run.max_steps=2", "run.resume=true"))
+    assert "resume: no good checkpoint in" in capfd.readouterr().err
+    assert res["steps"] == 2 and sorted(losses(tmp_path / "empty")) == [1, 2]
+
+
 def test_micro_batching_does_not_change_the_gradient(tmp_path):
     a = train(small_cfg(tmp_path, "mb2", "run.max_steps=3"))
     b = train(small_cfg(tmp_path, "mb6", "run.max_steps=3", "run.micro_batch=6"))
