@@ -99,9 +99,9 @@ def evaluate(sc: Scenario, plan: Plan) -> Ranked:
     return Ranked(plan=plan, fleet=fs, tokens_per_s=sc.train.global_batch * sc.model.seq_len / fs.step_time_s)
 
 
-def rank(sc: Scenario, plans: list[Plan] | None = None) -> list[Ranked]:
+def rank(sc: Scenario) -> list[Ranked]:
     """All candidate plans, best first: plans within the memory model's tolerance first, then by throughput."""
-    plans = candidates(sc) if plans is None else plans
+    plans = candidates(sc)
     if not plans:
         raise ScenarioError("parallel: no valid plan for this model, batch and fleet "
                             "(check tp/pp/cp/dp against heads, layers, global_batch and GPU counts)")
