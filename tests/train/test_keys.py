@@ -1,10 +1,14 @@
 """No dead options: each config key changes what the run does (a key with no effect fails here)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from megacluster import config
+from megacluster.train.loop import Worker, init_place, lr_at
 from megacluster.train.supervisor import train
 
 MICRO = ["model.d_model=32", "model.n_layer=1", "model.n_head=2", "model.seq_len=16", "model.vocab_size=300",
@@ -12,8 +16,12 @@ MICRO = ["model.d_model=32", "model.n_layer=1", "model.n_head=2", "model.seq_len
          "run.eval_batches=1", "optim.warmup_steps=1", "optim.lr=1e-2", "optim.grad_clip=1e9"]
 
 
+def micro_cfg(tmp_path, name, *extra):
+    return config.build("tiny", None, MICRO + [f"run.run_dir={tmp_path / name}", *extra])
+
+
 def run(tmp_path, name, *extra):
-    return train(config.build("tiny", None, MICRO + [f"run.run_dir={tmp_path / name}", *extra]))
+    return train(micro_cfg(tmp_path, name, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +49,65 @@ def test_bookkeeping_keys(tmp_path):
     assert [r["step"] for r in recs if "val_loss" in r] == [2, 4]
     one = run(tmp_path, "e1", "run.eval_batches=1", "run.max_steps=4")
     assert one["val_loss"] != res["val_loss"]  # a different number of validation batches
+
+
+def test_micro_batch_sets_the_passes_per_step(tmp_path, monkeypatch):
+    calls = []
+    real = Worker.micro_step
+
+    def counted(self, rows, scale):
+        calls.append(rows.shape[0])
+        return real(self, rows, scale)
+
+    monkeypatch.setattr(Worker, "micro_step", counted)
+    split = run(tmp_path, "mb2", "run.batch_size=6", "run.micro_batch=2")
+    assert calls == [2] * 3 * 3  # 3 steps x 3 forward/backward passes of 2 sequences
+    calls.clear()
+    whole = run(tmp_path, "mb6", "run.batch_size=6", "run.micro_batch=6")
+    assert calls == [6] * 3  # one pass per step
+    assert split["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-5)  # same gradients, same training
+    assert split["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-5)
+
+
+def test_progress_bar_on_stderr(tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # rich's width off a terminal: wide enough for the whole bar
+    on = run(tmp_path, "on", "run.progress=true")
+    err = capfd.readouterr().err
+    # off a terminal rich draws no live bar, but prints its final state once when the bar stops
+    assert "3/3" in err and f"loss {on['final_loss']:.4f}" in err and "tok/s" in err, err
+    off = run(tmp_path, "off", "run.progress=false")
+    err = capfd.readouterr().err
+    assert "3/3" not in err and f"loss {off['final_loss']:.4f}" not in err and "tok/s" not in err, err
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own
+def test_compile_wraps_the_forward(tmp_path):
+    on = Worker(micro_cfg(tmp_path, "on", "run.compile=on"), init_place("cpu"))
+    assert isinstance(on.forward, torch._dynamo.eval_frame.OptimizedModule)
+    assert on.forward is not on.model and on.forward._orig_mod is on.model  # compiles the module it trains
+    for mode in ("off", "auto"):  # auto = on for cuda only
+        plain = Worker(micro_cfg(tmp_path, mode, f"run.compile={mode}"), init_place("cpu"))
+        assert plain.forward is plain.model
+
+
+def test_wsd_decay_fraction_moves_the_decay_start():
+    o = config.OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="wsd")
+
+    def first_below_peak():
+        return next(s for s in range(o.warmup_steps + 1, 101) if lr_at(s, o, 100) < o.lr)
+
+    o.decay_fraction = 0.5
+    assert first_below_peak() == 51 and lr_at(100, o, 100) == pytest.approx(0.1)
+    o.decay_fraction = 0.2
+    assert first_below_peak() == 81 and lr_at(100, o, 100) == pytest.approx(0.1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_device_cuda_without_cuda_exits_2(tmp_path, workers):
+    r = subprocess.run([sys.executable, "-m", "megacluster", "train", "--device", "cuda", "--max-steps", "1",
+                        "--workers", workers, "--run-dir", str(tmp_path / "d"),
+                        *[a for kv in MICRO for a in ("--set", kv)]],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "--device cuda" in r.stderr
