@@ -264,6 +264,10 @@ def validate(cfg: Config) -> None:
     kv = m.n_kv_head or m.n_head
     if m.n_head % kv:
         raise InputError(f"model.n_kv_head ({kv}) must divide model.n_head ({m.n_head})")
+    if cfg.run.chaos:
+        from .train.chaos import parse  # the spec's grammar (no torch); ranks are checked at launch
+
+        parse(cfg.run.chaos)
     if not cfg.run.run_dir.strip():
         raise InputError("run.run_dir (--run-dir): must name a directory, got an empty string")
     if cfg.run.micro_batch > cfg.run.batch_size:

@@ -79,8 +79,8 @@ def _documents(files: list[Path], max_bytes: int):
 
     With a cap (max_bytes > 0) the documents are the first max_bytes bytes (UTF-8) of that sequence: they are
     taken whole while they fit, the one that crosses the cap is cut there (back to a whole character; dropped
-    if nothing is left) and nothing after it is read. A text file is read only up to the bytes left
-    (`_read_text`), a .jsonl file only up to the line that crosses the cap. Under the cap every document is
+    if nothing is left) and nothing after it is read. A text file is read only up to as many characters as
+    bytes are left (`_read_text`), a .jsonl file only up to the line that crosses the cap. Under the cap every document is
     whole, as before; format 1 kept the crossing document whole too, which needed reading it whole."""
     left = max_bytes or None  # bytes the cap still allows; None = no cap
     for path in files:
@@ -119,12 +119,13 @@ def _jsonl_texts(path: Path):
 
 
 def _fingerprint(files: list[Path], extra: dict) -> str:
-    """Cache key from each file's resolved path, size and modification time (as make and ccache do), not its
-    bytes: every worker and every restarted worker computes it, and hashing a large corpus would delay them."""
+    """Cache key from each file's resolved path, inode, size, modification and change time (as make and ccache
+    do), not its bytes: every worker and every restarted worker computes it, and hashing a large corpus would
+    delay them. The change time catches a rewrite whose mtime was put back (`cp -p`, `rsync -a`, `touch -d`)."""
     h = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
     for p in files:
         st = p.stat()
-        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{p.resolve()}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -151,11 +152,17 @@ class Shards:
         return int(self.starts[-1])
 
     def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice):
+            raise TypeError(f"Shards: only contiguous slices, got {type(key).__name__}")
         start, stop, step = key.indices(len(self))
         if step != 1:
             raise IndexError("Shards: only contiguous slices")
-        pieces = [a[max(start - lo, 0):stop - lo] for a, lo, hi in zip(self.parts, self.starts, self.starts[1:])
-                  if lo < stop and hi > start]
+        pieces = []
+        i = max(int(np.searchsorted(self.starts, start, side="right")) - 1, 0)  # the part holding `start`
+        while i < len(self.parts) and self.starts[i] < stop:  # one sample spans one or two parts, not all
+            lo = int(self.starts[i])
+            pieces.append(self.parts[i][max(start - lo, 0):stop - lo])
+            i += 1
         return np.concatenate(pieces, dtype=self.dtype) if pieces else np.zeros(0, self.dtype)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:

@@ -160,3 +160,14 @@ def test_sample_order_is_a_function_of_seed_and_step_only():
     n = a.n
     seen = np.concatenate([a.windows(s, 0, 8) for s in range(n // 8)])
     assert len(set(seen.tolist())) == len(seen) == n // 8 * 8
+
+
+def test_shards_slice_like_one_concatenated_array():
+    parts = [np.arange(0, 5), np.zeros(0, np.int64), np.arange(5, 12), np.arange(12, 13), np.zeros(0, np.int64)]
+    s, whole = data.Shards(parts), np.arange(13)
+    assert len(s) == 13 and np.array_equal(np.asarray(s), whole)
+    for a in [None, *range(-15, 16)]:
+        for b in [None, *range(-15, 16)]:
+            assert np.array_equal(s[a:b], whole[a:b]), (a, b)
+    with pytest.raises(TypeError):
+        s[3]

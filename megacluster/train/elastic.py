@@ -74,11 +74,11 @@ class Membership:
     @contextlib.contextmanager
     def waiting(self, step: int):
         """Around code that blocks on peers: keeps our heartbeat alive so only the stuck peer counts as hung."""
-        self._waiting_step = step
+        outer, self._waiting_step = self._waiting_step, step
         try:
             yield
         finally:
-            self._waiting_step = None
+            self._waiting_step = outer  # nested blocks: the outer one is still waiting
 
     def _beat_while_waiting(self, store: dist.TCPStore) -> None:
         while True:
@@ -86,8 +86,8 @@ class Membership:
             if step is not None:
                 try:
                     store.set(f"hb/{self.wid}", f"{step} wait {time.time():.3f}")
-                except Exception:  # the supervisor is gone: the main thread will find out
-                    return
+                except Exception:  # keep trying: one failed write must not silence us for good (if the
+                    pass  # supervisor is gone, the main thread finds out; this daemon thread dies with it)
             time.sleep(0.5)
 
     def announce_ready(self, step: int) -> None:

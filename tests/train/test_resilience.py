@@ -11,7 +11,7 @@ import time
 import pytest
 
 from megacluster import config
-from megacluster.train.elastic import NODE_LOST
+from megacluster.train.elastic import NODE_LOST, Membership
 from megacluster.train.supervisor import MAX_RESTARTS, Supervisor, train
 
 BASE = ["model.d_model=48", "model.n_layer=2", "model.n_head=4", "model.seq_len=32", "model.vocab_size=384",
@@ -170,3 +170,13 @@ def test_restart_is_the_one_place_that_gives_a_slot_up(tmp_path, monkeypatch):
     assert not sup.restart(flaky, "peer") and flaky.state == "lost"
     assert not sup.restart(gone, "checkpoint", exit_code=NODE_LOST) and gone.state == "lost"
     assert started == [(0, "peer")] * MAX_RESTARTS and sup.stats.restarts == MAX_RESTARTS
+
+
+def test_waiting_blocks_nest():
+    """The beat thread heartbeats while `_waiting_step` is set: an inner block must not end the outer one's."""
+    m = Membership(store=None, wid=0, pg_timeout_s=30.0)  # no beat thread, no store: the bookkeeping only
+    with m.waiting(3):
+        with m.waiting(4):
+            assert m._waiting_step == 4
+        assert m._waiting_step == 3
+    assert m._waiting_step is None
