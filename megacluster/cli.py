@@ -2,7 +2,9 @@
 
 Each verb module exposes ``add_arguments(parser)`` and ``run(args) -> dict``. The dict is the run's
 result; with ``--json`` it is printed as one JSON object on the last line of stdout (the contract other
-tools parse). Human output goes to stderr. Exit codes: 0 ok, 2 bad input (`InputError`), 1 runtime failure.
+tools parse). Human output goes to stderr. Exit codes: 0 ok, 2 bad input (`InputError`), 1 runtime failure,
+128 + N stopped by signal N after saving what resumes it (a result with "stopped": "SIGTERM", as a shell
+reports a process ended by that signal).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
 
 from .errors import InputError
@@ -48,11 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.json and result is not None:  # None: a non-main rank under torchrun, which stays quiet
         print(json.dumps(result, default=_jsonable), flush=True)
+    code = 128 + signal.Signals[result["stopped"]].value if result and result.get("stopped") else 0
     if "RANK" in os.environ and "torch.distributed" in sys.modules:  # a worker under torchrun
         from .train.worker import hard_exit
 
-        hard_exit(0)
-    return 0
+        hard_exit(code)
+    return code
 
 
 def _jsonable(x):

@@ -63,6 +63,9 @@ def summary(r: dict) -> str:
     """One human line about a finished run (stderr; the machine-readable result is --json)."""
     val = f", val loss {r['val_loss']:.4f}" if r.get("val_loss") is not None else ""
     mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
+    if r.get("stopped"):
+        return (f"stopped by {r['stopped']} after step {r['steps']}, loss {r['final_loss']:.4f}: the checkpoint of "
+                f"that step is in {r['run_dir']}/checkpoints; the same command with --resume continues exactly")
     line = (f"done: {r['steps']} steps on {r['world']} worker(s), loss {r['final_loss']:.4f}{val}, "
             f"{r['tokens_per_s']:,.0f} tok/s{mfu}; run dir {r['run_dir']}")
     if "goodput" in r:

@@ -100,6 +100,10 @@ class Membership:
         """True when the supervisor asked the current generation to end (cheap: one store round trip)."""
         return self.store.add("gen_counter", 0) > self.gen
 
+    def stop_asked(self) -> int | None:
+        """The signal number the supervisor was stopped with (it then also bumps `gen_counter`), else None."""
+        return int(self.store.get("stop")) if self.store.check(["stop"]) else None
+
     def report(self, step: int, pending: bool) -> None:
         """Our state: `step` completed steps; `pending` = that step's logging/eval/checkpoint not yet done."""
         self.store.set(f"status/{self.gen}/{self.wid}", json.dumps({"step": step, "pending": pending}))

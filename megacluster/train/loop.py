@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,8 +117,10 @@ def build_optimizer(model: torch.nn.Module, o: OptimConfig, device: torch.device
 
 
 class FlatGrads:
-    """The step's one all-reduce payload: [grads (n) | loss_sum | end-generation flag | compute_s per rank |
-    samples per rank]. The flag is > 0 after the reduce when any rank saw the supervisor ask to end the generation.
+    """The step's one all-reduce payload: [grads (n) | loss_sum | end-generation flag | stop flag | compute_s per
+    rank | samples per rank]. A flag is > 0 after the reduce when any rank raised it: the supervisor asked to end
+    the generation, or a rank was told to stop (a signal, or the supervisor's): every rank then acts after the
+    same step.
 
     Backward writes fresh gradients: `reset()` sets every p.grad to None, so autograd hands its fp32 result
     over as .grad (and adds later micro-batches in place). With one rank nothing more happens: the optimizer
@@ -133,7 +136,7 @@ class FlatGrads:
         self.params = params
         self.world = world
         self.n = sum(p.numel() for p in params) if world > 1 else 0
-        self.buf = torch.zeros(self.n + 2 + 2 * world, dtype=torch.float32, device=device)
+        self.buf = torch.zeros(self.n + 3 + 2 * world, dtype=torch.float32, device=device)
         self.views, offset = [], 0
         for p in params if world > 1 else []:
             self.views.append(self.buf[offset:offset + p.numel()].view_as(p))
@@ -215,12 +218,15 @@ class Worker:
         self.step = 0  # steps completed
         self.val_loss: float | None = None
         self.end_generation = False  # set when the supervisor asked this generation to end after this step
+        self.stop_signal: int | None = None  # a SIGTERM/SIGINT this process received (handled in run())
+        self.stopping = False  # every rank agreed to stop after this step: save a checkpoint and return
+        self._saved_step = -1  # the newest step a checkpoint save was started for
         self.after_step_pending = False  # step `self.step` done, its logging/eval/checkpoint not yet
         self.pending: list[torch.Tensor] = []  # losses of completed steps not yet copied to the host
         self.valid = not needs_state  # False: our weights are no step's (a replacement waiting for a peer's
         # state, or a half-finished transfer); we report step -1 and are never chosen as the source
         self._loaded_balancer: dict | None = None  # from a checkpoint, applied once the world is known
-        self._flag_bufs: list | None = None  # CUDA: pinned buffers + events for the end-generation flag
+        self._flag_bufs: list | None = None  # CUDA: pinned buffers + events for the end-generation/stop flags
         self.metrics: MetricsLog | None = None
         self.grad_norm = torch.zeros(())
 
@@ -300,36 +306,44 @@ class Worker:
         extras[0] = loss_sum
         if self.membership is not None and self.membership.bump_seen():
             extras[1] = 1.0
+            if self.stop_signal is None:
+                self.stop_signal = self.membership.stop_asked()  # the supervisor was told to stop
+        if self.stop_signal is not None:
+            extras[2] = 1.0
         if self.cfg.run.balance == "auto":  # compute time, measured before the all-reduce equalises wall time
-            extras[2 + rank] = compute_s
-            extras[2 + world + rank] = shares[rank]
+            extras[3 + rank] = compute_s
+            extras[3 + world + rank] = shares[rank]
         self.flat.pack()
         with self.waiting(step - 1):  # heartbeats carry completed steps
             self.all_reduce()
-            if self.membership is not None:
-                self.end_generation = self.read_flag(extras[1:2])
+            if self.membership is not None or world > 1:
+                self.end_generation, self.stopping = self.read_flags(extras[1:3])
+            else:
+                self.stopping = self.stop_signal is not None
         if self.cfg.run.balance == "auto":
-            times = extras[2:].tolist()
+            times = extras[3:].tolist()
             self.balancer.observe(times[:world], [int(s) for s in times[world:]])
         self.clip_and_step(step)
         return extras[0] / self.tokens_per_step
 
-    def read_flag(self, flag: torch.Tensor) -> bool:
-        """The reduced end-generation flag. On CUDA it is read one step late, from a pinned buffer, so the host
-        never waits for the GPU on the hot path; every rank reads the same reduced values, so all of them
-        still stop after the same step."""
-        if flag.device.type != "cuda":
-            return bool(flag.item() > 0)
+    def read_flags(self, flags: torch.Tensor) -> tuple[bool, bool]:
+        """The reduced (end-generation, stop) flags. On CUDA they are read one step late, from a pinned buffer, so
+        the host never waits for the GPU on the hot path; every rank reads the same reduced values, so all of
+        them still act after the same step."""
+        if flags.device.type != "cuda":
+            end, stop = flags.tolist()
+            return end > 0, stop > 0
         if self._flag_bufs is None:
-            self._flag_bufs = [(torch.zeros(1, pin_memory=True), torch.cuda.Event()) for _ in range(2)]
+            self._flag_bufs = [(torch.zeros(2, pin_memory=True), torch.cuda.Event()) for _ in range(2)]
             self._flag_turn = 0
         host, event = self._flag_bufs[self._flag_turn]
-        host.copy_(flag, non_blocking=True)
+        host.copy_(flags, non_blocking=True)
         event.record()
         self._flag_turn ^= 1
-        prev_host, prev_event = self._flag_bufs[self._flag_turn]  # the previous step's flag
+        prev_host, prev_event = self._flag_bufs[self._flag_turn]  # the previous step's flags
         prev_event.synchronize()  # long done: the host runs at most one step ahead
-        return bool(prev_host.item() > 0)
+        end, stop = prev_host.tolist()
+        return end > 0, stop > 0
 
     def inject_faults(self, step: int) -> None:
         """Chaos faults due at this step, after the compute and before the all-reduce (mid-step)."""
@@ -389,10 +403,43 @@ class Worker:
     def save(self, blocking: bool = False) -> None:
         if self.ckpt is None:
             return
+        self._saved_step = self.step
         self.flush()  # the checkpoint's loss history must cover every step it contains
         state = {"optimizer": self.opt.state_dict(), "rng": rng_state(), "balancer": self.balancer.state_dict()}
         meta = {**self.history(), "config": self.cfg.to_dict()}
         self.ckpt.save(self.step, self.model.state_dict(), state, meta, blocking=blocking)
+
+    def save_for_stop(self) -> None:
+        """Told to stop (every rank after the same step): make sure a checkpoint of this step is on disk."""
+        if self.ckpt is None:
+            return
+        if self._saved_step == self.step:
+            self.ckpt.wait()  # after_step already started this step's save
+        else:
+            self.save(blocking=True)
+
+    @contextlib.contextmanager
+    def stop_on_signals(self):
+        """SIGTERM (a scheduler's preemption, `kill`) or SIGINT (Ctrl-C): finish the step in flight, save a
+        checkpoint, return; `--resume` then continues exactly. The same signal again stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+
+        def handler(signum, frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: stopping without a checkpoint")
+            self.stop_signal = signum
+            if self.wid == 0:
+                print(f"\n{signal.Signals(signum).name}: finishing step {self.step + 1}, then saving a checkpoint "
+                      "and stopping (send it again to stop at once)", file=sys.stderr, flush=True)
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
 
     def history(self) -> dict:
         """What a checkpoint and a peer's state transfer carry besides tensors: completed steps and their record."""
@@ -496,7 +543,12 @@ class Worker:
 
     # ---- the loop ----
     def run(self) -> dict:
-        """Train to max_steps, riding through generation changes; returns the run's result (rank 0's is complete)."""
+        """Train to max_steps, riding through generation changes; returns the run's result (rank 0's is complete).
+        On SIGTERM/SIGINT every rank stops after the same step, with a checkpoint of it (result "stopped")."""
+        with self.stop_on_signals():
+            return self._run()
+
+    def _run(self) -> dict:
         cfg = self.cfg.run
         self.start()
         progress = Progress(cfg.max_steps, self.step, enabled=self.place.is_main and cfg.progress)
@@ -513,6 +565,9 @@ class Worker:
                     self.beat()
                 self.after_step(progress)
                 self.after_step_pending = False
+                if self.stopping:
+                    self.save_for_stop()
+                    break
                 if self.end_generation:
                     self.end_generation = False
                     self.transition()
@@ -535,7 +590,8 @@ class Worker:
                 "device": str(self.place.device), "params": self.model.num_params(),
                 "loss_digest": loss_digest(self.losses), "shares": self.balancer.shares(),
                 "stragglers": self.balancer.stragglers(), "kept_worker_s": sum(self.costs),
-                "elapsed_s": t_end - t_start}
+                "elapsed_s": t_end - t_start,
+                "stopped": signal.Signals(self.stop_signal or signal.SIGTERM).name if self.stopping else None}
 
     def flush(self) -> None:
         """Copy the losses of completed steps to the host history (one device sync)."""

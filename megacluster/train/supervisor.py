@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -119,6 +120,8 @@ class Supervisor:
         self.t_last = time.monotonic()
         self.recovering: tuple[float, int] | None = None  # (failure detected at, step to beat)
         self.flaps_in_a_row = 0
+        self.stop_signal: int | None = None  # SIGTERM/SIGINT received: the workers checkpoint and stop
+        self.stop_sent_gen = -1  # the generation the stop request was posted in
 
     # ---- processes ----
     def spawn(self, slot: Slot, init: str) -> None:
@@ -233,6 +236,36 @@ class Supervisor:
 
     # ---- generations ----
     def run(self) -> dict:
+        with self.stop_on_signals():
+            return self._run()
+
+    @contextlib.contextmanager
+    def stop_on_signals(self):
+        """SIGTERM/SIGINT: ask the workers to stop after the same step with a checkpoint (`ask_stop`), wait for
+        them, return their result. The same signal again stops at once (the workers are killed)."""
+        def handler(signum, frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: stopping without a checkpoint")
+            self.stop_signal = signum
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def ask_stop(self) -> None:
+        """Post the stop request and end the generation: the workers see it at their next step, agree in that
+        step's all-reduce, and rank 0 checkpoints. Posted again if a new generation formed meanwhile."""
+        if self.stop_sent_gen == self.gen:
+            return
+        self.log(f"{signal.Signals(self.stop_signal).name}: asking the workers to checkpoint and stop")
+        self.store.set("stop", str(self.stop_signal))
+        self.store.add("gen_counter", 1)
+        self.stop_sent_gen = self.gen
+
+    def _run(self) -> dict:
         try:
             for s in self.slots:
                 self.spawn(s, "checkpoint" if self.cfg.run.resume else "config")
@@ -246,7 +279,12 @@ class Supervisor:
                 if any(s.state == "done" for s in self.slots):
                     self.finish()  # a member finished the last step: the run is over, no more generations
                     break
-                if failed:
+                if self.stop_signal is not None:
+                    if failed or self.reported():
+                        raise RuntimeError(f"stopping on {signal.Signals(self.stop_signal).name}, a worker failed "
+                                           "before the stop step: the newest checkpoint stands (--resume)")
+                    self.ask_stop()
+                elif failed:
                     self.transition(failed, "failure")
                 elif self.reported():
                     self.transition([], "error")

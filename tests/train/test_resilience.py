@@ -180,3 +180,36 @@ def test_waiting_blocks_nest():
             assert m._waiting_step == 4
         assert m._waiting_step == 3
     assert m._waiting_step is None
+
+
+def _stop_midway(tmp_path, name, how, *extra):
+    """Start `megacluster train` (its own session), send a signal once 5 steps are logged, return (code, result)."""
+    run_dir = tmp_path / name
+    args = [sys.executable, "-m", "megacluster", "train", "--max-steps", "300", "--json", "--run-dir", str(run_dir),
+            *[a for kv in BASE for a in ("--set", kv)], *extra]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= 5):
+        time.sleep(0.05)
+    how(proc)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, json.loads(out.strip().splitlines()[-1]), err
+
+
+@pytest.mark.parametrize("workers, sig, to_group", [
+    ("1", signal.SIGTERM, False),  # a scheduler's preemption of a single process
+    ("2", signal.SIGTERM, False),  # only the supervisor is told (a container's PID 1)
+    ("2", signal.SIGINT, True),  # Ctrl-C: the supervisor and every worker get it
+])
+def test_a_signal_checkpoints_the_step_and_resume_matches_an_uninterrupted_run(tmp_path, workers, sig, to_group):
+    def send(proc):
+        (os.killpg if to_group else os.kill)(proc.pid, sig)
+
+    code, res, err = _stop_midway(tmp_path, "cut", send, "--workers", workers)
+    assert code == 128 + sig.value, err
+    assert res["stopped"] == sig.name and 5 <= res["steps"] < 300
+    assert f"stopped by {sig.name} after step {res['steps']}" in err
+    assert (tmp_path / "cut" / "checkpoints" / f"step_{res['steps']:08d}").is_dir()  # the stop step itself
+    resumed = train(cfg(tmp_path, "cut", f"run.workers={workers}", "run.max_steps=300", "run.resume=true"))
+    clean = train(cfg(tmp_path, "clean", f"run.workers={workers}", "run.max_steps=300"))
+    assert resumed["loss_digest"] == clean["loss_digest"] and resumed["stopped"] is None
