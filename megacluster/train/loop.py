@@ -591,7 +591,8 @@ class Worker:
                 "loss_digest": loss_digest(self.losses), "shares": self.balancer.shares(),
                 "stragglers": self.balancer.stragglers(), "kept_worker_s": sum(self.costs),
                 "elapsed_s": t_end - t_start,
-                "stopped": signal.Signals(self.stop_signal or signal.SIGTERM).name if self.stopping else None}
+                "stopped": signal.Signals(self.stop_signal or signal.SIGTERM).name  # a peer's: most likely SIGTERM
+                if self.stopping and self.step < cfg.max_steps else None}  # the last step done: not stopped
 
     def flush(self) -> None:
         """Copy the losses of completed steps to the host history (one device sync)."""
