@@ -136,10 +136,14 @@ class CheckpointManager:
         """Runs in the writer thread: write tmp, rename into place, prune."""
         started = time.monotonic()
         self._remove_leftovers()
+        final = self.directory / step_dir_name(step)
         try:
             files = _write_files(tmp, step, model, state, meta)
-            final = self.directory / step_dir_name(step)
             self._publish(step, tmp, final)
+        except OSError as e:  # disk full, quota, a lost mount: say which checkpoint, and that older ones stand
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"writing {final} failed ({e}); the checkpoints already there are "
+                                  "untouched") from e
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -207,11 +207,11 @@ def test_failed_write_is_raised_once_and_leaves_nothing(mgr, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     mgr.save(1, _model(1.0), {}, {})
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="step_00000001 failed \\(disk full\\); the checkpoints already"):
         mgr.wait()
     mgr.wait()  # reported once
     mgr.save(2, _model(2.0), {}, {})
-    with pytest.raises(OSError, match="disk full"):  # the next save reports the previous failure
+    with pytest.raises(CheckpointError, match="step_00000002 failed"):  # the next save reports it
         mgr.save(3, _model(3.0), {}, {})
     monkeypatch.undo()
     mgr.save(4, _model(4.0), {}, {}, blocking=True)
