@@ -9,10 +9,12 @@ Kinds and keys:
     kill  rank (optional: all ranks), step (required), permanent (flag: the worker never comes back; needs rank),
           down (seconds its replacement stays down before rejoining, like a rebooting node; default 0)
     hang  rank (optional: all ranks), step (required)       -- the worker stops making progress
-    flap  step (required), no rank                           -- the collective breaks for everyone
+    flap  step (required), no rank, times (default 1: how many times in a row the collective breaks at that
+          step, each redo of the step breaking again: a link that keeps flapping)
     slow  rank (optional: all ranks), step (default 0), factor (>= 1, default 1) -- compute time x factor from step on
 
-kill/hang/flap are one-shot per run, across restarts: `Chaos.fire` writes an fsync'd marker file per (fault, rank)
+kill/hang/flap are one-shot per run (a flap with times=N: N-shot), across restarts: `Chaos.fire` writes an
+fsync'd marker file per (fault, rank, firing)
 in the run's marker directory BEFORE the caller acts, so a restarted worker replaying the same step does not fire
 again. slow is persistent. Use in the worker:
 
@@ -38,12 +40,12 @@ ONE_SHOT = ("kill", "hang", "flap")
 KEYS = {  # allowed keys per kind; `permanent` is a flag
     "kill": ("rank", "step", "permanent", "down"),
     "hang": ("rank", "step"),
-    "flap": ("step",),
+    "flap": ("step", "times"),
     "slow": ("rank", "step", "factor"),
 }
 GRAMMAR = (
     "grammar: KIND:key=value,...[; KIND:...] with KIND one of kill, hang, flap, slow; keys: "
-    "kill: rank, step, permanent, down | hang: rank, step | flap: step | slow: rank, step, factor; "
+    "kill: rank, step, permanent, down | hang: rank, step | flap: step, times | slow: rank, step, factor; "
     'e.g. "kill:rank=1,step=60; hang:rank=2,step=120; flap:step=150; slow:rank=0,factor=3"'
 )
 
@@ -58,10 +60,11 @@ class Fault:
     factor: float = 1.0  # slow only: compute time multiplier, >= 1
     permanent: bool = False  # kill only: the worker never comes back
     down: float = 0.0  # kill only: seconds the replacement stays down before it rejoins
+    times: int = 1  # flap only: how many times it fires (each redo of its step breaks again)
     id: str = ""  # stable and unique within a plan, e.g. "kill-r1-s60"; names the fired markers
 
     def __post_init__(self) -> None:
-        problem = _fault_problem(self.kind, self.rank, self.step, self.factor, self.permanent, self.down)
+        problem = _fault_problem(self.kind, self.rank, self.step, self.factor, self.permanent, self.down, self.times)
         if problem:
             raise InputError(f"--chaos (run.chaos): {problem}. {GRAMMAR}")
         if not self.id:
@@ -69,7 +72,7 @@ class Fault:
 
 
 def _fault_problem(kind: str, rank: object, step: object, factor: object, permanent: bool,
-                   down: object = 0.0) -> str | None:
+                   down: object = 0.0, times: object = 1) -> str | None:
     """What is wrong with a fault's fields, or None."""
     if kind not in KINDS:
         return f"unknown kind {kind!r} (allowed: {', '.join(KINDS)})"
@@ -92,6 +95,10 @@ def _fault_problem(kind: str, rank: object, step: object, factor: object, perman
         return f"down must be a number of seconds >= 0, got {down!r}"
     if down and (kind != "kill" or permanent):
         return "down applies to a kill that is not permanent"
+    if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+        return f"times must be an integer >= 1, got {times!r}"
+    if times != 1 and kind != "flap":
+        return f"times applies to flap only, not {kind}"
     return None
 
 
@@ -142,6 +149,7 @@ def _parse_fault(part: str) -> Fault:
         factor=_float(part, "factor", values.get("factor")),
         permanent="permanent" in values,
         down=_float(part, "down", values.get("down"), default=0.0),
+        times=_int(part, "times", values.get("times"), default=1),
     )
     problem = _fault_problem(**fields)
     if problem:
@@ -195,6 +203,8 @@ def _format_fault(f: Fault) -> str:
         parts.append("permanent")
     if f.down:
         parts.append(f"down={_float_text(f.down)}")
+    if f.times != 1:
+        parts.append(f"times={f.times}")
     return f"{f.kind}:" + ",".join(parts)
 
 
@@ -225,13 +235,23 @@ class Chaos:
     def _applies(self, f: Fault) -> bool:
         return f.rank is None or f.rank == self.rank
 
-    def _marker(self, f: Fault) -> str:
-        return f"{f.id}.r{self.rank}.fired"  # per rank: a fault on all ranks fires once on each
+    def _marker(self, f: Fault, k: int = 0) -> str:
+        """Per rank (a fault on all ranks fires once on each) and per firing k < f.times."""
+        return f"{f.id}.r{self.rank}" + (f".{k}" if k else "") + ".fired"
+
+    def _has(self, name: str) -> bool:
+        return name in self._fired or (self.marker_dir is not None and (self.marker_dir / name).exists())
+
+    def _firings(self, f: Fault) -> int:
+        """How many times this rank fired `f` in this run (this process or an earlier one)."""
+        k = 0
+        while k < f.times and self._has(self._marker(f, k)):
+            k += 1
+        return k
 
     def fired(self, fault: Fault) -> bool:
-        """Whether this rank already fired `fault` in this run (this process or an earlier one)."""
-        name = self._marker(fault)
-        return name in self._fired or (self.marker_dir is not None and (self.marker_dir / name).exists())
+        """Whether this rank already fired `fault` (all its `times`) in this run."""
+        return self._firings(fault) >= fault.times
 
     def due(self, step: int, kind: str) -> Fault | None:
         """The one-shot fault of `kind` for this rank at exactly `step` that has not fired yet, else None."""
@@ -243,8 +263,9 @@ class Chaos:
         return None
 
     def fire(self, fault: Fault) -> None:
-        """Record that `fault` fired on this rank. Call BEFORE acting: the marker is on disk when this returns."""
-        name = self._marker(fault)
+        """Record that `fault` fired (once more) on this rank. Call BEFORE acting: the marker is on disk when this
+        returns."""
+        name = self._marker(fault, self._firings(fault))
         self._fired.add(name)
         if self.marker_dir is not None:
             write_json(self.marker_dir / name, {"id": fault.id, "rank": self.rank, "pid": os.getpid()})

@@ -40,6 +40,7 @@ from .elastic import NODE_LOST, Plan
 POLL_S = 0.05  # seconds between supervisor checks
 MAX_RESTARTS = 3  # restarts per worker slot before it is given up
 MAX_FLAPS = 3  # consecutive collective failures without progress before escalating to a full restart
+MAX_ESCALATIONS = 2  # full restarts that do not get past the failing step before the run gives up
 
 
 def under_launcher() -> bool:
@@ -120,6 +121,8 @@ class Supervisor:
         self.t_last = time.monotonic()
         self.recovering: tuple[float, int] | None = None  # (failure detected at, step to beat)
         self.flaps_in_a_row = 0
+        self.escalations = 0  # full restarts since a step beyond `escalation_mark` was last completed
+        self.escalation_mark = -1  # the newest step completed before the last full restart
         self.stop_signal: int | None = None  # SIGTERM/SIGINT received: the workers checkpoint and stop
         self.stop_sent_gen = -1  # the generation the stop request was posted in
 
@@ -203,6 +206,8 @@ class Supervisor:
             self.log(f"recovered: step {step} done {now - self.recovering[0]:.2f} s after the failure was detected")
             self.recovering = None
             self.flaps_in_a_row = 0
+        if step > self.escalation_mark:
+            self.escalations = 0  # got past where the collectives kept failing
 
     def joiners_ready(self) -> list[Slot]:
         return [s for s in self.slots if s.state == "joining" and self.store.check([f"ready/{s.wid}"])]
@@ -354,7 +359,7 @@ class Supervisor:
         if flap:
             self.flaps_in_a_row += 1
             if self.flaps_in_a_row > MAX_FLAPS:
-                self.escalate()
+                self.escalate(max_step)
                 return
             backoff = 0.2 * 2 ** (self.flaps_in_a_row - 1)  # seconds: let a flapping link settle
             self.log(f"collective failed with every worker alive (flap #{self.flaps_in_a_row}): "
@@ -409,8 +414,15 @@ class Supervisor:
                  + (f" with the state of worker {source}" if sync else ""))
         return self.plan.step
 
-    def escalate(self) -> None:
-        """Repeated collective failures: restart every worker from the newest good checkpoint."""
+    def escalate(self, max_step: int) -> None:
+        """Repeated collective failures: restart every worker from the newest good checkpoint. If that already
+        happened MAX_ESCALATIONS times without getting past `max_step`, the failure is not transient: give up."""
+        self.escalations += 1
+        self.escalation_mark = max(self.escalation_mark, max_step)
+        if self.escalations > MAX_ESCALATIONS:
+            raise RuntimeError(f"collectives keep failing with every worker alive after step {max_step}: "
+                               f"{MAX_ESCALATIONS} restarts from the checkpoint did not get past it; check the "
+                               "network between the workers (interfaces, firewall, NCCL/gloo settings)")
         t_detect = time.monotonic()
         step = self.restart_from_checkpoint(f"{self.flaps_in_a_row} collective failures in a row")
         self.flaps_in_a_row = 0

@@ -73,7 +73,7 @@ fault_st = st.one_of(
         st.booleans(),
     ),
     st.builds(lambda r, s: Fault(kind="hang", rank=r, step=s), st.none() | st.integers(0, 99), st.integers(0, 10**6)),
-    st.builds(lambda s: Fault(kind="flap", rank=None, step=s), st.integers(0, 10**6)),
+    st.builds(lambda s, n: Fault(kind="flap", rank=None, step=s, times=n), st.integers(0, 10**6), st.integers(1, 9)),
     st.builds(
         lambda r, s, x: Fault(kind="slow", rank=r, step=s, factor=x),
         st.none() | st.integers(0, 99),
@@ -164,3 +164,16 @@ def test_down_is_served_once_by_the_replacement(tmp_path):
     assert Chaos(faults, rank=0, marker_dir=tmp_path).downtime() == 0.0
     with pytest.raises(InputError, match="down applies to a kill that is not permanent"):
         parse("kill:rank=1,step=5,permanent,down=3")
+
+
+def test_flap_times_fires_that_many_times_across_restarts(tmp_path):
+    faults = parse("flap:step=6,times=3")
+    assert faults[0].times == 3 and chaos.format(faults) == "flap:step=6,times=3"
+    first = Chaos(faults, rank=0, marker_dir=tmp_path)
+    assert first.take(6, "flap") is not None and first.take(6, "flap") is not None
+    again = Chaos(faults, rank=0, marker_dir=tmp_path)  # a restarted process: two firings are on disk
+    assert again.take(6, "flap") is not None and again.take(6, "flap") is None and again.fired(faults[0])
+    with pytest.raises(InputError, match="unknown key .times. for kill"):
+        parse("kill:rank=0,step=3,times=2")
+    with pytest.raises(InputError, match="times must be an integer >= 1"):
+        parse("flap:step=3,times=0")

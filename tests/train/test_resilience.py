@@ -11,8 +11,9 @@ import time
 import pytest
 
 from megacluster import config
+from megacluster.train import supervisor
 from megacluster.train.elastic import NODE_LOST, Membership
-from megacluster.train.supervisor import MAX_RESTARTS, Supervisor, train
+from megacluster.train.supervisor import MAX_FLAPS, MAX_RESTARTS, Supervisor, train
 
 BASE = ["model.d_model=48", "model.n_layer=2", "model.n_head=4", "model.seq_len=32", "model.vocab_size=384",
         "data.max_bytes=200000", "run.batch_size=12", "run.micro_batch=12", "run.log_every=1",
@@ -213,3 +214,17 @@ def test_a_signal_checkpoints_the_step_and_resume_matches_an_uninterrupted_run(t
     resumed = train(cfg(tmp_path, "cut", f"run.workers={workers}", "run.max_steps=300", "run.resume=true"))
     clean = train(cfg(tmp_path, "clean", f"run.workers={workers}", "run.max_steps=300"))
     assert resumed["loss_digest"] == clean["loss_digest"] and resumed["stopped"] is None
+
+
+def test_a_link_that_keeps_flapping_escalates_to_the_checkpoint_then_gives_up(tmp_path, monkeypatch):
+    """Four breaks in a row at step 6: three re-forms, then a restart of everyone from the step-3 checkpoint,
+    and the run still equals a clean one. A link that never recovers ends the run with an error that says so
+    (here after one full restart that replays steps 4-5 and breaks at 6 again, to keep the test short)."""
+    base = ["run.workers=2", "run.max_steps=9", "run.ckpt_every=3"]
+    clean = train(cfg(tmp_path, "clean", *base))
+    res = train(cfg(tmp_path, "flappy", *base, "run.chaos=flap:step=6,times=4"))
+    assert res["flaps_survived"] == MAX_FLAPS and res["recoveries_from_checkpoint"] == 1
+    assert res["loss_digest"] == clean["loss_digest"] and res["steps"] == 9
+    monkeypatch.setattr(supervisor, "MAX_ESCALATIONS", 1)
+    with pytest.raises(RuntimeError, match="1 restarts from the checkpoint did not get past it"):
+        train(cfg(tmp_path, "broken", *base, "run.chaos=flap:step=6,times=1000"))
