@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:  # a run that failed (a worker died, ...): say why, exit 1
         print(f"megacluster {verb}: failed: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # a second SIGTERM/SIGINT: stopped at once (train/signals.py)
+        print(f"megacluster {verb}: {e or 'interrupted'}", file=sys.stderr)
+        return 130
     if args.json and result is not None:  # None: a non-main rank under torchrun, which stays quiet
         print(json.dumps(result, default=_jsonable), flush=True)
     code = 128 + signal.Signals[result["stopped"]].value if result and result.get("stopped") else 0

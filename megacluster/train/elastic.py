@@ -136,7 +136,7 @@ class Membership:
         keys = [f"joined/{plan.gen}/{w}" for w in plan.members]
         with self.waiting(plan.step):
             while not self.store.check(keys):
-                if self.bump_seen():
+                if self.bump_seen() and self.stop_asked() is None:  # a stop is acted on after the first step
                     raise RuntimeError(f"generation {plan.gen} was ended before it formed")
                 time.sleep(0.02)
             dist.init_process_group(backend, store=dist.PrefixStore(f"pg/{plan.gen}", self.store), rank=rank,

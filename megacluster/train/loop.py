@@ -19,7 +19,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from . import chaos as chaos_mod
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .elastic import NODE_LOST, Membership, Plan
 from .metrics import MetricsLog, Progress, StepTimer
+from .signals import StopSignals
 
 
 @dataclass(kw_only=True, slots=True)
@@ -117,10 +117,10 @@ def build_optimizer(model: torch.nn.Module, o: OptimConfig, device: torch.device
 
 
 class FlatGrads:
-    """The step's one all-reduce payload: [grads (n) | loss_sum | end-generation flag | stop flag | compute_s per
-    rank | samples per rank]. A flag is > 0 after the reduce when any rank raised it: the supervisor asked to end
-    the generation, or a rank was told to stop (a signal, or the supervisor's): every rank then acts after the
-    same step.
+    """The step's one all-reduce payload: [grads (n) | loss_sum | end-generation flag | stop signal per rank |
+    compute_s per rank | samples per rank]. After the reduce the flag is > 0 when any rank saw the supervisor ask
+    to end the generation, and a rank's stop entry holds the signal it was told to stop for (its own, or the
+    supervisor's): every rank then acts after the same step.
 
     Backward writes fresh gradients: `reset()` sets every p.grad to None, so autograd hands its fp32 result
     over as .grad (and adds later micro-batches in place). With one rank nothing more happens: the optimizer
@@ -136,7 +136,7 @@ class FlatGrads:
         self.params = params
         self.world = world
         self.n = sum(p.numel() for p in params) if world > 1 else 0
-        self.buf = torch.zeros(self.n + 3 + 2 * world, dtype=torch.float32, device=device)
+        self.buf = torch.zeros(self.n + 2 + 3 * world, dtype=torch.float32, device=device)
         self.views, offset = [], 0
         for p in params if world > 1 else []:
             self.views.append(self.buf[offset:offset + p.numel()].view_as(p))
@@ -218,8 +218,9 @@ class Worker:
         self.step = 0  # steps completed
         self.val_loss: float | None = None
         self.end_generation = False  # set when the supervisor asked this generation to end after this step
-        self.stop_signal: int | None = None  # a SIGTERM/SIGINT this process received (handled in run())
+        self.stop = StopSignals(announce=self._announce_stop)  # SIGTERM/SIGINT, own or relayed (signals.py)
         self.stopping = False  # every rank agreed to stop after this step: save a checkpoint and return
+        self.stopped_by: int | None = None  # the signal they agreed on (the first rank's that had one)
         self._saved_step = -1  # the newest step a checkpoint save was started for
         self.after_step_pending = False  # step `self.step` done, its logging/eval/checkpoint not yet
         self.pending: list[torch.Tensor] = []  # losses of completed steps not yet copied to the host
@@ -306,35 +307,37 @@ class Worker:
         extras[0] = loss_sum
         if self.membership is not None and self.membership.bump_seen():
             extras[1] = 1.0
-            if self.stop_signal is None:
-                self.stop_signal = self.membership.stop_asked()  # the supervisor was told to stop
-        if self.stop_signal is not None:
-            extras[2] = 1.0
+            if (asked := self.membership.stop_asked()) is not None:
+                self.stop.relay(asked)  # the supervisor was told to stop
+        if self.stop.signum is not None:
+            extras[2 + rank] = self.stop.signum  # each rank's own slot: the reduced sums are every rank's signal
         if self.cfg.run.balance == "auto":  # compute time, measured before the all-reduce equalises wall time
-            extras[3 + rank] = compute_s
-            extras[3 + world + rank] = shares[rank]
+            extras[2 + world + rank] = compute_s
+            extras[2 + 2 * world + rank] = shares[rank]
         self.flat.pack()
         with self.waiting(step - 1):  # heartbeats carry completed steps
             self.all_reduce()
             if self.membership is not None or world > 1:
-                self.end_generation, self.stopping = self.read_flags(extras[1:3])
+                flags = self.read_flags(extras[1:2 + world])
+                self.end_generation = flags[0] > 0
+                self.stopped_by = next((int(s) for s in flags[1:] if s > 0), None)  # the same on every rank
             else:
-                self.stopping = self.stop_signal is not None
+                self.stopped_by = self.stop.signum
+            self.stopping = self.stopped_by is not None
         if self.cfg.run.balance == "auto":
-            times = extras[3:].tolist()
+            times = extras[2 + world:].tolist()
             self.balancer.observe(times[:world], [int(s) for s in times[world:]])
         self.clip_and_step(step)
         return extras[0] / self.tokens_per_step
 
-    def read_flags(self, flags: torch.Tensor) -> tuple[bool, bool]:
-        """The reduced (end-generation, stop) flags. On CUDA they are read one step late, from a pinned buffer, so
-        the host never waits for the GPU on the hot path; every rank reads the same reduced values, so all of
-        them still act after the same step."""
+    def read_flags(self, flags: torch.Tensor) -> list[float]:
+        """The reduced [end-generation, stop signal per rank] values. On CUDA they are read one step late, from a
+        pinned buffer, so the host never waits for the GPU on the hot path; every rank reads the same reduced
+        values, so all of them still act after the same step."""
         if flags.device.type != "cuda":
-            end, stop = flags.tolist()
-            return end > 0, stop > 0
-        if self._flag_bufs is None:
-            self._flag_bufs = [(torch.zeros(2, pin_memory=True), torch.cuda.Event()) for _ in range(2)]
+            return flags.tolist()
+        if self._flag_bufs is None or self._flag_bufs[0][0].numel() != flags.numel():
+            self._flag_bufs = [(torch.zeros(flags.numel(), pin_memory=True), torch.cuda.Event()) for _ in range(2)]
             self._flag_turn = 0
         host, event = self._flag_bufs[self._flag_turn]
         host.copy_(flags, non_blocking=True)
@@ -342,8 +345,7 @@ class Worker:
         self._flag_turn ^= 1
         prev_host, prev_event = self._flag_bufs[self._flag_turn]  # the previous step's flags
         prev_event.synchronize()  # long done: the host runs at most one step ahead
-        end, stop = prev_host.tolist()
-        return end > 0, stop > 0
+        return prev_host.tolist()
 
     def inject_faults(self, step: int) -> None:
         """Chaos faults due at this step, after the compute and before the all-reduce (mid-step)."""
@@ -407,39 +409,23 @@ class Worker:
         self.flush()  # the checkpoint's loss history must cover every step it contains
         state = {"optimizer": self.opt.state_dict(), "rng": rng_state(), "balancer": self.balancer.state_dict()}
         meta = {**self.history(), "config": self.cfg.to_dict()}
-        self.ckpt.save(self.step, self.model.state_dict(), state, meta, blocking=blocking)
+        with self.waiting(self.step) if blocking else contextlib.nullcontext():  # a large write: still alive
+            self.ckpt.save(self.step, self.model.state_dict(), state, meta, blocking=blocking)
 
     def save_for_stop(self) -> None:
         """Told to stop (every rank after the same step): make sure a checkpoint of this step is on disk."""
         if self.ckpt is None:
             return
         if self._saved_step == self.step:
-            self.ckpt.wait()  # after_step already started this step's save
+            with self.waiting(self.step):
+                self.ckpt.wait()  # after_step already started this step's save
         else:
             self.save(blocking=True)
 
-    @contextlib.contextmanager
-    def stop_on_signals(self):
-        """SIGTERM (a scheduler's preemption, `kill`) or SIGINT (Ctrl-C): finish the step in flight, save a
-        checkpoint, return; `--resume` then continues exactly. The same signal again stops at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers can only be set from the main thread
-            return
-
-        def handler(signum, frame):
-            if self.stop_signal is not None:
-                raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: stopping without a checkpoint")
-            self.stop_signal = signum
-            if self.wid == 0:
-                print(f"\n{signal.Signals(signum).name}: finishing step {self.step + 1}, then saving a checkpoint "
-                      "and stopping (send it again to stop at once)", file=sys.stderr, flush=True)
-
-        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+    def _announce_stop(self, signum: int) -> None:
+        if self.wid == 0:
+            print(f"\n{signal.Signals(signum).name}: finishing the step in flight, then saving a checkpoint and "
+                  "stopping (send it again to stop at once)", file=sys.stderr, flush=True)
 
     def history(self) -> dict:
         """What a checkpoint and a peer's state transfer carry besides tensors: completed steps and their record."""
@@ -545,7 +531,7 @@ class Worker:
     def run(self) -> dict:
         """Train to max_steps, riding through generation changes; returns the run's result (rank 0's is complete).
         On SIGTERM/SIGINT every rank stops after the same step, with a checkpoint of it (result "stopped")."""
-        with self.stop_on_signals():
+        with self.stop.installed():
             return self._run()
 
     def _run(self) -> dict:
@@ -591,8 +577,8 @@ class Worker:
                 "loss_digest": loss_digest(self.losses), "shares": self.balancer.shares(),
                 "stragglers": self.balancer.stragglers(), "kept_worker_s": sum(self.costs),
                 "elapsed_s": t_end - t_start,
-                "stopped": signal.Signals(self.stop_signal or signal.SIGTERM).name  # a peer's: most likely SIGTERM
-                if self.stopping and self.step < cfg.max_steps else None}  # the last step done: not stopped
+                "stopped": signal.Signals(self.stopped_by).name  # the last step done: finished, not stopped
+                if self.stopping and self.step < cfg.max_steps else None}
 
     def flush(self) -> None:
         """Copy the losses of completed steps to the host history (one device sync)."""

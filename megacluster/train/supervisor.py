@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
@@ -36,6 +35,7 @@ from ..errors import InputError
 from ..files import write_json
 from .chaos import check_ranks, parse
 from .elastic import NODE_LOST, Plan
+from .signals import StopSignals
 
 POLL_S = 0.05  # seconds between supervisor checks
 MAX_RESTARTS = 3  # restarts per worker slot before it is given up
@@ -63,7 +63,13 @@ def train(cfg: Config) -> dict | None:
             cfg.run.resume = True  # restarted by torchrun: continue exactly from the newest good checkpoint
         place = init_place(cfg.run.device, timeout_s=max(60.0, cfg.run.hang_timeout))
         result = Worker(cfg, place).run()
-        return result if place.is_main else None
+        if place.is_main:
+            return result
+        if result["stopped"]:  # every rank stopped after the same step: exit as rank 0 does (a launcher restarts
+            from .worker import hard_exit  # the group when the ranks' exit codes differ)
+
+            hard_exit(128 + signal.Signals[result["stopped"]].value)
+        return None
     if resolve_device(cfg.run.device) == "cuda" and cfg.run.workers > 1:  # also refuses cuda without a GPU
         import torch
 
@@ -123,7 +129,7 @@ class Supervisor:
         self.flaps_in_a_row = 0
         self.escalations = 0  # full restarts since a step beyond `escalation_mark` was last completed
         self.escalation_mark = -1  # the newest step completed before the last full restart
-        self.stop_signal: int | None = None  # SIGTERM/SIGINT received: the workers checkpoint and stop
+        self.stop = StopSignals()  # SIGTERM/SIGINT received: the workers checkpoint and stop (signals.py)
         self.stop_sent_gen = -1  # the generation the stop request was posted in
 
     # ---- processes ----
@@ -227,10 +233,11 @@ class Supervisor:
     def restart(self, s: Slot, init: str, exit_code: int | None = None) -> bool:
         """Start a new process for slot `s`, or give the slot up: the one place that decides.
 
-        A slot is given up (state 'lost', the run continues without it) when its process exited with NODE_LOST
-        or it has used its MAX_RESTARTS restarts. Returns whether a process was started."""
-        if exit_code == NODE_LOST or s.restarts >= MAX_RESTARTS:
-            why = "its node is gone" if exit_code == NODE_LOST else f"{s.restarts} restarts used"
+        A slot is given up (state 'lost', the run continues without it) when its process exited with NODE_LOST,
+        it has used its MAX_RESTARTS restarts, or the run is stopping. Returns whether a process was started."""
+        if exit_code == NODE_LOST or s.restarts >= MAX_RESTARTS or self.stop.signum is not None:
+            why = ("its node is gone" if exit_code == NODE_LOST else f"{s.restarts} restarts used"
+                   if self.stop.signum is None else f"stopping on {self.stop.name}")
             self.log(f"worker {s.wid} cannot come back ({why}): continuing without it")
             s.state = "lost"
             return False
@@ -241,32 +248,18 @@ class Supervisor:
 
     # ---- generations ----
     def run(self) -> dict:
-        with self.stop_on_signals():
+        """On SIGTERM/SIGINT the workers are asked to stop after the same step with a checkpoint (`ask_stop`) and
+        their result is returned; the same signal again stops at once (the workers are killed)."""
+        with self.stop.installed():
             return self._run()
-
-    @contextlib.contextmanager
-    def stop_on_signals(self):
-        """SIGTERM/SIGINT: ask the workers to stop after the same step with a checkpoint (`ask_stop`), wait for
-        them, return their result. The same signal again stops at once (the workers are killed)."""
-        def handler(signum, frame):
-            if self.stop_signal is not None:
-                raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: stopping without a checkpoint")
-            self.stop_signal = signum
-
-        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
 
     def ask_stop(self) -> None:
         """Post the stop request and end the generation: the workers see it at their next step, agree in that
         step's all-reduce, and rank 0 checkpoints. Posted again if a new generation formed meanwhile."""
         if self.stop_sent_gen == self.gen:
             return
-        self.log(f"{signal.Signals(self.stop_signal).name}: asking the workers to checkpoint and stop")
-        self.store.set("stop", str(self.stop_signal))
+        self.log(f"{self.stop.name}: asking the workers to checkpoint and stop")
+        self.store.set("stop", str(self.stop.signum))
         self.store.add("gen_counter", 1)
         self.stop_sent_gen = self.gen
 
@@ -284,9 +277,9 @@ class Supervisor:
                 if any(s.state == "done" for s in self.slots):
                     self.finish()  # a member finished the last step: the run is over, no more generations
                     break
-                if self.stop_signal is not None:
+                if self.stop.signum is not None:
                     if failed or self.reported():
-                        raise RuntimeError(f"stopping on {signal.Signals(self.stop_signal).name}, a worker failed "
+                        raise RuntimeError(f"stopping on {self.stop.name}, a worker failed "
                                            "before the stop step: the newest checkpoint stands (--resume)")
                     self.ask_stop()
                 elif failed:
@@ -302,10 +295,11 @@ class Supervisor:
             self.store = None
         return self.result()
 
-    def finish(self, grace_s: float = 30.0) -> None:
-        """The last step is done: let the other members exit (they finish the same step), then stop."""
-        deadline = time.monotonic() + grace_s
-        while any(s.state == "member" and s.proc.poll() is None for s in self.slots) and time.monotonic() < deadline:
+    def finish(self) -> None:
+        """A member is done: let the others exit (they end after the same step). No fixed deadline: rank 0 may be
+        writing a large final checkpoint (heartbeating while it does); one that stops heartbeating is killed
+        by `poll` like any hung worker."""
+        while any(s.state == "member" and s.proc.poll() is None for s in self.slots):
             self.poll()
             time.sleep(POLL_S)
 

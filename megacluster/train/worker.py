@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from ..files import write_json
+from .signals import SIGNALS
 
 
 def main(run_dir: str) -> int:
+    # a SIGTERM/SIGINT before the worker's own handlers exist (imports, data, model) or after they are gone
+    # (writing result.json) is recorded, not fatal: the worker then stops after its first step with a checkpoint
+    early: list[int] = []
+    for s in SIGNALS:
+        signal.signal(s, lambda signum, frame: early.append(signum))
     from .. import config
     from .elastic import Membership
     from .loop import Worker, init_place
@@ -29,6 +36,8 @@ def main(run_dir: str) -> int:
     place = init_place(cfg.run.device)
     worker = Worker(cfg, place, run_dir=run_dir, membership=membership,
                     wid=membership.wid if membership is not None else None, needs_state=init == "peer")
+    if early:
+        worker.stop.on_signal(early[0])
     result = worker.run()
     if worker.place.is_main:
         write_json(Path(run_dir) / "result.json", result)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -183,32 +184,60 @@ def test_waiting_blocks_nest():
     assert m._waiting_step is None
 
 
-def _stop_midway(tmp_path, name, how, *extra):
-    """Start `megacluster train` (its own session), send a signal once 5 steps are logged, return (code, result)."""
+def _stop_midway(tmp_path, name, send, started, *extra):
+    """Start `megacluster train` in its own session, `send(proc)` a signal once `started(run_dir)`; returns
+    (exit code, result, stderr). The process group is killed if the run does not end."""
     run_dir = tmp_path / name
     args = [sys.executable, "-m", "megacluster", "train", "--max-steps", "300", "--json", "--run-dir", str(run_dir),
             *[a for kv in BASE for a in ("--set", kv)], *extra]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= 5):
-        time.sleep(0.05)
-    how(proc)
-    out, err = proc.communicate(timeout=120)
-    return proc.returncode, json.loads(out.strip().splitlines()[-1]), err
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not started(run_dir):
+            time.sleep(0.02)
+        send(proc)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = out.strip().splitlines()
+    return proc.returncode, json.loads(lines[-1]) if lines else None, err
 
 
-@pytest.mark.parametrize("workers, sig, to_group", [
-    ("1", signal.SIGTERM, False),  # a scheduler's preemption of a single process
-    ("2", signal.SIGTERM, False),  # only the supervisor is told (a container's PID 1)
-    ("2", signal.SIGINT, True),  # Ctrl-C: the supervisor and every worker get it
-])
-def test_a_signal_checkpoints_the_step_and_resume_matches_an_uninterrupted_run(tmp_path, workers, sig, to_group):
+def _steps_logged(n):
+    return lambda run_dir: (run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= n
+
+
+def _workers_started(run_dir):  # before the first generation forms: the workers are still starting up
+    return (run_dir / "workers.json").exists()
+
+
+def _to_supervisor_then_workers(sig):
+    """As Slurm + an agent: the supervisor first, every worker 50 ms later (two deliveries to some of them)."""
     def send(proc):
-        (os.killpg if to_group else os.kill)(proc.pid, sig)
+        os.kill(proc.pid, sig)
+        time.sleep(0.05)
+        for pid in json.loads((Path(proc.args[proc.args.index("--run-dir") + 1]) / "workers.json").read_text()
+                              ).values():
+            os.kill(pid, sig)
+            os.kill(pid, sig)  # the scheduler's copy and the forwarded one: one request, not "again"
+    return send
 
-    code, res, err = _stop_midway(tmp_path, "cut", send, "--workers", workers)
+
+@pytest.mark.parametrize("workers, sig, how, started", [
+    ("1", signal.SIGTERM, "process", _steps_logged(5)),  # a scheduler's preemption of a single process
+    ("2", signal.SIGTERM, "process", _steps_logged(5)),  # only the supervisor is told (a container's PID 1)
+    ("2", signal.SIGINT, "group", _steps_logged(5)),  # Ctrl-C: the supervisor and every worker get it
+    ("2", signal.SIGTERM, "process", _workers_started),  # before the first generation has formed
+    ("2", signal.SIGTERM, "twice", _steps_logged(5)),  # supervisor, then each worker twice, 50 ms later
+])
+def test_a_signal_checkpoints_the_step_and_resume_matches_an_uninterrupted_run(tmp_path, workers, sig, how,
+                                                                               started):
+    send = {"process": lambda proc: os.kill(proc.pid, sig), "group": lambda proc: os.killpg(proc.pid, sig),
+            "twice": _to_supervisor_then_workers(sig)}[how]
+    code, res, err = _stop_midway(tmp_path, "cut", send, started, "--workers", workers)
     assert code == 128 + sig.value, err
-    assert res["stopped"] == sig.name and 5 <= res["steps"] < 300
+    assert res["stopped"] == sig.name and 1 <= res["steps"] < 300
     assert f"stopped by {sig.name} after step {res['steps']}" in err
     assert (tmp_path / "cut" / "checkpoints" / f"step_{res['steps']:08d}").is_dir()  # the stop step itself
     resumed = train(cfg(tmp_path, "cut", f"run.workers={workers}", "run.max_steps=300", "run.resume=true"))

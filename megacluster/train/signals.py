@@ -1,0 +1,62 @@
+"""SIGTERM / SIGINT: stop at a step boundary with a checkpoint, shared by the worker and the supervisor.
+
+Schedulers preempt with SIGTERM and a grace period (Slurm signals every process of the job step, Kubernetes the
+container's first process, torchrun forwards it to its workers), users press Ctrl-C (SIGINT to the whole
+foreground group). The handler only records the signal; the training loop acts on it at the next step boundary.
+A process signalled *again* more than REPEAT_S seconds after its first signal stops at once (KeyboardInterrupt):
+copies that arrive together (the scheduler's SIGTERM and torchrun's forwarded one, milliseconds apart) are one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+REPEAT_S = 1.0  # seconds: a repeat sooner than this is the same request delivered twice
+
+
+class StopSignals:
+    """What this process was asked to stop for: its own signal, or one relayed (by the supervisor or a peer)."""
+
+    def __init__(self, announce: Callable[[int], None] | None = None):
+        self.signum: int | None = None  # the first signal asked for (own or relayed); None = keep going
+        self._own_at: float | None = None  # monotonic time of this process's own first signal
+        self.announce = announce  # called once, on the first own signal (e.g. to print what happens next)
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.signum).name if self.signum is not None else None
+
+    def relay(self, signum: int) -> None:
+        """A stop asked for elsewhere: stop after the agreed step, but a later own signal is not a repeat."""
+        if self.signum is None:
+            self.signum = signum
+
+    def on_signal(self, signum: int, frame=None) -> None:
+        """The handler: record the first signal; a repeat after REPEAT_S raises KeyboardInterrupt."""
+        now = time.monotonic()
+        if self._own_at is not None:
+            if now - self._own_at > REPEAT_S:
+                raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: stopping at once, without a checkpoint")
+            return
+        self._own_at = now
+        self.relay(signum)
+        if self.announce is not None:
+            self.announce(signum)
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Handle SIGTERM and SIGINT inside the block (main thread only: Python delivers signals there)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {s: signal.signal(s, self.on_signal) for s in SIGNALS}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
