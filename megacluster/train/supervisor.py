@@ -298,9 +298,12 @@ class Supervisor:
     def finish(self) -> None:
         """A member is done: let the others exit (they end after the same step). No fixed deadline: rank 0 may be
         writing a large final checkpoint (heartbeating while it does); one that stops heartbeating is killed
-        by `poll` like any hung worker."""
+        by `poll` like any hung worker; one that reports for a next generation (its collective failed after the
+        last step) is waiting for a plan that will not come, and is killed."""
         while any(s.state == "member" and s.proc.poll() is None for s in self.slots):
             self.poll()
+            for wid in self.reported():
+                self.kill(self.slots[wid])
             time.sleep(POLL_S)
 
     def reported(self) -> list[int]:
