@@ -184,11 +184,25 @@ def test_waiting_blocks_nest():
     assert m._waiting_step is None
 
 
+@pytest.fixture(scope="module")
+def clean_digests(tmp_path_factory):
+    """The loss digest of an uninterrupted 120-step run per worker count (computed once per module)."""
+    cache = {}
+
+    def digest(workers):
+        if workers not in cache:
+            run_dir = tmp_path_factory.mktemp(f"clean{workers}")
+            cache[workers] = train(config.build("tiny", None, BASE + [f"run.run_dir={run_dir}", "run.max_steps=120",
+                                                                     f"run.workers={workers}"]))["loss_digest"]
+        return cache[workers]
+    return digest
+
+
 def _stop_midway(tmp_path, name, send, started, *extra):
     """Start `megacluster train` in its own session, `send(proc)` a signal once `started(run_dir)`; returns
     (exit code, result, stderr). The process group is killed if the run does not end."""
     run_dir = tmp_path / name
-    args = [sys.executable, "-m", "megacluster", "train", "--max-steps", "300", "--json", "--run-dir", str(run_dir),
+    args = [sys.executable, "-m", "megacluster", "train", "--max-steps", "120", "--json", "--run-dir", str(run_dir),
             *[a for kv in BASE for a in ("--set", kv)], *extra]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -232,17 +246,16 @@ def _to_supervisor_then_workers(sig):
     ("2", signal.SIGTERM, "twice", _steps_logged(5)),  # supervisor, then each worker twice, 50 ms later
 ])
 def test_a_signal_checkpoints_the_step_and_resume_matches_an_uninterrupted_run(tmp_path, workers, sig, how,
-                                                                               started):
+                                                                               started, clean_digests):
     send = {"process": lambda proc: os.kill(proc.pid, sig), "group": lambda proc: os.killpg(proc.pid, sig),
             "twice": _to_supervisor_then_workers(sig)}[how]
     code, res, err = _stop_midway(tmp_path, "cut", send, started, "--workers", workers)
     assert code == 128 + sig.value, err
-    assert res["stopped"] == sig.name and 1 <= res["steps"] < 300
+    assert res["stopped"] == sig.name and 1 <= res["steps"] < 120
     assert f"stopped by {sig.name} after step {res['steps']}" in err
     assert (tmp_path / "cut" / "checkpoints" / f"step_{res['steps']:08d}").is_dir()  # the stop step itself
-    resumed = train(cfg(tmp_path, "cut", f"run.workers={workers}", "run.max_steps=300", "run.resume=true"))
-    clean = train(cfg(tmp_path, "clean", f"run.workers={workers}", "run.max_steps=300"))
-    assert resumed["loss_digest"] == clean["loss_digest"] and resumed["stopped"] is None
+    resumed = train(cfg(tmp_path, "cut", f"run.workers={workers}", "run.max_steps=120", "run.resume=true"))
+    assert resumed["loss_digest"] == clean_digests(workers) and resumed["stopped"] is None
 
 
 def test_a_link_that_keeps_flapping_escalates_to_the_checkpoint_then_gives_up(tmp_path, monkeypatch):
