@@ -271,6 +271,20 @@ def _snapshot_meta(meta: dict) -> dict:
         raise TypeError(f"checkpoint meta must be a JSON-able dict: {e}") from e
 
 
+def newest_meta(directory: str | os.PathLike) -> dict | None:
+    """The `meta` of the newest checkpoint under `directory` that has a readable manifest (files not verified:
+    for checks before a resume, which then loads and verifies for real), or None."""
+    directory = Path(directory)
+    steps = sorted((int(m.group(1)), e) for e in directory.iterdir() if (m := _STEP_DIR.fullmatch(e.name))) \
+        if directory.is_dir() else []
+    for _, path in reversed(steps):
+        try:
+            return json.loads((path / MANIFEST_FILE).read_text())["meta"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 # ---- writing (writer thread) ----------------------------------------------------------------------------------
 
 

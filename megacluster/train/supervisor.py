@@ -34,6 +34,7 @@ from ..data import prepare
 from ..errors import InputError
 from ..files import write_json
 from .chaos import check_ranks, parse
+from .checkpoint import newest_meta
 from .elastic import NODE_LOST, Plan
 from .signals import StopSignals
 
@@ -58,9 +59,11 @@ def train(cfg: Config) -> dict | None:
 
     world = int(os.environ["WORLD_SIZE"]) if under_launcher() else cfg.run.workers
     check_ranks(parse(cfg.run.chaos), world)  # a bad spec is refused before any process starts
+    if under_launcher() and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        cfg.run.resume = True  # restarted by torchrun: continue exactly from the newest good checkpoint
+    if cfg.run.resume:
+        check_resume(cfg)
     if under_launcher():
-        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-            cfg.run.resume = True  # restarted by torchrun: continue exactly from the newest good checkpoint
         place = init_place(cfg.run.device, timeout_s=max(60.0, cfg.run.hang_timeout))
         result = Worker(cfg, place).run()
         if place.is_main:
@@ -80,6 +83,21 @@ def train(cfg: Config) -> dict | None:
     if cfg.run.workers == 1 and not cfg.run.chaos:
         return Worker(cfg, init_place(cfg.run.device), corpus=corpus).run()
     return Supervisor(cfg).run()
+
+
+def check_resume(cfg: Config) -> None:
+    """--resume with model keys other than the checkpoint's would fail deep inside load_state_dict (or, for keys
+    that change no shape, silently train another model): refuse it before anything starts. Other sections may
+    change on resume (a longer run, another learning rate, more workers); only then is it no longer exact."""
+    directory = Path(cfg.run.run_dir) / "checkpoints"
+    saved = ((newest_meta(directory) or {}).get("config") or {}).get("model")
+    if not saved:
+        return
+    current = cfg.to_dict()["model"]
+    diffs = [f"model.{k} = {saved[k]!r} there, {current.get(k)!r} here" for k in sorted(saved) if saved[k] != current.get(k)]
+    if diffs:
+        raise InputError(f"--resume: the newest checkpoint in {directory} is of another model ({'; '.join(diffs)}); "
+                         "resume with the same model keys (and preset), or start in a new --run-dir")
 
 
 @dataclass(kw_only=True, slots=True)

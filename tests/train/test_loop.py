@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from megacluster import config
+from megacluster.errors import InputError
 from megacluster.train.loop import lr_at
 from megacluster.train.supervisor import train
 
@@ -54,6 +55,16 @@ def test_resume_without_a_checkpoint_says_so_and_starts_at_step_1(tmp_path, capf
     res = train(small_cfg(tmp_path, "empty", "run.max_steps=2", "run.resume=true"))
     assert "resume: no good checkpoint in" in capfd.readouterr().err
     assert res["steps"] == 2 and sorted(losses(tmp_path / "empty")) == [1, 2]
+
+
+def test_resume_refuses_another_model_before_starting(tmp_path):
+    train(small_cfg(tmp_path, "r", "run.max_steps=2", "run.ckpt_every=2"))
+    for workers in ("1", "2"):
+        with pytest.raises(InputError, match=r"model.d_model = 64 there, 32 here; model.n_head = 4 there, 2 here"):
+            train(small_cfg(tmp_path, "r", "run.max_steps=4", "run.resume=true", "model.d_model=32", "model.n_head=2",
+                            f"run.workers={workers}"))
+    res = train(small_cfg(tmp_path, "r", "run.max_steps=4", "run.resume=true", "optim.lr=1e-4"))  # other keys may
+    assert res["steps"] == 4 and sorted(losses(tmp_path / "r")) == [1, 2, 3, 4]
 
 
 def test_micro_batching_does_not_change_the_gradient(tmp_path):
