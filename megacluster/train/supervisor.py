@@ -94,7 +94,8 @@ def check_resume(cfg: Config) -> None:
     if not saved:
         return
     current = cfg.to_dict()["model"]
-    diffs = [f"model.{k} = {saved[k]!r} there, {current.get(k)!r} here" for k in sorted(saved) if saved[k] != current.get(k)]
+    diffs = [f"model.{k} = {saved[k]!r} there, {current.get(k)!r} here" for k in sorted(saved)
+             if saved[k] != current.get(k) and k != "init_std"]  # init_std acts only before step 1
     if diffs:
         raise InputError(f"--resume: the newest checkpoint in {directory} is of another model ({'; '.join(diffs)}); "
                          "resume with the same model keys (and preset), or start in a new --run-dir")
