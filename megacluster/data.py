@@ -260,7 +260,7 @@ def _max_ids(files: list[Path], arrays: list[np.ndarray], cfg: DataConfig) -> li
             return top
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    top = _scan_max_ids(arrays)
+    top = _scan_max_ids(files, arrays)
     try:
         manifest.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(manifest, json.dumps({"files": [str(p.resolve()) for p in files], "max_ids": top}).encode())
@@ -269,7 +269,11 @@ def _max_ids(files: list[Path], arrays: list[np.ndarray], cfg: DataConfig) -> li
     return top
 
 
-def _scan_max_ids(arrays: list[np.ndarray]) -> list[int]:
+def _scan_max_ids(files: list[Path], arrays: list[np.ndarray]) -> list[int]:
+    """Each shard's largest id; a negative id (signed shards only) is refused here, not later in the embedding."""
+    for p, a in zip(files, arrays):
+        if len(a) and np.issubdtype(a.dtype, np.signedinteger) and int(a.min()) < 0:
+            raise InputError(f"--data {p}: token id {int(a.min())} < 0")
     return [int(a.max()) if len(a) else -1 for a in arrays]
 
 

@@ -171,3 +171,9 @@ def test_shards_slice_like_one_concatenated_array():
             assert np.array_equal(s[a:b], whole[a:b]), (a, b)
     with pytest.raises(TypeError):
         s[3]
+
+
+def test_a_negative_token_id_in_a_shard_is_refused(tmp_path):
+    np.save(tmp_path / "neg.npy", np.array([1, 2, -3, 4] * 50, dtype=np.int32))
+    with pytest.raises(InputError, match="neg.npy: token id -3 < 0"):
+        prepare(DataConfig(paths=[str(tmp_path / "neg.npy")], cache_dir=str(tmp_path / "c")), 64)
