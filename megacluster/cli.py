@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megacluster {verb}: failed: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # a second SIGTERM/SIGINT: stopped at once (train/signals.py)
-        print(f"megacluster {verb}: {e or 'interrupted'}", file=sys.stderr)
+        print(f"megacluster {verb}: {str(e) or 'interrupted'}", file=sys.stderr)
         return 130
     if args.json and result is not None:  # None: a non-main rank under torchrun, which stays quiet
         print(json.dumps(result, default=_jsonable), flush=True)

@@ -80,8 +80,8 @@ def _documents(files: list[Path], max_bytes: int):
     With a cap (max_bytes > 0) the documents are the first max_bytes bytes (UTF-8) of that sequence: they are
     taken whole while they fit, the one that crosses the cap is cut there (back to a whole character; dropped
     if nothing is left) and nothing after it is read. A text file is read only up to as many characters as
-    bytes are left (`_read_text`), a .jsonl file only up to the line that crosses the cap. Under the cap every document is
-    whole, as before; format 1 kept the crossing document whole too, which needed reading it whole."""
+    bytes are left (`_read_text`), a .jsonl file only up to the line that crosses the cap. Under the cap every
+    document is whole, as before; format 1 kept the crossing document whole too, which needed reading it whole."""
     left = max_bytes or None  # bytes the cap still allows; None = no cap
     for path in files:
         texts = _jsonl_texts(path) if path.suffix == ".jsonl" else [_read_text(path, left)]

@@ -120,7 +120,8 @@ def _check_unique(faults: list[Fault]) -> None:
     seen: set[str] = set()
     for f in faults:
         if f.id in seen:
-            raise InputError(f"--chaos (run.chaos): duplicate fault {f.id!r} (one fault per kind, rank and step). {GRAMMAR}")
+            raise InputError(f"--chaos (run.chaos): duplicate fault {f.id!r} (one fault per kind, rank and step). "
+                             f"{GRAMMAR}")
         seen.add(f.id)
 
 

@@ -109,7 +109,8 @@ class Membership:
         self.store.set(f"status/{self.gen}/{self.wid}", json.dumps({"step": step, "pending": pending}))
 
     def wait_plan(self, step: int, timeout_s: float) -> Plan:
-        """Block (the beat thread heartbeats for us) until the plan for the next generation this worker belongs to is published."""
+        """Block (the beat thread heartbeats for us) until the plan of the next generation this worker belongs to
+        is published."""
         deadline = time.monotonic() + timeout_s
         with self.waiting(step):
             while True:

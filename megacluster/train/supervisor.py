@@ -26,17 +26,17 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, ModelConfig, ffn_hidden
 from ..data import prepare
 from ..errors import InputError
 from ..files import write_json
 from .chaos import check_ranks, parse
 from .checkpoint import newest_meta
 from .elastic import NODE_LOST, Plan
-from .signals import StopSignals
+from .signals import SIGNALS, StopSignals
 
 POLL_S = 0.05  # seconds between supervisor checks
 MAX_RESTARTS = 3  # restarts per worker slot before it is given up
@@ -68,8 +68,8 @@ def train(cfg: Config) -> dict | None:
         result = Worker(cfg, place).run()
         if place.is_main:
             return result
-        if result["stopped"]:  # every rank stopped after the same step: exit as rank 0 does (a launcher restarts
-            from .worker import hard_exit  # the group when the ranks' exit codes differ)
+        if result["stopped"]:  # every rank stopped after the same step: exit as rank 0 does (note: torchrun
+            from .worker import hard_exit  # restarts on any non-zero exit unless it was signalled itself)
 
             hard_exit(128 + signal.Signals[result["stopped"]].value)
         return None
@@ -93,12 +93,19 @@ def check_resume(cfg: Config) -> None:
     saved = ((newest_meta(directory) or {}).get("config") or {}).get("model")
     if not saved:
         return
-    current = cfg.to_dict()["model"]
+    saved, current = _resolved_model(saved), _resolved_model(cfg.to_dict()["model"])
     diffs = [f"model.{k} = {saved[k]!r} there, {current.get(k)!r} here" for k in sorted(saved)
              if saved[k] != current.get(k) and k != "init_std"]  # init_std acts only before step 1
     if diffs:
         raise InputError(f"--resume: the newest checkpoint in {directory} is of another model ({'; '.join(diffs)}); "
                          "resume with the same model keys (and preset), or start in a new --run-dir")
+
+
+def _resolved_model(d: dict) -> dict:
+    """Model keys with their defaults resolved (n_kv_head 0 = n_head, ffn_hidden 0 = the derived width)."""
+    known = {f.name for f in fields(ModelConfig)}
+    m = ModelConfig(**{k: v for k, v in d.items() if k in known})
+    return {**d, "n_kv_head": m.n_kv_head or m.n_head, "ffn_hidden": ffn_hidden(m)}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -164,7 +171,14 @@ class Supervisor:
             env.setdefault("LOCAL_RANK", str(slot.wid))
         self.store.delete_key(f"ready/{slot.wid}")
         self.store.delete_key(f"hb/{slot.wid}")
-        slot.proc = subprocess.Popen([sys.executable, "-m", "megacluster.train.worker", str(self.run_dir)], env=env)
+        # the child starts with SIGTERM/SIGINT blocked (the mask survives exec) and unblocks them once its handler
+        # is set (worker.py): a Ctrl-C while it is still starting Python is recorded, not fatal
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        try:
+            slot.proc = subprocess.Popen([sys.executable, "-m", "megacluster.train.worker", str(self.run_dir)],
+                                         env=env)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         slot.state, slot.started, slot.hb, slot.hb_changed = "joining", time.monotonic(), "", time.monotonic()
         pids = {s.wid: s.proc.pid for s in self.slots if s.proc is not None}
         write_json(self.run_dir / "workers.json", pids)  # for operators (and tests) to find the processes
@@ -315,14 +329,18 @@ class Supervisor:
         return self.result()
 
     def finish(self) -> None:
-        """A member is done: let the others exit (they end after the same step). No fixed deadline: rank 0 may be
-        writing a large final checkpoint (heartbeating while it does); one that stops heartbeating is killed
-        by `poll` like any hung worker; one that reports for a next generation (its collective failed after the
-        last step) is waiting for a plan that will not come, and is killed."""
+        """A member is done: let the others exit (they end after the same step). Rank 0 may be writing a large
+        final checkpoint (heartbeating while it does), so the wait is long: max(600 s, 10 x hang_timeout). One
+        that stops heartbeating is killed by `poll` like any hung worker; one that reports for a next generation
+        (its collective failed after the last step) waits for a plan that will not come, and is killed."""
+        deadline = time.monotonic() + max(600.0, 10 * self.cfg.run.hang_timeout)
         while any(s.state == "member" and s.proc.poll() is None for s in self.slots):
             self.poll()
             for wid in self.reported():
                 self.kill(self.slots[wid])
+            if time.monotonic() > deadline:
+                self.log("workers still running long after the last step: killing them")
+                break
             time.sleep(POLL_S)
 
     def reported(self) -> list[int]:

@@ -24,6 +24,7 @@ def main(run_dir: str) -> int:
     early: list[int] = []
     for s in SIGNALS:
         signal.signal(s, lambda signum, frame: early.append(signum))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # the supervisor starts us with them blocked
     from .. import config
     from .elastic import Membership
     from .loop import Worker, init_place
@@ -54,4 +55,9 @@ def hard_exit(code: int) -> None:
 
 
 if __name__ == "__main__":
-    hard_exit(main(sys.argv[1]))
+    try:
+        code = main(sys.argv[1])
+    except KeyboardInterrupt as e:  # signalled again: stop at once (train/signals.py), one line, no traceback
+        print(f"worker: {e}", file=sys.stderr)
+        code = 130
+    hard_exit(code)

@@ -60,10 +60,12 @@ def test_resume_without_a_checkpoint_says_so_and_starts_at_step_1(tmp_path, capf
 def test_resume_refuses_another_model_before_starting(tmp_path):
     train(small_cfg(tmp_path, "r", "run.max_steps=2", "run.ckpt_every=2"))
     for workers in ("1", "2"):
-        with pytest.raises(InputError, match=r"model.d_model = 64 there, 32 here; model.n_head = 4 there, 2 here"):
+        differ = r"model.d_model = 64 there, 32 here; model.ffn_hidden = 256 there, 128 here; model.n_head = 4 "
+        with pytest.raises(InputError, match=differ):
             train(small_cfg(tmp_path, "r", "run.max_steps=4", "run.resume=true", "model.d_model=32", "model.n_head=2",
                             f"run.workers={workers}"))
-    res = train(small_cfg(tmp_path, "r", "run.max_steps=4", "run.resume=true", "optim.lr=1e-4"))  # other keys may
+    same = ["model.ffn_hidden=256"]  # the width SMALL derives (8/3 x 64, to a multiple of 128): the same model
+    res = train(small_cfg(tmp_path, "r", "run.max_steps=4", "run.resume=true", "optim.lr=1e-4", *same))
     assert res["steps"] == 4 and sorted(losses(tmp_path / "r")) == [1, 2, 3, 4]
 
 

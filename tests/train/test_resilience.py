@@ -243,6 +243,7 @@ def _to_supervisor_then_workers(sig):
     ("2", signal.SIGTERM, "process", _steps_logged(5)),  # only the supervisor is told (a container's PID 1)
     ("2", signal.SIGINT, "group", _steps_logged(5)),  # Ctrl-C: the supervisor and every worker get it
     ("2", signal.SIGTERM, "process", _workers_started),  # before the first generation has formed
+    ("2", signal.SIGINT, "group", _workers_started),  # Ctrl-C while the workers are still starting Python
     ("2", signal.SIGTERM, "twice", _steps_logged(5)),  # supervisor, then each worker twice, 50 ms later
 ])
 def test_a_signal_checkpoints_the_step_and_resume_matches_an_uninterrupted_run(tmp_path, workers, sig, how,
