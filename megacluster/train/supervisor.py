@@ -32,7 +32,7 @@ from pathlib import Path
 from ..config import Config, ModelConfig, ffn_hidden
 from ..data import prepare
 from ..errors import InputError
-from ..files import write_json
+from ..files import fsync_dir, write_json
 from .chaos import check_ranks, parse
 from .checkpoint import newest_meta
 from .elastic import NODE_LOST, Plan
@@ -63,6 +63,8 @@ def train(cfg: Config) -> dict | None:
         cfg.run.resume = True  # restarted by torchrun: continue exactly from the newest good checkpoint
     if cfg.run.resume:
         check_resume(cfg)
+    elif int(os.environ.get("RANK", "0")) == 0:
+        set_aside_earlier_run(Path(cfg.run.run_dir))
     if under_launcher():
         place = init_place(cfg.run.device, timeout_s=max(60.0, cfg.run.hang_timeout))
         result = Worker(cfg, place).run()
@@ -99,6 +101,28 @@ def check_resume(cfg: Config) -> None:
     if diffs:
         raise InputError(f"--resume: the newest checkpoint in {directory} is of another model ({'; '.join(diffs)}); "
                          "resume with the same model keys (and preset), or start in a new --run-dir")
+
+
+def set_aside_earlier_run(run_dir: Path) -> None:
+    """A fresh run in a run dir that holds an earlier run's checkpoints or metrics: move them into
+    RUN_DIR/earlier-<UTC time>/ (nothing is deleted). Left in place, a later --resume of this run could pick the
+    earlier run's newer checkpoint, and metrics.jsonl would mix two runs."""
+    found = [p for p in (run_dir / "checkpoints", run_dir / "metrics.jsonl", run_dir / "result.json")
+             if p.exists() and not (p.is_dir() and not any(p.iterdir()))]
+    if not found:
+        return
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    dest = run_dir / f"earlier-{stamp}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = run_dir / f"earlier-{stamp}-{n}"
+    dest.mkdir()
+    for p in found:
+        os.replace(p, dest / p.name)
+    fsync_dir(run_dir)
+    print(f"a fresh run in {run_dir}: the earlier run's {', '.join(p.name for p in found)} moved to {dest} "
+          "(use --resume to continue a run instead)", file=sys.stderr, flush=True)
 
 
 def _resolved_model(d: dict) -> dict:

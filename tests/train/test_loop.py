@@ -120,3 +120,15 @@ def test_clipping_inside_fused_adamw_equals_explicit_clipping(tmp_path):
     assert getattr(fused.opt, "grad_scale", None) is not None and not hasattr(plain.opt, "grad_scale")
     for p, q in zip(plain.model.parameters(), params):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+def test_a_fresh_run_sets_the_earlier_run_aside(tmp_path, capfd):
+    train(small_cfg(tmp_path, "r", "run.max_steps=4", "run.ckpt_every=2"))
+    train(small_cfg(tmp_path, "r", "run.max_steps=2", "run.ckpt_every=2"))  # fresh, same dir: nothing lost
+    assert "moved to" in capfd.readouterr().err
+    (earlier,) = (tmp_path / "r").glob("earlier-*")
+    assert sorted(p.name for p in (earlier / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert sorted(losses(earlier)) == [1, 2, 3, 4] and sorted(losses(tmp_path / "r")) == [1, 2]
+    # so a resume of the second run continues it, not the first run's newer step 4
+    res = train(small_cfg(tmp_path, "r", "run.max_steps=3", "run.ckpt_every=2", "run.resume=true"))
+    assert res["steps"] == 3 and sorted(losses(tmp_path / "r")) == [1, 2, 3]
