@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..config import Config, ModelConfig, ffn_hidden
@@ -61,11 +61,14 @@ def train(cfg: Config) -> dict | None:
     check_ranks(parse(cfg.run.chaos), world)  # a bad spec is refused before any process starts
     if under_launcher() and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         cfg.run.resume = True  # restarted by torchrun: continue exactly from the newest good checkpoint
+    run_dir = Path(cfg.run.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"run.run_dir (--run-dir): {run_dir} exists and is not a directory")
     if cfg.run.resume:
         check_resume(cfg)
-    elif int(os.environ.get("RANK", "0")) == 0:
-        set_aside_earlier_run(Path(cfg.run.run_dir))
     if under_launcher():
+        if not cfg.run.resume and int(os.environ["RANK"]) == 0:
+            set_aside_earlier_run(run_dir)
         place = init_place(cfg.run.device, timeout_s=max(60.0, cfg.run.hang_timeout))
         result = Worker(cfg, place).run()
         if place.is_main:
@@ -82,6 +85,8 @@ def train(cfg: Config) -> dict | None:
             raise InputError(f"run.workers={cfg.run.workers}: one GPU per worker, and this machine has "
                              f"{torch.cuda.device_count()}; use --device cpu for more workers than GPUs")
     corpus = prepare(cfg.data, cfg.model.vocab_size)  # once, before any worker starts
+    if not cfg.run.resume:  # after every input check: a refused run moves nothing
+        set_aside_earlier_run(run_dir)
     if cfg.run.workers == 1 and not cfg.run.chaos:
         return Worker(cfg, init_place(cfg.run.device), corpus=corpus).run()
     return Supervisor(cfg).run()
@@ -95,9 +100,12 @@ def check_resume(cfg: Config) -> None:
     saved = ((newest_meta(directory) or {}).get("config") or {}).get("model")
     if not saved:
         return
-    saved, current = _resolved_model(saved), _resolved_model(cfg.to_dict()["model"])
-    diffs = [f"model.{k} = {saved[k]!r} there, {current.get(k)!r} here" for k in sorted(saved)
-             if saved[k] != current.get(k) and k != "init_std"]  # init_std acts only before step 1
+    try:
+        saved, current = _resolved_model(saved), _resolved_model(cfg.to_dict()["model"])
+    except (TypeError, ValueError) as e:
+        raise InputError(f"--resume: unreadable model config in the newest checkpoint in {directory}: {e}") from e
+    diffs = [f"model.{k} = {saved[k]!r} there, {current[k]!r} here" for k in sorted(saved)
+             if saved[k] != current[k] and k != "init_std"]  # init_std acts only before step 1
     if diffs:
         raise InputError(f"--resume: the newest checkpoint in {directory} is of another model ({'; '.join(diffs)}); "
                          "resume with the same model keys (and preset), or start in a new --run-dir")
@@ -107,29 +115,35 @@ def set_aside_earlier_run(run_dir: Path) -> None:
     """A fresh run in a run dir that holds an earlier run's checkpoints or metrics: move them into
     RUN_DIR/earlier-<UTC time>/ (nothing is deleted). Left in place, a later --resume of this run could pick the
     earlier run's newer checkpoint, and metrics.jsonl would mix two runs."""
-    found = [p for p in (run_dir / "checkpoints", run_dir / "metrics.jsonl", run_dir / "result.json")
-             if p.exists() and not (p.is_dir() and not any(p.iterdir()))]
-    if not found:
-        return
+    names = ("checkpoints", "metrics.jsonl", "result.json", "tb", "config.json")  # tb: TensorBoard (metrics.py)
+    found = [run_dir / n for n in names if (run_dir / n).exists()]
+    if not any(p.name in ("checkpoints", "metrics.jsonl") and not (p.is_dir() and not any(p.iterdir()))
+               for p in found):
+        return  # nothing of a run that trained
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
     dest = run_dir / f"earlier-{stamp}"
     n = 1
     while dest.exists():
         n += 1
         dest = run_dir / f"earlier-{stamp}-{n}"
-    dest.mkdir()
-    for p in found:
-        os.replace(p, dest / p.name)
-    fsync_dir(run_dir)
+    try:
+        dest.mkdir()
+        for p in found:
+            os.replace(p, dest / p.name)
+        fsync_dir(run_dir)
+    except OSError as e:
+        raise InputError(f"run.run_dir (--run-dir) {run_dir}: cannot set the earlier run aside ({e}); resume it "
+                         "with --resume, or use another --run-dir") from e
     print(f"a fresh run in {run_dir}: the earlier run's {', '.join(p.name for p in found)} moved to {dest} "
           "(use --resume to continue a run instead)", file=sys.stderr, flush=True)
 
 
 def _resolved_model(d: dict) -> dict:
-    """Model keys with their defaults resolved (n_kv_head 0 = n_head, ffn_hidden 0 = the derived width)."""
+    """Every model key (defaults for keys `d` lacks, keys ModelConfig no longer has dropped), with the derived
+    defaults resolved: n_kv_head 0 = n_head, ffn_hidden 0 = the width derived from d_model."""
     known = {f.name for f in fields(ModelConfig)}
     m = ModelConfig(**{k: v for k, v in d.items() if k in known})
-    return {**d, "n_kv_head": m.n_kv_head or m.n_head, "ffn_hidden": ffn_hidden(m)}
+    return {**asdict(m), "n_kv_head": m.n_kv_head or m.n_head, "ffn_hidden": ffn_hidden(m)}
 
 
 @dataclass(kw_only=True, slots=True)

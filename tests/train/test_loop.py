@@ -124,6 +124,9 @@ def test_clipping_inside_fused_adamw_equals_explicit_clipping(tmp_path):
 
 def test_a_fresh_run_sets_the_earlier_run_aside(tmp_path, capfd):
     train(small_cfg(tmp_path, "r", "run.max_steps=4", "run.ckpt_every=2"))
+    with pytest.raises(InputError, match="no such file"):  # a fresh run refused on its input moves nothing
+        train(small_cfg(tmp_path, "r", "run.max_steps=2", f"data.paths=['{tmp_path / 'missing.txt'}']"))
+    assert not list((tmp_path / "r").glob("earlier-*"))
     train(small_cfg(tmp_path, "r", "run.max_steps=2", "run.ckpt_every=2"))  # fresh, same dir: nothing lost
     assert "moved to" in capfd.readouterr().err
     (earlier,) = (tmp_path / "r").glob("earlier-*")
@@ -132,3 +135,9 @@ def test_a_fresh_run_sets_the_earlier_run_aside(tmp_path, capfd):
     # so a resume of the second run continues it, not the first run's newer step 4
     res = train(small_cfg(tmp_path, "r", "run.max_steps=3", "run.ckpt_every=2", "run.resume=true"))
     assert res["steps"] == 3 and sorted(losses(tmp_path / "r")) == [1, 2, 3]
+
+
+def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("not a directory")
+    with pytest.raises(InputError, match="exists and is not a directory"):
+        train(small_cfg(tmp_path, "f", "run.max_steps=1"))
