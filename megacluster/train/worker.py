@@ -19,8 +19,8 @@ from .signals import SIGNALS
 
 
 def main(run_dir: str) -> int:
-    # a SIGTERM/SIGINT before the worker's own handlers exist (imports, data, model) or after they are gone
-    # (writing result.json) is recorded, not fatal: the worker then stops after its first step with a checkpoint
+    # a SIGTERM/SIGINT before the worker exists (imports, data, model) is recorded, not fatal: the worker then
+    # stops after its first step with a checkpoint
     early: list[int] = []
     for s in SIGNALS:
         signal.signal(s, lambda signum, frame: early.append(signum))
@@ -37,6 +37,8 @@ def main(run_dir: str) -> int:
     place = init_place(cfg.run.device)
     worker = Worker(cfg, place, run_dir=run_dir, membership=membership,
                     wid=membership.wid if membership is not None else None, needs_state=init == "peer")
+    for s in SIGNALS:  # from here on straight to the worker (no window between the early list and its handler)
+        signal.signal(s, worker.stop.on_signal)
     if early:
         worker.stop.on_signal(early[0])
     result = worker.run()
