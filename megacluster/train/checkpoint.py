@@ -195,12 +195,7 @@ class CheckpointManager:
         return [s for s, path in self._step_dirs() if (path / MANIFEST_FILE).is_file()]
 
     def _step_dirs(self) -> list[tuple[int, Path]]:
-        found = []
-        for entry in self.directory.iterdir():
-            m = _STEP_DIR.fullmatch(entry.name)
-            if m and entry.is_dir():
-                found.append((int(m.group(1)), entry))
-        return sorted(found)
+        return _step_dirs(self.directory)
 
     def latest(self) -> Loaded | None:
         """The newest checkpoint that verifies, or None. Broken ones are logged by name and skipped."""
@@ -271,13 +266,21 @@ def _snapshot_meta(meta: dict) -> dict:
         raise TypeError(f"checkpoint meta must be a JSON-able dict: {e}") from e
 
 
+def _step_dirs(directory: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every step_NNNNNNNN directory under `directory`, ascending by step."""
+    found = []
+    for entry in directory.iterdir():
+        m = _STEP_DIR.fullmatch(entry.name)
+        if m and entry.is_dir():
+            found.append((int(m.group(1)), entry))
+    return sorted(found)
+
+
 def newest_meta(directory: str | os.PathLike) -> dict | None:
     """The `meta` of the newest checkpoint under `directory` that has a readable manifest (files not verified:
     for checks before a resume, which then loads and verifies for real), or None."""
     directory = Path(directory)
-    steps = sorted((int(m.group(1)), e) for e in directory.iterdir() if (m := _STEP_DIR.fullmatch(e.name))) \
-        if directory.is_dir() else []
-    for _, path in reversed(steps):
+    for _, path in reversed(_step_dirs(directory) if directory.is_dir() else []):
         try:
             return json.loads((path / MANIFEST_FILE).read_text())["meta"]
         except (OSError, ValueError, KeyError, TypeError):
