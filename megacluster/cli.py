@@ -13,10 +13,10 @@ import argparse
 import importlib
 import json
 import os
-import signal
 import sys
 
 from .errors import InputError
+from .train.signals import exit_code
 
 # verb -> module that implements it (imported lazily so `plan` never pays for importing torch)
 VERBS = {
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if args.json and result is not None:  # None: a non-main rank under torchrun, which stays quiet
         print(json.dumps(result, default=_jsonable), flush=True)
-    code = 128 + signal.Signals[result["stopped"]].value if result and result.get("stopped") else 0
+    code = exit_code(result)
     if "RANK" in os.environ and "torch.distributed" in sys.modules:  # a worker under torchrun
         from .train.worker import hard_exit
 

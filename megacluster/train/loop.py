@@ -219,8 +219,8 @@ class Worker:
         self.val_loss: float | None = None
         self.end_generation = False  # set when the supervisor asked this generation to end after this step
         self.stop = StopSignals(announce=self._announce_stop)  # SIGTERM/SIGINT, own or relayed (signals.py)
-        self.stopping = False  # every rank agreed to stop after this step: save a checkpoint and return
-        self.stopped_by: int | None = None  # the signal they agreed on (the first rank's that had one)
+        self.stopped_by: int | None = None  # every rank agreed to stop after this step, for this signal (the
+        # first rank's that had one): save a checkpoint and return
         self._saved_step = -1  # the newest step a checkpoint save was started for
         self.after_step_pending = False  # step `self.step` done, its logging/eval/checkpoint not yet
         self.pending: list[torch.Tensor] = []  # losses of completed steps not yet copied to the host
@@ -323,7 +323,6 @@ class Worker:
                 self.stopped_by = next((int(s) for s in flags[1:] if s > 0), None)  # the same on every rank
             else:
                 self.stopped_by = self.stop.signum
-            self.stopping = self.stopped_by is not None
         if self.cfg.run.balance == "auto":
             times = extras[2 + world:].tolist()
             self.balancer.observe(times[:world], [int(s) for s in times[world:]])
@@ -551,7 +550,7 @@ class Worker:
                     self.beat()
                 self.after_step(progress)
                 self.after_step_pending = False
-                if self.stopping:
+                if self.stopped_by is not None:
                     self.save_for_stop()
                     break
                 if self.end_generation:
@@ -578,7 +577,7 @@ class Worker:
                 "stragglers": self.balancer.stragglers(), "kept_worker_s": sum(self.costs),
                 "elapsed_s": t_end - t_start,
                 "stopped": signal.Signals(self.stopped_by).name  # the last step done: finished, not stopped
-                if self.stopping and self.step < cfg.max_steps else None}
+                if self.stopped_by is not None and self.step < cfg.max_steps else None}
 
     def flush(self) -> None:
         """Copy the losses of completed steps to the host history (one device sync)."""

@@ -19,6 +19,12 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 REPEAT_S = 1.0  # seconds: a repeat sooner than this is the same request delivered twice
 
 
+def exit_code(result: dict | None) -> int:
+    """The exit code of a run's process: 128 + N when the result says it stopped on signal N (as a shell reports
+    a process that signal ended), else 0."""
+    return 128 + signal.Signals[result["stopped"]].value if result and result.get("stopped") else 0
+
+
 class StopSignals:
     """What this process was asked to stop for: its own signal, or one relayed (by the supervisor or a peer)."""
 

@@ -36,7 +36,7 @@ from ..files import fsync_dir, write_json
 from .chaos import check_ranks, parse
 from .checkpoint import newest_meta
 from .elastic import NODE_LOST, Plan
-from .signals import SIGNALS, StopSignals
+from .signals import SIGNALS, StopSignals, exit_code
 
 POLL_S = 0.05  # seconds between supervisor checks
 MAX_RESTARTS = 3  # restarts per worker slot before it is given up
@@ -76,7 +76,7 @@ def train(cfg: Config) -> dict | None:
         if result["stopped"]:  # every rank stopped after the same step: exit as rank 0 does (note: torchrun
             from .worker import hard_exit  # restarts on any non-zero exit unless it was signalled itself)
 
-            hard_exit(128 + signal.Signals[result["stopped"]].value)
+            hard_exit(exit_code(result))
         return None
     if resolve_device(cfg.run.device) == "cuda" and cfg.run.workers > 1:  # also refuses cuda without a GPU
         import torch
