@@ -6,6 +6,8 @@
     python benchmarks/train_mfu.py --profile out/       # also a kernel-time table per shape (torch.profiler)
     python benchmarks/train_mfu.py --sdpa cudnn         # force one attention backend (default: torch's choice)
     python benchmarks/train_mfu.py --compile-mode max-autotune-no-cudagraphs   # a torch.compile mode to try
+    python benchmarks/train_mfu.py --set optim.master_weights=on     # any trainer key (here: bf16 weights)
+    python benchmarks/train_mfu.py --inductor coordinate_descent_tuning=True   # a torch._inductor.config knob
 
 It drives `megacluster.train.loop.Worker.train_step` (the same code `megacluster train` runs: torch.compile,
 bf16 autocast, fused AdamW, flat-buffer gradients, grad clipping) on a pre-tokenized shard of uniform random
@@ -17,6 +19,7 @@ summary as the last stdout line. MFU = flops_per_token (model.py) x tok/s / dens
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 import tempfile
@@ -106,6 +109,26 @@ def bench(preset: str, batch: int, steps: int, warmup: int, device: str, shard: 
         return row
 
 
+def set_inductor(item: str) -> None:
+    """KEY=VALUE onto torch._inductor.config; raises ValueError for an unknown key or a value that is not a
+    Python literal (a typo would otherwise be a silent no-op)."""
+    import torch._inductor.config as inductor
+
+    key, sep, text = item.partition("=")
+    target, *path = [inductor, *key.split(".")]
+    try:
+        for part in path[:-1]:
+            target = getattr(target, part)
+        getattr(target, path[-1])
+        value = ast.literal_eval(text)
+    except (AttributeError, ValueError, SyntaxError):
+        raise ValueError(f"--inductor {item!r}: expected KEY=VALUE, KEY a torch._inductor.config setting and VALUE "
+                         "a Python literal (True, 4, 'name')") from None
+    if not sep:
+        raise ValueError(f"--inductor {item!r}: expected KEY=VALUE")
+    setattr(target, path[-1], value)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -120,7 +143,14 @@ def main() -> int:
     ap.add_argument("--compile-mode", default="default",
                     choices=("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"),
                     help="torch.compile mode for the model (an experiment, not a trainer option)")
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    help="set torch._inductor.config.KEY (dotted) to a Python literal (an experiment)")
     args = ap.parse_args()
+    for item in args.inductor:
+        try:
+            set_inductor(item)
+        except ValueError as e:
+            ap.error(str(e))  # exit 2
     if args.sdpa != "default":  # only the named backend stays enabled (math too is off: no silent fallback)
         only = {"flash": "flash", "cudnn": "cudnn", "efficient": "mem_efficient"}[args.sdpa]
         for name in ("flash", "cudnn", "mem_efficient", "math"):
@@ -133,7 +163,7 @@ def main() -> int:
             batch = 4 if args.smoke else SHAPES[name]
             row = bench(name, batch, args.steps, args.warmup, args.device, shard, args.smoke, args.set, args.profile,
                         args.compile_mode)
-            row["sdpa"], row["compile_mode"] = args.sdpa, args.compile_mode
+            row["sdpa"], row["compile_mode"], row["set"], row["inductor"] = args.sdpa, args.compile_mode, args.set, args.inductor
             rows.append(row)
             mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
             print(f"{name:10s} batch {batch:3d}  {row['tokens_per_s']:>11,.0f} tok/s  MFU {mfu:>6s}  "

@@ -53,6 +53,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 = off
+    master_weights: str = "off"  # on: weights kept in run.dtype, an fp32 master copy in the optimizer (optim.py)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -91,6 +92,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("cosine", "wsd", "constant"),
+    "optim.master_weights": ("off", "on"),
     "run.device": ("auto", "cpu", "cuda"),
     "run.dtype": ("auto", "bf16", "fp32"),
     "run.compile": ("auto", "on", "off"),

@@ -32,6 +32,7 @@ from ..data import Corpus, SampleOrder, prepare
 from ..model import GPT, flops_per_token
 from . import balance as balance_mod
 from . import chaos as chaos_mod
+from . import optim
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .elastic import NODE_LOST, Membership, Plan
 from .metrics import MetricsLog, Progress, StepTimer
@@ -107,34 +108,27 @@ def loss_digest(losses: list[float]) -> str:
     return hashlib.sha256(",".join(f"{x:.6g}" for x in losses).encode()).hexdigest()
 
 
-def build_optimizer(model: torch.nn.Module, o: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not norms); fused kernel on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                             fused=device.type == "cuda")
-
-
 class FlatGrads:
     """The step's one all-reduce payload: [grads (n) | loss_sum | end-generation flag | stop signal per rank |
     compute_s per rank | samples per rank]. After the reduce the flag is > 0 when any rank saw the supervisor ask
     to end the generation, and a rank's stop entry holds the signal it was told to stop for (its own, or the
     supervisor's): every rank then acts after the same step.
 
-    Backward writes fresh gradients: `reset()` sets every p.grad to None, so autograd hands its fp32 result
-    over as .grad (and adds later micro-batches in place). With one rank nothing more happens: the optimizer
-    reads p.grad as it is and the buffer holds only the extras. With several, `pack()` copies the gradients into
-    the buffer (one kernel), the buffer is reduced in one collective and p.grad become views of the reduced sums.
-    Why not pre-assigned views (DDP's gradient_as_bucket_view): that costs a zeroing pass and a
+    Backward writes fresh gradients: `reset()` sets every p.grad to None, so autograd hands its result over as
+    .grad (and adds later micro-batches in place). With one rank nothing more happens: the optimizer reads
+    p.grad as it is and the buffer holds only the extras. With several, `pack()` copies the gradients into the
+    buffer (one kernel, upcast to fp32 if they are bf16), the buffer is reduced in one collective and p.grad
+    become views of the reduced sums (`grad_views`; else they are released and the optimizer reads the
+    buffer: optim.MasterAdamW, whose bf16 weights cannot take an fp32 .grad). Why not pre-assigned views (DDP's gradient_as_bucket_view): that costs a zeroing pass and a
     read-modify-write accumulate every step, 16 bytes per parameter, against 8 for the copy and 0 on one rank.
     The price with several ranks: during the copy both the fresh gradients and the buffer exist (4 more bytes
     per parameter at the peak, as DDP without gradient_as_bucket_view).
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], world: int, device: torch.device):
+    def __init__(self, params: list[torch.nn.Parameter], world: int, device: torch.device, grad_views: bool = True):
         self.params = params
         self.world = world
+        self.grad_views = grad_views
         self.n = sum(p.numel() for p in params) if world > 1 else 0
         self.buf = torch.zeros(self.n + 2 + 3 * world, dtype=torch.float32, device=device)
         self.views, offset = [], 0
@@ -142,23 +136,20 @@ class FlatGrads:
             self.views.append(self.buf[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
 
-    def grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self.params]
-
     def reset(self) -> None:
         for p in self.params:
             p.grad = None
         self.extras().zero_()
 
     def pack(self) -> None:
-        """Before the all-reduce (world > 1): gradients into the buffer, p.grad onto the buffer's views."""
+        """Before the all-reduce (world > 1): gradients into the buffer, p.grad onto its views (or released)."""
         if self.world == 1:
             return
         grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=self.buf.device)
                  for p in self.params]
         torch.cat(grads, out=self.buf[: self.n])
         for p, v in zip(self.params, self.views):
-            p.grad = v
+            p.grad = v if self.grad_views else None
 
     def extras(self) -> torch.Tensor:
         return self.buf[self.n:]
@@ -196,11 +187,12 @@ class Worker:
         torch.manual_seed(cfg.run.seed)  # every rank builds identical initial weights: no broadcast needed
         self.corpus = corpus or prepare(cfg.data, cfg.model.vocab_size)
         self.model = GPT(cfg.model).to(place.device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.flat = FlatGrads(self.params, place.world, place.device)
-        self.opt = build_optimizer(self.model, cfg.optim, place.device)
         self.dtype = self._dtype()
-        self.forward = self._compiled_forward()
+        self.compiled = cfg.run.compile == "on" or (cfg.run.compile == "auto" and place.device.type == "cuda")
+        self.opt = optim.build(self.model, cfg.optim, place.device, self.dtype, self.compiled)
+        self.params = self.opt.params  # the optimizer's order is the all-reduce buffer's layout
+        self.flat = self.new_flat(place.world)
+        self.forward = torch.compile(self.model) if self.compiled else self.model
         self.dynamic_batch = self.forward is not self.model and cfg.run.balance == "auto"
         B = cfg.run.batch_size
         self.tokens_per_step = B * cfg.model.seq_len  # the global token count every loss is divided by
@@ -241,11 +233,8 @@ class Worker:
             torch.backends.cudnn.allow_tf32 = True
         return torch.bfloat16 if want == "bf16" else torch.float32
 
-    def _compiled_forward(self):
-        mode = self.cfg.run.compile
-        if mode == "on" or (mode == "auto" and self.place.device.type == "cuda"):
-            return torch.compile(self.model)
-        return self.model
+    def new_flat(self, world: int) -> FlatGrads:
+        return FlatGrads(self.params, world, self.place.device, grad_views=not self.opt.reads_reduced)
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -363,21 +352,9 @@ class Worker:
                 dist.all_reduce(self.flat.buf, op=dist.ReduceOp.SUM)
 
     def clip_and_step(self, step: int) -> None:
-        grads = self.flat.grads()
-        # the global norm, identical on every rank (the grads are already reduced); same kernels for any world
-        self.grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        if self.cfg.optim.grad_clip > 0:
-            clip_scale = ((self.grad_norm + 1e-6) / self.cfg.optim.grad_clip).clamp(min=1.0)  # divide grads by it
-            if self.opt.defaults.get("fused"):
-                # the fused AdamW kernel divides each gradient by `grad_scale` as it reads it (the hook
-                # torch.amp.GradScaler uses): clipping costs no pass of its own over the gradients
-                self.opt.grad_scale = clip_scale
-            else:
-                torch._foreach_div_(grads, clip_scale)
-        lr = lr_at(step, self.cfg.optim, self.cfg.run.max_steps)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self.opt.step()
+        """Clip to the global norm (identical on every rank: the grads are already reduced) and update."""
+        reduced = self.flat.buf[: self.flat.n] if self.flat.world > 1 else None
+        self.grad_norm = self.opt.step(lr_at(step, self.cfg.optim, self.cfg.run.max_steps), reduced)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -409,7 +386,7 @@ class Worker:
         state = {"optimizer": self.opt.state_dict(), "rng": rng_state(), "balancer": self.balancer.state_dict()}
         meta = {**self.history(), "config": self.cfg.to_dict()}
         with self.waiting(self.step) if blocking else contextlib.nullcontext():  # a large write: still alive
-            self.ckpt.save(self.step, self.model.state_dict(), state, meta, blocking=blocking)
+            self.ckpt.save(self.step, self.opt.weights(), state, meta, blocking=blocking)
 
     def save_for_stop(self) -> None:
         """Told to stop (every rank after the same step): make sure a checkpoint of this step is on disk."""
@@ -438,7 +415,7 @@ class Worker:
             if self.wid == 0:  # say it once: a resume that silently starts over would look like a resume
                 print(f"resume: no good checkpoint in {directory}; starting from step 0", file=sys.stderr, flush=True)
             return False
-        self.model.load_state_dict(loaded.model)
+        self.opt.load_weights(loaded.model)
         self.opt.load_state_dict(loaded.state["optimizer"])
         set_rng_state(loaded.state["rng"])
         self._loaded_balancer = loaded.state["balancer"]
@@ -470,7 +447,7 @@ class Worker:
         old_world = self.place.world
         self.place.rank, self.place.world = rank, world
         if world != self.flat.world:
-            self.flat = FlatGrads(self.params, world, self.place.device)
+            self.flat = self.new_flat(world)
         if world != old_world:
             self.balancer.resize(world)
             if self._loaded_balancer is not None:  # restored before the world was known: apply it now
@@ -488,16 +465,13 @@ class Worker:
 
     def sync_state(self, src: int) -> None:
         """Everyone adopts rank `src`'s model, optimizer state and history (broadcast in a fixed order)."""
-        init_optimizer_state(self.opt)
         meta = [{**self.history(), "balancer": self.balancer.state_dict(),
                  "after_step_pending": self.after_step_pending}]
         dist.broadcast_object_list(meta, src=src)
         m = meta[0]
         if self.place.rank != src:
             self.valid = False  # until every tensor has arrived: a half-copied state is no step's state
-        with torch.no_grad():
-            for t in state_tensors(self.model, self.opt):
-                dist.broadcast(t, src=src)
+        self.opt.broadcast(src)
         self.step, self.losses, self.costs, self.val_loss = m["step"], m["losses"], m["costs"], m["val_loss"]
         self.after_step_pending = m["after_step_pending"]
         self.balancer.load_state_dict(m["balancer"])
@@ -638,25 +612,3 @@ class Worker:
         if self.place.device.type == "cuda":
             torch.cuda.synchronize(self.place.device)
 
-
-def init_optimizer_state(opt: torch.optim.Optimizer) -> None:
-    """Create AdamW's per-parameter state (zeros, step 0) where it does not exist yet, so every rank has the
-    same tensors to broadcast into. Math is unchanged: a zero state at step 0 is what AdamW creates lazily."""
-    for group in opt.param_groups:
-        fused = bool(group.get("fused"))
-        for p in group["params"]:
-            st = opt.state[p]
-            if not st:
-                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-def state_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """Every tensor of the training state, in an order identical on every rank."""
-    out = [p.data for p in model.parameters()]
-    for group in opt.param_groups:
-        for p in group["params"]:
-            st = opt.state[p]
-            out += [st["step"], st["exp_avg"], st["exp_avg_sq"]]
-    return out

@@ -9,7 +9,8 @@ import pytest
 
 from megacluster import config
 from megacluster.errors import InputError
-from megacluster.train.loop import lr_at
+from megacluster.train.checkpoint import CheckpointManager
+from megacluster.train.loop import Worker, init_place, lr_at
 from megacluster.train.supervisor import train
 
 SMALL = ["model.d_model=64", "model.n_layer=2", "model.n_head=4", "model.n_kv_head=2", "model.seq_len=32",
@@ -106,18 +107,16 @@ def test_clipping_inside_fused_adamw_equals_explicit_clipping(tmp_path):
     """On CUDA the clip is handed to the fused AdamW kernel (grad_scale); it must equal dividing the grads."""
     import torch
 
-    from megacluster.train.loop import Worker, init_place
-
     cfg = small_cfg(tmp_path, "clip", "optim.grad_clip=0.01", "run.max_steps=3")  # small: every step clips
     plain, fused = (Worker(cfg, init_place("cpu"), run_dir=str(tmp_path / n)) for n in ("a", "b"))
     params = [p for p in fused.model.parameters() if p.requires_grad]
-    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in fused.opt.param_groups]
-    fused.opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                  eps=cfg.optim.eps, fused=True)  # the CUDA path, on CPU
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in fused.opt.opt.param_groups]
+    fused.opt.opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                      eps=cfg.optim.eps, fused=True)  # the CUDA path, on CPU
     for step in (1, 2, 3):
         assert float(plain.train_step(step)) == pytest.approx(float(fused.train_step(step)), rel=1e-6)
         assert float(plain.grad_norm) > 10 * cfg.optim.grad_clip  # the clip really acted
-    assert getattr(fused.opt, "grad_scale", None) is not None and not hasattr(plain.opt, "grad_scale")
+    assert getattr(fused.opt.opt, "grad_scale", None) is not None and not hasattr(plain.opt.opt, "grad_scale")
     for p, q in zip(plain.model.parameters(), params):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
 
@@ -141,3 +140,51 @@ def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("not a directory")
     with pytest.raises(InputError, match="exists and is not a directory"):
         train(small_cfg(tmp_path, "f", "run.max_steps=1"))
+
+
+def test_master_weights_one_vs_two_workers_and_exact_resume(tmp_path):
+    on = ["optim.master_weights=on", "run.max_steps=6", "run.ckpt_every=3", "run.eval_every=0"]
+    off = train(small_cfg(tmp_path, "off", *on[1:]))
+    one = train(small_cfg(tmp_path, "one", *on))
+    two = train(small_cfg(tmp_path, "two", *on, "run.workers=2"))  # reads the flat all-reduce buffer
+    a, b, c = (losses(tmp_path / n) for n in ("off", "one", "two"))
+    assert sorted(a) == sorted(b) == sorted(c) == [1, 2, 3, 4, 5, 6]
+    for s in a:  # fp32 on CPU: the same AdamW, so the same run as torch's (up to the order of the norm's sum)
+        assert b[s] == pytest.approx(a[s], rel=1e-6) and c[s] == pytest.approx(b[s], rel=1e-5)
+    assert b[6] < b[1]
+    shutil.copytree(tmp_path / "one" / "checkpoints" / "step_00000003", tmp_path / "cut" / "checkpoints" / "step_00000003")
+    resumed = train(small_cfg(tmp_path, "cut", *on, "run.resume=true"))
+    assert resumed["loss_digest"] == one["loss_digest"] and off["steps"] == two["steps"] == 6
+    # a checkpoint of the torch optimizer resumes under the master one (same weights and state dict forms)
+    shutil.copytree(tmp_path / "off" / "checkpoints" / "step_00000003", tmp_path / "cross" / "checkpoints" / "step_00000003")
+    train(small_cfg(tmp_path, "cross", *on, "run.resume=true"))
+    d = losses(tmp_path / "cross")
+    assert sorted(d) == [4, 5, 6] and all(d[s] == pytest.approx(a[s], rel=1e-6) for s in d)
+
+
+def test_master_weights_with_bf16_compute(tmp_path):
+    """bf16 autocast on CPU: the model holds bf16 weights, training learns, 2 workers agree with 1 to bf16
+    precision, and the checkpoint holds fp32 weights equal to the optimizer's master."""
+    on = ["optim.master_weights=on", "run.dtype=bf16", "run.max_steps=6", "run.eval_every=0", "optim.lr=1e-2"]
+    import torch
+
+    w = Worker(small_cfg(tmp_path, "w", *on), init_place("cpu"))
+    assert all(p.dtype == torch.bfloat16 for p in w.model.parameters())
+    one = train(small_cfg(tmp_path, "one", *on))
+    two = train(small_cfg(tmp_path, "two", *on, "run.workers=2"))
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert a[6] < a[1] - 0.3
+    assert all(b[s] == pytest.approx(a[s], rel=2e-2) for s in a)
+    loaded = CheckpointManager(tmp_path / "one" / "checkpoints").latest()
+    assert loaded.meta["step"] == 6 and all(t.dtype == torch.float32 for t in loaded.model.values())
+    assert one["steps"] == two["steps"] == 6
+
+
+def test_master_weights_state_transfer_to_a_replacement_worker(tmp_path):
+    """A killed worker's replacement takes the master, moments and step count from its peer (broadcast): the
+    run's losses are the clean run's, bit for bit."""
+    on = ["optim.master_weights=on", "run.max_steps=6", "run.eval_every=0", "run.workers=2", "run.hang_timeout=8"]
+    clean = train(small_cfg(tmp_path, "clean", *on))
+    chaos = train(small_cfg(tmp_path, "chaos", *on, "run.chaos=kill:rank=1,step=3"))
+    assert chaos["recoveries_from_peer"] == 1 and chaos["steps"] == 6
+    assert chaos["loss_digest"] == clean["loss_digest"]

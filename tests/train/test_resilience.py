@@ -153,7 +153,7 @@ def test_slow_replacement_shrinks_then_grows_back(tmp_path, capfd):
 def test_a_slot_out_of_restarts_is_dropped_and_the_run_matches_a_clean_one(tmp_path):
     """Worker 1 dies four times: three restarts, then the slot is given up and worker 0 trains alone on the same
     global batch (the sample order and the loss normalisation do not depend on the world size)."""
-    clean = train(cfg(tmp_path, "clean", "run.workers=2", "run.max_steps=10"))
+    train(cfg(tmp_path, "clean", "run.workers=2", "run.max_steps=10"))
     kills = "; ".join(f"kill:rank=1,step={s}" for s in (3, 4, 5, 6))
     res = train(cfg(tmp_path, "flaky", "run.workers=2", "run.max_steps=10", f"run.chaos={kills}"))
     assert res["restarts"] == MAX_RESTARTS and res["workers_lost"] == [1] and res["world"] == 1

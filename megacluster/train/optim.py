@@ -1,0 +1,284 @@
+"""The trainer's optimizer: AdamW with weight decay on matrices only, the global-norm clip, two implementations.
+
+- `TorchAdamW` (`optim.master_weights = "off"`): torch's AdamW over the model's own fp32 weights (fused
+  kernel on CUDA). Under bf16 autocast every forward casts each weight to bf16 and every backward casts each
+  bf16 weight gradient back to fp32 (12 bytes per parameter per step), and the norm reads fp32 gradients.
+- `MasterAdamW` (`"on"`): the model's weights are kept in the compute dtype (`run.dtype`), as views of one
+  flat buffer; the optimizer keeps one flat fp32 master copy with the moments and updates it in one
+  elementwise pass that also rewrites the low-precision weights (Megatron's fp32 "main params" beside bf16
+  model params; FSDP2's `param_dtype`). No cast in the forward or backward; gradients stay in the compute
+  dtype (the matmul produces them rounded to it anyway, so nothing is lost for one micro-batch; with several
+  micro-batches they are summed in that dtype) and are gathered into one flat buffer (world 1) or the fp32
+  all-reduce buffer (world > 1). With fp32 compute the model's weights *are* the master (no copy).
+
+Both keep weights, checkpoints and state dicts in the same form: named fp32 weights, and torch AdamW's state
+dict (two param groups, decayed matrices then the rest; per parameter `step`, `exp_avg`, `exp_avg_sq`). So a
+run can be resumed with the other implementation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ..config import OptimConfig
+
+# torch AdamW's param-group keys that choose an implementation, not the math: a loaded state dict must not
+# carry them over from where it was saved (a CPU checkpoint resumed on CUDA keeps the fused kernel)
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def decay_split(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """Trainable parameters with weight decay (matrices) and without (norm gains), each in model order."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+
+
+def global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm over all gradients, in fp32, from per-tensor norms (one multi-tensor kernel): the same kernels
+    for any world size and for both optimizers."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
+
+
+def clip_factor(norm: torch.Tensor, grad_clip: float) -> torch.Tensor:
+    """What to divide every gradient by so that the global norm is at most grad_clip (>= 1; 0-d, no sync)."""
+    return ((norm + 1e-6) / grad_clip).clamp(min=1.0)
+
+
+def build(model: torch.nn.Module, o: OptimConfig, device: torch.device, dtype: torch.dtype,
+          compiled: bool) -> TorchAdamW | MasterAdamW:
+    if o.master_weights == "on":
+        return MasterAdamW(model, o, dtype, compiled)
+    return TorchAdamW(model, o, device)
+
+
+class TorchAdamW:
+    """torch.optim.AdamW over the model's parameters, fused on CUDA; `params` in model order."""
+
+    reads_reduced = False  # with several ranks it reads p.grad, pointed at the reduced sums
+
+    def __init__(self, model: torch.nn.Module, o: OptimConfig, device: torch.device):
+        self.model, self.cfg = model, o
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        decay, rest = decay_split(model)
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                      {"params": rest, "weight_decay": 0.0}],
+                                     lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda")
+
+    def step(self, lr: float, reduced: torch.Tensor | None = None) -> torch.Tensor:
+        """Clip and update from p.grad (`reduced` unused: p.grad already view the reduced sums). Returns the
+        global gradient norm (0-d, on the device)."""
+        grads = [p.grad for p in self.params]
+        norm = global_norm(grads)
+        if self.cfg.grad_clip > 0:
+            scale = clip_factor(norm, self.cfg.grad_clip)
+            if self.opt.defaults.get("fused"):
+                # the fused AdamW kernel divides each gradient by `grad_scale` as it reads it (the hook
+                # torch.amp.GradScaler uses): clipping costs no pass of its own over the gradients
+                self.opt.grad_scale = scale
+            else:
+                torch._foreach_div_(grads, scale)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        return norm
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(weights)
+
+    def state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.opt.load_state_dict(sd)
+        for group in self.opt.param_groups:
+            for key in IMPLEMENTATION_KEYS:
+                group[key] = self.opt.defaults[key]
+
+    @torch.no_grad()
+    def broadcast(self, src: int) -> None:
+        """Every rank takes rank `src`'s weights and optimizer state (a fixed order of broadcasts)."""
+        self._init_state()
+        tensors = [p.data for p in self.model.parameters()]
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                st = self.opt.state[p]
+                tensors += [st["step"], st["exp_avg"], st["exp_avg_sq"]]
+        for t in tensors:
+            dist.broadcast(t, src=src)
+
+    def _init_state(self) -> None:
+        """AdamW's per-parameter state (zeros, step 0) where it does not exist yet, so every rank has the same
+        tensors to broadcast into. Math unchanged: a zero state at step 0 is what AdamW creates lazily."""
+        for group in self.opt.param_groups:
+            fused = bool(group.get("fused"))
+            for p in group["params"]:
+                st = self.opt.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def adamw_update(master: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+                 out: torch.Tensor | None, clip: torch.Tensor, decay: torch.Tensor, step_size: torch.Tensor,
+                 bc2_sqrt: torch.Tensor, beta1: float, beta2: float, eps: float) -> None:
+    """One AdamW update of flat fp32 `master` (in place) from `grad` (any float dtype), writing the result
+    rounded to out's dtype into `out` when given. The arithmetic is torch AdamW's (single-tensor path), op by op:
+    decay = 1 - lr*wd, step_size = lr / (1 - beta1^t), bc2_sqrt = sqrt(1 - beta2^t), all 0-d tensors so a
+    compiled version takes new values every step without recompiling. Elementwise only: compiled, one kernel
+    that reads 14 bytes per parameter with bf16 grads and writes 14 with a bf16 `out` (fp32 master, m, v)."""
+    g = grad.float() / clip
+    master.mul_(decay)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (v.sqrt() / bc2_sqrt).add_(eps)
+    master.sub_(step_size * m / denom)
+    if out is not None:
+        out.copy_(master)
+
+
+class MasterAdamW:
+    """AdamW over one flat fp32 master copy; the model's parameters become views of one flat buffer in the
+    compute dtype (or of the master itself when that is fp32). `params` is the flat order: decayed matrices
+    first, then the rest, each in model order, so the two weight-decay groups are two contiguous segments."""
+
+    reads_reduced = True  # with several ranks it reads the flat all-reduce buffer (laid out in `params` order)
+
+    def __init__(self, model: torch.nn.Module, o: OptimConfig, dtype: torch.dtype, compiled: bool):
+        self.model, self.cfg = model, o
+        decay, rest = decay_split(model)
+        self.params = decay + rest
+        self.n = sum(p.numel() for p in self.params)
+        self.n_decay = sum(p.numel() for p in decay)
+        device = self.params[0].device
+        with torch.no_grad():
+            self.master = torch.cat([p.detach().reshape(-1).float() for p in self.params])  # (n,) fp32
+        self.m = torch.zeros_like(self.master)
+        self.v = torch.zeros_like(self.master)
+        self.t = 0  # steps taken (a host int: bias corrections need no device read)
+        # what the model computes with: the master itself (fp32) or a flat low-precision copy of it
+        self.flat = self.master if dtype == torch.float32 else self.master.to(dtype)
+        for p, view in zip(self.params, self.views(self.flat)):
+            p.data = view
+        self.grad_buf: torch.Tensor | None = None  # world 1: the gathered gradients, in the compute dtype
+        self.update = torch.compile(adamw_update, dynamic=False) if compiled else adamw_update
+        # the step's scalars live on the device and are refilled by value (a fill kernel, no host sync)
+        self.scalars = torch.zeros(4, device=device)  # clip (when off), decay, step_size, bc2_sqrt
+        self.one = torch.ones((), device=device)
+        self.names = self._names()
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        out, offset = [], 0
+        for p in self.params:
+            out.append(flat[offset:offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        return out
+
+    def _names(self) -> dict[str, int]:
+        """State-dict key -> index into params (tied weights: both names point at the one parameter)."""
+        index = {id(p): i for i, p in enumerate(self.params)}
+        return {name: index[id(t)] for name, t in self.model.state_dict(keep_vars=True).items() if id(t) in index}
+
+    def gather(self) -> torch.Tensor:
+        """World 1: the fresh gradients into one flat buffer in their own dtype (one kernel); p.grad are
+        released. A parameter without a gradient contributes zeros."""
+        if self.grad_buf is None:
+            self.grad_buf = torch.empty(self.n, dtype=self.flat.dtype, device=self.master.device)
+        grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=self.flat.dtype,
+                                                                          device=self.master.device)
+                 for p in self.params]
+        torch.cat(grads, out=self.grad_buf)
+        for p in self.params:
+            p.grad = None
+        return self.grad_buf
+
+    @torch.no_grad()
+    def step(self, lr: float, reduced: torch.Tensor | None = None) -> torch.Tensor:
+        """Clip and update. `reduced`: the flat all-reduced gradients in `params` order (world > 1); None:
+        gather p.grad. Returns the global gradient norm (0-d, on the device)."""
+        grad = reduced if reduced is not None else self.gather()
+        norm = global_norm(self.views(grad))
+        o = self.cfg
+        self.t += 1
+        step_size = lr / (1 - o.beta1 ** self.t)
+        bc2_sqrt = math.sqrt(1 - o.beta2 ** self.t)
+        clip = clip_factor(norm, o.grad_clip) if o.grad_clip > 0 else self.one
+        out = None if self.flat is self.master else self.flat
+        for lo, hi, wd in ((0, self.n_decay, o.weight_decay), (self.n_decay, self.n, 0.0)):
+            if hi == lo:
+                continue
+            s = self.scalars
+            s[1].fill_(1 - lr * wd), s[2].fill_(step_size), s[3].fill_(bc2_sqrt)
+            self.update(self.master[lo:hi], grad[lo:hi], self.m[lo:hi], self.v[lo:hi],
+                        None if out is None else out[lo:hi], clip, s[1], s[2], s[3], o.beta1, o.beta2, o.eps)
+        return norm
+
+    # ---- checkpoints and state transfer: the same forms as TorchAdamW's ----
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Named fp32 weights (the master), as the model's state dict would name them."""
+        views = self.views(self.master)
+        return {name: views[i] for name, i in self.names.items()}
+
+    @torch.no_grad()
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        missing = sorted(set(self.names) - set(weights))
+        unexpected = sorted(set(weights) - set(self.names))
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint weights do not fit the model: missing {missing}, unexpected {unexpected}")
+        views = self.views(self.master)
+        for name, i in self.names.items():
+            views[i].copy_(weights[name])
+        self._refresh()
+
+    def _refresh(self) -> None:
+        if self.flat is not self.master:
+            self.flat.copy_(self.master)
+
+    def _groups(self) -> list[dict]:
+        o, k = self.cfg, len(decay_split(self.model)[0])
+        common = {"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps, "amsgrad": False, "maximize": False,
+                  "foreach": None, "capturable": False, "differentiable": False, "fused": None,
+                  "decoupled_weight_decay": True}
+        return [{**common, "weight_decay": o.weight_decay, "params": list(range(k))},
+                {**common, "weight_decay": 0.0, "params": list(range(k, len(self.params)))}]
+
+    def state_dict(self) -> dict:
+        """torch AdamW's form (param index = position in `params`); the moments are views of the flat state."""
+        if self.t == 0:
+            return {"state": {}, "param_groups": self._groups()}
+        m, v = self.views(self.m), self.views(self.v)
+        state = {i: {"step": torch.tensor(float(self.t)), "exp_avg": m[i], "exp_avg_sq": v[i]}
+                 for i in range(len(self.params))}
+        return {"state": state, "param_groups": self._groups()}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict) -> None:
+        sizes = [len(g["params"]) for g in sd["param_groups"]]
+        if sizes != [len(g["params"]) for g in self._groups()]:
+            raise ValueError(f"optimizer state has param groups of {sizes} parameters; this model needs "
+                             f"{[len(g['params']) for g in self._groups()]}")
+        state = sd["state"]
+        if not state:
+            self.t = 0
+            self.m.zero_(), self.v.zero_()
+            return
+        order = [i for g in sd["param_groups"] for i in g["params"]]  # saved index of our param j
+        for j, (m, v) in enumerate(zip(self.views(self.m), self.views(self.v))):
+            st = state[order[j]]
+            m.copy_(st["exp_avg"]), v.copy_(st["exp_avg_sq"])
+        self.t = int(float(state[order[0]]["step"]))
+
+    @torch.no_grad()
+    def broadcast(self, src: int) -> None:
+        """Every rank takes rank `src`'s master, moments and step count (a fixed order of broadcasts)."""
+        step = torch.tensor(float(self.t), device=self.master.device)
+        for t in (self.master, self.m, self.v, step):
+            dist.broadcast(t, src=src)
+        self.t = int(step.item())
+        self._refresh()

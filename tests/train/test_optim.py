@@ -1,0 +1,126 @@
+"""The two AdamW implementations (train/optim.py): the flat master-weight one is torch's AdamW op for op, their
+state dicts move between them, and with bf16 weights the model computes with views the update rewrites."""
+
+import copy
+
+import pytest
+import torch
+
+from megacluster import config
+from megacluster.model import GPT
+from megacluster.train import optim
+
+SHAPE = ["model.d_model=64", "model.n_layer=2", "model.n_head=4", "model.vocab_size=256", "model.seq_len=16",
+         "optim.grad_clip=0.05", "optim.weight_decay=0.5"]  # a small clip: every step clips
+CPU = torch.device("cpu")
+
+
+def pair(dtype=torch.float32):
+    """Two identical models, one under torch AdamW and one under MasterAdamW."""
+    cfg = config.build("tiny", None, SHAPE)
+    master_cfg = config.build("tiny", None, SHAPE + ["optim.master_weights=on"])
+    torch.manual_seed(0)
+    a = GPT(cfg.model)
+    b = copy.deepcopy(a)
+    return (a, optim.build(a, cfg.optim, CPU, torch.float32, False),
+            b, optim.build(b, master_cfg.optim, CPU, dtype, False))
+
+
+def steps(models_opts, first, last, seed=1):
+    """Same batches for every (model, optimizer); returns the grad norms per step."""
+    gen = torch.Generator().manual_seed(seed)
+    norms = []
+    for step in range(first, last + 1):
+        x = torch.randint(0, 256, (4, 17), generator=gen)
+        row = []
+        for model, opt in models_opts:
+            model(x[:, :-1], x[:, 1:]).backward()
+            row.append(float(opt.step(1e-2 * step)))
+            for p in model.parameters():
+                p.grad = None
+        norms.append(row)
+    return norms
+
+
+def test_master_adamw_is_torch_adamw_op_for_op():
+    a, ta, b, tb = pair()
+    assert isinstance(ta, optim.TorchAdamW) and isinstance(tb, optim.MasterAdamW)
+    norms = steps([(a, ta), (b, tb)], 1, 5)
+    assert all(x == y for x, y in norms) and all(x > 0.05 for x, _ in norms)  # equal, and the clip acted
+    wa, wb = ta.weights(), tb.weights()
+    assert sorted(wa) == sorted(wb) and "head.weight" in wb  # tied weights keep both names
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # bit-identical
+    sa, sb = ta.state_dict(), tb.state_dict()
+    assert [g["params"] for g in sa["param_groups"]] == [g["params"] for g in sb["param_groups"]]
+    assert [g["weight_decay"] for g in sb["param_groups"]] == [0.5, 0.0]
+    for i in sa["state"]:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(sa["state"][i][key], sb["state"][i][key]), (i, key)
+
+
+@pytest.mark.parametrize("direction", ["torch->master", "master->torch"])
+def test_state_dicts_move_between_the_implementations(direction):
+    a, ta, b, tb = pair()
+    steps([(a, ta), (b, tb)], 1, 3)  # the same state in both forms
+    src, dst = (ta, tb) if direction == "torch->master" else (tb, ta)
+    c, tc, d, td = pair()  # fresh: their state must come entirely from the load
+    fresh = tc if isinstance(dst, optim.TorchAdamW) else td
+    fresh_model = c if fresh is tc else d
+    fresh.load_weights({k: v.clone() for k, v in src.weights().items()})
+    fresh.load_state_dict(copy.deepcopy(src.state_dict()))
+    steps([(a, ta), (fresh_model, fresh)], 4, 6, seed=2)
+    wa, wf = ta.weights(), fresh.weights()
+    assert all(torch.equal(wa[k], wf[k]) for k in wa)
+
+
+def test_bf16_weights_are_views_of_one_buffer_the_update_rewrites():
+    _, _, b, tb = pair(torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in b.parameters())
+    assert all(p.untyped_storage().data_ptr() == tb.flat.untyped_storage().data_ptr() for p in b.parameters())
+    assert b.rope_cos.dtype == torch.float32  # buffers are not weights: untouched
+    before = tb.master.clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        steps([(b, tb)], 1, 2)
+    assert not torch.equal(before, tb.master)
+    assert torch.equal(tb.flat, tb.master.to(torch.bfloat16))  # the model computes with the rounded master
+    w = tb.weights()
+    assert all(t.dtype == torch.float32 for t in w.values())  # checkpoints hold the fp32 master
+    assert torch.equal(w["embed.weight"].to(torch.bfloat16), b.embed.weight)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own
+def test_compiled_update_equals_the_eager_one():
+    """The update the GPU runs is adamw_update through torch.compile; here compiled for CPU (Inductor's C++
+    backend, not Triton), it must give the eager result."""
+    gen = torch.Generator().manual_seed(0)
+    n = 4099  # not a multiple of any vector width
+    master, m, v = (torch.randn(n, generator=gen) for _ in range(3))
+    v = v.abs()
+    grad = torch.randn(n, generator=gen).to(torch.bfloat16)
+    scalars = [torch.tensor(x) for x in (2.0, 0.999, 0.01, 0.3)]
+    outs = []
+    for fn in (optim.adamw_update, torch.compile(optim.adamw_update, dynamic=False)):
+        st = [t.clone() for t in (master, m, v)]
+        out = torch.empty(n, dtype=torch.bfloat16)
+        fn(st[0], grad, st[1], st[2], out, *scalars, 0.9, 0.95, 1e-8)
+        outs.append((*st, out))
+    for eager, compiled in zip(*outs):
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
+    assert torch.equal(outs[1][3], outs[1][0].to(torch.bfloat16))
+
+
+def test_a_loaded_state_keeps_this_runs_kernel_choice():
+    """A checkpoint written without the fused kernel (CPU) resumed where it is used (CUDA): the saved groups'
+    implementation keys must not switch it off (the clip is then handed over as grad_scale, which only the
+    fused kernel takes)."""
+    a, ta, _, _ = pair()
+    steps([(a, ta)], 1, 2)
+    saved = copy.deepcopy(ta.state_dict())
+    assert not any(g["fused"] for g in saved["param_groups"])
+    b, tb, _, _ = pair()
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in tb.opt.param_groups]
+    tb.opt = torch.optim.AdamW(groups, lr=1e-3, fused=True)  # the CUDA configuration, on CPU
+    tb.load_state_dict(saved)
+    assert all(g["fused"] is True for g in tb.opt.param_groups)
+    steps([(b, tb)], 3, 3)  # the clip acts (norm > 0.05) through grad_scale: fails on a non-fused group
+    assert tb.opt.grad_scale is not None
