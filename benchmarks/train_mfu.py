@@ -54,7 +54,8 @@ def kernel_table(w: Worker, step0: int, steps: int, path: Path) -> None:
     kinds: dict[str, float] = {}
     for e in events:
         n = e.key.lower()
-        kind = ("attention" if ("flash" in n or "fmha" in n or "sdpa" in n or "cudnn" in n) else
+        kind = ("optimizer" if ("lerp" in n or "addcmul" in n) else  # optim.adamw_update, compiled
+                "attention" if ("flash" in n or "fmha" in n or "sdpa" in n or "cudnn" in n) else
                 "elementwise (triton)" if n.startswith("triton") else
                 "matmul" if ("gemm" in n or "nvjet" in n or "cutlass" in n) else
                 "optimizer" if ("adam" in n or "multi_tensor" in n) else
@@ -80,6 +81,7 @@ def bench(preset: str, batch: int, steps: int, warmup: int, device: str, shard: 
     if smoke:  # a shape that runs in seconds on a CPU
         sets += ["model.d_model=64", "model.n_layer=2", "model.n_head=2", "model.seq_len=128"]
     cfg = config.build(preset, None, sets + extra)
+    torch._dynamo.reset()  # each shape compiles from scratch: no recompile limit shared across shapes
     with tempfile.TemporaryDirectory() as run_dir:
         w = Worker(cfg, init_place(device), run_dir=run_dir)
         if compile_mode != "default":  # an experiment: the trainer itself compiles with torch's default mode

@@ -115,8 +115,8 @@ class FlatGrads:
     supervisor's): every rank then acts after the same step.
 
     Backward writes fresh gradients: `reset()` sets every p.grad to None, so autograd hands its result over as
-    .grad (and adds later micro-batches in place). With one rank nothing more happens: the optimizer reads
-    p.grad as it is and the buffer holds only the extras. With several, `pack()` copies the gradients into the
+    .grad (and adds later micro-batches in place). With one rank the buffer holds only the extras: torch's
+    AdamW reads p.grad as it is (MasterAdamW gathers them into its own flat buffer, 4 bytes per parameter). With several, `pack()` copies the gradients into the
     buffer (one kernel, upcast to fp32 if they are bf16), the buffer is reduced in one collective and p.grad
     become views of the reduced sums (`grad_views`; else they are released and the optimizer reads the
     buffer: optim.MasterAdamW, whose bf16 weights cannot take an fp32 .grad). Why not pre-assigned views (DDP's gradient_as_bucket_view): that costs a zeroing pass and a

@@ -6,14 +6,17 @@
 - `MasterAdamW` (`"on"`): the model's weights are kept in the compute dtype (`run.dtype`), as views of one
   flat buffer; the optimizer keeps one flat fp32 master copy with the moments and updates it in one
   elementwise pass that also rewrites the low-precision weights (Megatron's fp32 "main params" beside bf16
-  model params; FSDP2's `param_dtype`). No cast in the forward or backward; gradients stay in the compute
-  dtype (the matmul produces them rounded to it anyway, so nothing is lost for one micro-batch; with several
-  micro-batches they are summed in that dtype) and are gathered into one flat buffer (world 1) or the fp32
-  all-reduce buffer (world > 1). With fp32 compute the model's weights *are* the master (no copy).
+  model params; FSDP2's `param_dtype`). No cast in the forward or backward. Gradients stay in the compute
+  dtype: the matmul weights' were bf16 matmul outputs before too, but the embedding lookup's (not autocast)
+  and, under torch.compile, the norm gains' were fp32 and are now rounded to bf16, and several micro-batches
+  are summed in bf16. They are gathered into one flat buffer (world 1) or the fp32 all-reduce buffer (world
+  > 1). With fp32 compute the model's weights *are* the master (no copy). Each view starts where the previous
+  one ends: 16-byte aligned when sizes are multiples of 8 elements (every preset; an odd d_model would give
+  misaligned norm gains, slower kernels).
 
 Both keep weights, checkpoints and state dicts in the same form: named fp32 weights, and torch AdamW's state
 dict (two param groups, decayed matrices then the rest; per parameter `step`, `exp_avg`, `exp_avg_sq`). So a
-run can be resumed with the other implementation.
+run can be resumed with the other implementation. On resume both keep this run's hyperparameters.
 """
 
 from __future__ import annotations
@@ -24,11 +27,6 @@ import torch
 import torch.distributed as dist
 
 from ..config import OptimConfig
-
-# torch AdamW's param-group keys that choose an implementation, not the math: a loaded state dict must not
-# carry them over from where it was saved (a CPU checkpoint resumed on CUDA keeps the fused kernel)
-IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
-
 
 def decay_split(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
     """Trainable parameters with weight decay (matrices) and without (norm gains), each in model order."""
@@ -95,10 +93,16 @@ class TorchAdamW:
         return self.opt.state_dict()
 
     def load_state_dict(self, sd: dict) -> None:
-        self.opt.load_state_dict(sd)
-        for group in self.opt.param_groups:
-            for key in IMPLEMENTATION_KEYS:
-                group[key] = self.opt.defaults[key]
+        """Load the moments and step counts; the hyperparameters and the kernel choice stay this run's. torch
+        would take the saved param groups whole: a changed --set optim.beta2 would be ignored on resume, and a
+        checkpoint written without the fused kernel (CPU, or MasterAdamW) would switch it off here (the clip's
+        grad_scale then fails) and leave `step` on the host where the fused kernel reads it on the device."""
+        if len(sd["param_groups"]) != len(self.opt.param_groups):
+            raise ValueError(f"optimizer state has {len(sd['param_groups'])} param groups; this run has "
+                             f"{len(self.opt.param_groups)}")
+        ours = [{k: v for k, v in group.items() if k != "params"} for group in self.opt.param_groups]
+        groups = [{**mine, "params": saved["params"]} for mine, saved in zip(ours, sd["param_groups"])]
+        self.opt.load_state_dict({"state": sd["state"], "param_groups": groups})
 
     @torch.no_grad()
     def broadcast(self, src: int) -> None:
@@ -129,7 +133,8 @@ def adamw_update(master: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: t
                  out: torch.Tensor | None, clip: torch.Tensor, decay: torch.Tensor, step_size: torch.Tensor,
                  bc2_sqrt: torch.Tensor, beta1: float, beta2: float, eps: float) -> None:
     """One AdamW update of flat fp32 `master` (in place) from `grad` (any float dtype), writing the result
-    rounded to out's dtype into `out` when given. The arithmetic is torch AdamW's (single-tensor path), op by op:
+    rounded to out's dtype into `out` when given. The arithmetic is torch AdamW's (single-tensor path), op by op
+    (run eagerly in fp32 it gives the same bits; compiled, multiply-adds may contract into FMAs: last bits):
     decay = 1 - lr*wd, step_size = lr / (1 - beta1^t), bc2_sqrt = sqrt(1 - beta2^t), all 0-d tensors so a
     compiled version takes new values every step without recompiling. Elementwise only: compiled, one kernel
     that reads 14 bytes per parameter with bf16 grads and writes 14 with a bf16 `out` (fp32 master, m, v)."""
@@ -167,7 +172,9 @@ class MasterAdamW:
         for p, view in zip(self.params, self.views(self.flat)):
             p.data = view
         self.grad_buf: torch.Tensor | None = None  # world 1: the gathered gradients, in the compute dtype
-        self.update = torch.compile(adamw_update, dynamic=False) if compiled else adamw_update
+        # dynamic sizes: one graph for both segments and any model (the compile cache is per function, shared
+        # by every instance in the process: static sizes would hit the recompile limit after a few models)
+        self.update = torch.compile(adamw_update, dynamic=True) if compiled else adamw_update
         # the step's scalars live on the device and are refilled by value (a fill kernel, no host sync)
         self.scalars = torch.zeros(4, device=device)  # clip (when off), decay, step_size, bc2_sqrt
         self.one = torch.ones((), device=device)
@@ -187,7 +194,8 @@ class MasterAdamW:
 
     def gather(self) -> torch.Tensor:
         """World 1: the fresh gradients into one flat buffer in their own dtype (one kernel); p.grad are
-        released. A parameter without a gradient contributes zeros."""
+        released. A parameter without a gradient contributes zeros (so it is still decayed and its moments
+        decay, unlike torch's AdamW, which skips it; as FlatGrads does with several workers for both)."""
         if self.grad_buf is None:
             self.grad_buf = torch.empty(self.n, dtype=self.flat.dtype, device=self.master.device)
         grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=self.flat.dtype,
@@ -259,6 +267,7 @@ class MasterAdamW:
 
     @torch.no_grad()
     def load_state_dict(self, sd: dict) -> None:
+        """The moments and the step count; the hyperparameters stay this run's config (as TorchAdamW's)."""
         sizes = [len(g["params"]) for g in sd["param_groups"]]
         if sizes != [len(g["params"]) for g in self._groups()]:
             raise ValueError(f"optimizer state has param groups of {sizes} parameters; this model needs "

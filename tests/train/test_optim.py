@@ -99,7 +99,7 @@ def test_compiled_update_equals_the_eager_one():
     grad = torch.randn(n, generator=gen).to(torch.bfloat16)
     scalars = [torch.tensor(x) for x in (2.0, 0.999, 0.01, 0.3)]
     outs = []
-    for fn in (optim.adamw_update, torch.compile(optim.adamw_update, dynamic=False)):
+    for fn in (optim.adamw_update, torch.compile(optim.adamw_update, dynamic=True)):  # as MasterAdamW compiles it
         st = [t.clone() for t in (master, m, v)]
         out = torch.empty(n, dtype=torch.bfloat16)
         fn(st[0], grad, st[1], st[2], out, *scalars, 0.9, 0.95, 1e-8)
@@ -109,18 +109,53 @@ def test_compiled_update_equals_the_eager_one():
     assert torch.equal(outs[1][3], outs[1][0].to(torch.bfloat16))
 
 
-def test_a_loaded_state_keeps_this_runs_kernel_choice():
-    """A checkpoint written without the fused kernel (CPU) resumed where it is used (CUDA): the saved groups'
-    implementation keys must not switch it off (the clip is then handed over as grad_scale, which only the
-    fused kernel takes)."""
+def test_a_loaded_state_keeps_this_runs_kernel_choice_and_hyperparameters(monkeypatch):
+    """A checkpoint written without the fused kernel (CPU) resumed where it is used (CUDA): the saved groups
+    must not switch it off (the clip is handed over as grad_scale, which only the fused kernel takes), and torch
+    must place `step` by *this* run's groups (fused: on the parameter's device, where the kernel reads it). A
+    hyperparameter changed for the resumed run is used, not the saved one."""
     a, ta, _, _ = pair()
     steps([(a, ta)], 1, 2)
     saved = copy.deepcopy(ta.state_dict())
     assert not any(g["fused"] for g in saved["param_groups"])
     b, tb, _, _ = pair()
     groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in tb.opt.param_groups]
-    tb.opt = torch.optim.AdamW(groups, lr=1e-3, fused=True)  # the CUDA configuration, on CPU
+    tb.opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.5, 0.6), fused=True)  # the CUDA kind, new betas
+    placed = []  # the param groups torch decides each state value's device by
+    policy = torch.optim.Optimizer._process_value_according_to_param_policy
+    monkeypatch.setattr(torch.optim.Optimizer, "_process_value_according_to_param_policy",
+                        staticmethod(lambda param, value, param_id, param_groups, key=None:
+                                     placed.append(param_groups) or policy(param, value, param_id, param_groups, key)))
     tb.load_state_dict(saved)
-    assert all(g["fused"] is True for g in tb.opt.param_groups)
+    assert placed and all(g["fused"] is True for groups in placed for g in groups)
+    assert all(g["fused"] is True and g["betas"] == (0.5, 0.6) for g in tb.opt.param_groups)
+    assert [g["weight_decay"] for g in tb.opt.param_groups] == [0.5, 0.0]
+    assert torch.equal(tb.opt.state[tb.params[0]]["exp_avg"], saved["state"][0]["exp_avg"])
     steps([(b, tb)], 3, 3)  # the clip acts (norm > 0.05) through grad_scale: fails on a non-fused group
     assert tb.opt.grad_scale is not None
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own
+def test_one_compiled_update_serves_every_segment_and_model():
+    """Compiled, the update must not specialise on sizes: two segments per model and several models in one
+    process (the benchmark runs four shapes) stay within a couple of graphs, far from dynamo's recompile limit,
+    past which it would silently fall back to the eager update."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    for d in (32, 48, 64):
+        cfg = config.build("tiny", None, [f"model.d_model={d}", "model.n_layer=1", "model.n_head=2",
+                                          "model.vocab_size=128", "model.seq_len=8", "optim.master_weights=on"])
+        torch.manual_seed(0)
+        models = [GPT(cfg.model) for _ in range(2)]
+        models[1].load_state_dict(models[0].state_dict())
+        opts = [optim.build(m, cfg.optim, CPU, torch.float32, compiled) for m, compiled in zip(models, (False, True))]
+        gen = torch.Generator().manual_seed(d)
+        for step in (1, 2):
+            x = torch.randint(0, 128, (2, 9), generator=gen)
+            for m, o in zip(models, opts):
+                m(x[:, :-1], x[:, 1:]).backward()
+                o.step(1e-2)
+        torch.testing.assert_close(opts[1].master, opts[0].master, rtol=1e-5, atol=1e-6)
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
