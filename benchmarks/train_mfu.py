@@ -11,8 +11,8 @@
 
 It drives `megacluster.train.loop.Worker.train_step` (the same code `megacluster train` runs: torch.compile,
 bf16 autocast, fused AdamW, flat-buffer gradients, grad clipping) on a pre-tokenized shard of uniform random
-tokens, excludes `--warmup` steps (compilation, allocator warm-up), and prints one line per shape plus a JSON
-summary as the last stdout line. MFU = flops_per_token (model.py) x tok/s / dense bf16 peak of the local GPU
+tokens, excludes `--warmup` steps (compilation, allocator warm-up), and prints one line per shape (stderr, and as JSON
+`{"row": ...}` on stdout as soon as the shape is done) plus a JSON summary as the last stdout line. MFU = flops_per_token (model.py) x tok/s / dense bf16 peak of the local GPU
 (hardware.py). Record results in benchmarks/RESULTS.md with the command, device and date.
 """
 
@@ -170,6 +170,7 @@ def main() -> int:
             mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
             print(f"{name:10s} batch {batch:3d}  {row['tokens_per_s']:>11,.0f} tok/s  MFU {mfu:>6s}  "
                   f"{row['step_ms']:.1f} ms/step", file=sys.stderr, flush=True)
+            print(json.dumps({"row": row}), flush=True)  # each shape at once: a run cut short keeps its rows
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(json.dumps({"device": gpu, "torch": torch.__version__, "rows": rows}))
     return 0
