@@ -22,6 +22,7 @@ flags_of() {
     master)     echo "--set optim.master_weights=on" ;;
     cdt)        echo "--inductor coordinate_descent_tuning=True" ;;
     master+cdt) echo "--set optim.master_weights=on --inductor coordinate_descent_tuning=True" ;;
+    master+2pass) echo "--set optim.master_weights=on --inductor online_softmax=False" ;;  # the loss: max, then sum
     autotune)   echo "--set optim.master_weights=on --compile-mode max-autotune-no-cudagraphs" ;;
     graphs)     echo "--set optim.master_weights=on --compile-mode reduce-overhead" ;;
     flash)      echo "--set optim.master_weights=on --sdpa flash" ;;
@@ -31,7 +32,7 @@ flags_of() {
 
 for variant in "$@"; do
   if ! flags=$(flags_of "$variant"); then
-    echo "unknown variant '$variant'; known: default master cdt master+cdt autotune graphs flash" >&2
+    echo "unknown variant '$variant'; known: default master cdt master+cdt master+2pass autotune graphs flash" >&2
     exit 2
   fi
   # shellcheck disable=SC2086  # flags are words
