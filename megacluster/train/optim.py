@@ -39,8 +39,9 @@ def global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """The L2 norm over all gradients, in fp32, from per-tensor norms (one multi-tensor kernel): the same kernels
     for any world size and for both optimizers. bf16 gradients are summed in fp32 (torch's default would round
     each tensor's norm to bf16); fp32 ones take the default call, the one measured in benchmarks/RESULTS.md."""
-    dtype = None if grads[0].dtype == torch.float32 else torch.float32
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=dtype)))
+    if grads[0].dtype == torch.float32:
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
 
 
 def clip_factor(norm: torch.Tensor, grad_clip: float) -> torch.Tensor:
