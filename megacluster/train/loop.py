@@ -141,9 +141,14 @@ class FlatGrads:
             p.grad = None
         self.extras().zero_()
 
-    def pack(self) -> None:
-        """Before the all-reduce (world > 1): gradients into the buffer, p.grad onto its views (or released)."""
+    def pack(self, summed: torch.Tensor | None = None) -> None:
+        """Before the all-reduce (world > 1): gradients into the buffer, p.grad onto its views (or released).
+        `summed`: the step's gradients already summed in one flat tensor of the same layout (MasterAdamW's
+        fp32 micro-batch sum), copied instead."""
         if self.world == 1:
+            return
+        if summed is not None:
+            self.buf[: self.n].copy_(summed)
             return
         grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=self.buf.device)
                  for p in self.params]
@@ -258,10 +263,13 @@ class Worker:
         total = torch.zeros((), device=self.place.device)
         scale = 1.0 / self.tokens_per_step
         done = 0
-        for mb in balance_mod.micro_batches(count, self.cfg.run.micro_batch):
+        chunks = balance_mod.micro_batches(count, self.cfg.run.micro_batch)
+        for i, mb in enumerate(chunks):
             rows = self.to_device(self.order.rows(step, start + done, mb))
             total += self.micro_step(rows, scale)
             done += mb
+            if i < len(chunks) - 1:
+                self.opt.accumulate()  # MasterAdamW: sum in fp32 (bf16 p.grad would round every addition)
         return total
 
     def to_device(self, rows) -> torch.Tensor:
@@ -282,6 +290,7 @@ class Worker:
         rank, world = self.place.rank, self.place.world
         start = balance_mod.offsets(shares)[rank]
         self.flat.reset()
+        self.opt.begin_step()
         t0 = time.perf_counter()
         loss_sum = self.compute_share(step, start, shares[rank])
         factor = self.chaos.slow_factor(step)
@@ -303,7 +312,7 @@ class Worker:
         if self.cfg.run.balance == "auto":  # compute time, measured before the all-reduce equalises wall time
             extras[2 + world + rank] = compute_s
             extras[2 + 2 * world + rank] = shares[rank]
-        self.flat.pack()
+        self.flat.pack(self.opt.take_accumulated() if world > 1 else None)
         with self.waiting(step - 1):  # heartbeats carry completed steps
             self.all_reduce()
             if self.membership is not None or world > 1:

@@ -8,8 +8,9 @@
   elementwise pass that also rewrites the low-precision weights (Megatron's fp32 "main params" beside bf16
   model params; FSDP2's `param_dtype`). No cast in the forward or backward. Gradients stay in the compute
   dtype: the matmul weights' were bf16 matmul outputs before too, but the embedding lookup's (not autocast)
-  and, under torch.compile, the norm gains' were fp32 and are now rounded to bf16, and several micro-batches
-  are summed in bf16. They are gathered into one flat buffer (world 1) or the fp32 all-reduce buffer (world
+  and, under torch.compile, the norm gains' were fp32 and are now rounded to bf16. Several micro-batches are
+  summed in fp32, as torch's AdamW path does (`accumulate`: each one's gradients are added into an fp32 flat
+  buffer and released, 10 bytes per parameter per extra micro-batch). They are gathered into one flat buffer (world 1) or the fp32 all-reduce buffer (world
   > 1). With fp32 compute the model's weights *are* the master (no copy). Each view starts where the previous
   one ends: 16-byte aligned when sizes are multiples of 8 elements (every preset; an odd d_model would give
   misaligned norm gains, slower kernels).
@@ -60,6 +61,15 @@ class TorchAdamW:
     """torch.optim.AdamW over the model's parameters, fused on CUDA; `params` in model order."""
 
     reads_reduced = False  # with several ranks it reads p.grad, pointed at the reduced sums
+
+    def begin_step(self) -> None:
+        pass
+
+    def accumulate(self) -> None:
+        pass  # autograd adds later micro-batches into the fp32 p.grad itself
+
+    def take_accumulated(self) -> None:
+        return None
 
     def __init__(self, model: torch.nn.Module, o: OptimConfig, device: torch.device):
         self.model, self.cfg = model, o
@@ -176,6 +186,8 @@ class MasterAdamW:
         for p, view in zip(self.params, self.views(self.flat)):
             p.data = view
         self.grad_buf: torch.Tensor | None = None  # world 1: the gathered gradients, in the compute dtype
+        self.acc: torch.Tensor | None = None  # fp32 sum of this step's earlier micro-batches (with several)
+        self.acc_count = 0  # micro-batches summed into acc this step
         # dynamic sizes: one graph for both segments and any model (the compile cache is per function, shared
         # by every instance in the process: static sizes would hit the recompile limit after a few models)
         self.update = torch.compile(adamw_update, dynamic=True) if compiled else adamw_update
@@ -196,24 +208,53 @@ class MasterAdamW:
         index = {id(p): i for i, p in enumerate(self.params)}
         return {name: index[id(t)] for name, t in self.model.state_dict(keep_vars=True).items() if id(t) in index}
 
+    def begin_step(self) -> None:
+        self.acc_count = 0
+
+    def _grads(self) -> list[torch.Tensor]:
+        """p.grad in `params` order, zeros for a parameter without one (then all released)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        for p in self.params:
+            p.grad = None
+        return grads
+
+    @torch.no_grad()
+    def accumulate(self) -> None:
+        """After a micro-batch that more follow in this step: its gradients into the fp32 sum, p.grad released
+        (summed in bf16 p.grad instead, each addition would round to 8 bits of mantissa)."""
+        if self.acc is None:
+            self.acc = torch.empty_like(self.master)
+        views = self.views(self.acc)
+        if self.acc_count == 0:
+            torch._foreach_copy_(views, self._grads())
+        else:
+            torch._foreach_add_(views, self._grads())
+        self.acc_count += 1
+
+    def take_accumulated(self) -> torch.Tensor | None:
+        """The step's fp32 gradient sum including the last micro-batch's p.grad, if earlier ones were
+        accumulated; else None (the gradients are all in p.grad)."""
+        if self.acc_count == 0:
+            return None
+        self.accumulate()
+        self.acc_count = 0
+        return self.acc
+
     def gather(self) -> torch.Tensor:
         """World 1: the fresh gradients into one flat buffer in their own dtype (one kernel); p.grad are
         released. A parameter without a gradient contributes zeros (so it is still decayed and its moments
         decay, unlike torch's AdamW, which skips it; as FlatGrads does with several workers for both)."""
         if self.grad_buf is None:
             self.grad_buf = torch.empty(self.n, dtype=self.flat.dtype, device=self.master.device)
-        grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=self.flat.dtype,
-                                                                          device=self.master.device)
-                 for p in self.params]
-        torch.cat(grads, out=self.grad_buf)
-        for p in self.params:
-            p.grad = None
+        torch.cat([g.reshape(-1) for g in self._grads()], out=self.grad_buf)
         return self.grad_buf
 
     @torch.no_grad()
     def step(self, lr: float, reduced: torch.Tensor | None = None) -> torch.Tensor:
         """Clip and update. `reduced`: the flat all-reduced gradients in `params` order (world > 1); None:
-        gather p.grad. Returns the global gradient norm (0-d, on the device)."""
+        the accumulated sum, or gather p.grad. Returns the global gradient norm (0-d, on the device)."""
+        if reduced is None:
+            reduced = self.take_accumulated()
         grad = reduced if reduced is not None else self.gather()
         norm = global_norm(self.views(grad))
         o = self.cfg

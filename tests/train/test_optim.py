@@ -159,3 +159,20 @@ def test_one_compiled_update_serves_every_segment_and_model():
                 o.step(1e-2)
         torch.testing.assert_close(opts[1].master, opts[0].master, rtol=1e-5, atol=1e-6)
     assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
+def test_micro_batches_are_summed_in_fp32():
+    """Three micro-batches of bf16 gradients, 1 + 2^-9 + 2^-9 per element: summed in bf16 p.grad the small ones
+    would vanish (1 + 2^-9 rounds to 1); the update must see the fp32 sum, exactly as if it were handed over."""
+    _, _, b, tb = pair(torch.bfloat16)
+    _, _, c, tc = pair(torch.bfloat16)
+    tb.begin_step()
+    for i, value in enumerate((1.0, 2.0 ** -9, 2.0 ** -9)):
+        for p in tb.params:
+            p.grad = torch.full_like(p, value)  # bf16, like a micro-batch's backward
+        if i < 2:
+            tb.accumulate()  # as the trainer does after every micro-batch but the last
+    summed = torch.full((tc.n,), 1.0 + 2 * 2.0 ** -9)  # the exact sum, fp32
+    assert float(tb.step(1e-2)) == pytest.approx(float(tc.step(1e-2, summed)), rel=1e-6)
+    assert torch.equal(tb.master, tc.master)
+    assert tb.acc_count == 0 and all(p.grad is None for p in tb.params)
