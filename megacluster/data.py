@@ -168,6 +168,12 @@ class Shards:
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         return self[:] if dtype is None else self[:].astype(dtype)
 
+    def split(self, cut: int) -> tuple[Shards, Shards]:
+        """Tokens [0, cut) and [cut, len) as two Shards of views of each part: nothing is copied."""
+        pairs = list(zip(self.parts, self.starts))  # (part, its offset)
+        return (Shards([a[:max(cut - lo, 0)] for a, lo in pairs]),
+                Shards([a[max(cut - lo, 0):] for a, lo in pairs]))
+
 
 @dataclass(kw_only=True, slots=True)
 class Corpus:
@@ -242,9 +248,7 @@ def _pretokenized(files: list[Path], cfg: DataConfig, vocab_size: int) -> Corpus
     if len(arrays) == 1:
         train, val = arrays[0][:cut], arrays[0][cut:]
     else:  # split shard by shard at the cut: views of the memmaps, nothing copied
-        starts = np.cumsum([0] + [len(a) for a in arrays[:-1]])
-        train = Shards([a[:max(cut - lo, 0)] for a, lo in zip(arrays, starts)])
-        val = Shards([a[max(cut - lo, 0):] for a, lo in zip(arrays, starts)])
+        train, val = Shards(arrays).split(cut)
     return Corpus(train=train, val=val, vocab_size=vocab_size, directory=files[0].parent, tokenizer_path=None)
 
 
