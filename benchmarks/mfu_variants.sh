@@ -5,8 +5,10 @@
 #
 #   SHAPES="gpt2-124m gpt2-1.5b" bash benchmarks/mfu_variants.sh default master master+cdt
 #
-# Variants (names below); SHAPES defaults to all four; LIMIT is seconds per variant (default 280); ARGS are
-# passed on (e.g. ARGS="--device cpu --smoke --steps 2 --warmup 1" checks this script on a CPU).
+# Variants (names below); SHAPES defaults to all four; LIMIT is seconds per variant (default 280: set it so
+# that the variants of one call fit the device tool's 10 minutes); ARGS are passed on (e.g.
+# ARGS="--device cpu --smoke --steps 2 --warmup 1" checks this script on a CPU). Exit status: 0 when every
+# variant finished, else 1 (a timed-out variant's finished shapes are still in mfu.jsonl); 2 for a bad variant.
 # Logs: $OUT/mfu-<variant>.log. Record the figures in benchmarks/RESULTS.md with command, device and date.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,15 +32,20 @@ flags_of() {
   esac
 }
 
-for variant in "$@"; do
-  if ! flags=$(flags_of "$variant"); then
+for variant in "$@"; do  # all names checked before any runs
+  if ! flags_of "$variant" > /dev/null; then
     echo "unknown variant '$variant'; known: default master cdt master+cdt master+2pass autotune graphs flash" >&2
     exit 2
   fi
+done
+failed=0
+for variant in "$@"; do
+  flags=$(flags_of "$variant")
   # shellcheck disable=SC2086  # flags are words
-  timeout "${LIMIT:-280}" python benchmarks/train_mfu.py --shapes "${shapes[@]}" $flags ${ARGS:-} \
+  timeout -k 10 "${LIMIT:-280}" python benchmarks/train_mfu.py --shapes "${shapes[@]}" $flags ${ARGS:-} \
     > "$OUT/mfu-$variant.json" 2> "$OUT/mfu-$variant.log"
   rc=$?
+  [ "$rc" -eq 0 ] || failed=1
   # one line per finished shape, tagged with the variant (rows printed before a timeout are kept)
   python - "$OUT/mfu-$variant.json" "$variant" >> "$OUT/mfu.jsonl" <<'PY'
 import json, sys
@@ -46,5 +53,7 @@ for line in open(sys.argv[1]):
     if line.startswith('{"row"'):
         print(json.dumps({**json.loads(line)["row"], "variant": sys.argv[2]}))
 PY
-  echo "== $variant (exit $rc)"; grep -E "tok/s|Error|error" "$OUT/mfu-$variant.log" | tail -8
+  echo "== $variant (exit $rc$([ "$rc" -eq 124 ] && echo ': time limit'))"
+  grep -E "tok/s|Error|error" "$OUT/mfu-$variant.log" | tail -8 || true
 done
+exit "$failed"

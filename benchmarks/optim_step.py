@@ -7,8 +7,8 @@
 
 The model is built for real (its parameters, the decay split, tied weights); gradients are random, in the
 dtype the trainer would hand over (fp32 for torch's AdamW over fp32 weights, bf16 for MasterAdamW with bf16
-weights, gathered from p.grad as with one worker). Reports ms per step and the bytes per parameter each
-implementation must move (torch: norm 4 + fused AdamW 28; master: gather 4 + norm 2 + update 28), as GB/s.
+weights, gathered from p.grad as with one worker). Reports ms per step and, as GB/s, the bytes per parameter
+each implementation must move at the least (`bytes_per_param`: on CUDA torch 4 + 28 = 32, master 4 + 2 + 28 = 34).
 Warm-up steps (compilation) are excluded. One JSON line per implementation on stdout.
 """
 
@@ -25,7 +25,16 @@ from megacluster import config
 from megacluster.model import GPT
 from megacluster.train import optim
 
-BYTES_PER_PARAM = {"off": 4 + 28, "on": 4 + 2 + 28}  # see the module docstring
+
+
+def bytes_per_param(opt, grad_bytes: int) -> int:
+    """The least bytes per parameter one step must move: 4 fp32 weight (or master) + grad + 8 moments read,
+    4 + 8 written, plus the norm's read of the grads; torch's non-fused path divides the grads for the clip
+    (read + write), MasterAdamW gathers them (read + write) and writes the bf16 weights when they are a copy."""
+    update = 4 + grad_bytes + 8 + 12
+    if isinstance(opt, optim.TorchAdamW):
+        return grad_bytes + update + (0 if opt.opt.defaults.get("fused") else 2 * grad_bytes)
+    return 2 * grad_bytes + grad_bytes + update + (0 if opt.flat is opt.master else opt.flat.element_size())
 
 
 def bench(preset: str, master: str, device: torch.device, steps: int, warmup: int, compiled: bool) -> dict:
@@ -51,9 +60,10 @@ def bench(preset: str, master: str, device: torch.device, steps: int, warmup: in
         step(i)
     sync()
     dt = (time.perf_counter() - t0) / steps
+    moved = bytes_per_param(opt, grads[0].element_size())
     return {"preset": preset, "master_weights": master, "params": n, "grad_dtype": str(grads[0].dtype),
-            "ms_per_step": 1e3 * dt, "bytes_per_param": BYTES_PER_PARAM[master],
-            "gb_per_s": BYTES_PER_PARAM[master] * n / dt / 1e9, "device": str(device), "compiled": compiled}
+            "ms_per_step": 1e3 * dt, "bytes_per_param": moved, "gb_per_s": moved * n / dt / 1e9,
+            "device": str(device), "compiled": compiled}
 
 
 def main() -> int:

@@ -42,5 +42,7 @@ def test_mfu_variants_keeps_each_finished_shape(tmp_path):
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in (tmp_path / "mfu.jsonl").read_text().splitlines()]
     assert [(x["variant"], x["shape"]) for x in rows] == [("default", "gpt2-124m"), ("master", "gpt2-124m")]
-    bad = run("bash", "benchmarks/mfu_variants.sh", "nope", env=env)
-    assert bad.returncode == 2 and "unknown variant 'nope'" in bad.stderr
+    bad = run("bash", "benchmarks/mfu_variants.sh", "default", "nope", env=env)  # names checked before any run
+    assert bad.returncode == 2 and "unknown variant 'nope'" in bad.stderr and "==" not in bad.stdout
+    failing = run("bash", "benchmarks/mfu_variants.sh", "default", env={**env, "ARGS": env["ARGS"] + " --inductor x=1"})
+    assert failing.returncode == 1 and "== default (exit 2)" in failing.stdout  # a failed variant fails the script

@@ -147,8 +147,9 @@ class FlatGrads:
         fp32 micro-batch sum), copied instead."""
         if self.world == 1:
             return
-        if summed is not None:
-            self.buf[: self.n].copy_(summed)
+        if summed is not None:  # (usually summed in the buffer itself: then nothing to copy)
+            if summed.data_ptr() != self.buf.data_ptr():
+                self.buf[: self.n].copy_(summed)
             return
         grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=self.buf.device)
                  for p in self.params]
@@ -290,7 +291,7 @@ class Worker:
         rank, world = self.place.rank, self.place.world
         start = balance_mod.offsets(shares)[rank]
         self.flat.reset()
-        self.opt.begin_step()
+        self.opt.begin_step(self.flat.buf[: self.flat.n] if world > 1 and self.opt.reads_reduced else None)
         t0 = time.perf_counter()
         loss_sum = self.compute_share(step, start, shares[rank])
         factor = self.chaos.slow_factor(step)

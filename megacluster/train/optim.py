@@ -37,8 +37,8 @@ def decay_split(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[
 
 
 def global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm over all gradients, in fp32, from per-tensor norms (one multi-tensor kernel): the same kernels
-    for any world size and for both optimizers. bf16 gradients are summed in fp32 (torch's default would round
+    """The L2 norm over all gradients, in fp32, from per-tensor norms (one multi-tensor kernel): for gradients of
+    one dtype the same kernels for any world size and for both optimizers. bf16 gradients are summed in fp32 (torch's default would round
     each tensor's norm to bf16); fp32 ones take the default call, the one measured in benchmarks/RESULTS.md."""
     if grads[0].dtype == torch.float32:
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
@@ -62,7 +62,7 @@ class TorchAdamW:
 
     reads_reduced = False  # with several ranks it reads p.grad, pointed at the reduced sums
 
-    def begin_step(self) -> None:
+    def begin_step(self, acc_into: torch.Tensor | None = None) -> None:
         pass
 
     def accumulate(self) -> None:
@@ -186,7 +186,8 @@ class MasterAdamW:
         for p, view in zip(self.params, self.views(self.flat)):
             p.data = view
         self.grad_buf: torch.Tensor | None = None  # world 1: the gathered gradients, in the compute dtype
-        self.acc: torch.Tensor | None = None  # fp32 sum of this step's earlier micro-batches (with several)
+        self.acc: torch.Tensor | None = None  # fp32 sum of this step's micro-batches so far (with several)
+        self.own_acc: torch.Tensor | None = None  # acc's buffer when the step names none (world 1)
         self.acc_count = 0  # micro-batches summed into acc this step
         # dynamic sizes: one graph for both segments and any model (the compile cache is per function, shared
         # by every instance in the process: static sizes would hit the recompile limit after a few models)
@@ -208,8 +209,11 @@ class MasterAdamW:
         index = {id(p): i for i, p in enumerate(self.params)}
         return {name: index[id(t)] for name, t in self.model.state_dict(keep_vars=True).items() if id(t) in index}
 
-    def begin_step(self) -> None:
+    def begin_step(self, acc_into: torch.Tensor | None = None) -> None:
+        """A new step: no micro-batch summed yet. `acc_into`: an fp32 flat tensor in `params` layout to sum
+        micro-batches in (with several workers the all-reduce buffer itself: no buffer of our own, no copy)."""
         self.acc_count = 0
+        self.acc = acc_into
 
     def _grads(self) -> list[torch.Tensor]:
         """p.grad in `params` order, zeros for a parameter without one (then all released)."""
@@ -221,9 +225,14 @@ class MasterAdamW:
     @torch.no_grad()
     def accumulate(self) -> None:
         """After a micro-batch that more follow in this step: its gradients into the fp32 sum, p.grad released
-        (summed in bf16 p.grad instead, each addition would round to 8 bits of mantissa)."""
+        (summed in bf16 p.grad instead, each addition would round to 8 bits of mantissa). With fp32 weights
+        autograd already sums in fp32 p.grad, as for torch's AdamW: nothing to do."""
+        if self.flat is self.master:
+            return
         if self.acc is None:
-            self.acc = torch.empty_like(self.master)
+            if self.own_acc is None:
+                self.own_acc = torch.empty_like(self.master)
+            self.acc = self.own_acc
         views = self.views(self.acc)
         if self.acc_count == 0:
             torch._foreach_copy_(views, self._grads())
@@ -233,7 +242,7 @@ class MasterAdamW:
 
     def take_accumulated(self) -> torch.Tensor | None:
         """The step's fp32 gradient sum including the last micro-batch's p.grad, if earlier ones were
-        accumulated; else None (the gradients are all in p.grad)."""
+        accumulated; else None (the gradients are all in p.grad). It is the `acc_into` of begin_step if given."""
         if self.acc_count == 0:
             return None
         self.accumulate()

@@ -188,3 +188,36 @@ def test_master_weights_state_transfer_to_a_replacement_worker(tmp_path):
     chaos = train(small_cfg(tmp_path, "chaos", *on, "run.chaos=kill:rank=1,step=3"))
     assert chaos["recoveries_from_peer"] == 1 and chaos["steps"] == 6
     assert chaos["loss_digest"] == clean["loss_digest"]
+
+
+def test_master_weights_trainer_sums_micro_batches_in_fp32(tmp_path):
+    """Through the Worker (bf16 compute, 3 micro-batches of 1): the sum the update takes is the fp32 sum of the
+    micro-batches' own bf16 gradients, bit for bit (a sum in bf16 p.grad would round twice)."""
+    import torch
+
+    cfg = small_cfg(tmp_path, "acc", "optim.master_weights=on", "run.dtype=bf16", "run.batch_size=3",
+                    "run.micro_batch=1")
+    w = Worker(cfg, init_place("cpu"))
+    opt, scale = w.opt, 1.0 / w.tokens_per_step
+    reference = torch.zeros(opt.n)
+    for i in range(3):  # each micro-batch alone, its gradients summed in fp32 here
+        w.micro_step(w.to_device(w.order.rows(1, i, 1)), scale)
+        reference += torch.cat([p.grad.float().reshape(-1) for p in opt.params])
+        for p in opt.params:
+            p.grad = None
+    taken = []
+    take = opt.take_accumulated
+    opt.take_accumulated = lambda: taken.append(take()) or taken[-1]
+    w.train_step(1)
+    assert taken[0] is not None and taken[0].dtype == torch.float32
+    assert torch.equal(taken[0], reference)
+
+
+def test_master_weights_flap_with_micro_batches_matches_a_clean_run(tmp_path):
+    """A flap right after the micro-batches were summed (before the all-reduce): the redone step starts a new
+    sum, and the run is the clean one, bit for bit."""
+    on = ["optim.master_weights=on", "run.dtype=bf16", "run.max_steps=6", "run.eval_every=0", "run.workers=2",
+          "run.hang_timeout=8"]  # bf16: the micro-batches are summed in the optimizer (fp32 ones in p.grad)
+    clean = train(small_cfg(tmp_path, "clean", *on))
+    flap = train(small_cfg(tmp_path, "flap", *on, "run.chaos=flap:step=3"))
+    assert flap["flaps_survived"] == 1 and flap["loss_digest"] == clean["loss_digest"]

@@ -162,17 +162,30 @@ def test_one_compiled_update_serves_every_segment_and_model():
 
 
 def test_micro_batches_are_summed_in_fp32():
-    """Three micro-batches of bf16 gradients, 1 + 2^-9 + 2^-9 per element: summed in bf16 p.grad the small ones
-    would vanish (1 + 2^-9 rounds to 1); the update must see the fp32 sum, exactly as if it were handed over."""
+    """Three micro-batches of bf16 gradients, 1 + 2^-9 + 2^-9 times a random pattern: summed in bf16 p.grad the
+    small ones would vanish (1 + 2^-9 rounds to 1); the sum must be the fp32 one, and the update must equal the
+    one given that sum directly."""
     _, _, b, tb = pair(torch.bfloat16)
     _, _, c, tc = pair(torch.bfloat16)
-    tb.begin_step()
-    for i, value in enumerate((1.0, 2.0 ** -9, 2.0 ** -9)):
-        for p in tb.params:
-            p.grad = torch.full_like(p, value)  # bf16, like a micro-batch's backward
-        if i < 2:
-            tb.accumulate()  # as the trainer does after every micro-batch but the last
-    summed = torch.full((tc.n,), 1.0 + 2 * 2.0 ** -9)  # the exact sum, fp32
-    assert float(tb.step(1e-2)) == pytest.approx(float(tc.step(1e-2, summed)), rel=1e-6)
-    assert torch.equal(tb.master, tc.master)
+    tb.cfg.grad_clip = tc.cfg.grad_clip = 0.0  # no clip: the update's size follows the sum's
+    gen = torch.Generator().manual_seed(0)
+    pattern = [torch.randn(p.shape, generator=gen).to(torch.bfloat16) for p in tb.params]
+
+    def micro_batches():
+        tb.begin_step()
+        for i, scale in enumerate((1.0, 2.0 ** -9, 2.0 ** -9)):
+            for p, g in zip(tb.params, pattern):
+                p.grad = g * scale  # bf16, like a micro-batch's backward
+            if i < 2:
+                tb.accumulate()  # as the trainer does after every micro-batch but the last
+
+    exact = torch.cat([g.float().reshape(-1) * (1 + 2 * 2.0 ** -9) for g in pattern])
+    assert not torch.equal(exact.to(torch.bfloat16).float(), exact)  # a bf16 sum could not be exact
+    micro_batches()
+    taken = tb.take_accumulated()
+    assert taken.dtype == torch.float32 and torch.equal(taken, exact)
+    micro_batches()
+    tb.step(1e-2)  # takes the sum itself
+    tc.step(1e-2, exact)
+    assert torch.equal(tb.master, tc.master) and torch.equal(tb.m, tc.m) and torch.equal(tb.v, tc.v)
     assert tb.acc_count == 0 and all(p.grad is None for p in tb.params)
