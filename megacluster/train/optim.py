@@ -183,21 +183,33 @@ class MasterAdamW:
         self.t = 0  # steps taken (a host int: bias corrections need no device read)
         # what the model computes with: the master itself (fp32) or a flat low-precision copy of it
         self.flat = self.master if dtype == torch.float32 else self.master.to(dtype)
-        for p, view in zip(self.params, self.views(self.flat)):
-            p.data = view
         self.grad_buf: torch.Tensor | None = None  # world 1: the gathered gradients, in the compute dtype
         self.acc: torch.Tensor | None = None  # fp32 sum of this step's micro-batches so far (with several)
         self.own_acc: torch.Tensor | None = None  # acc's buffer when the step names none (world 1)
         self.acc_count = 0  # micro-batches summed into acc this step
+        self._view_cache: dict[int, list[torch.Tensor]] = {}
+        for p, view in zip(self.params, self._make_views(self.flat)):
+            p.data = view
         # dynamic sizes: one graph for both segments and any model (the compile cache is per function, shared
         # by every instance in the process: static sizes would hit the recompile limit after a few models)
         self.update = torch.compile(adamw_update, dynamic=True) if compiled else adamw_update
         # the step's scalars live on the device and are refilled by value (a fill kernel, no host sync)
-        self.scalars = torch.zeros(4, device=device)  # clip (when off), decay, step_size, bc2_sqrt
-        self.one = torch.ones((), device=device)
+        self.scalars = torch.zeros(3, device=device)  # decay, step_size, bc2_sqrt
+        self.one = torch.ones((), device=device)  # the clip factor when clipping is off
         self.names = self._names()
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Per-parameter views of a flat tensor in `params` layout. Kept for our own buffers, which live as long
+        as we do (~300 views cost the host a fraction of a millisecond every step otherwise); made anew for
+        others (the all-reduce buffer: a cache would keep a replaced one alive)."""
+        owned = (self.master, self.m, self.v, self.flat, self.grad_buf, self.own_acc)
+        if not any(flat is t for t in owned):
+            return self._make_views(flat)
+        if id(flat) not in self._view_cache:
+            self._view_cache[id(flat)] = self._make_views(flat)
+        return self._view_cache[id(flat)]
+
+    def _make_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         out, offset = [], 0
         for p in self.params:
             out.append(flat[offset:offset + p.numel()].view(p.shape))
@@ -276,9 +288,9 @@ class MasterAdamW:
             if hi == lo:
                 continue
             s = self.scalars
-            s[1].fill_(1 - lr * wd), s[2].fill_(step_size), s[3].fill_(bc2_sqrt)
+            s[0].fill_(1 - lr * wd), s[1].fill_(step_size), s[2].fill_(bc2_sqrt)
             self.update(self.master[lo:hi], grad[lo:hi], self.m[lo:hi], self.v[lo:hi],
-                        None if out is None else out[lo:hi], clip, s[1], s[2], s[3], o.beta1, o.beta2, o.eps)
+                        None if out is None else out[lo:hi], clip, s[0], s[1], s[2], o.beta1, o.beta2, o.eps)
         return norm
 
     # ---- checkpoints and state transfer: the same forms as TorchAdamW's ----
