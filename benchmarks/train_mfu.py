@@ -11,9 +11,10 @@
 
 It drives `megacluster.train.loop.Worker.train_step` (the same code `megacluster train` runs: torch.compile,
 bf16 autocast, fused AdamW, flat-buffer gradients, grad clipping) on a pre-tokenized shard of uniform random
-tokens, excludes `--warmup` steps (compilation, allocator warm-up), and prints one line per shape (stderr, and as JSON
-`{"row": ...}` on stdout as soon as the shape is done) plus a JSON summary as the last stdout line. MFU = flops_per_token (model.py) x tok/s / dense bf16 peak of the local GPU
-(hardware.py). Record results in benchmarks/RESULTS.md with the command, device and date.
+tokens, excludes `--warmup` steps (compilation, allocator warm-up), and prints one line per shape (stderr, and
+as JSON `{"row": ...}` on stdout as soon as the shape is done) plus a JSON summary as the last stdout line.
+MFU = flops_per_token (model.py) x tok/s / dense bf16 peak of the local GPU (hardware.py). Record results in
+benchmarks/RESULTS.md with the command, device and date.
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ def set_inductor(item: str) -> None:
     import torch._inductor.config as inductor
 
     key, sep, text = item.partition("=")
+    if not sep:
+        raise ValueError(f"--inductor {item!r}: expected KEY=VALUE")
     target, *path = [inductor, *key.split(".")]
     try:
         for part in path[:-1]:
@@ -126,8 +129,6 @@ def set_inductor(item: str) -> None:
     except (AttributeError, ValueError, SyntaxError):
         raise ValueError(f"--inductor {item!r}: expected KEY=VALUE, KEY a torch._inductor.config setting and VALUE "
                          "a Python literal (True, 4, 'name')") from None
-    if not sep:
-        raise ValueError(f"--inductor {item!r}: expected KEY=VALUE")
     setattr(target, path[-1], value)
 
 
@@ -165,7 +166,7 @@ def main() -> int:
             batch = 4 if args.smoke else SHAPES[name]
             row = bench(name, batch, args.steps, args.warmup, args.device, shard, args.smoke, args.set, args.profile,
                         args.compile_mode)
-            row["sdpa"], row["compile_mode"], row["set"], row["inductor"] = args.sdpa, args.compile_mode, args.set, args.inductor
+            row |= {"sdpa": args.sdpa, "compile_mode": args.compile_mode, "set": args.set, "inductor": args.inductor}
             rows.append(row)
             mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
             print(f"{name:10s} batch {batch:3d}  {row['tokens_per_s']:>11,.0f} tok/s  MFU {mfu:>6s}  "

@@ -116,10 +116,12 @@ class FlatGrads:
 
     Backward writes fresh gradients: `reset()` sets every p.grad to None, so autograd hands its result over as
     .grad (and adds later micro-batches in place). With one rank the buffer holds only the extras: torch's
-    AdamW reads p.grad as it is (MasterAdamW gathers them into its own flat buffer, 4 bytes per parameter). With several, `pack()` copies the gradients into the
-    buffer (one kernel, upcast to fp32 if they are bf16), the buffer is reduced in one collective and p.grad
-    become views of the reduced sums (`grad_views`; else they are released and the optimizer reads the
-    buffer: optim.MasterAdamW, whose bf16 weights cannot take an fp32 .grad). Why not pre-assigned views (DDP's gradient_as_bucket_view): that costs a zeroing pass and a
+    AdamW reads p.grad as it is (MasterAdamW gathers them into its own flat buffer, 4 bytes per parameter).
+    With several, `pack()` copies the gradients into the buffer (one kernel, upcast to fp32 if they are bf16),
+    the buffer is reduced in one collective and p.grad become views of the reduced sums (`grad_views`; else
+    they are released and the optimizer reads the buffer: optim.MasterAdamW, whose bf16 weights cannot take an
+    fp32 .grad; it sums several micro-batches in the buffer itself, and then nothing is packed). Why not
+    pre-assigned views (DDP's gradient_as_bucket_view): that costs a zeroing pass and a
     read-modify-write accumulate every step, 16 bytes per parameter, against 8 for the copy and 0 on one rank.
     The price with several ranks: during the copy both the fresh gradients and the buffer exist (4 more bytes
     per parameter at the peak, as DDP without gradient_as_bucket_view).
@@ -141,15 +143,13 @@ class FlatGrads:
             p.grad = None
         self.extras().zero_()
 
-    def pack(self, summed: torch.Tensor | None = None) -> None:
-        """Before the all-reduce (world > 1): gradients into the buffer, p.grad onto its views (or released).
-        `summed`: the step's gradients already summed in one flat tensor of the same layout (MasterAdamW's
-        fp32 micro-batch sum), copied instead."""
+    def grad_part(self) -> torch.Tensor | None:
+        """The gradients' part of the buffer (world > 1), in `params` layout; None with one rank."""
+        return self.buf[: self.n] if self.world > 1 else None
+
+    def pack(self) -> None:
+        """Before the all-reduce (world > 1): gradients into the buffer, p.grad onto its views (or released)."""
         if self.world == 1:
-            return
-        if summed is not None:  # (usually summed in the buffer itself: then nothing to copy)
-            if summed.data_ptr() != self.buf.data_ptr():
-                self.buf[: self.n].copy_(summed)
             return
         grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=self.buf.device)
                  for p in self.params]
@@ -291,7 +291,7 @@ class Worker:
         rank, world = self.place.rank, self.place.world
         start = balance_mod.offsets(shares)[rank]
         self.flat.reset()
-        self.opt.begin_step(self.flat.buf[: self.flat.n] if world > 1 and self.opt.reads_reduced else None)
+        self.opt.begin_step(self.flat.grad_part() if self.opt.reads_reduced else None)
         t0 = time.perf_counter()
         loss_sum = self.compute_share(step, start, shares[rank])
         factor = self.chaos.slow_factor(step)
@@ -313,7 +313,9 @@ class Worker:
         if self.cfg.run.balance == "auto":  # compute time, measured before the all-reduce equalises wall time
             extras[2 + world + rank] = compute_s
             extras[2 + 2 * world + rank] = shares[rank]
-        self.flat.pack(self.opt.take_accumulated() if world > 1 else None)
+        # MasterAdamW sums several micro-batches in the buffer itself (begin_step): then it holds them already
+        if world == 1 or self.opt.take_accumulated() is None:
+            self.flat.pack()
         with self.waiting(step - 1):  # heartbeats carry completed steps
             self.all_reduce()
             if self.membership is not None or world > 1:
@@ -363,8 +365,7 @@ class Worker:
 
     def clip_and_step(self, step: int) -> None:
         """Clip to the global norm (identical on every rank: the grads are already reduced) and update."""
-        reduced = self.flat.buf[: self.flat.n] if self.flat.world > 1 else None
-        self.grad_norm = self.opt.step(lr_at(step, self.cfg.optim, self.cfg.run.max_steps), reduced)
+        self.grad_norm = self.opt.step(lr_at(step, self.cfg.optim, self.cfg.run.max_steps), self.flat.grad_part())
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -10,8 +10,9 @@
   dtype: the matmul weights' were bf16 matmul outputs before too, but the embedding lookup's (not autocast)
   and, under torch.compile, the norm gains' were fp32 and are now rounded to bf16. Several micro-batches are
   summed in fp32, as torch's AdamW path does (`accumulate`: each one's gradients are added into an fp32 flat
-  buffer and released, 10 bytes per parameter per extra micro-batch). They are gathered into one flat buffer (world 1) or the fp32 all-reduce buffer (world
-  > 1). With fp32 compute the model's weights *are* the master (no copy). Each view starts where the previous
+  buffer, with several workers the all-reduce buffer itself, and released: 10 bytes per parameter per extra
+  micro-batch). A single micro-batch's gradients are gathered into one flat buffer (world 1) or copied into
+  the fp32 all-reduce buffer (world > 1). With fp32 compute the model's weights *are* the master (no copy). Each view starts where the previous
   one ends: 16-byte aligned when sizes are multiples of 8 elements (every preset; an odd d_model would give
   misaligned norm gains, slower kernels).
 
@@ -38,8 +39,9 @@ def decay_split(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[
 
 def global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """The L2 norm over all gradients, in fp32, from per-tensor norms (one multi-tensor kernel): for gradients of
-    one dtype the same kernels for any world size and for both optimizers. bf16 gradients are summed in fp32 (torch's default would round
-    each tensor's norm to bf16); fp32 ones take the default call, the one measured in benchmarks/RESULTS.md."""
+    one dtype the same kernels for any world size and for both optimizers. bf16 gradients are summed in fp32
+    (torch's default would round each tensor's norm to bf16); fp32 ones take the default call, the one measured
+    in benchmarks/RESULTS.md."""
     if grads[0].dtype == torch.float32:
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
@@ -62,15 +64,6 @@ class TorchAdamW:
 
     reads_reduced = False  # with several ranks it reads p.grad, pointed at the reduced sums
 
-    def begin_step(self, acc_into: torch.Tensor | None = None) -> None:
-        pass
-
-    def accumulate(self) -> None:
-        pass  # autograd adds later micro-batches into the fp32 p.grad itself
-
-    def take_accumulated(self) -> None:
-        return None
-
     def __init__(self, model: torch.nn.Module, o: OptimConfig, device: torch.device):
         self.model, self.cfg = model, o
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -78,6 +71,16 @@ class TorchAdamW:
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                       {"params": rest, "weight_decay": 0.0}],
                                      lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda")
+
+    # autograd adds later micro-batches into the fp32 p.grad itself: nothing to sum here
+    def begin_step(self, acc_into: torch.Tensor | None = None) -> None:
+        pass
+
+    def accumulate(self) -> None:
+        pass
+
+    def take_accumulated(self) -> None:
+        return None
 
     def step(self, lr: float, reduced: torch.Tensor | None = None) -> torch.Tensor:
         """Clip and update from p.grad (`reduced` unused: p.grad already view the reduced sums). Returns the
@@ -175,6 +178,7 @@ class MasterAdamW:
         self.params = decay + rest
         self.n = sum(p.numel() for p in self.params)
         self.n_decay = sum(p.numel() for p in decay)
+        self.k_decay = len(decay)  # parameters in the first param group
         device = self.params[0].device
         with torch.no_grad():
             self.master = torch.cat([p.detach().reshape(-1).float() for p in self.params])  # (n,) fp32
@@ -315,7 +319,7 @@ class MasterAdamW:
             self.flat.copy_(self.master)
 
     def _groups(self) -> list[dict]:
-        o, k = self.cfg, len(decay_split(self.model)[0])
+        o, k = self.cfg, self.k_decay
         common = {"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps, "amsgrad": False, "maximize": False,
                   "foreach": None, "capturable": False, "differentiable": False, "fused": None,
                   "decoupled_weight_decay": True}
