@@ -105,10 +105,13 @@ def test_rail_optimized_fabric_spares_on_rail_traffic_from_oversubscription():
 
 def test_memory_grows_with_micro_batch_and_recompute_saves():
     d = dict(SMALL, parallel={"tp": 8, "pp": 1, "cp": 1}, train={"global_batch": 1024, "recompute": "none"})
-    m1 = predict({**d, "train": {**d["train"], "micro_batch": 1}}, mc=False).memory_gb_per_gpu
-    m4 = predict({**d, "train": {**d["train"], "micro_batch": 4}}, mc=False).memory_gb_per_gpu
-    mf = predict({**d, "train": {**d["train"], "micro_batch": 4, "recompute": "full"}}, mc=False)
-    assert m4 > m1 > mf.memory_gb_per_gpu * 0 and mf.memory_gb_per_gpu < m4
+    m1 = predict({**d, "train": {**d["train"], "micro_batch": 1}}, mc=False).memory
+    m4 = predict({**d, "train": {**d["train"], "micro_batch": 4}}, mc=False).memory
+    mf = predict({**d, "train": {**d["train"], "micro_batch": 4, "recompute": "full"}}, mc=False).memory
+    assert m4["activations"] == pytest.approx(4 * m1["activations"]) and m1["activations"] > 0  # per sequence
+    assert mf["activations"] < m4["activations"]
+    rest = [{k: v for k, v in m.items() if k != "activations"} for m in (m1, m4, mf)]
+    assert rest[0] == rest[1] == rest[2]  # weights, grads, optimizer state: same for every micro-batch / recompute
 
 
 def test_orbit_site_sizes_array_and_radiator():
@@ -142,11 +145,30 @@ def test_cli_sweep_and_report(tmp_path):
                        capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [row["value"] for row in d["sweep"]] == [100, 400]
     slow, fast = d["sweep"]
-    assert slow["step_time_s"] >= fast["step_time_s"]
+    assert slow["step_time_s"] > 1.2 * fast["step_time_s"]  # 100 Gb/s: slower data-parallel and pipeline transfers
+    assert fast["step_time_s"] == pytest.approx(d["step_time_s"])  # 400 Gb/s is the preset itself
+    assert fast["mfu"] == pytest.approx(d["mfu"]) and slow["mfu"] < fast["mfu"]
     html = (tmp_path / "report.html").read_text()
     for png in ("scale.png", "breakdown.png", "power.png", "sweep.png"):
         assert (tmp_path / png).stat().st_size > 1000 and png in html
+
+
+def test_cli_no_mc_skips_only_the_monte_carlo():
+    def plan(*flags):
+        r = subprocess.run([sys.executable, "-m", "megacluster", "plan", "--preset", "llama3-405b", "--json", *flags],
+                           capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    with_mc, without = plan(), plan("--no-mc")
+    mc = with_mc["reliability"].pop("monte_carlo")
+    assert without["reliability"].pop("monte_carlo") == {}
+    assert mc["trials"] == 1000 and len(mc["by_cause_mean"]) == len(with_mc["reliability"]["by_cause"])
+    lo, _, hi = mc["unexpected_p5_p50_p95"]
+    assert lo < with_mc["reliability"]["unexpected"] < hi
+    assert without == with_mc  # the analytic results do not depend on the Monte Carlo
 
 
 @pytest.mark.parametrize("name", ["colossus-1", "colossus-2", "1m-gpu", "llama3-405b", "orbital-1gw"])

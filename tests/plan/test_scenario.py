@@ -84,6 +84,12 @@ def test_cli_bad_scenario_exits_2(tmp_path):
     assert r.returncode == 2 and "colossus-1" in r.stderr
 
 
+def test_cli_scenario_and_preset_together_exit_2():
+    r = _cli("llama3-405b", "--preset", "colossus-1", "--json")
+    assert r.returncode == 2 and r.stdout == ""
+    assert "give a SCENARIO file or --preset NAME, not both" in r.stderr
+
+
 def test_cli_unknown_gpu_exit_2(tmp_path):
     p = tmp_path / "s.json"
     p.write_text(json.dumps(with_("fleet", gpu="H900")))

@@ -34,10 +34,12 @@ def megatron_published_time(row) -> float:
 
 
 def test_shipped_copy_is_verbatim():
-    # the project's shared/ folder sits beside the repository checkout (as in CI)
+    # the project's shared/ folder sits beside the repository checkout; a clean clone of the repository alone
+    # (as .ci/run uses) has none, and then there is nothing to compare the shipped copy with
     shared = Path(__file__).resolve().parents[3] / "shared" / "validation" / "plan_public.toml"
-    if shared.exists():
-        assert shared.read_text() == DATA.read_text()
+    if not shared.exists():
+        pytest.skip(f"no {shared} beside this checkout to compare tests/data/plan_public.toml with")
+    assert shared.read_text() == DATA.read_text()
 
 
 @pytest.mark.parametrize("case", PUBLIC["perf"], ids=lambda c: c["id"])
@@ -46,7 +48,9 @@ def test_llama3_table4(case):
     tol = case["tolerance_rel"]
     assert p.model_tflops_per_gpu == pytest.approx(case["expect"]["model_tflops_per_gpu"], rel=tol)
     assert p.mfu == pytest.approx(case["expect"]["mfu"], rel=tol)
-    assert "vpp" in p.chosen and p.plan["vpp"] >= 1  # the source does not give it: the planner chose it
+    assert p.chosen == ["vpp"]  # the source gives all but the interleave depth: the planner chose only that
+    assert {k: p.plan[k] for k in case["parallel"]} == case["parallel"]
+    assert p.plan["vpp"] > 1 and p.plan["pp"] * p.plan["vpp"] <= case["model"]["layers"]  # interleaved, as Llama 3
 
 
 @pytest.mark.parametrize("row", PUBLIC["megatron"][0]["rows"], ids=lambda r: f"{r[0]}B")
