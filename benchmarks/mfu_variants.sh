@@ -23,6 +23,8 @@ flags_of() {
     default)    echo "" ;;
     master)     echo "--set optim.master_weights=on" ;;
     cdt)        echo "--inductor coordinate_descent_tuning=True" ;;
+    fused)      echo "--set run.fused_loss=on" ;;
+    master+fused) echo "--set optim.master_weights=on --set run.fused_loss=on" ;;
     master+cdt) echo "--set optim.master_weights=on --inductor coordinate_descent_tuning=True" ;;
     master+2pass) echo "--set optim.master_weights=on --inductor online_softmax=False" ;;  # the loss: max, then sum
     autotune)   echo "--set optim.master_weights=on --compile-mode max-autotune-no-cudagraphs" ;;
@@ -34,7 +36,7 @@ flags_of() {
 
 for variant in "$@"; do  # all names checked before any runs
   if ! flags_of "$variant" > /dev/null; then
-    echo "unknown variant '$variant'; known: default master cdt master+cdt master+2pass autotune graphs flash" >&2
+    echo "unknown variant '$variant'; known: default master fused master+fused cdt master+cdt master+2pass autotune graphs flash" >&2
     exit 2
   fi
 done

@@ -65,6 +65,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp32
     compile: str = "auto"  # auto (on for cuda) | on | off
+    fused_loss: str = "off"  # on: the training loss writes its logits gradient in the forward (model.HeadLoss)
     workers: int = 1  # local worker processes (ignored under torchrun, which sets the world)
     run_dir: str = "runs/latest"
     resume: bool = False
@@ -96,6 +97,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.device": ("auto", "cpu", "cuda"),
     "run.dtype": ("auto", "bf16", "fp32"),
     "run.compile": ("auto", "on", "off"),
+    "run.fused_loss": ("off", "on"),
     "run.balance": ("equal", "auto"),
 }
 POSITIVE = {"model.vocab_size", "model.n_layer", "model.n_head", "model.d_model", "model.seq_len",

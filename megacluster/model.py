@@ -39,17 +39,59 @@ def flops_per_token(m: ModelConfig, seq_len: int | None = None) -> int:
 
 
 def rope_cache(seq_len: int, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables of shape (T, hs/2) for rotary position embeddings (fp32)."""
+    """cos, signed-sin tables of shape (T, hs) for rotary position embeddings (fp32): column j < hs/2 rotates
+    the pair (j, j + hs/2) with (cos, -sin), column j + hs/2 with (cos, +sin); see apply_rope."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (T, hs/2)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :hs/2], x[..., hs/2:]) of x: (B, T, h, hs) by position; cos/sin: (T, hs/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    """Rotate pairs (x[..., j], x[..., j + hs/2]) of x: (B, T, h, hs) by position; cos/sin: (T, hs) from rope_cache.
+
+    Written as x * cos + swap_halves(x) * sin (first half: x1 cos - x2 sin, second: x2 cos + x1 sin, the same
+    products and sums as the chunk-and-cat form, bit for bit) so that the backward is pointwise too, with no cat:
+    under torch.compile it can then be computed inside the kernel that assembles the q/k/v gradient.
+    """
+    xf = x.float()
+    swapped = xf.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1)
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # broadcast over B and heads
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+    return (xf * cos + swapped * sin).type_as(x)
+
+
+class HeadLoss(torch.autograd.Function):
+    """Output head + summed cross-entropy, with the logits gradient computed in the forward.
+
+    The plain path (`logits = head(h)`, then `F.cross_entropy`) reads the (N, V) logits twice: once in the
+    loss forward and again in its backward, which needs the incoming gradient before it can write its own.
+    Here the gradient of the *unscaled* sum, softmax(logits) - onehot(targets), is written by the same pass
+    that computes the loss, and the incoming scalar (the trainer's 1/global-tokens) is applied to the two
+    (N, d) and (V, d) matmul outputs in the backward instead: one pass over the logits less, same math.
+    Under torch.compile the partitioner then moves the head's two gradient matmuls into the forward graph, and
+    no (N, V) tensor is kept for the backward; eager, the (N, V) gradient is kept in place of the logits.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # h: (N, d) final-norm output, weight: (V, d) head, targets: (N,) token ids -> 0-d fp32 loss sum
+        w = weight.to(h.dtype)  # bf16 under autocast: the backward runs outside autocast and needs it cast
+        logits = (h @ w.t()).float()  # (N, V): the matmul in h's dtype, the softmax in fp32
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (N, 1)
+        loss = (lse.squeeze(1) - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+        onehot = torch.arange(logits.shape[1], device=h.device)[None, :] == targets[:, None]  # (N, V)
+        # d loss / d logits, (N, V), in place over the fp32 logits: eager (compile off) keeps one fp32 (N, V)
+        # buffer instead of four; under compile the in-place ops are functionalized into the one fused kernel
+        dlogits = logits.sub_(lse).exp_().sub_(onehot.to(logits.dtype)).to(h.dtype)
+        ctx.save_for_backward(h, w, dlogits)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # g: 0-d, d(total)/d(loss)
+        h, w, dlogits = ctx.saved_tensors
+        dh = (dlogits @ w) * g  # (N, d)
+        dw = (dlogits.t() @ h) * g  # (V, d)
+        return dh, dw, None  # autograd casts dw to the weight's dtype (fp32 weights under bf16 autocast)
 
 
 class RMSNorm(nn.Module):
@@ -117,9 +159,10 @@ class GPT(nn.Module):
     that any split of the batch over workers and micro-batches gives the same gradient.
     """
 
-    def __init__(self, m: ModelConfig):
+    def __init__(self, m: ModelConfig, fused_loss: bool = False):
         super().__init__()
         self.config = m
+        self.fused_loss = fused_loss  # training loss through HeadLoss (same value, one pass less)
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         self.blocks = nn.ModuleList(Block(m) for _ in range(m.n_layer))
         self.norm = RMSNorm(m.d_model, m.norm_eps)
@@ -156,7 +199,10 @@ class GPT(nn.Module):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         for block in self.blocks:
             x = block(x, cos, sin)
-        logits = self.head(self.norm(x))  # (B, T, V)
+        x = self.norm(x)  # (B, T, d)
+        if targets is not None and self.fused_loss and torch.is_grad_enabled():
+            return HeadLoss.apply(x.view(B * T, -1), self.head.weight, targets.reshape(B * T))
+        logits = self.head(x)  # (B, T, V)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), reduction="sum")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from megacluster.config import ModelConfig, ffn_hidden
-from megacluster.model import GPT, flops_per_token
+from megacluster.model import GPT, apply_rope, flops_per_token, rope_cache
 
 
 def tiny(**kw):
@@ -23,6 +23,22 @@ def test_shapes_and_loss(kv):
     assert abs(loss.item() / 48 - torch.log(torch.tensor(97.0)).item()) < 0.5
 
 
+def test_grouped_query_attention_is_multi_head_with_shared_kv_heads():
+    """n_kv_head=2 of 4 heads: query heads 0-1 read kv head 0, heads 2-3 kv head 1. The same model with 4 kv heads
+    whose k/v weights repeat each group's gives the same logits (a wrong grouping, e.g. repeat instead of
+    repeat_interleave, pairs heads 0 and 2 instead)."""
+    torch.manual_seed(0)
+    gqa, mha = GPT(tiny(n_kv_head=2)), GPT(tiny(n_kv_head=0))
+    state, hs = gqa.state_dict(), 8
+    for name, w in list(state.items()):
+        if name.endswith("attn.qkv.weight"):  # rows: q (4 heads) | k (2) | v (2), hs rows each
+            q, k, v = w.split([4 * hs, 2 * hs, 2 * hs])
+            state[name] = torch.cat([q] + [t.view(2, hs, -1).repeat_interleave(2, 0).reshape(4 * hs, -1) for t in (k, v)])
+    mha.load_state_dict(state)
+    idx = torch.randint(0, 97, (2, 16))
+    assert torch.allclose(gqa(idx), mha(idx), atol=1e-5)
+
+
 def test_causal_future_tokens_do_not_change_past_logits():
     torch.manual_seed(0)
     m = GPT(tiny(n_kv_head=2)).eval()
@@ -32,6 +48,22 @@ def test_causal_future_tokens_do_not_change_past_logits():
     la, lb = m(a), m(b)
     assert torch.allclose(la[0, :10], lb[0, :10], atol=1e-6)
     assert not torch.allclose(la[0, 10:], lb[0, 10:], atol=1e-3)
+
+
+def test_rope_rotates_pairs_by_position_and_keeps_relative_scores():
+    """apply_rope is the rotation of each pair (j, j + hs/2) by pos * theta^(-2j/hs) (checked against complex
+    multiplication), so a query-key dot product depends only on the distance between their positions."""
+    T, hs = 12, 8
+    cos, sin = rope_cache(T, hs, 10000.0)
+    x = torch.randn(2, T, 3, hs)
+    angle = torch.arange(T)[:, None] * 10000.0 ** (-torch.arange(0, hs, 2) / hs)  # (T, hs/2)
+    z = torch.complex(x[..., : hs // 2], x[..., hs // 2:]) * torch.polar(torch.ones_like(angle), angle)[None, :, None]
+    assert torch.allclose(apply_rope(x, cos, sin), torch.cat((z.real, z.imag), dim=-1), atol=1e-5)
+    q, k = torch.randn(hs), torch.randn(hs)
+    rq = apply_rope(q.expand(1, T, 1, hs), cos, sin)[0, :, 0]  # (T, hs): q at every position
+    rk = apply_rope(k.expand(1, T, 1, hs), cos, sin)[0, :, 0]
+    assert torch.allclose(rq[7] @ rk[4], rq[3] @ rk[0], atol=1e-5)  # distance 3 at both places
+    assert not torch.allclose(rq[7] @ rk[4], rq[4] @ rk[0], atol=1e-3)
 
 
 def test_tied_and_untied_head():
@@ -96,3 +128,53 @@ def test_residual_stream_follows_autocast_dtype():
         half = m(idx, idx)
     assert seen == [torch.float32, torch.bfloat16]
     assert half.dtype == torch.float32 and half.item() == pytest.approx(full.item(), rel=2e-2)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_fused_head_loss_equals_the_plain_loss_and_gradients(tie):
+    """HeadLoss (logits gradient written in the forward, the scale applied after the head's matmuls) gives the
+    plain cross-entropy's loss and every parameter's gradient (fp32: to rounding); without grad it is the
+    plain path itself."""
+    torch.manual_seed(0)
+    plain = GPT(tiny(tie_embeddings=tie, n_kv_head=2))
+    fused = GPT(tiny(tie_embeddings=tie, n_kv_head=2), fused_loss=True)
+    fused.load_state_dict(plain.state_dict())
+    idx, tgt = torch.randint(0, 97, (3, 16)), torch.randint(0, 97, (3, 16))
+    a, b = plain(idx, tgt), fused(idx, tgt)
+    assert b.item() == pytest.approx(a.item(), rel=1e-6)
+    (a / 48).backward()
+    (b * 0.37 / 48).backward()  # any incoming gradient: it is applied in the backward
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        assert torch.allclose(q.grad, 0.37 * p.grad, rtol=1e-4, atol=1e-7), name
+    with torch.no_grad():
+        assert fused(idx, tgt).item() == plain(idx, tgt).item()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("compiled", [True, False])
+def test_fused_head_loss_under_bf16_autocast(tie, compiled):
+    """The path the GPU runs: bf16 autocast, with torch.compile (Inductor on CPU here) and without. Loss and
+    gradients match the plain path to bf16 rounding, and, compiled, the graph keeps no (tokens, vocab)-sized
+    tensor for the backward (the plain one keeps the logits): the partitioner moves the head's two gradient
+    matmuls into the forward, which is where the pass is saved."""
+    torch.manual_seed(0)
+    V = 1031  # the logits (64 x V) are then the largest tensor of the model
+    plain, fused = GPT(tiny(tie_embeddings=tie, vocab_size=V)), GPT(tiny(tie_embeddings=tie, vocab_size=V), fused_loss=True)
+    fused.load_state_dict(plain.state_dict())
+    idx, tgt = torch.randint(0, V, (4, 16)), torch.randint(0, V, (4, 16))
+    losses, kept = [], []
+    for model in (plain, fused):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = (torch.compile(model) if compiled else model)(idx, tgt)
+        (loss / 64).backward()  # a power of two, as the trainer's 1/tokens usually is: rounding commutes with it
+        losses.append(loss.item())
+        kept.append([n for n in saved if n >= 64 * V])
+    if compiled:
+        assert kept[0] and not kept[1]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        assert q.grad.dtype == p.grad.dtype, name
+        err = (q.grad - p.grad).norm() / p.grad.norm()
+        assert err < 1e-3, (name, err.item())  # a 1% scale error fails
