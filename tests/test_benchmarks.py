@@ -38,10 +38,11 @@ def test_optim_step_times_both_implementations():
 
 def test_mfu_variants_keeps_each_finished_shape(tmp_path):
     env = {"OUT": str(tmp_path), "SHAPES": "gpt2-124m", "ARGS": " ".join(SMOKE)}
-    r = run("bash", "benchmarks/mfu_variants.sh", "default", "master", env=env)
+    r = run("bash", "benchmarks/mfu_variants.sh", "default", "master+fused", env=env)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in (tmp_path / "mfu.jsonl").read_text().splitlines()]
-    assert [(x["variant"], x["shape"]) for x in rows] == [("default", "gpt2-124m"), ("master", "gpt2-124m")]
+    assert [(x["variant"], x["shape"]) for x in rows] == [("default", "gpt2-124m"), ("master+fused", "gpt2-124m")]
+    assert rows[1]["set"] == ["optim.master_weights=on", "run.fused_loss=on"]
     bad = run("bash", "benchmarks/mfu_variants.sh", "default", "nope", env=env)  # names checked before any run
     assert bad.returncode == 2 and "unknown variant 'nope'" in bad.stderr and "==" not in bad.stdout
     failing = run("bash", "benchmarks/mfu_variants.sh", "default", env={**env, "ARGS": env["ARGS"] + " --inductor x=1"})

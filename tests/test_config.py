@@ -57,6 +57,20 @@ def test_each_key_has_one_range_check():
     assert len(keys) == len(set(keys)), "a key in two range tables is checked twice"
     fields = {f"{s}.{f}" for s, sec in config.Config().to_dict().items() for f in sec}
     assert set(keys) <= fields
+    numeric = {f"{s}.{f}" for s, sec in config.Config().to_dict().items() for f, v in sec.items()
+               if type(v) in (int, float)}
+    assert numeric == set(keys), "every number has a range (add it to one table)"
+
+
+@pytest.mark.parametrize("table, bad, words", [
+    ("POSITIVE", 0, "must be > 0"), ("NON_NEGATIVE", -1, "must be >= 0"),
+    ("UNIT_INTERVAL", 1, "must be in [0, 1)"), ("OPEN_UNIT_INTERVAL", 0, "must be in (0, 1)"),
+])
+def test_every_key_of_a_range_table_refuses_a_value_outside_it(table, bad, words):
+    for key in sorted(getattr(config, table)):
+        with pytest.raises(InputError) as e:
+            config.build("tiny", None, [f"{key}={bad}"])
+        assert f"{key}: {words}" in str(e.value), key
 
 
 def test_bad_toml_and_preset(tmp_path):

@@ -15,7 +15,7 @@ from megacluster.errors import InputError
 def test_default_corpus_is_stdlib_source():
     files = default_corpus()
     names = {f.name for f in files}
-    assert {"os.py", "json"} & names or "os.py" in names
+    assert {"os.py", "__init__.py"} <= names and any(f.parent.name == "json" for f in files)
     assert all(f.suffix == ".py" for f in files)
     assert not any("site-packages" in f.parts or "test" in f.parts for f in files)
     root = Path(sysconfig.get_paths()["stdlib"])  # the pruned walk lists what a full rglob + filter lists
@@ -113,6 +113,21 @@ def test_max_bytes_reads_at_most_the_cap(tmp_path, monkeypatch):
     docs = list(data._documents(files, a + 1001))  # b.txt crosses the cap: cut to whole characters
     assert docs == [whole[0], "\u00e9" * 500] and len(reads) == 2 and len(reads[1]) == 1001
     assert list(data._documents(files, a)) == [whole[0]]  # a cap on a file's end: the next is not opened
+
+
+def test_prepare_applies_data_max_bytes(tmp_path):
+    """The key itself (not only the helper): prepare() tokenizes at most max_bytes of text, 0 = everything."""
+    _write_corpus(tmp_path)
+    from megacluster.tokenizer import load
+
+    def text(cap):
+        c = prepare(DataConfig(paths=[str(tmp_path / "docs")], max_bytes=cap, val_fraction=0.1,
+                               cache_dir=str(tmp_path / "c")), 300)
+        tok = load(c.tokenizer_path)
+        return tok.decode([int(t) for t in c.train]) + tok.decode([int(t) for t in c.val])
+
+    whole, capped = text(0), text(1000)
+    assert len(whole) > 5000 and 900 <= len(capped.encode()) <= 1000 and whole.startswith(capped[:500])
 
 
 def test_max_bytes_cuts_the_jsonl_line_that_crosses_it(tmp_path):

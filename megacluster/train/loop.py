@@ -104,8 +104,8 @@ def lr_at(step: int, o: OptimConfig, max_steps: int) -> float:
 
 
 def loss_digest(losses: list[float]) -> str:
-    """sha256 of the per-step losses rounded to 6 significant digits: equal digests = equal training runs."""
-    return hashlib.sha256(",".join(f"{x:.6g}" for x in losses).encode()).hexdigest()
+    """sha256 of the per-step losses, every bit of each (float.hex): equal digests = the same losses exactly."""
+    return hashlib.sha256(",".join(float(x).hex() for x in losses).encode()).hexdigest()
 
 
 class FlatGrads:
@@ -192,7 +192,7 @@ class Worker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.run.seed)  # every rank builds identical initial weights: no broadcast needed
         self.corpus = corpus or prepare(cfg.data, cfg.model.vocab_size)
-        self.model = GPT(cfg.model).to(place.device)
+        self.model = GPT(cfg.model, fused_loss=cfg.run.fused_loss == "on").to(place.device)
         self.dtype = self._dtype()
         self.compiled = cfg.run.compile == "on" or (cfg.run.compile == "auto" and place.device.type == "cuda")
         self.opt = optim.build(self.model, cfg.optim, place.device, self.dtype, self.compiled)
@@ -251,8 +251,11 @@ class Worker:
     def micro_step(self, rows: torch.Tensor, scale: float) -> torch.Tensor:
         """Forward + backward of one micro-batch; grads land in (or add to) p.grad. Returns the loss sum."""
         x, y = rows[:, :-1], rows[:, 1:]  # (b, T) inputs and shifted targets
-        if self.dynamic_batch:  # shares move with the balancer: one graph for every micro-batch size, so a
-            torch._dynamo.mark_dynamic(x, 0)  # new share never stalls a step on a recompile (hang detection)
+        if self.dynamic_batch:  # shares move with the balancer: one graph for every micro-batch size >= 2, so a
+            # new share does not stall a step on a recompile (hang detection). Size 1 is specialised by dynamo
+            # (0/1 specialisation): one more compile the first time a share or remainder is 1. mark_unbacked
+            # avoids it on CPU (checked) but is untried on CUDA kernels (cuDNN attention), so not used yet.
+            torch._dynamo.mark_dynamic(x, 0)
             torch._dynamo.mark_dynamic(y, 0)
         with self.autocast():
             loss_sum = self.forward(x, y)  # summed token cross-entropy, fp32

@@ -22,6 +22,16 @@ def small_cfg(tmp_path, name, *extra):
     return config.build("tiny", None, SMALL + [f"run.run_dir={tmp_path / name}", *extra])
 
 
+def train_cli(run_dir, *args):
+    """`megacluster train --run-dir RUN_DIR --json` with SMALL's keys and `args`; its exit code must be 0.
+    Returns the last stdout line, parsed."""
+    r = subprocess.run([sys.executable, "-m", "megacluster", "train", "--run-dir", str(run_dir), "--json",
+                        *[a for kv in SMALL for a in ("--set", kv)], *args], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def losses(run_dir):
     recs = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
@@ -49,7 +59,7 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path):
     assert sorted(b) == [5, 6, 7, 8]  # only the steps after the checkpoint were trained
     assert all(a[s] == b[s] for s in b)  # bit-identical, not approximately
     assert resumed["loss_digest"] == full["loss_digest"]  # the digest covers restored steps 1-4 too
-    assert resumed["val_loss"] == full["val_loss"]
+    assert resumed["val_loss"] == full["val_loss"] is not None
 
 
 def test_resume_without_a_checkpoint_says_so_and_starts_at_step_1(tmp_path, capfd):
@@ -74,6 +84,7 @@ def test_micro_batching_does_not_change_the_gradient(tmp_path):
     a = train(small_cfg(tmp_path, "mb2", "run.max_steps=3"))
     b = train(small_cfg(tmp_path, "mb6", "run.max_steps=3", "run.micro_batch=6"))
     la, lb = losses(tmp_path / "mb2"), losses(tmp_path / "mb6")
+    assert sorted(la) == sorted(lb) == [1, 2, 3]
     assert all(la[s] == pytest.approx(lb[s], rel=1e-5) for s in la)
     assert a["tokens"] == b["tokens"] == 3 * 6 * 32
 
@@ -92,11 +103,7 @@ def test_lr_schedules():
 
 def test_cli_json_contract(tmp_path):
     run_dir = tmp_path / "cli"
-    r = subprocess.run([sys.executable, "-m", "megacluster", "train", "--max-steps", "3", "--run-dir", str(run_dir),
-                        "--json", *[a for kv in SMALL for a in ("--set", kv)]],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = train_cli(run_dir, "--max-steps", "3")
     for key in ("steps", "final_loss", "val_loss", "tokens", "tokens_per_s", "mfu", "run_dir"):
         assert key in out
     assert out["steps"] == 3 and out["mfu"] is None and out["tokens"] == 3 * 6 * 32
@@ -221,3 +228,61 @@ def test_master_weights_flap_with_micro_batches_matches_a_clean_run(tmp_path):
     clean = train(small_cfg(tmp_path, "clean", *on))
     flap = train(small_cfg(tmp_path, "flap", *on, "run.chaos=flap:step=3"))
     assert flap["flaps_survived"] == 1 and flap["loss_digest"] == clean["loss_digest"]
+
+
+def test_fused_loss_trains_like_the_plain_loss(tmp_path, monkeypatch):
+    """run.fused_loss=on routes every training micro-batch through model.HeadLoss, and the run is the plain
+    run's (fp32: to rounding), with 1 worker and with 2 (micro-batches of 2, so gradient accumulation too).
+    The calls are counted in this process only: the 2-worker run's workers are subprocesses."""
+    from megacluster import model
+
+    calls = []
+    real = model.HeadLoss.forward
+    monkeypatch.setattr(model.HeadLoss, "forward", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    base = ["run.max_steps=4", "run.eval_every=0"]
+    off = train(small_cfg(tmp_path, "off", *base))
+    assert calls == []
+    one = train(small_cfg(tmp_path, "one", *base, "run.fused_loss=on"))
+    assert len(calls) == 4 * 3  # 4 steps x 3 micro-batches of 2 (validation takes the plain path, no grad)
+    two = train(small_cfg(tmp_path, "two", *base, "run.fused_loss=on", "run.workers=2"))
+    a, b, c = (losses(tmp_path / n) for n in ("off", "one", "two"))
+    assert sorted(a) == sorted(b) == sorted(c) == [1, 2, 3, 4]
+    assert all(b[s] == pytest.approx(a[s], rel=1e-5) and c[s] == pytest.approx(a[s], rel=1e-5) for s in a)
+    norms = [[json.loads(x)["grad_norm"] for x in open(tmp_path / n / "metrics.jsonl") if '"grad_norm"' in x]
+             for n in ("off", "one", "two")]  # AdamW would hide a gradient off by a constant factor: the norm not
+    assert len(norms[0]) == 4 and all(x == pytest.approx(y, rel=1e-5) for n in norms[1:] for x, y in zip(n, norms[0]))
+    assert one["val_loss"] == pytest.approx(off["val_loss"], rel=1e-5) and two["steps"] == 4
+
+
+def test_every_train_flag_sets_its_key_and_flags_win():
+    """Layering: preset -> --config -> --set -> dedicated flags; each flag sets exactly its config key."""
+    import argparse
+
+    from megacluster.train import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    args = p.parse_args(["--preset", "gpt2-124m", "--set", "run.workers=3", "--workers", "2", "--device", "cpu",
+                         "--max-steps", "7", "--run-dir", "somewhere", "--balance", "auto", "--chaos", "flap:step=3",
+                         "--resume", "--data", "a.txt", "b/"])
+    cfg = cli.build_config(args)
+    assert cfg.model.d_model == 768 and cfg.run.batch_size == 32  # the preset
+    assert (cfg.run.workers, cfg.run.device, cfg.run.max_steps, cfg.run.run_dir, cfg.run.balance, cfg.run.chaos,
+            cfg.run.resume, cfg.data.paths) == (2, "cpu", 7, "somewhere", "auto", "flap:step=3", True, ["a.txt", "b/"])
+    plain = cli.build_config(p.parse_args([]))
+    assert (plain.run.workers, plain.run.balance, plain.run.resume, plain.model.d_model) == (1, "equal", False, 128)
+
+
+def test_cli_config_file_and_resume(tmp_path):
+    """--config FILE.toml sets keys (overridden by --set and flags); --resume continues the run in --run-dir
+    (nothing set aside, only the new step trained) and ends where an uninterrupted run ends, exactly."""
+    toml = tmp_path / "run.toml"
+    toml.write_text("[run]\nmax_steps = 2\nckpt_every = 1\neval_every = 0\n[optim]\nlr = 2e-3\n")
+    first = train_cli(tmp_path / "cut", "--config", str(toml))
+    assert first["steps"] == 2  # max_steps from the file
+    resumed = train_cli(tmp_path / "cut", "--config", str(toml), "--max-steps", "3", "--resume")
+    assert resumed["steps"] == 3 and not list((tmp_path / "cut").glob("earlier-*"))
+    recs = [json.loads(x) for x in open(tmp_path / "cut" / "metrics.jsonl")]
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3]
+    whole = train_cli(tmp_path / "whole", "--config", str(toml), "--max-steps", "3")
+    assert resumed["loss_digest"] == whole["loss_digest"]
