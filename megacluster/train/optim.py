@@ -60,14 +60,16 @@ def build(model: torch.nn.Module, o: OptimConfig, device: torch.device, dtype: t
 
 
 class TorchAdamW:
-    """torch.optim.AdamW over the model's parameters, fused on CUDA; `params` in model order."""
+    """torch.optim.AdamW over the model's parameters, fused on CUDA. `params`: the decayed ones, then the rest
+    (MasterAdamW's order), so both sum the global norm in one order: a sum of squares in another order can differ
+    in the last bit, and did on one CPU."""
 
     reads_reduced = False  # with several ranks it reads p.grad, pointed at the reduced sums
 
     def __init__(self, model: torch.nn.Module, o: OptimConfig, device: torch.device):
         self.model, self.cfg = model, o
-        self.params = [p for p in model.parameters() if p.requires_grad]
         decay, rest = decay_split(model)
+        self.params = decay + rest
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                       {"params": rest, "weight_decay": 0.0}],
                                      lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda")
