@@ -200,7 +200,12 @@ class Supervisor:
     def spawn(self, slot: Slot, init: str) -> None:
         """Start a process for `slot`; init: 'config' (first start), 'checkpoint' or 'peer' (state from a survivor)."""
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        threads = max(1, (os.cpu_count() or 1) // len(self.slots))
+        import torch
+
+        # torch's own default (physical cores, or OMP_NUM_THREADS), split: a single supervised worker computes with
+        # the threads an unsupervised run has, so it sums in the same order (MKL's AVX2 kernels sum differently
+        # with 1 thread than with 2: on a 2-vCPU, 1-core VM a chaos run would get another digest than a clean one)
+        threads = max(1, torch.get_num_threads() // len(self.slots))
         env.update(MC_STORE_PORT=str(self.store.port), MC_WORKER_ID=str(slot.wid), MC_INIT=init,
                    MC_PG_TIMEOUT=str(max(30.0, 5 * self.cfg.run.hang_timeout)),  # a backstop (elastic.py)
                    TORCH_NCCL_BLOCKING_WAIT="1",  # NCCL: a failed collective raises here instead of aborting us
