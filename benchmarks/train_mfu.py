@@ -8,6 +8,8 @@
     python benchmarks/train_mfu.py --compile-mode max-autotune-no-cudagraphs   # a torch.compile mode to try
     python benchmarks/train_mfu.py --set optim.master_weights=on     # any trainer key (here: bf16 weights)
     python benchmarks/train_mfu.py --inductor coordinate_descent_tuning=True   # a torch._inductor.config knob
+    python benchmarks/train_mfu.py --rope swap          # RoPE in another form (an experiment)
+    python benchmarks/train_mfu.py --shapes gpt2-124m --gate DIR TAG N  # compile beside others, time alone
 
 It drives `megacluster.train.loop.Worker.train_step` (the same code `megacluster train` runs: torch.compile,
 bf16 autocast, fused AdamW, flat-buffer gradients, grad clipping) on a pre-tokenized shard of uniform random
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import fcntl
 import json
 import sys
 import tempfile
@@ -31,11 +35,50 @@ import numpy as np
 import torch
 
 from megacluster import config
+from megacluster import model as model_mod
 from megacluster.train.loop import Worker, init_place
 
 # the GPT-2 presets carry nanoGPT's batch sizes on one H100 (32/16/12/8 sequences of 1024 tokens, issue 2)
 SHAPES = {name: config.PRESETS[name]["run"]["batch_size"]
           for name in ("gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b")}
+REWARM = 2  # untimed steps after a gate opens: the GPU may have idled (clocks down) while others compiled
+
+
+class Gate:
+    """Several benchmark processes compile at once (one each, on a many-core host) and then time one at a time.
+
+    Entering writes `DIR/ready.<tag>`, waits until `expect` distinct tags have a `ready.` or an `exit.` file
+    (the driver, benchmarks/mfu_variants.py, writes `exit.<tag>` when a process ends, so a crashed compile does
+    not stall the rest), then holds an exclusive lock on `DIR/gpu.lock` until exit: the timed steps never share
+    the GPU, nor the CPU with a compile.
+    """
+
+    def __init__(self, directory: Path, tag: str, expect: int):
+        self.dir, self.tag, self.expect = directory, tag, expect
+        self.lock = None
+
+    def arrived(self) -> int:
+        return len({f.name.partition(".")[2] for f in self.dir.iterdir() if f.name.startswith(("ready.", "exit."))})
+
+    def __enter__(self):
+        (self.dir / f"ready.{self.tag}").touch()
+        while self.arrived() < self.expect:
+            time.sleep(0.5)
+        self.lock = open(self.dir / "gpu.lock", "w")  # noqa: SIM115 (held across __exit__)
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.lock, fcntl.LOCK_UN)
+        self.lock.close()
+
+
+def _row(w: Worker, cfg, preset: str, batch: int, steps: int, dt: float, loss: torch.Tensor) -> dict:
+    tps = steps * batch * cfg.model.seq_len / dt
+    mem = torch.cuda.max_memory_allocated() / 1e9 if w.place.device.type == "cuda" else None
+    return {"shape": preset, "batch": batch, "seq": cfg.model.seq_len, "params": w.model.num_params(),
+            "tokens_per_s": tps, "mfu": w.mfu(tps), "step_ms": 1e3 * dt / steps, "loss": float(loss),
+            "peak_mem_gb": mem}
 
 
 def kernel_table(w: Worker, step0: int, steps: int, path: Path) -> None:
@@ -75,9 +118,12 @@ def kernel_table(w: Worker, step0: int, steps: int, path: Path) -> None:
 
 
 def bench(preset: str, batch: int, steps: int, warmup: int, device: str, shard: Path, smoke: bool,
-          extra: list[str], profile_dir: Path | None = None, compile_mode: str = "default") -> dict:
+          extra: list[str], profile_dir: Path | None = None, compile_mode: str = "default",
+          gate: Gate | None = None) -> dict:
+    rewarm = REWARM if gate is not None else 0
     sets = [f"run.batch_size={batch}", f"run.micro_batch={batch}", f"run.device={device}",
-            "run.progress=false", "run.eval_every=0", "run.ckpt_every=0", f"run.max_steps={warmup + steps}",
+            "run.progress=false", "run.eval_every=0", "run.ckpt_every=0",
+            f"run.max_steps={warmup + rewarm + steps}",
             f"data.paths={shard}", "data.val_fraction=0.01"]
     if smoke:  # a shape that runs in seconds on a CPU
         sets += ["model.d_model=64", "model.n_layer=2", "model.n_head=2", "model.seq_len=128"]
@@ -90,19 +136,19 @@ def bench(preset: str, batch: int, steps: int, warmup: int, device: str, shard: 
         for step in range(1, warmup + 1):
             w.train_step(step)
         w._sync()
-        t0 = time.perf_counter()
-        for step in range(warmup + 1, warmup + steps + 1):
-            loss = w.train_step(step)
-        w._sync()
-        dt = time.perf_counter() - t0
-        tps = steps * batch * cfg.model.seq_len / dt
-        mem = torch.cuda.max_memory_allocated() / 1e9 if w.place.device.type == "cuda" else None
-        row = {"shape": preset, "batch": batch, "seq": cfg.model.seq_len, "params": w.model.num_params(),
-               "tokens_per_s": tps, "mfu": w.mfu(tps), "step_ms": 1e3 * dt / steps, "loss": float(loss),
-               "peak_mem_gb": mem}
-        if profile_dir is not None:
-            profile_dir.mkdir(parents=True, exist_ok=True)
-            kernel_table(w, warmup + steps + 1, 3, profile_dir / f"kernels-{preset}.txt")
+        with gate or contextlib.nullcontext():  # parallel warm-ups: the GPU to ourselves from here on
+            for step in range(warmup + 1, warmup + rewarm + 1):  # clocks back up after the wait
+                w.train_step(step)
+            w._sync()
+            t0 = time.perf_counter()
+            for step in range(warmup + rewarm + 1, warmup + rewarm + steps + 1):
+                loss = w.train_step(step)
+            w._sync()
+            dt = time.perf_counter() - t0
+            row = _row(w, cfg, preset, batch, steps, dt, loss)
+            if profile_dir is not None:
+                profile_dir.mkdir(parents=True, exist_ok=True)
+                kernel_table(w, warmup + rewarm + steps + 1, 3, profile_dir / f"kernels-{preset}.txt")
         if w.ckpt is not None:
             w.ckpt.close()
         del w
@@ -110,6 +156,15 @@ def bench(preset: str, batch: int, steps: int, warmup: int, device: str, shard: 
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         return row
+
+
+def rope_swap(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The experiment `--rope swap`: model.apply_rope written as x * cos + swap_halves(x) * signed_sin (the same
+    products and sums; a pointwise backward that Inductor merges with the q/k/v gradient cat). cos/sin: (T, hs/2)."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1)
+    cos, sin = torch.cat((cos, cos), -1)[None, :, None, :], torch.cat((-sin, sin), -1)[None, :, None, :]
+    return (xf * cos + swapped * sin).type_as(x)
 
 
 def set_inductor(item: str) -> None:
@@ -148,7 +203,19 @@ def main() -> int:
                     help="torch.compile mode for the model (an experiment, not a trainer option)")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="set torch._inductor.config.KEY (dotted) to a Python literal (an experiment)")
+    ap.add_argument("--rope", default="cat", choices=("cat", "swap"),
+                    help="swap: RoPE in the swap-halves form (an experiment; cat is model.apply_rope's)")
+    ap.add_argument("--gate", nargs=3, default=None, metavar=("DIR", "TAG", "EXPECT"),
+                    help="warm up, then wait for EXPECT processes and time alone (see Gate; one shape only)")
     args = ap.parse_args()
+    gate = None
+    if args.gate is not None:
+        directory, tag, expect = args.gate
+        if len(args.shapes) != 1 or not expect.isdigit() or not Path(directory).is_dir():
+            ap.error("--gate DIR TAG EXPECT: an existing DIR, EXPECT a count, and a single --shapes")
+        gate = Gate(Path(directory), tag, int(expect))
+    if args.rope == "swap":
+        model_mod.apply_rope = rope_swap  # Attention.forward looks it up at call time
     for item in args.inductor:
         try:
             set_inductor(item)
@@ -165,8 +232,8 @@ def main() -> int:
         for name in args.shapes:
             batch = 4 if args.smoke else SHAPES[name]
             row = bench(name, batch, args.steps, args.warmup, args.device, shard, args.smoke, args.set, args.profile,
-                        args.compile_mode)
-            row |= {"sdpa": args.sdpa, "compile_mode": args.compile_mode, "set": args.set, "inductor": args.inductor}
+                        args.compile_mode, gate)
+            row |= {"rope": args.rope, "sdpa": args.sdpa, "compile_mode": args.compile_mode, "set": args.set, "inductor": args.inductor}
             rows.append(row)
             mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
             print(f"{name:10s} batch {batch:3d}  {row['tokens_per_s']:>11,.0f} tok/s  MFU {mfu:>6s}  "

@@ -18,12 +18,12 @@ def run(*args, **kw):
 
 def test_train_mfu_prints_a_row_per_shape_and_a_summary():
     r = run(sys.executable, "benchmarks/train_mfu.py", *SMOKE, "--shapes", "gpt2-124m", "gpt2-350m",
-            "--set", "optim.master_weights=on", "--inductor", "coordinate_descent_tuning=True")
+            "--set", "optim.master_weights=on", "--inductor", "coordinate_descent_tuning=True", "--rope", "swap")
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in r.stdout.splitlines()]
     rows, summary = [x["row"] for x in lines[:-1]], lines[-1]
     assert [x["shape"] for x in rows] == [x["shape"] for x in summary["rows"]] == ["gpt2-124m", "gpt2-350m"]
-    assert all(x["tokens_per_s"] > 0 and x["set"] == ["optim.master_weights=on"] for x in rows)
+    assert all(x["tokens_per_s"] > 0 and x["set"] == ["optim.master_weights=on"] and x["rope"] == "swap" for x in rows)
     bad = run(sys.executable, "benchmarks/train_mfu.py", *SMOKE, "--inductor", "no_such_knob=1")
     assert bad.returncode == 2 and "no_such_knob" in bad.stderr
 
@@ -37,13 +37,52 @@ def test_optim_step_times_both_implementations():
 
 
 def test_mfu_variants_keeps_each_finished_shape(tmp_path):
-    env = {"OUT": str(tmp_path), "SHAPES": "gpt2-124m", "ARGS": " ".join(SMOKE)}
-    r = run("bash", "benchmarks/mfu_variants.sh", "default", "master+fused", env=env)
+    args = ["--out", str(tmp_path), "--shapes", "gpt2-124m", "--args", " ".join(SMOKE)]
+    r = run(sys.executable, "benchmarks/mfu_variants.py", *args, "default", "plain")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in (tmp_path / "mfu.jsonl").read_text().splitlines()]
-    assert [(x["variant"], x["shape"]) for x in rows] == [("default", "gpt2-124m"), ("master+fused", "gpt2-124m")]
-    assert rows[1]["set"] == ["optim.master_weights=on", "run.fused_loss=on"]
-    bad = run("bash", "benchmarks/mfu_variants.sh", "default", "nope", env=env)  # names checked before any run
+    assert [(x["variant"], x["shape"]) for x in rows] == [("default", "gpt2-124m"), ("plain", "gpt2-124m")]
+    assert rows[1]["set"] == ["optim.master_weights=off", "run.fused_loss=off"]
+    bad = run(sys.executable, "benchmarks/mfu_variants.py", *args, "default", "nope")  # names checked before any run
     assert bad.returncode == 2 and "unknown variant 'nope'" in bad.stderr and "==" not in bad.stdout
-    failing = run("bash", "benchmarks/mfu_variants.sh", "default", env={**env, "ARGS": env["ARGS"] + " --inductor x=1"})
-    assert failing.returncode == 1 and "== default (exit 2)" in failing.stdout  # a failed variant fails the script
+    failing = run(sys.executable, "benchmarks/mfu_variants.py", "--out", str(tmp_path), "--shapes", "gpt2-124m",
+                  "--args", " ".join(SMOKE) + " --inductor x=1", "default")
+    assert failing.returncode == 1 and "== default gpt2-124m (exit 2)" in failing.stdout  # a failure fails it
+
+
+def test_mfu_variants_parallel_times_one_job_at_a_time(tmp_path):
+    """--parallel: every job warms up beside the others, then times alone (train_mfu's Gate)."""
+    jobs = ["default@gpt2-124m", "swap@gpt2-124m", "master@gpt2-350m"]
+    r = run(sys.executable, "benchmarks/mfu_variants.py", "--parallel", "--out", str(tmp_path), "--args",
+            " ".join(SMOKE), *jobs)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "mfu.jsonl").read_text().splitlines()]
+    assert sorted(f"{x['variant']}@{x['shape']}" for x in rows) == sorted(jobs)
+    gate = next(tmp_path.glob("mfu-gate-*"))
+    assert {f.name for f in gate.glob("ready.*")} == {"ready.default_gpt2-124m", "ready.swap_gpt2-124m",
+                                                       "ready.master_gpt2-350m"}
+
+
+def test_gate_waits_for_every_job_then_excludes(tmp_path):
+    """A process enters only when all expected tags are ready or gone, and holds the lock alone."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from train_mfu import Gate
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import threading
+
+    entered = []
+    g = Gate(tmp_path, "a", 3)
+    t = threading.Thread(target=lambda: (g.__enter__(), entered.append(1), g.__exit__(None, None, None)))
+    t.start()
+    t.join(1.0)
+    assert not entered and (tmp_path / "ready.a").exists()  # "b" and "c" not there yet
+    (tmp_path / "ready.b").touch()
+    (tmp_path / "exit.c").touch()  # c crashed: the driver says so
+    t.join(5.0)
+    assert entered == [1]
+    import fcntl
+
+    with open(tmp_path / "gpu.lock", "w") as f:  # released after the timed part
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
