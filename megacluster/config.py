@@ -53,7 +53,8 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 = off
-    master_weights: str = "off"  # on: weights kept in run.dtype, an fp32 master copy in the optimizer (optim.py)
+    master_weights: str = "auto"  # on: weights kept in run.dtype, an fp32 master copy in the optimizer (optim.py);
+    # auto: on for compiled CUDA runs (measured faster there, benchmarks/RESULTS.md), off otherwise
 
 
 @dataclass(kw_only=True, slots=True)
@@ -65,7 +66,8 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp32
     compile: str = "auto"  # auto (on for cuda) | on | off
-    fused_loss: str = "off"  # on: the training loss writes its logits gradient in the forward (model.HeadLoss)
+    fused_loss: str = "auto"  # on: the training loss writes its logits gradient in the forward (model.HeadLoss);
+    # auto: on for compiled CUDA runs (measured faster there), off otherwise
     workers: int = 1  # local worker processes (ignored under torchrun, which sets the world)
     run_dir: str = "runs/latest"
     resume: bool = False
@@ -93,11 +95,11 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("cosine", "wsd", "constant"),
-    "optim.master_weights": ("off", "on"),
+    "optim.master_weights": ("auto", "on", "off"),
     "run.device": ("auto", "cpu", "cuda"),
     "run.dtype": ("auto", "bf16", "fp32"),
     "run.compile": ("auto", "on", "off"),
-    "run.fused_loss": ("off", "on"),
+    "run.fused_loss": ("auto", "on", "off"),
     "run.balance": ("equal", "auto"),
 }
 POSITIVE = {"model.vocab_size", "model.n_layer", "model.n_head", "model.d_model", "model.seq_len",

@@ -39,25 +39,22 @@ def flops_per_token(m: ModelConfig, seq_len: int | None = None) -> int:
 
 
 def rope_cache(seq_len: int, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, signed-sin tables of shape (T, hs) for rotary position embeddings (fp32): column j < hs/2 rotates
-    the pair (j, j + hs/2) with (cos, -sin), column j + hs/2 with (cos, +sin); see apply_rope."""
+    """cos, sin tables of shape (T, hs/2) for rotary position embeddings (fp32)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (T, hs/2)
-    cos, sin = angles.cos(), angles.sin()
-    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., j], x[..., j + hs/2]) of x: (B, T, h, hs) by position; cos/sin: (T, hs) from rope_cache.
+    """Rotate pairs (x[..., j], x[..., j + hs/2]) of x: (B, T, h, hs) by position; cos/sin: (T, hs/2).
 
-    Written as x * cos + swap_halves(x) * sin (first half: x1 cos - x2 sin, second: x2 cos + x1 sin, the same
-    products and sums as the chunk-and-cat form, bit for bit) so that the backward is pointwise too, with no cat:
-    under torch.compile it can then be computed inside the kernel that assembles the q/k/v gradient.
+    Chunk and cat, not x * cos + swap_halves(x) * sin: the same products and sums, but on the H200 Inductor made
+    the swap form's backward (pointwise, merged with the q/k/v gradient cat) one kernel 3.7x slower than this
+    form's two (7.7 vs 2.1 ms per step at 124M; benchmarks/RESULTS.md).
     """
-    xf = x.float()
-    swapped = xf.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1)
+    x1, x2 = x.float().chunk(2, dim=-1)
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # broadcast over B and heads
-    return (xf * cos + swapped * sin).type_as(x)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
 class HeadLoss(torch.autograd.Function):

@@ -192,9 +192,10 @@ class Worker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.run.seed)  # every rank builds identical initial weights: no broadcast needed
         self.corpus = corpus or prepare(cfg.data, cfg.model.vocab_size)
-        self.model = GPT(cfg.model, fused_loss=cfg.run.fused_loss == "on").to(place.device)
-        self.dtype = self._dtype()
         self.compiled = cfg.run.compile == "on" or (cfg.run.compile == "auto" and place.device.type == "cuda")
+        fused_loss = optim.on_for_compiled_cuda(cfg.run.fused_loss, place.device, self.compiled)
+        self.model = GPT(cfg.model, fused_loss=fused_loss).to(place.device)
+        self.dtype = self._dtype()
         self.opt = optim.build(self.model, cfg.optim, place.device, self.dtype, self.compiled)
         self.params = self.opt.params  # the optimizer's order is the all-reduce buffer's layout
         self.flat = self.new_flat(place.world)

@@ -111,3 +111,30 @@ def test_device_cuda_without_cuda_exits_2(tmp_path, workers):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert "--device cuda" in r.stderr
+
+
+@pytest.mark.parametrize("choice, device, compiled, on", [
+    ("auto", "cuda", True, True), ("auto", "cuda", False, False), ("auto", "cpu", True, False),
+    ("auto", "cpu", False, False), ("on", "cpu", False, True), ("off", "cuda", True, False),
+])
+def test_auto_switches_are_on_for_compiled_cuda_only(choice, device, compiled, on):
+    """optim.master_weights and run.fused_loss default to auto: on where they were measured faster (compiled, CUDA:
+    benchmarks/RESULTS.md), off elsewhere, so CPU runs keep the plain path and its loss digests."""
+    from megacluster.train import optim
+
+    assert optim.on_for_compiled_cuda(choice, torch.device(device), compiled) is on
+
+
+@pytest.mark.parametrize("key", ["optim.master_weights", "run.fused_loss"])
+def test_auto_defaults_follow_the_switch_in_the_worker(tmp_path, key):
+    """The Worker applies the switch: the default (auto) on CPU builds the plain path; `on` builds the other."""
+    from megacluster.train.optim import MasterAdamW
+
+    def built(*extra):
+        w = Worker(micro_cfg(tmp_path, "w", *extra), init_place("cpu"))
+        return isinstance(w.opt, MasterAdamW) if key.startswith("optim") else w.model.fused_loss
+
+    section, name = key.split(".")
+    assert getattr(getattr(config.build("tiny", None, []), section), name) == "auto"
+    assert built() is False and built("run.compile=on") is False  # CPU: auto is off, compiled or not
+    assert built(f"{key}=on") is True
