@@ -49,8 +49,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate pairs (x[..., j], x[..., j + hs/2]) of x: (B, T, h, hs) by position; cos/sin: (T, hs/2).
 
     Chunk and cat, not x * cos + swap_halves(x) * sin: the same products and sums, but on the H200 Inductor made
-    the swap form's backward (pointwise, merged with the q/k/v gradient cat) one kernel 3.7x slower than this
-    form's two (7.7 vs 2.1 ms per step at 124M; benchmarks/RESULTS.md).
+    the swap form's backward (pointwise, merged with the q/k/v gradient cat) one kernel 3.7-4.8x slower than
+    this form's two (7.6 vs 1.6 ms per step at 124M; benchmarks/RESULTS.md).
     """
     x1, x2 = x.float().chunk(2, dim=-1)
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # broadcast over B and heads

@@ -3,9 +3,10 @@
 - `TorchAdamW` (`optim.master_weights = "off"`): torch's AdamW over the model's own fp32 weights (fused
   kernel on CUDA). Under bf16 autocast every forward casts each weight to bf16 and every backward casts each
   bf16 weight gradient back to fp32 (12 bytes per parameter per step), and the norm reads fp32 gradients.
-- `MasterAdamW` (`"on"`, and `"auto"` (the default) in compiled CUDA runs, where it was measured faster): the model's weights are kept in the compute dtype (`run.dtype`), as views of one
-  flat buffer; the optimizer keeps one flat fp32 master copy with the moments and updates it in one
-  elementwise pass that also rewrites the low-precision weights (Megatron's fp32 "main params" beside bf16
+- `MasterAdamW` (`"on"`; `"auto"`, the default, in compiled CUDA runs, where it was measured faster): the
+  model's weights are kept in the compute dtype (`run.dtype`), as views of one flat buffer; the optimizer
+  keeps one flat fp32 master copy with the moments and updates it in one elementwise pass that also rewrites
+  the low-precision weights (Megatron's fp32 "main params" beside bf16
   model params; FSDP2's `param_dtype`). No cast in the forward or backward. Gradients stay in the compute
   dtype: the matmul weights' were bf16 matmul outputs before too, but the embedding lookup's (not autocast)
   and, under torch.compile, the norm gains' were fp32 and are now rounded to bf16. Several micro-batches are
