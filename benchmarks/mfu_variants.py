@@ -186,12 +186,20 @@ def main() -> int:
     except ValueError as e:
         ap.error(str(e))  # exit 2, before anything runs
     a.out.mkdir(parents=True, exist_ok=True)
+    # the jobs run in sessions of their own (so a kill reaches their compile workers): if this driver is
+    # stopped, stop them too rather than leave them holding the GPU
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT),
            "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", str(ROOT / "build" / "inductor-cache"))}
-    if a.parallel:
-        run_parallel(jobs, a.out, shlex.split(a.args), a.limit, a.reserve, env)
-    else:
-        run_serial(jobs, a.out, shlex.split(a.args), a.limit, env)
+    try:
+        if a.parallel:
+            run_parallel(jobs, a.out, shlex.split(a.args), a.limit, a.reserve, env)
+        else:
+            run_serial(jobs, a.out, shlex.split(a.args), a.limit, env)
+    finally:
+        for job in jobs:
+            if job.proc is not None and job.proc.poll() is None:
+                kill(job, "driver stopped")
     print(table(jobs), flush=True)
     return 0 if all(j.rc == 0 and not j.killed for j in jobs) else 1
 
