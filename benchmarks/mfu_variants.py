@@ -2,7 +2,7 @@
 --sdpa and --inductor settings are process-wide) under a time limit, every finished shape appended at once to
 OUT/mfu.jsonl as one JSON line tagged with its variant, so a call cut short keeps what finished.
 
-    python benchmarks/mfu_variants.py --shapes gpt2-124m gpt2-1.5b default master+fused
+    python benchmarks/mfu_variants.py --shapes gpt2-124m gpt2-1.5b default plain
     python benchmarks/mfu_variants.py --parallel default@gpt2-774m master@gpt2-124m ...
 
 A job is VARIANT (run on every --shapes) or VARIANT@SHAPE. Serially (the default) each variant is one process
@@ -48,9 +48,7 @@ VARIANTS = {  # "default" is the trainer's own (on CUDA: master weights and the 
     "graphs": ["--compile-mode", "reduce-overhead"],
     "flash": ["--sdpa", "flash"],
 }
-
-
-PROFILE = "--profile"
+PROFILE = "--profile"  # a train_mfu.py flag the driver gives each job its own directory for
 
 
 @dataclass(slots=True)

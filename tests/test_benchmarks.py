@@ -64,25 +64,29 @@ def test_mfu_variants_parallel_times_one_job_at_a_time(tmp_path):
 
 
 def test_gate_waits_for_every_job_then_excludes(tmp_path):
-    """A process enters only when all expected tags are ready or gone, and holds the lock alone."""
+    """A process enters only when all expected tags are ready or gone, and only while no other holds the lock."""
+    import fcntl
+    import threading
+
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         from train_mfu import Gate
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    import threading
 
     entered = []
     g = Gate(tmp_path, "a", 3)
     t = threading.Thread(target=lambda: (g.__enter__(), entered.append(1), g.__exit__(None, None, None)))
-    t.start()
-    t.join(1.0)
-    assert not entered and (tmp_path / "ready.a").exists()  # "b" and "c" not there yet
-    (tmp_path / "ready.b").touch()
-    (tmp_path / "exit.c").touch()  # c crashed: the driver says so
+    with open(tmp_path / "gpu.lock", "w") as other:  # another job is timing
+        fcntl.flock(other, fcntl.LOCK_EX)
+        t.start()
+        t.join(1.0)
+        assert not entered and (tmp_path / "ready.a").exists()  # "b" and "c" not there yet
+        (tmp_path / "ready.b").touch()
+        (tmp_path / "exit.c").touch()  # c crashed: the driver says so
+        t.join(1.5)
+        assert not entered  # everyone has arrived, but the GPU is still taken
     t.join(5.0)
     assert entered == [1]
-    import fcntl
-
     with open(tmp_path / "gpu.lock", "w") as f:  # released after the timed part
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
