@@ -3,7 +3,7 @@
     python benchmarks/train_mfu.py                      # the four shapes at nanoGPT's batch sizes, on CUDA
     python benchmarks/train_mfu.py --shapes gpt2-124m --steps 30
     python benchmarks/train_mfu.py --device cpu --smoke # CPU smoke test of this script (tiny shapes)
-    python benchmarks/train_mfu.py --profile out/       # also a kernel-time table per shape (torch.profiler)
+    python benchmarks/train_mfu.py --profile out/       # also kernel-time table, trace, idle gaps per shape
     python benchmarks/train_mfu.py --sdpa cudnn         # force one attention backend (default: torch's choice)
     python benchmarks/train_mfu.py --compile-mode max-autotune-no-cudagraphs   # a torch.compile mode to try
     python benchmarks/train_mfu.py --set optim.master_weights=on     # any trainer key (here: bf16 weights)
@@ -37,6 +37,9 @@ import torch
 from megacluster import config
 from megacluster import model as model_mod
 from megacluster.train.loop import Worker, init_place
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import trace_gaps  # noqa: E402 (a sibling script)
 
 # the GPT-2 presets carry nanoGPT's batch sizes on one H100 (32/16/12/8 sequences of 1024 tokens, issue 2)
 SHAPES = {name: config.PRESETS[name]["run"]["batch_size"]
@@ -81,8 +84,9 @@ def _row(w: Worker, cfg, preset: str, batch: int, steps: int, dt: float, loss: t
             "peak_mem_gb": mem}
 
 
-def kernel_table(w: Worker, step0: int, steps: int, path: Path) -> None:
-    """Profile `steps` more steps; write the kernels sorted by device time, and their share by kind."""
+def kernel_table(w: Worker, step0: int, steps: int, path: Path, trace: Path | None = None) -> None:
+    """Profile `steps` more steps; write the kernels sorted by device time, and their share by kind. With `trace`
+    (a .json.gz path) also the chrome trace, and beside it the GPU's idle gaps (trace_gaps.py: gaps-<...>.txt)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -100,7 +104,7 @@ def kernel_table(w: Worker, step0: int, steps: int, path: Path) -> None:
         n = e.key.lower()
         kind = ("optimizer" if ("lerp" in n or "addcmul" in n) else  # optim.adamw_update, compiled
                 "attention" if ("flash" in n or "fmha" in n or "sdpa" in n or "cudnn" in n) else
-                "elementwise (triton)" if n.startswith("triton") else
+                "elementwise (triton)" if n.startswith(("triton", "_swiglu")) else  # Inductor's, kernels.py's
                 "matmul" if ("gemm" in n or "nvjet" in n or "cutlass" in n) else
                 "optimizer" if ("adam" in n or "multi_tensor" in n) else
                 "copy" if ("memcpy" in n or "memset" in n) else
@@ -115,6 +119,11 @@ def kernel_table(w: Worker, step0: int, steps: int, path: Path) -> None:
                      f"ms/step  x{e.count // steps:<4d} {e.key[:140]}")
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines[: len(kinds) + 1]), file=sys.stderr, flush=True)
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
+        gap_text = trace_gaps.summary(trace_gaps.load(trace), steps)
+        trace.with_name(trace.name.replace("trace-", "gaps-").replace(".json.gz", ".txt")).write_text(gap_text)
+        print(gap_text.splitlines()[0], file=sys.stderr, flush=True)
 
 
 def bench(preset: str, batch: int, steps: int, warmup: int, device: str, shard: Path, smoke: bool,
@@ -148,7 +157,8 @@ def bench(preset: str, batch: int, steps: int, warmup: int, device: str, shard: 
             row = _row(w, cfg, preset, batch, steps, dt, loss)
             if profile_dir is not None:
                 profile_dir.mkdir(parents=True, exist_ok=True)
-                kernel_table(w, warmup + rewarm + steps + 1, 3, profile_dir / f"kernels-{preset}.txt")
+                kernel_table(w, warmup + rewarm + steps + 1, 3, profile_dir / f"kernels-{preset}.txt",
+                             profile_dir / f"trace-{preset}.json.gz")
         if w.ckpt is not None:
             w.ckpt.close()
         del w

@@ -90,3 +90,31 @@ def test_gate_waits_for_every_job_then_excludes(tmp_path):
     assert entered == [1]
     with open(tmp_path / "gpu.lock", "w") as f:  # released after the timed part
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_trace_gaps_splits_idle_into_host_late_and_device_gaps():
+    """Three kernels: a 2 us gap whose next kernel was launched long before (device-side), then a 30 us gap
+    whose next kernel's launch started only after the GPU went idle (host-late), with a sync and a pin_memory
+    on the host meanwhile."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import trace_gaps
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def ev(cat, name, ts, dur, corr=None):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, **({"args": {"correlation": corr}}
+                                                                               if corr is not None else {})}
+    events = [ev("kernel", "a", 0, 10, 1), ev("kernel", "b", 12, 8, 2), ev("kernel", "c", 50, 10, 3),
+              ev("cuda_runtime", "cudaLaunchKernel", 1, 1, 2), ev("cuda_runtime", "cudaLaunchKernel", 45, 2, 3),
+              ev("cuda_runtime", "cudaStreamSynchronize", 21, 3), ev("cpu_op", "aten::pin_memory", 25, 15),
+              ev("cpu_op", "before_idle", 0, 5)]
+    found, span, busy = trace_gaps.gaps(events)
+    assert (span, busy) == (60, 28)
+    assert [(g.us, g.before, g.after, g.host_late) for g in found] == [(2, "a", "b", False), (30, "b", "c", True)]
+    during = trace_gaps.host_during(events, [(g.start, g.end) for g in found if g.host_late])
+    assert during == {"cudaStreamSynchronize": 3, "aten::pin_memory": 15, "cudaLaunchKernel": 2}
+    text = trace_gaps.summary(events, steps=2)
+    assert text.startswith("per step (2 traced): span 0.03 ms, GPU busy 0.01 ms, idle 0.02 ms in 1 gaps; "
+                           "host-late 0.01 ms in 0 gaps")
+    assert "cudaStreamSynchronize" in text.split("can block the host")[1]
