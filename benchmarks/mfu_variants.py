@@ -47,6 +47,7 @@ VARIANTS = {  # "default" is the trainer's own (on CUDA: master weights and the 
     "autotune": ["--compile-mode", "max-autotune-no-cudagraphs"],
     "graphs": ["--compile-mode", "reduce-overhead"],
     "flash": ["--sdpa", "flash"],
+    "nokernel": ["--set", "run.swiglu_kernel=off"],  # the SwiGLU backward as Inductor writes it
 }
 PROFILE = "--profile"  # a train_mfu.py flag the driver gives each job its own directory for
 

@@ -68,6 +68,8 @@ class RunConfig:
     compile: str = "auto"  # auto (on for cuda) | on | off
     fused_loss: str = "auto"  # on: the training loss writes its logits gradient in the forward (model.HeadLoss);
     # auto: on for compiled CUDA runs (measured faster there), off otherwise
+    swiglu_kernel: str = "auto"  # auto: the SwiGLU backward as one Triton kernel wherever it can run (CUDA with
+    # Triton; megacluster/kernels.py); off: autograd's own (Inductor's kernel when compiled)
     workers: int = 1  # local worker processes (ignored under torchrun, which sets the world)
     run_dir: str = "runs/latest"
     resume: bool = False
@@ -100,6 +102,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.dtype": ("auto", "bf16", "fp32"),
     "run.compile": ("auto", "on", "off"),
     "run.fused_loss": ("auto", "on", "off"),
+    "run.swiglu_kernel": ("auto", "off"),
     "run.balance": ("equal", "auto"),
 }
 POSITIVE = {"model.vocab_size", "model.n_layer", "model.n_head", "model.d_model", "model.seq_len",

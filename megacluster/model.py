@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .config import ModelConfig, ffn_hidden
 
 
@@ -125,24 +126,28 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, m: ModelConfig):
+    def __init__(self, m: ModelConfig, kernel: bool = False):
         super().__init__()
         self.hidden = ffn_hidden(m)
+        self.kernel = kernel  # the backward as one Triton kernel where it can run (kernels.py): same math
         self.gate_up = nn.Linear(m.d_model, 2 * self.hidden, bias=False)  # gate and up fused in one matmul
         self.down = nn.Linear(self.hidden, m.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        gate_up = self.gate_up(x)  # (B, T, 2f)
+        if self.kernel and kernels.available(gate_up):
+            return self.down(kernels.swiglu(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
 
 class Block(nn.Module):
-    def __init__(self, m: ModelConfig):
+    def __init__(self, m: ModelConfig, swiglu_kernel: bool = False):
         super().__init__()
         self.attn_norm = RMSNorm(m.d_model, m.norm_eps)
         self.attn = Attention(m)
         self.mlp_norm = RMSNorm(m.d_model, m.norm_eps)
-        self.mlp = SwiGLU(m)
+        self.mlp = SwiGLU(m, swiglu_kernel)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
@@ -156,12 +161,12 @@ class GPT(nn.Module):
     that any split of the batch over workers and micro-batches gives the same gradient.
     """
 
-    def __init__(self, m: ModelConfig, fused_loss: bool = False):
+    def __init__(self, m: ModelConfig, fused_loss: bool = False, swiglu_kernel: bool = False):
         super().__init__()
         self.config = m
         self.fused_loss = fused_loss  # training loss through HeadLoss (same value, one pass less)
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
-        self.blocks = nn.ModuleList(Block(m) for _ in range(m.n_layer))
+        self.blocks = nn.ModuleList(Block(m, swiglu_kernel) for _ in range(m.n_layer))
         self.norm = RMSNorm(m.d_model, m.norm_eps)
         self.head = nn.Linear(m.d_model, m.vocab_size, bias=False)
         if m.tie_embeddings:
