@@ -71,3 +71,40 @@ def test_compiled_model_with_the_kernel_trains_like_without():
     torch.testing.assert_close(l1, l0)  # the forward is the same ops
     for a, b in zip(g0, g1):
         torch.testing.assert_close(b, a, atol=2e-3, rtol=2e-2)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_kernel_traces_with_a_dynamic_batch(monkeypatch):
+    """The trainer marks the batch dynamic when shares move (run.balance=auto): the model with the kernel must
+    still compile to one graph, the kernel's grid symbolic. Traced here on CPU (Dynamo + AOTAutograd, the joint
+    graph holding the backward's kernel); only the forward runs, the kernel itself needs a GPU."""
+    from megacluster import kernels
+    from megacluster.config import ModelConfig
+    from megacluster.model import GPT
+
+    monkeypatch.setattr(kernels, "available", lambda x: True)
+    torch._dynamo.reset()
+    model = GPT(ModelConfig(vocab_size=256, n_layer=1, n_head=2, d_model=32, seq_len=16), swiglu_kernel=True)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        from torch._dynamo.backends.common import aot_autograd
+
+        def keep(g, _):
+            graphs.append(g)
+            return g.forward  # run the traced graph as is (the joint graph was traced symbolically first)
+
+        return aot_autograd(fw_compiler=keep, bw_compiler=keep)(gm, example_inputs)
+
+    f = torch.compile(model, backend=backend, fullgraph=True)
+    for b in (2, 3, 5):
+        rows = torch.randint(0, 256, (b, 17))
+        x, y = rows[:, :-1], rows[:, 1:]
+        torch._dynamo.mark_dynamic(x, 0)  # as Worker.micro_step does
+        torch._dynamo.mark_dynamic(y, 0)
+        assert f(x, y).detach() > 0
+    assert len(graphs) == 2  # one forward and one backward graph for every batch size
+    launches = [n for n in graphs[1].graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    assert len(launches) == 1  # the kernel, in the backward graph
+    rows_blocks = launches[0].kwargs["grid"][0][0]
+    assert isinstance(rows_blocks, torch.fx.Node)  # its grid follows the batch (symbolic), not baked in
