@@ -8,9 +8,14 @@ writes of f values per row, the least the gradient needs. The math is silu's der
 
     s = sigmoid(g);  d up = dh * g * s;  d gate = dh * u * s * (1 + g * (1 - s))
 
-Triton is only on GPU machines: `available()` says whether the kernel can run for a tensor; the model falls back
-to plain autograd (Inductor's kernel when compiled) otherwise. Registered as a torch.library triton_op, so
-torch.compile keeps it in the compiled graph as a user kernel (no graph break).
+`rope_qkv_backward(dq, dk, dv, cos, sin)` = d qkv for model.SplitRope (split of the fused q/k/v projection, then
+RoPE on q and k): the rotation's transpose for q and k and the copy of dv, written straight into d qkv, one
+kernel where Inductor writes two (RoPE's backward, then the cat). Written, not yet measured: `run.rope_kernel`
+is off by default.
+
+Triton is only on GPU machines: `available()` says whether the kernels can run for a tensor; the model falls back
+to plain autograd (Inductor's kernels when compiled) otherwise. Registered as torch.library triton_ops, so
+torch.compile keeps them in the compiled graph as user kernels (no graph break).
 """
 
 from __future__ import annotations
@@ -58,6 +63,54 @@ if triton is not None:
 
         wrap_triton(_swiglu_backward_kernel)[grid](gate_up, dh, out, rows, f, BLOCK_R=block_r, BLOCK_C=block_c,
                                                    num_warps=4)
+        return out
+
+
+    @triton.jit
+    def _rope_qkv_backward_kernel(dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, out_ptr, T, nh, nkv,
+                                  sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
+                                  HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):
+        # one (BLOCK_T positions, one head, one sequence) tile: out[b, t, head*hs : (head+1)*hs], hs = 2*HALF
+        t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T))[:, None]
+        head = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        j = tl.arange(0, BLOCK_J)[None, :]
+        mask = (t < T) & (j < HALF)
+        out = out_ptr + (b * T + t) * ((nh + 2 * nkv) * 2 * HALF) + head * (2 * HALF) + j
+        if head < nh + nkv:  # q or k: the rotation's transpose, (dy1, dy2) -> (dy1 c + dy2 s, dy2 c - dy1 s)
+            if head < nh:
+                src = dq_ptr + b * sqb + t * sqt + head * sqh + j
+            else:
+                src = dk_ptr + b * skb + t * skt + (head - nh) * skh + j
+            g1 = tl.load(src, mask=mask).to(tl.float32)
+            g2 = tl.load(src + HALF, mask=mask).to(tl.float32)
+            c = tl.load(cos_ptr + t * HALF + j, mask=mask)
+            s = tl.load(sin_ptr + t * HALF + j, mask=mask)
+            tl.store(out, (g1 * c + g2 * s).to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out + HALF, (g2 * c - g1 * s).to(out_ptr.dtype.element_ty), mask=mask)
+        else:  # v: copied into its place
+            src = dv_ptr + b * svb + t * svt + (head - nh - nkv) * svh + j
+            tl.store(out, tl.load(src, mask=mask), mask=mask)
+            tl.store(out + HALF, tl.load(src + HALF, mask=mask), mask=mask)
+
+    @triton_op("megacluster::rope_qkv_backward", mutates_args={})
+    def rope_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor) -> torch.Tensor:
+        """d qkv (B, T, (nh + 2 nkv) hs) from the gradients of RoPE'd q (B, T, nh, hs), k and v (B, T, nkv, hs),
+        any strides with unit stride in the last dim; cos/sin (T, hs/2) fp32 contiguous."""
+        B, T, nh, hs = dq.shape
+        nkv = dk.shape[2]
+        dq, dk, dv = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk, dv))
+        out = torch.empty((B, T, (nh + 2 * nkv) * hs), dtype=dq.dtype, device=dq.device)
+        block_t = 32
+
+        def grid(meta):
+            return triton.cdiv(T, block_t), nh + 2 * nkv, B
+
+        wrap_triton(_rope_qkv_backward_kernel)[grid](
+            dq, dk, dv, cos, sin, out, T, nh, nkv, dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0),
+            dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), HALF=hs // 2, BLOCK_T=block_t,
+            BLOCK_J=triton.next_power_of_2(hs // 2), num_warps=4)
         return out
 
 

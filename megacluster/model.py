@@ -102,21 +102,48 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)  # bf16 stream: bf16 weight
 
 
+def split_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nh: int, nkv: int):
+    """The fused projection's output (B, T, (nh + 2 nkv) hs) -> RoPE'd q (B, T, nh, hs), k and v (B, T, nkv, hs)."""
+    B, T, C = qkv.shape
+    hs = C // (nh + 2 * nkv)
+    q, k, v = qkv.split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+    return apply_rope(q.view(B, T, nh, hs), cos, sin), apply_rope(k.view(B, T, nkv, hs), cos, sin), \
+        v.view(B, T, nkv, hs)
+
+
+class SplitRope(torch.autograd.Function):
+    """split_rope with the backward as one Triton kernel (kernels.rope_qkv_backward): RoPE's backward for q and
+    k and the assembly of d qkv, which Inductor writes as two kernels (RoPE's, then a cat). An experiment
+    (`run.rope_kernel`), not measured yet."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nh: int, nkv: int):
+        ctx.save_for_backward(cos, sin)
+        return split_rope(qkv, cos, sin, nh, nkv)
+
+    @staticmethod
+    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return kernels.rope_qkv_backward(dq, dk, dv, cos, sin), None, None, None, None
+
+
 class Attention(nn.Module):
-    def __init__(self, m: ModelConfig):
+    def __init__(self, m: ModelConfig, rope_kernel: bool = False):
         super().__init__()
         self.nh, self.nkv = m.n_head, (m.n_kv_head or m.n_head)
         self.hs = m.d_model // m.n_head
+        self.rope_kernel = rope_kernel  # SplitRope's one-kernel backward where it can run (kernels.py)
         # one fused projection for q, k, v: fewer, larger matmuls
         self.qkv = nn.Linear(m.d_model, (self.nh + 2 * self.nkv) * self.hs, bias=False)
         self.proj = nn.Linear(self.nh * self.hs, m.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([self.nh * self.hs, self.nkv * self.hs, self.nkv * self.hs], dim=-1)
-        q = apply_rope(q.view(B, T, self.nh, self.hs), cos, sin)  # (B, T, nh, hs)
-        k = apply_rope(k.view(B, T, self.nkv, self.hs), cos, sin)  # (B, T, nkv, hs)
-        v = v.view(B, T, self.nkv, self.hs)
+        qkv = self.qkv(x)  # (B, T, (nh + 2 nkv) hs)
+        if self.rope_kernel and kernels.available(qkv):
+            q, k, v = SplitRope.apply(qkv, cos, sin, self.nh, self.nkv)
+        else:
+            q, k, v = split_rope(qkv, cos, sin, self.nh, self.nkv)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, h, T, hs), the layout SDPA wants
         if self.nkv != self.nh:  # grouped-query attention: each kv head serves nh/nkv query heads
             k = k.repeat_interleave(self.nh // self.nkv, dim=1)
@@ -142,10 +169,10 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, m: ModelConfig, swiglu_kernel: bool = False):
+    def __init__(self, m: ModelConfig, swiglu_kernel: bool = False, rope_kernel: bool = False):
         super().__init__()
         self.attn_norm = RMSNorm(m.d_model, m.norm_eps)
-        self.attn = Attention(m)
+        self.attn = Attention(m, rope_kernel)
         self.mlp_norm = RMSNorm(m.d_model, m.norm_eps)
         self.mlp = SwiGLU(m, swiglu_kernel)
 
@@ -161,12 +188,13 @@ class GPT(nn.Module):
     that any split of the batch over workers and micro-batches gives the same gradient.
     """
 
-    def __init__(self, m: ModelConfig, fused_loss: bool = False, swiglu_kernel: bool = False):
+    def __init__(self, m: ModelConfig, fused_loss: bool = False, swiglu_kernel: bool = False,
+                 rope_kernel: bool = False):
         super().__init__()
         self.config = m
         self.fused_loss = fused_loss  # training loss through HeadLoss (same value, one pass less)
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
-        self.blocks = nn.ModuleList(Block(m, swiglu_kernel) for _ in range(m.n_layer))
+        self.blocks = nn.ModuleList(Block(m, swiglu_kernel, rope_kernel) for _ in range(m.n_layer))
         self.norm = RMSNorm(m.d_model, m.norm_eps)
         self.head = nn.Linear(m.d_model, m.vocab_size, bias=False)
         if m.tie_embeddings:

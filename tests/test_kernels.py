@@ -1,4 +1,4 @@
-"""megacluster/kernels.py: the Triton SwiGLU backward against autograd's. On a CUDA machine with Triton it runs on
+"""megacluster/kernels.py: the Triton SwiGLU and RoPE backwards against autograd's. On a CUDA machine with Triton it runs on
 the GPU, also compiled inside the model; on a CPU machine with Triton installed, through Triton's interpreter (in a
 subprocess: the interpreter is chosen when the kernel is defined); without Triton (CI) these skip."""
 
@@ -35,9 +35,36 @@ def check_backward(device: str, dtype: torch.dtype, tol: float) -> None:
         torch.testing.assert_close(y.float(), (F.silu(gate) * up).detach(), atol=tol, rtol=tol)
 
 
+def check_rope_backward(device: str, dtype: torch.dtype, tol: float) -> None:
+    """SplitRope (backward: kernels.rope_qkv_backward) against autograd through split_rope: MHA and GQA, a head
+    size whose half is not a power of two, a position count that is not a whole tile, and gradients in SDPA's
+    (B, h, T, hs) layout seen through a transpose (as the trainer's are) or contiguous."""
+    from megacluster.model import SplitRope, rope_cache, split_rope
+
+    torch.manual_seed(0)
+    for B, T, nh, nkv, hs, sdpa_layout in [(2, 40, 4, 4, 16, True), (1, 33, 4, 2, 12, False), (2, 64, 2, 1, 64, True)]:
+        cos, sin = (t.to(device) for t in rope_cache(T, hs, 10000.0))
+        qkv = torch.randn(B, T, (nh + 2 * nkv) * hs, device=device, dtype=dtype)
+        grads = [torch.randn(B, h, T, hs, device=device, dtype=dtype).transpose(1, 2) if sdpa_layout else
+                 torch.randn(B, T, h, hs, device=device, dtype=dtype) for h in (nh, nkv, nkv)]
+        ref = qkv.float().clone().requires_grad_()
+        outs = split_rope(ref, cos, sin, nh, nkv)
+        torch.autograd.backward(outs, [g.float() for g in grads])
+        x = qkv.clone().requires_grad_()
+        mine = SplitRope.apply(x, cos, sin, nh, nkv)
+        torch.autograd.backward(mine, grads)
+        assert x.grad.dtype == dtype and x.grad.shape == qkv.shape
+        torch.testing.assert_close(x.grad.float(), ref.grad, atol=tol, rtol=tol)
+        for a, b in zip(mine, outs):
+            torch.testing.assert_close(a.float(), b.detach(), atol=tol, rtol=tol)
+
+
 @pytest.mark.skipif(not HAS_TRITON or CUDA, reason="needs Triton (run through its interpreter on a CPU machine)")
-def test_swiglu_backward_in_the_interpreter():
-    code = "import torch, tests.test_kernels as t; t.check_backward('cpu', torch.float32, 1e-5); print('ok')"
+def test_kernels_in_the_interpreter():
+    code = ("import torch, tests.test_kernels as t\n"
+            "for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):\n"
+            "    t.check_backward('cpu', dtype, tol); t.check_rope_backward('cpu', dtype, tol)\n"
+            "print('ok')")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1",
                        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
                        capture_output=True, text=True, timeout=300, check=False)
@@ -45,24 +72,29 @@ def test_swiglu_backward_in_the_interpreter():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and Triton")
-def test_swiglu_backward_on_the_gpu():
+def test_kernels_on_the_gpu():
     check_backward("cuda", torch.float32, 1e-5)
     check_backward("cuda", torch.bfloat16, 2e-2)  # one rounding to bf16 at the end, vs fp32 autograd
+    check_rope_backward("cuda", torch.float32, 1e-5)
+    check_rope_backward("cuda", torch.bfloat16, 2e-2)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and Triton")
-def test_compiled_model_with_the_kernel_trains_like_without():
-    """The GPU path: compiled, bf16 autocast. Loss and every gradient as with the plain SwiGLU backward."""
+@pytest.mark.parametrize("which", ["swiglu_kernel", "rope_kernel"])
+def test_compiled_model_with_the_kernel_trains_like_without(which):
+    """The GPU path: compiled, bf16 autocast. Loss and every gradient as with autograd's own backward."""
     from megacluster.config import ModelConfig
     from megacluster.model import GPT
 
-    m = ModelConfig(vocab_size=512, n_layer=2, n_head=4, d_model=128, seq_len=64)
+    from megacluster import kernels
+
+    assert kernels.available(torch.empty(1, device="cuda"))  # so the model below takes the kernel's path
+    m = ModelConfig(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, d_model=128, seq_len=64)
     idx = torch.randint(0, 512, (4, 65), device="cuda")
     grads = []
     for kernel in (False, True):
         torch.manual_seed(0)
-        model = GPT(m, swiglu_kernel=kernel).cuda()
-        assert model.blocks[0].mlp.kernel is kernel
+        model = GPT(m, **{which: kernel}).cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = torch.compile(model, fullgraph=True)(idx[:, :-1], idx[:, 1:])  # no graph break
         loss.backward()
@@ -74,9 +106,9 @@ def test_compiled_model_with_the_kernel_trains_like_without():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
-def test_kernel_traces_with_a_dynamic_batch(monkeypatch):
-    """The trainer marks the batch dynamic when shares move (run.balance=auto): the model with the kernel must
-    still compile to one graph, the kernel's grid symbolic. Traced here on CPU (Dynamo + AOTAutograd, the joint
+def test_kernels_trace_with_a_dynamic_batch(monkeypatch):
+    """The trainer marks the batch dynamic when shares move (run.balance=auto): the model with the kernels must
+    still compile to one graph, their grids symbolic. Traced here on CPU (Dynamo + AOTAutograd, the joint
     graph holding the backward's kernel); only the forward runs, the kernel itself needs a GPU."""
     from megacluster import kernels
     from megacluster.config import ModelConfig
@@ -84,7 +116,8 @@ def test_kernel_traces_with_a_dynamic_batch(monkeypatch):
 
     monkeypatch.setattr(kernels, "available", lambda x: True)
     torch._dynamo.reset()
-    model = GPT(ModelConfig(vocab_size=256, n_layer=1, n_head=2, d_model=32, seq_len=16), swiglu_kernel=True)
+    model = GPT(ModelConfig(vocab_size=256, n_layer=1, n_head=2, d_model=32, seq_len=16), swiglu_kernel=True,
+                rope_kernel=True)
     graphs = []
 
     def backend(gm, example_inputs):
@@ -105,6 +138,6 @@ def test_kernel_traces_with_a_dynamic_batch(monkeypatch):
         assert f(x, y).detach() > 0
     assert len(graphs) == 2  # one forward and one backward graph for every batch size
     launches = [n for n in graphs[1].graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
-    assert len(launches) == 1  # the kernel, in the backward graph
-    rows_blocks = launches[0].kwargs["grid"][0][0]
-    assert isinstance(rows_blocks, torch.fx.Node)  # its grid follows the batch (symbolic), not baked in
+    assert len(launches) == 2  # both kernels, in the backward graph
+    grids = [n.kwargs["grid"][0] for n in launches]  # SwiGLU's (row blocks, ...), RoPE's (..., ..., batch)
+    assert isinstance(grids[0][0], torch.fx.Node) and isinstance(grids[1][2], torch.fx.Node)  # follow the batch

@@ -198,7 +198,8 @@ class Worker:
         self.corpus = corpus or prepare(cfg.data, cfg.model.vocab_size)
         self.compiled = cfg.run.compile == "on" or (cfg.run.compile == "auto" and place.device.type == "cuda")
         fused_loss = optim.on_for_compiled_cuda(cfg.run.fused_loss, place.device, self.compiled)
-        self.model = GPT(cfg.model, fused_loss=fused_loss, swiglu_kernel=cfg.run.swiglu_kernel == "auto")
+        self.model = GPT(cfg.model, fused_loss=fused_loss, swiglu_kernel=cfg.run.swiglu_kernel == "auto",
+                         rope_kernel=cfg.run.rope_kernel == "auto")
         self.model.to(place.device)
         self.dtype = self._dtype()
         self.opt = optim.build(self.model, cfg.optim, place.device, self.dtype, self.compiled)
@@ -300,7 +301,7 @@ class Worker:
         self._pinned_turn = (self._pinned_turn + 1) % PINNED_RING
         slot[1].synchronize()  # the copy that last read this buffer is done (PINNED_RING calls ago: long since)
         if slot[0].numel() < t.numel() or slot[0].dtype != t.dtype:
-            slot[0] = torch.empty(t.numel(), dtype=t.dtype).pin_memory()
+            slot[0] = torch.empty(t.numel(), dtype=t.dtype, pin_memory=True)
         host = slot[0][: t.numel()].view(t.shape)
         np.copyto(host.numpy(), rows, casting="no")  # a plain memcpy on this thread
         out = host.to(self.place.device, non_blocking=True)

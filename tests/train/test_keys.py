@@ -140,9 +140,12 @@ def test_auto_defaults_follow_the_switch_in_the_worker(tmp_path, key):
     assert built(f"{key}=on") is True
 
 
-def test_swiglu_kernel_reaches_every_block(tmp_path):
+def test_kernel_keys_reach_every_block(tmp_path):
     """run.swiglu_kernel: auto asks every SwiGLU for the Triton backward (used where it can run: CUDA with Triton;
     tests/test_kernels.py checks its math, benchmarks/RESULTS.md its speed); off keeps autograd's."""
     for choice, on in (("auto", True), ("off", False)):
         w = Worker(micro_cfg(tmp_path, choice, f"run.swiglu_kernel={choice}"), init_place("cpu"))
         assert [b.mlp.kernel for b in w.model.blocks] == [on] * len(w.model.blocks)
+    assert not Worker(micro_cfg(tmp_path, "default"), init_place("cpu")).model.blocks[0].attn.rope_kernel  # off
+    w = Worker(micro_cfg(tmp_path, "rope", "run.rope_kernel=auto"), init_place("cpu"))
+    assert all(b.attn.rope_kernel for b in w.model.blocks)
