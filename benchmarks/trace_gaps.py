@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+NOT_HOST = ("Trace", "gpu_user_annotation")  # the profiler's own whole-trace span; ranges drawn on the GPU track
 LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
 SYNC_CALLS = ("Synchronize", "cudaMemcpy", "cudaHostAlloc", "cudaFreeHost", "cudaMalloc", "cudaFree")
 
@@ -59,11 +60,14 @@ def gaps(events: list[dict], min_gap_us: float = 0.0) -> tuple[list[Gap], float,
     cur_start, cur_end, cur_name = gpu[0]["ts"], gpu[0]["ts"] + gpu[0]["dur"], gpu[0]["name"]
     for e in gpu[1:]:
         end = e["ts"] + e["dur"]
+        launched = launch.get(e.get("args", {}).get("correlation"))
         if e["ts"] > cur_end:  # idle from cur_end to e["ts"]
             busy += cur_end - cur_start
             if e["ts"] - cur_end >= min_gap_us:
-                out.append(Gap(cur_end, e["ts"], cur_name, e["name"], launch.get(e.get("args", {}).get("correlation"))))
+                out.append(Gap(cur_end, e["ts"], cur_name, e["name"], launched))
             cur_start = e["ts"]
+        elif out and e["ts"] == out[-1].end and launched is not None and out[-1].launched is not None:
+            out[-1].launched = min(out[-1].launched, launched)  # kernels starting together: the earliest launch
         if end >= cur_end:
             cur_end, cur_name = end, e["name"]
     busy += cur_end - cur_start
@@ -77,7 +81,8 @@ def host_during(events: list[dict], windows: list[tuple[float, float]]) -> dict[
     totals: dict[str, float] = {}
     starts = [w[0] for w in windows]
     for e in events:
-        if e.get("ph") != "X" or e.get("cat") in GPU_CATS or "dur" not in e:
+        if e.get("ph") != "X" or e.get("cat") in GPU_CATS + NOT_HOST or "dur" not in e \
+                or e["name"].startswith("ProfilerStep#"):
             continue
         lo, hi = e["ts"], e["ts"] + e["dur"]
         i = max(0, bisect.bisect_right(starts, lo) - 1)
@@ -104,8 +109,8 @@ def summary(events: list[dict], steps: int = 1, min_gap_us: float = 5.0, top: in
     every, span, busy = gaps(events)
     late = [g for g in every if g.host_late]
     lines = [f"per step ({steps} traced): span {span / 1e3 / steps:.2f} ms, GPU busy {busy / 1e3 / steps:.2f} ms, "
-             f"idle {(span - busy) / 1e3 / steps:.2f} ms in {len(every) / steps:.0f} gaps; host-late "
-             f"{sum(g.us for g in late) / 1e3 / steps:.2f} ms in {len(late) / steps:.0f} gaps"]
+             f"idle {(span - busy) / 1e3 / steps:.2f} ms in {len(every) / steps:.1f} gaps; host-late "
+             f"{sum(g.us for g in late) / 1e3 / steps:.2f} ms in {len(late) / steps:.1f} gaps"]
     edges = (0, 2, 5, 20, 100, 1000, float("inf"))
     for lo, hi in zip(edges, edges[1:]):
         sel = [g for g in every if lo <= g.us < hi]

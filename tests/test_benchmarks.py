@@ -108,13 +108,22 @@ def test_trace_gaps_splits_idle_into_host_late_and_device_gaps():
     events = [ev("kernel", "a", 0, 10, 1), ev("kernel", "b", 12, 8, 2), ev("kernel", "c", 50, 10, 3),
               ev("cuda_runtime", "cudaLaunchKernel", 1, 1, 2), ev("cuda_runtime", "cudaLaunchKernel", 45, 2, 3),
               ev("cuda_runtime", "cudaStreamSynchronize", 21, 3), ev("cpu_op", "aten::pin_memory", 25, 15),
-              ev("cpu_op", "before_idle", 0, 5)]
+              ev("cpu_op", "before_idle", 0, 5), ev("Trace", "PyTorch Profiler (0)", -5, 100),
+              ev("gpu_user_annotation", "Optimizer.step#AdamW.step", 0, 60)]
     found, span, busy = trace_gaps.gaps(events)
     assert (span, busy) == (60, 28)
     assert [(g.us, g.before, g.after, g.host_late) for g in found] == [(2, "a", "b", False), (30, "b", "c", True)]
     during = trace_gaps.host_during(events, [(g.start, g.end) for g in found if g.host_late])
-    assert during == {"cudaStreamSynchronize": 3, "aten::pin_memory": 15, "cudaLaunchKernel": 2}
+    assert during == {"cudaStreamSynchronize": 3, "aten::pin_memory": 15, "cudaLaunchKernel": 2}  # host work only
     text = trace_gaps.summary(events, steps=2)
-    assert text.startswith("per step (2 traced): span 0.03 ms, GPU busy 0.01 ms, idle 0.02 ms in 1 gaps; "
-                           "host-late 0.01 ms in 0 gaps")
+    assert text.startswith("per step (2 traced): span 0.03 ms, GPU busy 0.01 ms, idle 0.02 ms in 1.0 gaps; "
+                           "host-late 0.01 ms in 0.5 gaps")
     assert "cudaStreamSynchronize" in text.split("can block the host")[1]
+    # two streams: b and c run inside a's time, so the only gap is after a; d and e start together after it, and
+    # e was launched before the GPU went idle: not host-late
+    streams = [ev("kernel", "a", 0, 100, 1), ev("kernel", "b", 10, 10, 2), ev("kernel", "c", 30, 10, 3),
+               ev("kernel", "d", 150, 10, 4), ev("kernel", "e", 150, 5, 5),
+               ev("cuda_runtime", "cudaLaunchKernel", 120, 1, 4), ev("cuda_runtime", "cudaLaunchKernel", 90, 1, 5)]
+    found, span, busy = trace_gaps.gaps(streams)
+    assert (span, busy) == (160, 110)
+    assert [(g.start, g.end, g.host_late) for g in found] == [(100, 150, False)]
