@@ -12,7 +12,8 @@ device machine has 16 cores), then each times its steps alone, holding the GPU t
 Compile is most of a benchmark's wall time (1.5-2 min a shape), so a call measures several jobs in the time
 of one; the jobs must fit in GPU memory together (peak GB per shape at its batch, H100: 16 / 22 / 33 / 47).
 --limit is then the whole wave's: a job not warmed up when only --reserve seconds per waiting job are left is
-killed, so the ones ready can still time.
+killed, so the ones ready can still time. --memory GIB cuts the jobs, in order, into waves that fit (JOB_GIB per
+job, read on the H200): four jobs from 124M to 1.5B did not fit the H200 together.
 
 --args "..." is passed on (e.g. --args "--device cpu --smoke --steps 2 --warmup 1" checks this on a CPU).
 Exit status: 0 when every job finished, 1 when one failed or ran out of time (its finished shapes are still in
@@ -51,6 +52,10 @@ VARIANTS = {  # "default" is the trainer's own (on CUDA: master weights and the 
     "ropek": ["--set", "run.rope_kernel=auto"],  # RoPE's backward + the dqkv assembly as one Triton kernel
 }
 PROFILE = "--profile"  # a train_mfu.py flag the driver gives each job its own directory for
+# GPU memory one job's process held while waiting at the gate, GiB: its peak (RESULTS.md: 19.6 / 23.9 / 35.6 /
+# 50.1 GB) plus the CUDA context and the allocator's cache; 124M and 1.5B read off an out-of-memory report on the
+# H200 (22.2 and 46.2-49.2 GiB), the middle two scaled from their peaks
+JOB_GIB = {"gpt2-124m": 23, "gpt2-350m": 27, "gpt2-774m": 38, "gpt2-1.5b": 50}
 
 
 @dataclass(slots=True)
@@ -160,6 +165,19 @@ def run_parallel(jobs: list[Job], out: Path, args: list[str], limit: float, rese
                 running.remove(job)
 
 
+def waves(jobs: list[Job], memory_gib: float) -> list[list[Job]]:
+    """Jobs in order, cut into waves whose JOB_GIB sum fits `memory_gib` (0: one wave). A job too large alone
+    still gets a wave of its own."""
+    if memory_gib <= 0:
+        return [jobs]
+    out: list[list[Job]] = [[]]
+    for job in jobs:
+        if out[-1] and sum(JOB_GIB[j.shapes[0]] for j in out[-1]) + JOB_GIB[job.shapes[0]] > memory_gib:
+            out.append([])
+        out[-1].append(job)
+    return out
+
+
 def table(jobs: list[Job]) -> str:
     rows = sorted((r for j in jobs for r in j.rows), key=lambda r: (SHAPES.index(r["shape"]), -r["tokens_per_s"]))
     lines = [f"{'shape':10s} {'variant':14s} {'tok/s':>11s} {'MFU':>6s} {'ms/step':>8s} {'peak GB':>8s}"]
@@ -176,7 +194,10 @@ def main() -> int:
     ap.add_argument("jobs", nargs="+", metavar="VARIANT[@SHAPE]", help=f"variants: {' '.join(VARIANTS)}")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=SHAPES, help="for jobs without @SHAPE")
     ap.add_argument("--parallel", action="store_true", help="compile all jobs at once, time one at a time")
-    ap.add_argument("--limit", type=float, default=280, help="seconds per variant (serial) or for all (parallel)")
+    ap.add_argument("--limit", type=float, default=280, help="seconds per variant (serial) or per wave (parallel)")
+    ap.add_argument("--memory", type=float, default=0, metavar="GIB",
+                    help="parallel: GPU memory the jobs of one wave may hold together (JOB_GIB each); more jobs "
+                         "run in further waves, in order. 0: all in one wave. H200: 135, H100 80GB: 75")
     ap.add_argument("--reserve", type=float, default=20, help="parallel: seconds kept per job for its timed turn")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")), help="default: $OUT or out/")
     ap.add_argument("--args", default="", help="passed on to train_mfu.py (one string)")
@@ -193,7 +214,12 @@ def main() -> int:
            "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", str(ROOT / "build" / "inductor-cache"))}
     try:
         if a.parallel:
-            run_parallel(jobs, a.out, shlex.split(a.args), a.limit, a.reserve, env)
+            planned = waves(jobs, a.memory)
+            for i, wave in enumerate(planned, 1):
+                if len(planned) > 1:
+                    print(f"== wave {i}/{len(planned)}: {' '.join(f'{j.variant}@{j.shapes[0]}' for j in wave)}",
+                          flush=True)
+                run_parallel(wave, a.out, shlex.split(a.args), a.limit, a.reserve, env)
         else:
             run_serial(jobs, a.out, shlex.split(a.args), a.limit, env)
     finally:

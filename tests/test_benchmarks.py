@@ -63,6 +63,27 @@ def test_mfu_variants_parallel_times_one_job_at_a_time(tmp_path):
                                                        "ready.master_gpt2-350m"}
 
 
+def test_mfu_variants_memory_cuts_waves(tmp_path):
+    """--memory: jobs in order, in waves whose memory estimates fit; each wave compiles and times on its own."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import mfu_variants as mv
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    jobs = mv.parse_jobs(["default@gpt2-1.5b", "plain@gpt2-1.5b", "default@gpt2-124m", "plain@gpt2-124m"], [], True)
+    cut = mv.waves(jobs, 135)  # the H200: two 1.5B jobs and one 124M job, then the last
+    assert [[f"{j.variant}@{j.shapes[0]}" for j in w] for w in cut] == [
+        ["default@gpt2-1.5b", "plain@gpt2-1.5b", "default@gpt2-124m"], ["plain@gpt2-124m"]]
+    assert [len(w) for w in mv.waves(jobs, 40)] == [1, 1, 1, 1] and mv.waves(jobs, 0) == [jobs]
+    r = run(sys.executable, "benchmarks/mfu_variants.py", "--parallel", "--memory", "30", "--out", str(tmp_path),
+            "--args", " ".join(SMOKE), "default@gpt2-124m", "plain@gpt2-124m")
+    assert r.returncode == 0, r.stderr
+    assert "== wave 1/2: default@gpt2-124m" in r.stdout and "== wave 2/2: plain@gpt2-124m" in r.stdout
+    rows = [json.loads(x) for x in (tmp_path / "mfu.jsonl").read_text().splitlines()]
+    assert sorted(x["variant"] for x in rows) == ["default", "plain"]
+    assert len(list(tmp_path.glob("mfu-gate-*"))) == 2
+
+
 def test_gate_waits_for_every_job_then_excludes(tmp_path):
     """A process enters only when all expected tags are ready or gone, and only while no other holds the lock."""
     import fcntl
