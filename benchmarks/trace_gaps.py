@@ -49,8 +49,8 @@ def load(path: Path) -> list[dict]:
     return data["traceEvents"] if isinstance(data, dict) else data
 
 
-def gaps(events: list[dict], min_gap_us: float = 0.0) -> tuple[list[Gap], float, float]:
-    """Idle gaps of at least `min_gap_us` between GPU events; returns (gaps, span_us, busy_us)."""
+def gaps(events: list[dict]) -> tuple[list[Gap], float, float]:
+    """Idle gaps between GPU events (any stream: the GPU is idle when none runs); returns (gaps, span_us, busy_us)."""
     gpu = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_CATS), key=lambda e: e["ts"])
     if not gpu:
         return [], 0.0, 0.0
@@ -63,8 +63,7 @@ def gaps(events: list[dict], min_gap_us: float = 0.0) -> tuple[list[Gap], float,
         launched = launch.get(e.get("args", {}).get("correlation"))
         if e["ts"] > cur_end:  # idle from cur_end to e["ts"]
             busy += cur_end - cur_start
-            if e["ts"] - cur_end >= min_gap_us:
-                out.append(Gap(cur_end, e["ts"], cur_name, e["name"], launched))
+            out.append(Gap(cur_end, e["ts"], cur_name, e["name"], launched))
             cur_start = e["ts"]
         elif out and e["ts"] == out[-1].end and launched is not None and out[-1].launched is not None:
             out[-1].launched = min(out[-1].launched, launched)  # kernels starting together: the earliest launch

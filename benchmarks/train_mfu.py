@@ -104,7 +104,7 @@ def kernel_table(w: Worker, step0: int, steps: int, path: Path, trace: Path | No
         n = e.key.lower()
         kind = ("optimizer" if ("lerp" in n or "addcmul" in n) else  # optim.adamw_update, compiled
                 "attention" if ("flash" in n or "fmha" in n or "sdpa" in n or "cudnn" in n) else
-                "elementwise (triton)" if n.startswith(("triton", "_swiglu")) else  # Inductor's, kernels.py's
+                "elementwise (triton)" if n.startswith(("triton", "_swiglu", "_rope")) else  # Inductor's, kernels.py's
                 "matmul" if ("gemm" in n or "nvjet" in n or "cutlass" in n) else
                 "optimizer" if ("adam" in n or "multi_tensor" in n) else
                 "copy" if ("memcpy" in n or "memset" in n) else

@@ -1,9 +1,9 @@
 """Hand-written GPU kernels (Triton) for the model, where Inductor's own code was measured slower.
 
-`swiglu(gate_up)` = silu(gate) * up for gate_up = [gate | up] (..., 2f) -> (..., f), with a backward that is one
-Triton kernel. Inductor writes that backward, d gate_up = cat(d gate, d up), as a pointwise cat: every output
-element is computed through masked loads of gate, up and d h, each one's own branch (benchmarks/RESULTS.md has
-its time). The kernel here reads gate, up and d h once per element pair and writes both halves: 3 reads and 2
+`swiglu_backward(gate_up, dh)` = d gate_up for model.SwiGLUKernel, whose forward is silu(gate) * up for
+gate_up = [gate | up] (..., 2f) -> (..., f). Inductor writes this backward, d gate_up = cat(d gate, d up), as a
+pointwise cat: every output element is computed through masked loads of gate, up and d h, each one's own branch
+(benchmarks/RESULTS.md has its time). The kernel here reads gate, up and d h once per element pair and writes both halves: 3 reads and 2
 writes of f values per row, the least the gradient needs. The math is silu's derivative in fp32, rounded once:
 
     s = sigmoid(g);  d up = dh * g * s;  d gate = dh * u * s * (1 + g * (1 - s))
@@ -21,7 +21,6 @@ torch.compile keeps them in the compiled graph as user kernels (no graph break).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 try:
     import triton
@@ -112,21 +111,3 @@ if triton is not None:
             dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), HALF=hs // 2, BLOCK_T=block_t,
             BLOCK_J=triton.next_power_of_2(hs // 2), num_warps=4)
         return out
-
-
-class SwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:  # (..., 2f) -> (..., f)
-        gate, up = gate_up.chunk(2, dim=-1)
-        ctx.save_for_backward(gate_up)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx, dh: torch.Tensor) -> torch.Tensor:
-        (gate_up,) = ctx.saved_tensors
-        return swiglu_backward(gate_up.contiguous(), dh.contiguous().to(gate_up.dtype))
-
-
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up, its backward one Triton kernel (CUDA tensors, Triton installed: see `available`)."""
-    return SwiGLU.apply(gate_up)

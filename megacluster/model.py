@@ -152,6 +152,27 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))
 
 
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up]: (B, T, 2f) -> (B, T, f)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class SwiGLUKernel(torch.autograd.Function):
+    """swiglu with the backward as one Triton kernel (kernels.swiglu_backward): d gate and d up written in one pass,
+    where Inductor writes their cat as a pointwise kernel that reads every input per output element."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate_up)
+        return swiglu(gate_up)
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor) -> torch.Tensor:
+        (gate_up,) = ctx.saved_tensors
+        return kernels.swiglu_backward(gate_up.contiguous(), dh.contiguous().to(gate_up.dtype))
+
+
 class SwiGLU(nn.Module):
     def __init__(self, m: ModelConfig, kernel: bool = False):
         super().__init__()
@@ -163,9 +184,8 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up(x)  # (B, T, 2f)
         if self.kernel and kernels.available(gate_up):
-            return self.down(kernels.swiglu(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+            return self.down(SwiGLUKernel.apply(gate_up))
+        return self.down(swiglu(gate_up))
 
 
 class Block(nn.Module):

@@ -18,7 +18,7 @@ CUDA = torch.cuda.is_available() and HAS_TRITON
 
 
 def check_backward(device: str, dtype: torch.dtype, tol: float) -> None:
-    from megacluster import kernels
+    from megacluster.model import SwiGLUKernel
 
     torch.manual_seed(0)
     for shape, f in [((3, 5), 40), ((2, 7, 3), 130), ((4, 64), 256)]:  # ragged tiles, 3-d, whole tiles
@@ -28,7 +28,7 @@ def check_backward(device: str, dtype: torch.dtype, tol: float) -> None:
         gate, up = ref.chunk(2, -1)
         (F.silu(gate) * up).backward(dh.float())
         x = gu.clone().requires_grad_()
-        y = kernels.SwiGLU.apply(x)
+        y = SwiGLUKernel.apply(x)
         y.backward(dh)
         assert x.grad.dtype == dtype and x.grad.shape == gu.shape
         torch.testing.assert_close(x.grad.float(), ref.grad, atol=tol, rtol=tol)
