@@ -50,6 +50,7 @@ VARIANTS = {  # "default" is the trainer's own (on CUDA: master weights and the 
     "flash": ["--sdpa", "flash"],
     "nokernel": ["--set", "run.swiglu_kernel=off"],  # the SwiGLU backward as Inductor writes it
     "ropek": ["--set", "run.rope_kernel=auto"],  # RoPE's backward + the dqkv assembly as one Triton kernel
+    "gather": ["--set", "optim.update_kernel=off"],  # gradients gathered flat for the norm and the update
 }
 PROFILE = "--profile"  # a train_mfu.py flag the driver gives each job its own directory for
 # GPU memory one job's process held while waiting at the gate, GiB: its peak (RESULTS.md: 19.6 / 23.9 / 35.6 /

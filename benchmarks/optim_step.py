@@ -1,14 +1,17 @@
 """Time the optimizer step alone (clip + AdamW update) of the two implementations in train/optim.py.
 
-    python benchmarks/optim_step.py                         # GPT-2 1.5B's parameters on CUDA, both optimizers
+    python benchmarks/optim_step.py                         # GPT-2 1.5B's parameters on CUDA, every implementation
+    python benchmarks/optim_step.py --tiles 1024x4 2048x8 4096x8   # the in-place kernels' BLOCK x warps
     python benchmarks/optim_step.py --preset gpt2-124m --steps 50
     python benchmarks/optim_step.py --device cpu --preset tiny   # CPU check of this script
     python benchmarks/optim_step.py --device cpu --preset gpt2-124m --compile on   # compiled update on CPU
 
 The model is built for real (its parameters, the decay split, tied weights); gradients are random, in the
 dtype the trainer would hand over (fp32 for torch's AdamW over fp32 weights, bf16 for MasterAdamW with bf16
-weights, gathered from p.grad as with one worker). Reports ms per step and, as GB/s, the bytes per parameter
-each implementation must move at the least (`bytes_per_param`: on CUDA torch 4 + 28 = 32, master 4 + 2 + 28 = 34).
+weights, with one worker: gathered from p.grad, or read in place by kernels.BlockTable where Triton runs:
+`optim.update_kernel`). Reports ms per step and, as GB/s, the bytes per parameter
+each implementation must move at the least (`bytes_per_param`: on CUDA torch 4 + 28 = 32, master gathered
+2 + 4 + 2 + 28 = 36, master in place 2 + 2 + 28 = 32).
 Warm-up steps (compilation) are excluded. One JSON line per implementation on stdout.
 """
 
@@ -21,7 +24,7 @@ import time
 
 import torch
 
-from megacluster import config
+from megacluster import config, kernels
 from megacluster.model import GPT
 from megacluster.train import optim
 
@@ -34,13 +37,16 @@ def bytes_per_param(opt, grad_bytes: int) -> int:
     update = 4 + grad_bytes + 8 + 12
     if isinstance(opt, optim.TorchAdamW):
         return grad_bytes + update + (0 if opt.opt.defaults.get("fused") else 2 * grad_bytes)
-    return 2 * grad_bytes + grad_bytes + update + (0 if opt.flat is opt.master else opt.flat.element_size())
+    gather = 0 if opt.table is not None else 2 * grad_bytes
+    return gather + grad_bytes + update + (0 if opt.flat is opt.master else opt.flat.element_size())
 
 
-def bench(preset: str, master: str, device: torch.device, steps: int, warmup: int, compiled: bool) -> dict:
-    cfg = config.build(preset, None, [f"optim.master_weights={master}"])
+def bench(preset: str, master: str, kernel: str, device: torch.device, steps: int, warmup: int,
+          compiled: bool) -> dict:
+    cfg = config.build(preset, None, [f"optim.master_weights={master}", f"optim.update_kernel={kernel}"])
     torch.manual_seed(0)
-    model = GPT(cfg.model).to(device)
+    with torch.device(device):  # initialised where it lives (1.5B parameters initialise slowly on a CPU)
+        model = GPT(cfg.model)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     opt = optim.build(model, cfg.optim, device, dtype, compiled)
     n = sum(p.numel() for p in opt.params)
@@ -61,7 +67,8 @@ def bench(preset: str, master: str, device: torch.device, steps: int, warmup: in
     sync()
     dt = (time.perf_counter() - t0) / steps
     moved = bytes_per_param(opt, grads[0].element_size())
-    return {"preset": preset, "master_weights": master, "params": n, "grad_dtype": str(grads[0].dtype),
+    return {"preset": preset, "master_weights": master, "in_place": getattr(opt, "table", None) is not None,
+            "tile": f"{kernels.BlockTable.BLOCK}x{kernels.BlockTable.WARPS}", "params": n, "grad_dtype": str(grads[0].dtype),
             "ms_per_step": 1e3 * dt, "bytes_per_param": moved, "gb_per_s": moved * n / dt / 1e9,
             "device": str(device), "compiled": compiled}
 
@@ -74,14 +81,22 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                     help="compile MasterAdamW's update (auto: on CUDA, as the trainer's run.compile=auto)")
+    ap.add_argument("--tiles", nargs="*", default=[], metavar="BLOCKxWARPS",
+                    help="also time the in-place kernels with these elements per program x warps")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here; use --device cpu")
     device = torch.device(args.device)
-    for master in ("off", "on"):
-        compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-        row = bench(args.preset, master, device, args.steps, args.warmup, compiled)
-        print(f"master_weights={master:3s}  {row['ms_per_step']:8.2f} ms/step  {row['gb_per_s']:8.1f} GB/s "
+    compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    default = (kernels.BlockTable.BLOCK, kernels.BlockTable.WARPS)
+    runs = [("off", "auto", default), ("on", "off", default), ("on", "auto", default)]
+    runs += [("on", "auto", tuple(int(x) for x in tile.split("x"))) for tile in args.tiles]
+    for master, kernel, (kernels.BlockTable.BLOCK, kernels.BlockTable.WARPS) in runs:
+        row = bench(args.preset, master, kernel, device, args.steps, args.warmup, compiled)
+        if master == "on" and kernel == "auto" and not row["in_place"]:
+            continue  # no Triton or no CUDA here: the same as the gathered row
+        print(f"master_weights={master:3s} in_place={row['in_place']!s:5s} tile={row['tile']:7s} "
+              f"{row['ms_per_step']:8.2f} ms/step  {row['gb_per_s']:8.1f} GB/s "
               f"({row['bytes_per_param']} B/param x {row['params']:,})", file=sys.stderr, flush=True)
         print(json.dumps(row), flush=True)
         if device.type == "cuda":

@@ -106,7 +106,7 @@ def kernel_table(w: Worker, step0: int, steps: int, path: Path, trace: Path | No
                 "attention" if ("flash" in n or "fmha" in n or "sdpa" in n or "cudnn" in n) else
                 "elementwise (triton)" if n.startswith(("triton", "_swiglu", "_rope")) else  # Inductor's, kernels.py's
                 "matmul" if ("gemm" in n or "nvjet" in n or "cutlass" in n) else
-                "optimizer" if ("adam" in n or "multi_tensor" in n) else
+                "optimizer" if ("adam" in n or "multi_tensor" in n or "sumsq" in n) else  # kernels.BlockTable too
                 "copy" if ("memcpy" in n or "memset" in n) else
                 "nccl" if "nccl" in n else "other")
         kinds[kind] = kinds.get(kind, 0.0) + us[e.key]

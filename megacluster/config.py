@@ -55,6 +55,9 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     master_weights: str = "auto"  # on: weights kept in run.dtype, an fp32 master copy in the optimizer (optim.py);
     # auto: on for compiled CUDA runs (measured faster there, benchmarks/RESULTS.md), off otherwise
+    update_kernel: str = "auto"  # with master weights on CUDA with Triton, one worker, one micro-batch: auto reads
+    # each gradient where autograd left it, for the clip's norm and the update (two Triton kernels); off gathers
+    # them into one flat buffer first (per-tensor norms, the update compiled by Inductor)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -100,6 +103,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("cosine", "wsd", "constant"),
     "optim.master_weights": ("auto", "on", "off"),
+    "optim.update_kernel": ("auto", "off"),
     "run.device": ("auto", "cpu", "cuda"),
     "run.dtype": ("auto", "bf16", "fp32"),
     "run.compile": ("auto", "on", "off"),

@@ -111,3 +111,111 @@ if triton is not None:
             dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), HALF=hs // 2, BLOCK_T=block_t,
             BLOCK_J=triton.next_power_of_2(hs // 2), num_warps=4)
         return out
+
+
+# ---- the optimizer's two passes over gradients left where autograd put them (train/optim.py, MasterAdamW) ----
+# A "block table" cuts every parameter into blocks of BLOCK elements (its last block masked): block b is
+# elements [off[b], off[b] + BLOCK) of parameter pidx[b]. The gradients are found through a table of their
+# device addresses (int64), so neither pass needs them gathered into one flat buffer first.
+
+if triton is not None:
+    @triton.jit
+    def _grad_block(base_ptr, rel_ptr, pidx_ptr, off_ptr, numel_ptr, BLOCK: tl.constexpr):
+        """This program's block: (parameter index, element indices in it, mask, fp32 gradient values). Gradient
+        i starts rel[i] elements after base_ptr: pointer arithmetic from an argument, so that the compiler,
+        told that rel and sizes are multiples of 8 elements and offsets of BLOCK, issues 16-byte vector loads
+        (an address loaded from memory and cast to a pointer gets none: it could be misaligned)."""
+        blk = tl.program_id(0)
+        i = tl.load(pidx_ptr + blk)
+        n = tl.multiple_of(tl.load(numel_ptr + i), 8)
+        k = tl.multiple_of(tl.load(off_ptr + blk), BLOCK) + tl.arange(0, BLOCK)
+        grad = base_ptr + tl.multiple_of(tl.load(rel_ptr + i), 8)
+        mask = k < n
+        return i, k, mask, tl.load(grad + k, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _grad_sumsq_kernel(base_ptr, rel_ptr, pidx_ptr, off_ptr, numel_ptr, partial_ptr, BLOCK: tl.constexpr):
+        _, _, _, g = _grad_block(base_ptr, rel_ptr, pidx_ptr, off_ptr, numel_ptr, BLOCK)
+        tl.store(partial_ptr + tl.program_id(0), tl.sum(g * g, axis=0))
+
+    @triton.jit
+    def _adamw_kernel(base_ptr, rel_ptr, pidx_ptr, off_ptr, numel_ptr, start_ptr, master_ptr, m_ptr, v_ptr, out_ptr,
+                      clip_ptr, k_decay, decay, step_size, bc2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
+                      HAS_OUT: tl.constexpr, BLOCK: tl.constexpr):
+        i, k, mask, g = _grad_block(base_ptr, rel_ptr, pidx_ptr, off_ptr, numel_ptr, BLOCK)
+        f = tl.multiple_of(tl.load(start_ptr + i), 8) + k  # the element's index in the flat master and moments
+        g = tl.div_rn(g, tl.load(clip_ptr))
+        # optim.adamw_update's arithmetic, op for op in fp32 (torch's lerp for a weight < 0.5, addcmul)
+        p = tl.load(master_ptr + f, mask=mask) * tl.where(i < k_decay, decay, 1.0)
+        m = tl.load(m_ptr + f, mask=mask)
+        m = m + one_minus_beta1 * (g - m)
+        v = tl.load(v_ptr + f, mask=mask) * beta2 + one_minus_beta2 * g * g
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+        p = p - tl.div_rn(step_size * m, denom)
+        tl.store(master_ptr + f, p, mask=mask)
+        tl.store(m_ptr + f, m, mask=mask)
+        tl.store(v_ptr + f, v, mask=mask)
+        if HAS_OUT:
+            tl.store(out_ptr + f, p.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+class BlockTable:
+    """The block table of parameters laid out one after another in a flat buffer, and the table of where their
+    gradients are: each one's distance in elements from `base`, a small buffer of the gradients' dtype kept
+    for the purpose. It is refreshed only when an address changes (the caching allocator hands autograd the
+    same blocks step after step, so in steady state the host only compares ~300 integers)."""
+
+    BLOCK = 2048  # elements per program: 8 per thread at 8 warps, two 16-byte loads of fp32
+    WARPS = 8
+
+    def __init__(self, sizes: list[int], dtype: torch.dtype, device: torch.device):
+        if any(n % 8 for n in sizes):
+            raise ValueError("every size must be a multiple of 8 elements (vector loads)")
+        pidx, off = [], []
+        for i, n in enumerate(sizes):
+            blocks = -(-n // self.BLOCK)
+            pidx += [i] * blocks
+            off += range(0, blocks * self.BLOCK, self.BLOCK)
+        starts = [0]
+        for n in sizes[:-1]:
+            starts.append(starts[-1] + n)
+        self.dtype = dtype
+        self.pidx = torch.tensor(pidx, dtype=torch.int32, device=device)
+        self.off = torch.tensor(off, dtype=torch.int64, device=device)
+        self.numel = torch.tensor(sizes, dtype=torch.int64, device=device)
+        self.start = torch.tensor(starts, dtype=torch.int64, device=device)
+        self.base = torch.zeros(8, dtype=dtype, device=device)  # allocator blocks: 16-byte aligned or more
+        self.rel = torch.zeros(len(sizes), dtype=torch.int64, device=device)
+        self.blocks = len(pidx)
+        self._addrs: list[int] = []
+
+    def point_at(self, grads: list[torch.Tensor]) -> None:
+        """Point the table at these gradients (contiguous, of `dtype`, 16-byte aligned; the caller keeps them
+        alive until the kernels that read them are queued). The copy is queued on the current stream, in order
+        with the kernels, from pinned memory (from pageable memory it could make the host wait for the GPU)."""
+        addrs = [g.data_ptr() for g in grads]
+        if addrs != self._addrs:
+            if any(a % 16 for a in addrs) or any(g.dtype != self.dtype or not g.is_contiguous() for g in grads):
+                raise ValueError(f"gradients must be contiguous {self.dtype}, 16-byte aligned")
+            base, size = self.base.data_ptr(), self.base.element_size()
+            host = torch.tensor([(a - base) // size for a in addrs], dtype=torch.int64)
+            self.rel.copy_(host.pin_memory() if self.rel.is_cuda else host, non_blocking=True)
+            self._addrs = addrs
+
+    def grad_sumsq(self) -> torch.Tensor:
+        """Sum of squares of all gradients (fp32, 0-d): one partial per block, then their sum."""
+        partial = torch.empty(self.blocks, dtype=torch.float32, device=self.rel.device)
+        _grad_sumsq_kernel[(self.blocks,)](self.base, self.rel, self.pidx, self.off, self.numel, partial,
+                                           BLOCK=self.BLOCK, num_warps=self.WARPS)
+        return partial.sum()
+
+    def adamw(self, master: torch.Tensor, m: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None,
+              clip: torch.Tensor, k_decay: int, decay: float, step_size: float, bc2_sqrt: float, beta1: float,
+              beta2: float, eps: float) -> None:
+        """optim.adamw_update over every parameter, each gradient read where it is: parameters [0, k_decay) are
+        decayed by `decay` (1 - lr * wd), the rest not. The step's scalars are host floats: kernel arguments,
+        no fill kernels and no recompiles."""
+        _adamw_kernel[(self.blocks,)](self.base, self.rel, self.pidx, self.off, self.numel, self.start, master, m,
+                                      v, master if out is None else out, clip, k_decay, decay, step_size,
+                                      bc2_sqrt, 1 - beta1, beta2, 1 - beta2, eps, HAS_OUT=out is not None,
+                                      BLOCK=self.BLOCK, num_warps=self.WARPS)

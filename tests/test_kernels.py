@@ -1,4 +1,5 @@
-"""megacluster/kernels.py: the Triton SwiGLU and RoPE backwards against autograd's. On a CUDA machine with Triton it runs on
+"""megacluster/kernels.py: the Triton SwiGLU and RoPE backwards against autograd's, the optimizer's in-place
+norm and update against its gather path. On a CUDA machine with Triton it runs on
 the GPU, also compiled inside the model; on a CPU machine with Triton installed, through Triton's interpreter (in a
 subprocess: the interpreter is chosen when the kernel is defined); without Triton (CI) these skip."""
 
@@ -59,11 +60,52 @@ def check_rope_backward(device: str, dtype: torch.dtype, tol: float) -> None:
             torch.testing.assert_close(a.float(), b.detach(), atol=tol, rtol=tol)
 
 
+def check_optimizer(device: str) -> None:
+    """MasterAdamW reading p.grad in place (kernels.BlockTable) against its gather path (eager update, per-tensor
+    norms), fed the same gradients for 3 steps, fp32 and bf16 weights, both parameter groups, clipping on: norms
+    and master weights/moments equal up to rounding order, and the bf16 weights the rounded master."""
+    import copy
+
+    from megacluster import config, kernels
+    from megacluster.model import GPT
+    from megacluster.train import optim
+
+    if device == "cpu":  # only in the interpreter's subprocess, which runs the kernels on CPU tensors
+        kernels.available = lambda x: True
+    cfg = config.build("tiny", None, ["model.d_model=64", "model.n_layer=2", "model.n_head=4", "model.vocab_size=256",
+                                      "model.seq_len=16", "optim.grad_clip=0.05", "optim.weight_decay=0.5"])
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        a = GPT(cfg.model).to(device)
+        b = copy.deepcopy(a)
+        oa = optim.MasterAdamW(a, cfg.optim, dtype, compiled=False, kernel=False)
+        ob = optim.MasterAdamW(b, cfg.optim, dtype, compiled=False, kernel=True)
+        assert oa.table is None and ob.table is not None
+        gen = torch.Generator().manual_seed(1)
+        for step in range(1, 4):
+            x = torch.randint(0, 256, (4, 17), generator=gen).to(device)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                a(x[:, :-1], x[:, 1:]).backward()
+            for pa, pb in zip(a.parameters(), b.parameters()):
+                pb.grad = pa.grad.clone()
+            na, nb = oa.step(1e-2 * step), ob.step(1e-2 * step)
+            assert float(na) > 0.05  # the clip acts
+            torch.testing.assert_close(nb, na, rtol=1e-5, atol=0)
+            for ta, tb in ((oa.master, ob.master), (oa.m, ob.m), (oa.v, ob.v)):
+                torch.testing.assert_close(tb, ta, rtol=1e-5, atol=1e-7)
+            assert all(p.grad is None for p in b.parameters())  # released, as the gather path does
+        if device == "cuda":
+            assert torch.equal(ob.flat, ob.master.to(dtype))
+        else:  # Triton's interpreter truncates fp32 -> bf16 where the GPU rounds to nearest: one unit in the last place
+            torch.testing.assert_close(ob.flat.float(), ob.master, rtol=2 ** -7, atol=0)
+
+
 @pytest.mark.skipif(not HAS_TRITON or CUDA, reason="needs Triton (run through its interpreter on a CPU machine)")
 def test_kernels_in_the_interpreter():
     code = ("import torch, tests.test_kernels as t\n"
             "for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):\n"
             "    t.check_backward('cpu', dtype, tol); t.check_rope_backward('cpu', dtype, tol)\n"
+            "t.check_optimizer('cpu')\n"
             "print('ok')")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1",
                        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
@@ -77,19 +119,21 @@ def test_kernels_on_the_gpu():
     check_backward("cuda", torch.bfloat16, 2e-2)  # one rounding to bf16 at the end, vs fp32 autograd
     check_rope_backward("cuda", torch.float32, 1e-5)
     check_rope_backward("cuda", torch.bfloat16, 2e-2)
+    check_optimizer("cuda")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and Triton")
-@pytest.mark.parametrize("which", ["swiglu_kernel", "rope_kernel"])
-def test_compiled_model_with_the_kernel_trains_like_without(which):
-    """The GPU path: compiled, bf16 autocast. Loss and every gradient as with autograd's own backward."""
+@pytest.mark.parametrize("which,n_kv_head", [("swiglu_kernel", 2), ("rope_kernel", 2), ("rope_kernel", 0)])
+def test_compiled_model_with_the_kernel_trains_like_without(which, n_kv_head):
+    """The GPU path: compiled, bf16 autocast, grouped-query and plain attention. Loss and every gradient as with
+    autograd's own backward."""
     from megacluster.config import ModelConfig
     from megacluster.model import GPT
 
     from megacluster import kernels
 
     assert kernels.available(torch.empty(1, device="cuda"))  # so the model below takes the kernel's path
-    m = ModelConfig(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, d_model=128, seq_len=64)
+    m = ModelConfig(vocab_size=512, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=128, seq_len=64)
     idx = torch.randint(0, 512, (4, 65), device="cuda")
     grads = []
     for kernel in (False, True):
@@ -98,11 +142,11 @@ def test_compiled_model_with_the_kernel_trains_like_without(which):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = torch.compile(model, fullgraph=True)(idx[:, :-1], idx[:, 1:])  # no graph break
         loss.backward()
-        grads.append((loss.detach(), [p.grad for p in model.parameters()]))
+        grads.append((loss.detach(), [(name, p.grad) for name, p in model.named_parameters()]))
     (l0, g0), (l1, g1) = grads
     torch.testing.assert_close(l1, l0)  # the forward is the same ops
-    for a, b in zip(g0, g1):
-        torch.testing.assert_close(b, a, atol=2e-3, rtol=2e-2)
+    for (name, a), (_, b) in zip(g0, g1):
+        torch.testing.assert_close(b, a, atol=2e-3, rtol=2e-2, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")

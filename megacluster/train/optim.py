@@ -29,6 +29,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from .. import kernels
 from ..config import OptimConfig
 
 
@@ -61,7 +62,7 @@ def on_for_compiled_cuda(choice: str, device: torch.device, compiled: bool) -> b
 def build(model: torch.nn.Module, o: OptimConfig, device: torch.device, dtype: torch.dtype,
           compiled: bool) -> TorchAdamW | MasterAdamW:
     if on_for_compiled_cuda(o.master_weights, device, compiled):
-        return MasterAdamW(model, o, dtype, compiled)
+        return MasterAdamW(model, o, dtype, compiled, kernel=o.update_kernel == "auto")
     return TorchAdamW(model, o, device)
 
 
@@ -180,7 +181,8 @@ class MasterAdamW:
 
     reads_reduced = True  # with several ranks it reads the flat all-reduce buffer (laid out in `params` order)
 
-    def __init__(self, model: torch.nn.Module, o: OptimConfig, dtype: torch.dtype, compiled: bool):
+    def __init__(self, model: torch.nn.Module, o: OptimConfig, dtype: torch.dtype, compiled: bool,
+                 kernel: bool = False):
         self.model, self.cfg = model, o
         decay, rest = decay_split(model)
         self.params = decay + rest
@@ -209,6 +211,11 @@ class MasterAdamW:
         self.scalars = torch.zeros(3, device=device)  # decay, step_size, bc2_sqrt
         self.one = torch.ones((), device=device)  # the clip factor when clipping is off
         self.names = self._names()
+        # `kernel` (optim.update_kernel): where Triton runs, the steps that would gather (one worker, one
+        # micro-batch) take the norm and the update straight from p.grad instead (kernels.BlockTable)
+        sizes = [p.numel() for p in self.params]
+        self.table = kernels.BlockTable(sizes, self.flat.dtype, device) if (
+            kernel and kernels.available(self.master) and not any(n % 8 for n in sizes)) else None
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-parameter views of a flat tensor in `params` layout. Kept for our own buffers, which live as long
@@ -288,6 +295,8 @@ class MasterAdamW:
         the accumulated sum, or gather p.grad. Returns the global gradient norm (0-d, on the device)."""
         if reduced is None:
             reduced = self.take_accumulated()
+        if reduced is None and self.table is not None:
+            return self._step_in_place(lr)
         grad = reduced if reduced is not None else self.gather()
         norm = global_norm(self.views(grad))
         o = self.cfg
@@ -303,6 +312,22 @@ class MasterAdamW:
             s[0].fill_(1 - lr * wd), s[1].fill_(step_size), s[2].fill_(bc2_sqrt)
             self.update(self.master[lo:hi], grad[lo:hi], self.m[lo:hi], self.v[lo:hi],
                         None if out is None else out[lo:hi], clip, s[0], s[1], s[2], o.beta1, o.beta2, o.eps)
+        return norm
+
+    def _step_in_place(self, lr: float) -> torch.Tensor:
+        """step() without the gather: two kernels read each p.grad where autograd wrote it, one for the sum of
+        squares (the clip's norm), one for the update of both parameter groups. Per step at 1.5B that saves the
+        gather's 6 GB of traffic and the per-tensor norm launches (benchmarks/RESULTS.md)."""
+        grads = [g if g.is_contiguous() and g.data_ptr() % 16 == 0 else g.clone(memory_format=torch.contiguous_format)
+                 for g in self._grads()]  # held until both kernels are queued
+        self.table.point_at(grads)
+        norm = self.table.grad_sumsq().sqrt()
+        o = self.cfg
+        self.t += 1
+        clip = clip_factor(norm, o.grad_clip) if o.grad_clip > 0 else self.one
+        self.table.adamw(self.master, self.m, self.v, None if self.flat is self.master else self.flat, clip,
+                         self.k_decay, 1 - lr * o.weight_decay, lr / (1 - o.beta1 ** self.t),
+                         math.sqrt(1 - o.beta2 ** self.t), o.beta1, o.beta2, o.eps)
         return norm
 
     # ---- checkpoints and state transfer: the same forms as TorchAdamW's ----

@@ -1,5 +1,7 @@
 """Trainer code that runs only on CUDA (skipped on CPU machines; run on the lent GPU)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -28,3 +30,23 @@ def test_to_device_ring_of_pinned_buffers_keeps_every_batch(tmp_path):
     assert len(w._pinned) == PINNED_RING
     for a, b in zip(sent, got):
         assert b.device.type == "cuda" and np.array_equal(a, b.cpu().numpy())
+
+
+def test_update_kernel_trains_like_the_gather_path(tmp_path):
+    """optim.update_kernel=auto on CUDA: the trainer's steps take the in-place norm and update (kernels.BlockTable)
+    and train as the gather path does: the same losses to rounding over 4 steps."""
+    from megacluster.train.supervisor import train
+
+    losses = {}
+    for choice in ("auto", "off"):
+        cfg = config.build("tiny", None, ["data.max_bytes=60000", "model.vocab_size=300", "run.max_steps=4",
+                                          "run.log_every=1", "run.progress=false", "run.device=cuda",
+                                          "run.compile=off", "optim.master_weights=on", "run.eval_batches=1",
+                                          f"optim.update_kernel={choice}", f"run.run_dir={tmp_path / choice}"])
+        w = Worker(cfg, init_place("cuda"))
+        assert (w.opt.table is not None) is (choice == "auto")
+        train(cfg)
+        recs = [json.loads(x) for x in open(tmp_path / choice / "metrics.jsonl")]
+        losses[choice] = [r["loss"] for r in recs if "loss" in r]
+    assert len(losses["auto"]) == 4
+    np.testing.assert_allclose(losses["auto"], losses["off"], rtol=1e-3)
