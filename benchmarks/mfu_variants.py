@@ -49,7 +49,7 @@ VARIANTS = {  # "default" is the trainer's own (on CUDA: master weights and the 
     "graphs": ["--compile-mode", "reduce-overhead"],
     "flash": ["--sdpa", "flash"],
     "nokernel": ["--set", "run.swiglu_kernel=off"],  # the SwiGLU backward as Inductor writes it
-    "ropek": ["--set", "run.rope_kernel=auto"],  # RoPE's backward + the dqkv assembly as one Triton kernel
+    "norope": ["--set", "run.rope_kernel=off"],  # RoPE's backward + the dqkv cat as Inductor writes them
     "gather": ["--set", "optim.update_kernel=off"],  # gradients gathered flat for the norm and the update
 }
 PROFILE = "--profile"  # a train_mfu.py flag the driver gives each job its own directory for

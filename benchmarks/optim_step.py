@@ -1,7 +1,7 @@
 """Time the optimizer step alone (clip + AdamW update) of the two implementations in train/optim.py.
 
     python benchmarks/optim_step.py                         # GPT-2 1.5B's parameters on CUDA, every implementation
-    python benchmarks/optim_step.py --tiles 1024x4 2048x8 4096x8   # the in-place kernels' BLOCK x warps
+    python benchmarks/optim_step.py --tiles 2048x8 4096x8     # also the in-place kernels at other BLOCK x warps
     python benchmarks/optim_step.py --preset gpt2-124m --steps 50
     python benchmarks/optim_step.py --device cpu --preset tiny   # CPU check of this script
     python benchmarks/optim_step.py --device cpu --preset gpt2-124m --compile on   # compiled update on CPU
@@ -10,8 +10,9 @@ The model is built for real (its parameters, the decay split, tied weights); gra
 dtype the trainer would hand over (fp32 for torch's AdamW over fp32 weights, bf16 for MasterAdamW with bf16
 weights, with one worker: gathered from p.grad, or read in place by kernels.BlockTable where Triton runs:
 `optim.update_kernel`). Reports ms per step and, as GB/s, the bytes per parameter
-each implementation must move at the least (`bytes_per_param`: on CUDA torch 4 + 28 = 32, master gathered
-2 + 4 + 2 + 28 = 36, master in place 2 + 2 + 28 = 32).
+each implementation must move at the least (`bytes_per_param`: on CUDA torch 4 + 28 = 32; master, with the
+norm's read of the bf16 gradients and the update's 28 (bf16 weights written too): gathered 2 + 4 + 28 = 34, in
+place 2 + 28 = 30).
 Warm-up steps (compilation) are excluded. One JSON line per implementation on stdout.
 """
 

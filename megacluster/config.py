@@ -73,8 +73,8 @@ class RunConfig:
     # auto: on for compiled CUDA runs (measured faster there), off otherwise
     swiglu_kernel: str = "auto"  # auto: the SwiGLU backward as one Triton kernel wherever it can run (CUDA with
     # Triton; megacluster/kernels.py); off: autograd's own (Inductor's kernel when compiled)
-    rope_kernel: str = "off"  # auto: RoPE's backward and the q/k/v gradient assembly as one Triton kernel where it
-    # can run (model.SplitRope); off until a GPU run measures it faster
+    rope_kernel: str = "auto"  # auto: RoPE's backward and the q/k/v gradient assembly as one Triton kernel where
+    # it can run (CUDA with Triton; model.SplitRope); off: autograd's own (Inductor's two kernels when compiled)
     workers: int = 1  # local worker processes (ignored under torchrun, which sets the world)
     run_dir: str = "runs/latest"
     resume: bool = False
@@ -109,7 +109,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.compile": ("auto", "on", "off"),
     "run.fused_loss": ("auto", "on", "off"),
     "run.swiglu_kernel": ("auto", "off"),
-    "run.rope_kernel": ("off", "auto"),
+    "run.rope_kernel": ("auto", "off"),
     "run.balance": ("equal", "auto"),
 }
 POSITIVE = {"model.vocab_size", "model.n_layer", "model.n_head", "model.d_model", "model.seq_len",

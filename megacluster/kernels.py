@@ -10,8 +10,11 @@ writes of f values per row, the least the gradient needs. The math is silu's der
 
 `rope_qkv_backward(dq, dk, dv, cos, sin)` = d qkv for model.SplitRope (split of the fused q/k/v projection, then
 RoPE on q and k): the rotation's transpose for q and k and the copy of dv, written straight into d qkv, one
-kernel where Inductor writes two (RoPE's backward, then the cat). Written, not yet measured: `run.rope_kernel`
-is off by default.
+kernel where Inductor writes two (RoPE's backward, then the cat): at 1.5B on the H200 1.95 ms per step against
+1.79 + 1.66 (benchmarks/RESULTS.md).
+
+`BlockTable` holds the optimizer's two kernels over gradients left where autograd wrote them: the sum of squares
+for the clip's norm and the AdamW update (train/optim.py, `optim.update_kernel`).
 
 Triton is only on GPU machines: `available()` says whether the kernels can run for a tensor; the model falls back
 to plain autograd (Inductor's kernels when compiled) otherwise. Registered as torch.library triton_ops, so
@@ -165,8 +168,10 @@ class BlockTable:
     for the purpose. It is refreshed only when an address changes (the caching allocator hands autograd the
     same blocks step after step, so in steady state the host only compares ~300 integers)."""
 
-    BLOCK = 2048  # elements per program: 8 per thread at 8 warps, two 16-byte loads of fp32
-    WARPS = 8
+    # elements per program and warps: 1024 x 4 (8 elements a thread) timed best of five tiles at 1.5B on the
+    # H200 (optimizer step 11.7 ms; 2048 x 8: 12.0, 4096 x 8: 13.2; benchmarks/optim_step.py --tiles)
+    BLOCK = 1024
+    WARPS = 4
 
     def __init__(self, sizes: list[int], dtype: torch.dtype, device: torch.device):
         if any(n % 8 for n in sizes):

@@ -113,8 +113,7 @@ def split_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nh: int,
 
 class SplitRope(torch.autograd.Function):
     """split_rope with the backward as one Triton kernel (kernels.rope_qkv_backward): RoPE's backward for q and
-    k and the assembly of d qkv, which Inductor writes as two kernels (RoPE's, then a cat). An experiment
-    (`run.rope_kernel`), not measured yet."""
+    k and the assembly of d qkv, which Inductor writes as two kernels (RoPE's, then a cat); `run.rope_kernel`."""
 
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nh: int, nkv: int):

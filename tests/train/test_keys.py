@@ -141,11 +141,26 @@ def test_auto_defaults_follow_the_switch_in_the_worker(tmp_path, key):
 
 
 def test_kernel_keys_reach_every_block(tmp_path):
-    """run.swiglu_kernel: auto asks every SwiGLU for the Triton backward (used where it can run: CUDA with Triton;
-    tests/test_kernels.py checks its math, benchmarks/RESULTS.md its speed); off keeps autograd's."""
+    """run.swiglu_kernel and run.rope_kernel: auto asks every block for the Triton backward (used where it can run:
+    CUDA with Triton; tests/test_kernels.py checks the math, benchmarks/RESULTS.md the speed); off keeps autograd's."""
     for choice, on in (("auto", True), ("off", False)):
         w = Worker(micro_cfg(tmp_path, choice, f"run.swiglu_kernel={choice}"), init_place("cpu"))
         assert [b.mlp.kernel for b in w.model.blocks] == [on] * len(w.model.blocks)
-    assert not Worker(micro_cfg(tmp_path, "default"), init_place("cpu")).model.blocks[0].attn.rope_kernel  # off
-    w = Worker(micro_cfg(tmp_path, "rope", "run.rope_kernel=auto"), init_place("cpu"))
-    assert all(b.attn.rope_kernel for b in w.model.blocks)
+        w = Worker(micro_cfg(tmp_path, "rope" + choice, f"run.rope_kernel={choice}"), init_place("cpu"))
+        assert [b.attn.rope_kernel for b in w.model.blocks] == [on] * len(w.model.blocks)
+    default = Worker(micro_cfg(tmp_path, "default"), init_place("cpu")).model.blocks[0]
+    assert default.mlp.kernel and default.attn.rope_kernel  # both auto by default
+
+
+def test_update_kernel_key_picks_the_in_place_optimizer_step(tmp_path, monkeypatch):
+    """optim.update_kernel: auto gives MasterAdamW the block table of kernels.BlockTable where the kernels can run
+    (here made to say so: no GPU; tests/test_kernels.py runs them through the interpreter, the GPU tests in the
+    trainer), off keeps the gather; without master weights there is nothing to switch."""
+    from megacluster import kernels
+
+    monkeypatch.setattr(kernels, "available", lambda x: True)
+    for choice, on in (("auto", True), ("off", False)):
+        w = Worker(micro_cfg(tmp_path, choice, "optim.master_weights=on", f"optim.update_kernel={choice}"),
+                   init_place("cpu"))
+        assert (w.opt.table is not None) is on
+    assert not hasattr(Worker(micro_cfg(tmp_path, "torch"), init_place("cpu")).opt, "table")
