@@ -55,9 +55,9 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     master_weights: str = "auto"  # on: weights kept in run.dtype, an fp32 master copy in the optimizer (optim.py);
     # auto: on for compiled CUDA runs (measured faster there, benchmarks/RESULTS.md), off otherwise
-    update_kernel: str = "auto"  # with master weights on CUDA with Triton, one worker, one micro-batch: auto reads
-    # each gradient where autograd left it, for the clip's norm and the update (two Triton kernels); off gathers
-    # them into one flat buffer first (per-tensor norms, the update compiled by Inductor)
+    update_kernel: str = "auto"  # with master weights on CUDA with Triton and one worker, where the step's gradients
+    # are all in p.grad (one micro-batch; with fp32 weights any number): auto reads each where autograd left it, for
+    # the clip's norm and the update (two Triton kernels); off gathers them into one flat buffer first
 
 
 @dataclass(kw_only=True, slots=True)

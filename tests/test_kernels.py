@@ -62,8 +62,9 @@ def check_rope_backward(device: str, dtype: torch.dtype, tol: float) -> None:
 
 def check_optimizer(device: str) -> None:
     """MasterAdamW reading p.grad in place (kernels.BlockTable) against its gather path (eager update, per-tensor
-    norms), fed the same gradients for 3 steps, fp32 and bf16 weights, both parameter groups, clipping on: norms
-    and master weights/moments equal up to rounding order, and the bf16 weights the rounded master."""
+    norms), fed the same gradients for 3 steps, fp32 and bf16 weights, both parameter groups, clipping on, and
+    later a gradient that is not contiguous, one that is misaligned and a missing one: norms and master
+    weights/moments equal up to rounding order, and the bf16 weights the rounded master."""
     import copy
 
     from megacluster import config, kernels
@@ -86,8 +87,15 @@ def check_optimizer(device: str) -> None:
             x = torch.randint(0, 256, (4, 17), generator=gen).to(device)
             with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                 a(x[:, :-1], x[:, 1:]).backward()
-            for pa, pb in zip(a.parameters(), b.parameters()):
-                pb.grad = pa.grad.clone()
+            for j, (pa, pb) in enumerate(zip(oa.params, ob.params)):
+                g = pa.grad.clone()
+                if step >= 2 and j == 0:  # a gradient that is not contiguous: copied first
+                    g = g.t().contiguous().t()
+                elif step >= 2 and j == 1:  # one not 16-byte aligned: copied first
+                    g = torch.empty(g.numel() + 1, dtype=g.dtype, device=device)[1:].copy_(g.reshape(-1)).view(g.shape)
+                elif step == 3 and j == len(oa.params) - 1:  # none: zeros, on both paths
+                    pa.grad = g = None
+                pb.grad = g
             na, nb = oa.step(1e-2 * step), ob.step(1e-2 * step)
             assert float(na) > 0.05  # the clip acts
             torch.testing.assert_close(nb, na, rtol=1e-5, atol=0)

@@ -12,8 +12,9 @@
   and, under torch.compile, the norm gains' were fp32 and are now rounded to bf16. Several micro-batches are
   summed in fp32, as torch's AdamW path does (`accumulate`: each one's gradients are added into an fp32 flat
   buffer, with several workers the all-reduce buffer itself, and released: 10 bytes per parameter per extra
-  micro-batch). A single micro-batch's gradients are gathered into one flat buffer (world 1) or copied into
-  the fp32 all-reduce buffer (world > 1). With fp32 compute the model's weights *are* the master (no copy). Each view starts where the previous
+  micro-batch). A single micro-batch's gradients are copied into the fp32 all-reduce buffer (world > 1); with
+  one worker they are read where they are by two Triton kernels (`optim.update_kernel`, CUDA: kernels.BlockTable)
+  or gathered into one flat buffer. With fp32 compute the model's weights *are* the master (no copy). Each view starts where the previous
   one ends: 16-byte aligned when sizes are multiples of 8 elements (every preset; an odd d_model would give
   misaligned norm gains, slower kernels).
 
@@ -41,7 +42,8 @@ def decay_split(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[
 
 def global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """The L2 norm over all gradients, in fp32, from per-tensor norms (one multi-tensor kernel): for gradients of
-    one dtype the same kernels for any world size and for both optimizers. bf16 gradients are summed in fp32
+    one dtype the same kernels for any world size and for both optimizers (but MasterAdamW's in-place step,
+    `optim.update_kernel`, sums squares in its own kernel). bf16 gradients are summed in fp32
     (torch's default would round each tensor's norm to bf16); fp32 ones take the default call, the one measured
     in benchmarks/RESULTS.md."""
     if grads[0].dtype == torch.float32:
@@ -211,8 +213,8 @@ class MasterAdamW:
         self.scalars = torch.zeros(3, device=device)  # decay, step_size, bc2_sqrt
         self.one = torch.ones((), device=device)  # the clip factor when clipping is off
         self.names = self._names()
-        # `kernel` (optim.update_kernel): where Triton runs, the steps that would gather (one worker, one
-        # micro-batch) take the norm and the update straight from p.grad instead (kernels.BlockTable)
+        # `kernel` (optim.update_kernel): where Triton runs, the steps that would gather p.grad (one worker, nothing
+        # summed in `acc`) take the norm and the update straight from p.grad instead (kernels.BlockTable)
         sizes = [p.numel() for p in self.params]
         self.table = kernels.BlockTable(sizes, self.flat.dtype, device) if (
             kernel and kernels.available(self.master) and not any(n % 8 for n in sizes)) else None

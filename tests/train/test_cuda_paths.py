@@ -33,8 +33,10 @@ def test_to_device_ring_of_pinned_buffers_keeps_every_batch(tmp_path):
 
 
 def test_update_kernel_trains_like_the_gather_path(tmp_path):
-    """optim.update_kernel=auto on CUDA: the trainer's steps take the in-place norm and update (kernels.BlockTable)
-    and train as the gather path does: the same losses to rounding over 4 steps."""
+    """optim.update_kernel=auto on CUDA: the trainer builds the in-place norm and update (kernels.BlockTable) and
+    trains as the gather path does, the same losses to rounding over 4 steps. Coarse on purpose (the bf16 weights
+    of the two runs part by roundings): the update's math is held to the gather path tightly, fed the same
+    gradients, by tests/test_kernels.py's check_optimizer."""
     from megacluster.train.supervisor import train
 
     losses = {}
