@@ -218,6 +218,8 @@ class MasterAdamW:
         sizes = [p.numel() for p in self.params]
         self.table = kernels.BlockTable(sizes, self.flat.dtype, device) if (
             kernel and kernels.available(self.master) and not any(n % 8 for n in sizes)) else None
+        self.staging: dict[int, torch.Tensor] = {}  # parameter index -> where its gradient is copied when the
+        # kernels cannot read it as it is (kept: a fresh copy every step would move the address table every step)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-parameter views of a flat tensor in `params` layout. Kept for our own buffers, which live as long
@@ -320,8 +322,15 @@ class MasterAdamW:
         """step() without the gather: two kernels read each p.grad where autograd wrote it, one for the sum of
         squares (the clip's norm), one for the update of both parameter groups. Per step at 1.5B that saves the
         gather's 6 GB of traffic and the per-tensor norm launches (benchmarks/RESULTS.md)."""
-        grads = [g if g.is_contiguous() and g.data_ptr() % 16 == 0 else g.clone(memory_format=torch.contiguous_format)
-                 for g in self._grads()]  # held until both kernels are queued
+        grads = self._grads()  # held until both kernels are queued
+        for i, g in enumerate(grads):
+            if not g.is_contiguous() or g.data_ptr() % 16:
+                # the kernels need contiguous, 16-byte aligned gradients. The 1.5B kernel table on the H200 showed
+                # one device-to-device copy and a second host-to-device copy a step: one gradient was copied, and
+                # its new address re-sent the table every step
+                if i not in self.staging:
+                    self.staging[i] = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+                grads[i] = self.staging[i].copy_(g)
         self.table.point_at(grads)
         norm = self.table.grad_sumsq().sqrt()
         o = self.cfg
