@@ -193,19 +193,31 @@ class BlockTable:
         self.rel = torch.zeros(len(sizes), dtype=torch.int64, device=device)
         self.blocks = len(pidx)
         self._addrs: list[int] = []
+        self.staging: dict[int, torch.Tensor] = {}  # gradient index -> where it is copied when the kernels cannot
+        # read it as it is (kept: a fresh copy every step would move the address table every step)
 
-    def point_at(self, grads: list[torch.Tensor]) -> None:
-        """Point the table at these gradients (contiguous, of `dtype`, 16-byte aligned; the caller keeps them
-        alive until the kernels that read them are queued). The copy is queued on the current stream, in order
-        with the kernels, from pinned memory (from pageable memory it could make the host wait for the GPU)."""
+    def point_at(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Point the table at these gradients (of `dtype`) and return what the kernels will read: the caller
+        keeps it alive until they are queued. A gradient that is not contiguous or not 16-byte aligned is first
+        copied into a buffer kept for it; the 1.5B kernel table on the H200 showed one such copy a step, then
+        into a fresh tensor, and with it a second host-to-device copy: the table re-sent every step. The table
+        goes up on the current stream, in order with the kernels, from pinned memory (from pageable memory it
+        could make the host wait for the GPU)."""
+        grads = list(grads)
+        for i, g in enumerate(grads):
+            if not g.is_contiguous() or g.data_ptr() % 16:
+                if i not in self.staging:
+                    self.staging[i] = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+                grads[i] = self.staging[i].copy_(g)
         addrs = [g.data_ptr() for g in grads]
         if addrs != self._addrs:
-            if any(a % 16 for a in addrs) or any(g.dtype != self.dtype or not g.is_contiguous() for g in grads):
-                raise ValueError(f"gradients must be contiguous {self.dtype}, 16-byte aligned")
+            if any(g.dtype != self.dtype for g in grads):
+                raise ValueError(f"gradients must be {self.dtype}")
             base, size = self.base.data_ptr(), self.base.element_size()
             host = torch.tensor([(a - base) // size for a in addrs], dtype=torch.int64)
             self.rel.copy_(host.pin_memory() if self.rel.is_cuda else host, non_blocking=True)
             self._addrs = addrs
+        return grads
 
     def grad_sumsq(self) -> torch.Tensor:
         """Sum of squares of all gradients (fp32, 0-d): one partial per block, then their sum."""

@@ -102,7 +102,7 @@ def check_optimizer(device: str) -> None:
             for ta, tb in ((oa.master, ob.master), (oa.m, ob.m), (oa.v, ob.v)):
                 torch.testing.assert_close(tb, ta, rtol=1e-5, atol=1e-7)
             assert all(p.grad is None for p in b.parameters())  # released, as the gather path does
-        assert sorted(ob.staging) == [0, 1]  # the two it could not read in place, copied to buffers it keeps
+        assert sorted(ob.table.staging) == [0, 1]  # the two it could not read in place, copied to buffers it keeps
         if device == "cuda":
             assert torch.equal(ob.flat, ob.master.to(dtype))
         else:  # Triton's interpreter truncates fp32 -> bf16 where the GPU rounds to nearest: one unit in the last place

@@ -218,8 +218,6 @@ class MasterAdamW:
         sizes = [p.numel() for p in self.params]
         self.table = kernels.BlockTable(sizes, self.flat.dtype, device) if (
             kernel and kernels.available(self.master) and not any(n % 8 for n in sizes)) else None
-        self.staging: dict[int, torch.Tensor] = {}  # parameter index -> where its gradient is copied when the
-        # kernels cannot read it as it is (kept: a fresh copy every step would move the address table every step)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-parameter views of a flat tensor in `params` layout. Kept for our own buffers, which live as long
@@ -303,11 +301,8 @@ class MasterAdamW:
             return self._step_in_place(lr)
         grad = reduced if reduced is not None else self.gather()
         norm = global_norm(self.views(grad))
+        clip, step_size, bc2_sqrt = self._advance(norm, lr)
         o = self.cfg
-        self.t += 1
-        step_size = lr / (1 - o.beta1 ** self.t)
-        bc2_sqrt = math.sqrt(1 - o.beta2 ** self.t)
-        clip = clip_factor(norm, o.grad_clip) if o.grad_clip > 0 else self.one
         out = None if self.flat is self.master else self.flat
         for lo, hi, wd in ((0, self.n_decay, o.weight_decay), (self.n_decay, self.n, 0.0)):
             if hi == lo:
@@ -322,24 +317,22 @@ class MasterAdamW:
         """step() without the gather: two kernels read each p.grad where autograd wrote it, one for the sum of
         squares (the clip's norm), one for the update of both parameter groups. Per step at 1.5B that saves the
         gather's 6 GB of traffic and the per-tensor norm launches (benchmarks/RESULTS.md)."""
-        grads = self._grads()  # held until both kernels are queued
-        for i, g in enumerate(grads):
-            if not g.is_contiguous() or g.data_ptr() % 16:
-                # the kernels need contiguous, 16-byte aligned gradients. The 1.5B kernel table on the H200 showed
-                # one device-to-device copy and a second host-to-device copy a step: one gradient was copied, and
-                # its new address re-sent the table every step
-                if i not in self.staging:
-                    self.staging[i] = torch.empty(g.shape, dtype=g.dtype, device=g.device)
-                grads[i] = self.staging[i].copy_(g)
-        self.table.point_at(grads)
+        grads = self.table.point_at(self._grads())  # held until both kernels are queued
         norm = self.table.grad_sumsq().sqrt()
+        clip, step_size, bc2_sqrt = self._advance(norm, lr)
+        o = self.cfg
+        self.table.adamw(self.master, self.m, self.v, None if self.flat is self.master else self.flat, clip,
+                         self.k_decay, 1 - lr * o.weight_decay, step_size, bc2_sqrt, o.beta1, o.beta2, o.eps)
+        del grads
+        return norm
+
+    def _advance(self, norm: torch.Tensor, lr: float) -> tuple[torch.Tensor, float, float]:
+        """Count the step; its clip factor (0-d, on the device), step size and sqrt of the second bias
+        correction (host floats)."""
         o = self.cfg
         self.t += 1
         clip = clip_factor(norm, o.grad_clip) if o.grad_clip > 0 else self.one
-        self.table.adamw(self.master, self.m, self.v, None if self.flat is self.master else self.flat, clip,
-                         self.k_decay, 1 - lr * o.weight_decay, lr / (1 - o.beta1 ** self.t),
-                         math.sqrt(1 - o.beta2 ** self.t), o.beta1, o.beta2, o.eps)
-        return norm
+        return clip, lr / (1 - o.beta1 ** self.t), math.sqrt(1 - o.beta2 ** self.t)
 
     # ---- checkpoints and state transfer: the same forms as TorchAdamW's ----
     def weights(self) -> dict[str, torch.Tensor]:
