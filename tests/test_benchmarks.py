@@ -84,6 +84,23 @@ def test_mfu_variants_memory_cuts_waves(tmp_path):
     assert len(list(tmp_path.glob("mfu-gate-*"))) == 2
 
 
+def test_device_call_brings_back_rows_summary_and_profiles(tmp_path):
+    """benchmarks/device_call.sh, the acceptance's device call, in its CPU mode: what it leaves in $OUT."""
+    import tarfile
+
+    r = run("bash", "benchmarks/device_call.sh", "default@gpt2-124m", "plain@gpt2-124m",
+            env={"OUT": str(tmp_path), "ARGS": " ".join(SMOKE)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mfu.jsonl", "profiles.tgz", "summary.txt"]
+    rows = [json.loads(x) for x in (tmp_path / "mfu.jsonl").read_text().splitlines()]
+    assert sorted(x["variant"] for x in rows) == ["default", "plain"]
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "commit " in summary and "torch " in summary and "gpt2-124m  plain" in summary
+    with tarfile.open(tmp_path / "profiles.tgz") as tar:
+        names = tar.getnames()
+    assert "./profiles/plain_gpt2-124m/kernels-gpt2-124m.txt" in names and "./mfu-plain_gpt2-124m.log" in names
+
+
 def test_gate_waits_for_every_job_then_excludes(tmp_path):
     """A process enters only when all expected tags are ready or gone, and only while no other holds the lock."""
     import fcntl

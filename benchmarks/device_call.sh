@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Issue 2's speed acceptance in one device call: the four GPT-2 shapes at nanoGPT's batch sizes through the
+# real trainer (benchmarks/train_mfu.py via mfu_variants.py: the jobs compile side by side, then each times
+# alone), with a kernel table per shape, and what the machine is. Made for the `device` tool, where one
+# command may run 600 s and at most 8 files come back:
+#
+#     bash benchmarks/device_call.sh            # (device tool, timeout_s 590) -> $OUT
+#     TESTS=1 bash benchmarks/device_call.sh    # first the GPU-only tests (about a minute more)
+#     bash benchmarks/device_call.sh default gather@gpt2-1.5b   # other jobs (mfu_variants.py names)
+#     ARGS="--device cpu --smoke --steps 2 --warmup 1" bash benchmarks/device_call.sh default@gpt2-124m  # CPU check
+#
+# Waves are cut by the card's memory (mfu_variants.JOB_GIB; H100 80GB: 1.5B with 124M, then 774M with 350M;
+# H200: 1.5B, 124M and 774M, then 350M), each under LIMIT seconds (default 250; with TESTS=1 take 210, so two
+# waves and the tests fit 590 s). ARGS go on to train_mfu.py. Back in $OUT: mfu.jsonl (one row per finished
+# shape), summary.txt (the machine, the tests, the table), profiles.tgz (kernel tables, gap summaries, logs).
+# Record the figures in benchmarks/RESULTS.md with this command, the device and the date.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+work=$(mktemp -d)
+summary="$OUT/summary.txt"
+{
+  date -u +"%Y-%m-%d %H:%M UTC"
+  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '(not a git checkout)')," \
+    "$(git status --short 2>/dev/null | wc -l) paths changed since"
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv,noheader 2>&1
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1
+} > "$summary"
+cat "$summary"
+if [ "${TESTS:-0}" = 1 ]; then
+  python3 -m pytest -q tests/test_kernels.py tests/train/test_cuda_paths.py 2>&1 | tail -15 | tee -a "$summary"
+fi
+# GPU memory the jobs of one wave may hold together: the card's, less ~4 GiB for contexts and fragmentation
+mem=$(python3 -c "import torch; c = torch.cuda.is_available()
+print(int(torch.cuda.get_device_properties(0).total_memory / 2**30) - 4 if c else 0)")
+if [ $# -eq 0 ]; then
+  set -- default@gpt2-1.5b default@gpt2-124m default@gpt2-774m default@gpt2-350m
+fi
+python3 benchmarks/mfu_variants.py --parallel --memory "$mem" --limit "${LIMIT:-250}" --out "$work" \
+  --args "--profile $work/profiles ${ARGS:-}" "$@" 2>&1 | tee -a "$summary"
+rc=${PIPESTATUS[0]}
+cp "$work/mfu.jsonl" "$OUT/" 2>/dev/null
+tar -czf "$OUT/profiles.tgz" -C "$work" --exclude='*.json.gz' --exclude='mfu-gate-*' . 2>/dev/null
+rm -rf "$work"
+exit "$rc"
