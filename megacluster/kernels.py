@@ -184,7 +184,7 @@ class BlockTable:
         starts = [0]
         for n in sizes[:-1]:
             starts.append(starts[-1] + n)
-        self.dtype = dtype
+        self.dtype, self.sizes = dtype, list(sizes)
         self.pidx = torch.tensor(pidx, dtype=torch.int32, device=device)
         self.off = torch.tensor(off, dtype=torch.int64, device=device)
         self.numel = torch.tensor(sizes, dtype=torch.int64, device=device)
@@ -204,6 +204,9 @@ class BlockTable:
         goes up on the current stream, in order with the kernels, from pinned memory (from pageable memory it
         could make the host wait for the GPU)."""
         grads = list(grads)
+        if [g.numel() for g in grads] != self.sizes or any(g.dtype != self.dtype for g in grads):
+            raise ValueError(f"gradients must be {self.dtype} and of the table's sizes")  # checked every step:
+            # a tensor of another dtype or size at a known address would be read as the old one
         for i, g in enumerate(grads):
             if not g.is_contiguous() or g.data_ptr() % 16:
                 if i not in self.staging:
@@ -211,8 +214,6 @@ class BlockTable:
                 grads[i] = self.staging[i].copy_(g)
         addrs = [g.data_ptr() for g in grads]
         if addrs != self._addrs:
-            if any(g.dtype != self.dtype for g in grads):
-                raise ValueError(f"gradients must be {self.dtype}")
             base, size = self.base.data_ptr(), self.base.element_size()
             host = torch.tensor([(a - base) // size for a in addrs], dtype=torch.int64)
             self.rel.copy_(host.pin_memory() if self.rel.is_cuda else host, non_blocking=True)

@@ -109,6 +109,22 @@ def check_optimizer(device: str) -> None:
             torch.testing.assert_close(ob.flat.float(), ob.master, rtol=2 ** -7, atol=0)
 
 
+def test_block_table_refuses_gradients_it_would_misread():
+    """The address table is re-sent only when an address moves: a gradient of another dtype or size at a known
+    address must still be refused (read as the old one, it would update the weights from garbage)."""
+    from megacluster.kernels import BlockTable
+
+    table = BlockTable([8, 16], torch.bfloat16, torch.device("cpu"))
+    grads = [torch.ones(8, dtype=torch.bfloat16), torch.ones(4, 4, dtype=torch.bfloat16)]
+    assert table.point_at(grads) == grads and table.rel.tolist() != [0, 0]  # in place: no copy, the table set
+    with pytest.raises(ValueError, match="bfloat16"):
+        table.point_at([grads[0], grads[1].float()])
+    with pytest.raises(ValueError, match="sizes"):
+        table.point_at([grads[0], torch.ones(8, dtype=torch.bfloat16)])
+    staged = table.point_at([grads[0], grads[1].t()])  # not contiguous: copied into a buffer kept for it
+    assert staged[1] is table.staging[1] and torch.equal(staged[1], grads[1].t())
+
+
 @pytest.mark.skipif(not HAS_TRITON or CUDA, reason="needs Triton (run through its interpreter on a CPU machine)")
 def test_kernels_in_the_interpreter():
     code = ("import torch, tests.test_kernels as t\n"

@@ -68,6 +68,14 @@ def build(model: torch.nn.Module, o: OptimConfig, device: torch.device, dtype: t
     return TorchAdamW(model, o, device)
 
 
+def copy_same_shape(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    """dst.copy_(src), refusing another shape: copy_ would broadcast a (1, d) checkpoint tensor into (n, d)
+    without a word (the model's load_state_dict, TorchAdamW's path, refuses it as well)."""
+    if tuple(src.shape) != tuple(dst.shape):
+        raise ValueError(f"{what}: shape {tuple(src.shape)} in the checkpoint, {tuple(dst.shape)} in this model")
+    dst.copy_(src)
+
+
 class TorchAdamW:
     """torch.optim.AdamW over the model's parameters, fused on CUDA. `params`: the decayed ones, then the rest
     (MasterAdamW's order), so both sum the global norm in one order: a sum of squares in another order can differ
@@ -95,8 +103,9 @@ class TorchAdamW:
 
     def step(self, lr: float, reduced: torch.Tensor | None = None) -> torch.Tensor:
         """Clip and update from p.grad (`reduced` unused: p.grad already view the reduced sums). Returns the
-        global gradient norm (0-d, on the device)."""
-        grads = [p.grad for p in self.params]
+        global gradient norm (0-d, on the device). A parameter without a gradient is left alone, as torch's
+        AdamW leaves it (MasterAdamW, one pass over all parameters, reads zeros for it instead)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
         norm = global_norm(grads)
         if self.cfg.grad_clip > 0:
             scale = clip_factor(norm, self.cfg.grad_clip)
@@ -348,7 +357,7 @@ class MasterAdamW:
             raise RuntimeError(f"checkpoint weights do not fit the model: missing {missing}, unexpected {unexpected}")
         views = self.views(self.master)
         for name, i in self.names.items():
-            views[i].copy_(weights[name])
+            copy_same_shape(views[i], weights[name], name)
         self._refresh()
 
     def _refresh(self) -> None:
@@ -387,7 +396,8 @@ class MasterAdamW:
         order = [i for g in sd["param_groups"] for i in g["params"]]  # saved index of our param j
         for j, (m, v) in enumerate(zip(self.views(self.m), self.views(self.v))):
             st = state[order[j]]
-            m.copy_(st["exp_avg"]), v.copy_(st["exp_avg_sq"])
+            for dst, key in ((m, "exp_avg"), (v, "exp_avg_sq")):
+                copy_same_shape(dst, st[key], f"optimizer state {order[j]}.{key}")
         self.t = int(float(state[order[0]]["step"]))
 
     @torch.no_grad()

@@ -189,3 +189,30 @@ def test_micro_batches_are_summed_in_fp32():
     tc.step(1e-2, exact)
     assert torch.equal(tb.master, tc.master) and torch.equal(tb.m, tc.m) and torch.equal(tb.v, tc.v)
     assert tb.acc_count == 0 and all(p.grad is None for p in tb.params)
+
+
+def test_a_checkpoint_of_another_shape_is_refused_not_broadcast():
+    """copy_ would broadcast a (1, d) tensor into (n, d): MasterAdamW refuses it, as the model's load_state_dict
+    (TorchAdamW's path) does."""
+    a, ta, b, tb = pair()
+    steps([(a, ta), (b, tb)], 1, 1)
+    weights = {k: v.clone() for k, v in tb.weights().items()}
+    weights["blocks.0.attn.qkv.weight"] = weights["blocks.0.attn.qkv.weight"][:1]
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv\.weight: shape \(1, 64\) in the checkpoint"):
+        tb.load_weights(weights)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        ta.load_weights(weights)
+    sd = copy.deepcopy(tb.state_dict())
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"][:1]
+    with pytest.raises(ValueError, match=r"optimizer state 0\.exp_avg: shape"):
+        tb.load_state_dict(sd)
+
+
+def test_torch_adamw_leaves_a_parameter_without_gradient_alone():
+    a, ta, _, _ = pair()
+    x = torch.randint(0, 256, (4, 17))
+    a(x[:, :-1], x[:, 1:]).backward()
+    last = ta.params[-1]
+    last.grad, before = None, last.detach().clone()
+    norm = ta.step(1e-2)
+    assert torch.equal(last, before) and float(norm) > 0  # torch's AdamW skips it; the norm is over the others
