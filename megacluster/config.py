@@ -36,7 +36,8 @@ class ModelConfig:
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     paths: list[str] = field(default_factory=list)  # files, dirs, globs, .jsonl, .bin/.npy shards; [] = stdlib
-    max_bytes: int = 12_000_000  # cap on UTF-8 text read in sorted file order, the crossing document cut; 0 = no cap
+    max_bytes: int = 12_000_000  # cap on UTF-8 text read, files in the order given (a directory's or glob's sorted),
+    # the document that crosses it cut; 0 = no cap
     val_fraction: float = 0.02  # last fraction of the token stream held out for validation
     cache_dir: str = ""  # "" = $MEGACLUSTER_CACHE or ~/.cache/megacluster
 
@@ -56,8 +57,9 @@ class OptimConfig:
     master_weights: str = "auto"  # on: weights kept in run.dtype, an fp32 master copy in the optimizer (optim.py);
     # auto: on for compiled CUDA runs (measured faster there, benchmarks/RESULTS.md), off otherwise
     update_kernel: str = "auto"  # with master weights on CUDA with Triton and one worker, where the step's gradients
-    # are all in p.grad (one micro-batch; with fp32 weights any number): auto reads each where autograd left it, for
-    # the clip's norm and the update (two Triton kernels); off gathers them into one flat buffer first
+    # are all in p.grad (one micro-batch; with fp32 weights any number) and every parameter's size is a multiple of 8:
+    # auto reads each where autograd left it, for the clip's norm and the update (two Triton kernels); off gathers
+    # them into one flat buffer first
 
 
 @dataclass(kw_only=True, slots=True)
@@ -85,7 +87,9 @@ class RunConfig:
     ckpt_keep: int = 3
     balance: str = "equal"  # equal | auto (shares proportional to measured compute throughput)
     chaos: str = ""  # fault-injection spec, see megacluster/train/chaos.py
-    hang_timeout: float = 30.0  # seconds without progress before a worker counts as hung
+    hang_timeout: float = 30.0  # supervised runs (workers > 1 or run.chaos): seconds without a finished step before a
+    # worker counts as hung and is replaced (its first step 5x, for compiling); under torchrun the process group's
+    # timeout (at least 60 s); one worker without run.chaos is not watched (docs/train.md)
     progress: bool = True  # rich progress bar on stderr
 
 
@@ -234,6 +238,10 @@ def load_toml(path: str | Path) -> dict:
         raise InputError(f"--config: file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"--config {path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"--config {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:  # a directory, no permission
+        raise InputError(f"--config {path}: cannot read it ({e.strerror})") from None
 
 
 def build(preset: str = "tiny", config_file: str | None = None, overrides: list[str] | None = None) -> Config:
@@ -284,6 +292,10 @@ def validate(cfg: Config) -> None:
         from .train.chaos import parse  # the spec's grammar (no torch); ranks are checked at launch
 
         parse(cfg.run.chaos)
+    if not cfg.run.seed < 2 ** 63:  # torch.manual_seed takes 64 bits; the data order's PCG64 any
+        raise InputError(f"run.seed: must be < 2**63, got {cfg.run.seed}")
+    if not cfg.run.hang_timeout >= 1:
+        raise InputError(f"run.hang_timeout: must be >= 1 (seconds without a finished step), got {cfg.run.hang_timeout}")
     if not cfg.run.run_dir.strip():
         raise InputError("run.run_dir (--run-dir): must name a directory, got an empty string")
     if cfg.run.micro_batch > cfg.run.batch_size:

@@ -35,6 +35,7 @@ from .files import atomic_write
 
 FORMAT_VERSION = 2  # 2: the document that crosses data.max_bytes is cut at the cap (1 kept it whole)
 PRETOKENIZED = (".npy", ".bin")
+MIN_TEXT_VOCAB = 257  # the byte-level BPE's 256 byte tokens and <|endoftext|> (tokenizer.py)
 _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__", "turtledemo", "ensurepip"}
 
 
@@ -51,7 +52,8 @@ def default_corpus() -> list[Path]:
 
 
 def resolve(paths: list[str]) -> list[Path]:
-    """Expand files, directories and globs into a sorted, de-duplicated file list; InputError if empty."""
+    """Expand files, directories and globs into a de-duplicated file list, in the order given (each directory's
+    or glob's files sorted); InputError if empty."""
     if not paths:
         return default_corpus()
     out: list[Path] = []
@@ -197,10 +199,17 @@ def prepare(cfg: DataConfig, vocab_size: int) -> Corpus:
     files = resolve(cfg.paths)
     if files[0].suffix in PRETOKENIZED:
         return _pretokenized(files, cfg, vocab_size)
+    if vocab_size < MIN_TEXT_VOCAB:  # else token ids past the embedding table: an IndexError deep in the forward
+        raise InputError(f"model.vocab_size: text data needs at least {MIN_TEXT_VOCAB} (the 256 byte tokens and "
+                         f"end-of-text), got {vocab_size}")
     key = _fingerprint(files, {"v": FORMAT_VERSION, "vocab": vocab_size, "max_bytes": cfg.max_bytes,
                                "val": cfg.val_fraction})
     directory = cache_root(cfg) / f"corpus-{key}"
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"data.cache_dir: cannot create {directory.parent} ({e.strerror}); set "
+                         "data.cache_dir or $MEGACLUSTER_CACHE to a writable directory") from None
     with open(directory / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process tokenizes; the others wait, then reuse
         if not (directory / "meta.json").exists():

@@ -44,6 +44,8 @@ def test_toml_then_set_then_validate(tmp_path):
     ("model.norm_eps=nan", "model.norm_eps: expected a finite number"),
     ("run.hang_timeout=inf", "run.hang_timeout: expected a finite number"),
     ("run.run_dir=", "run.run_dir (--run-dir): must name a directory"),
+    ("run.seed=9223372036854775808", "run.seed: must be < 2**63"),  # torch.manual_seed would overflow
+    ("run.hang_timeout=0.01", "run.hang_timeout: must be >= 1"),  # every worker would count as hung
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(InputError, match=None) as e:
@@ -83,6 +85,11 @@ def test_bad_toml_and_preset(tmp_path):
     f.write_text("lr = 3\n")
     with pytest.raises(InputError, match="must be a \\[section\\] table"):
         config.build("tiny", str(f))
+    f.write_bytes(b"\xff\xfe[run]\n")
+    with pytest.raises(InputError, match="not UTF-8 text"):
+        config.build("tiny", str(f))
+    with pytest.raises(InputError, match="cannot read it"):
+        config.build("tiny", str(tmp_path))  # a directory
 
 
 def test_roundtrip_dict():
@@ -99,9 +106,24 @@ def test_roundtrip_dict():
     (["--chaos", "bogus"], "--chaos (run.chaos): bad fault 'bogus'"),  # refused before a worker starts
     (["--workers", "2", "--chaos", "kill:rank=2,step=3"], "names rank 2, but the run has 2 worker(s)"),
     (["--set", "optim.lr=inf"], "optim.lr: expected a finite number"),
+    (["--set", "model.vocab_size=100"], "model.vocab_size: text data needs at least 257"),  # before tokenizing
+    (["--workers", "100000"], "run.workers=100000: at most"),
 ])
 def test_cli_bad_input_exits_2(argv, needle, tmp_path):
+    """Refused (exit 2) before a worker starts or any text is tokenized."""
     r = subprocess.run([sys.executable, "-m", "megacluster", "train", "--run-dir", str(tmp_path), *argv],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr
+
+
+@pytest.mark.parametrize("flag, needle", [("--run-dir", "run.run_dir (--run-dir): cannot create"),
+                                          ("--set data.cache_dir=", "data.cache_dir: cannot create")])
+def test_cli_refuses_a_directory_it_cannot_create(flag, needle, tmp_path):
+    (tmp_path / "file").write_text("")
+    where = str(tmp_path / "file" / "sub")  # under a regular file: mkdir fails (as root too)
+    argv = ["--run-dir", where] if flag == "--run-dir" else ["--run-dir", str(tmp_path / "run"), "--set",
+                                                             f"data.cache_dir={where}"]
+    r = subprocess.run([sys.executable, "-m", "megacluster", "train", *argv], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr

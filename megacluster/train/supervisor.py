@@ -64,6 +64,13 @@ def train(cfg: Config) -> dict | None:
     run_dir = Path(cfg.run.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"run.run_dir (--run-dir): {run_dir} exists and is not a directory")
+    try:  # here, not after tokenizing the data
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"run.run_dir (--run-dir): cannot create {run_dir} ({e.strerror})") from None
+    if not under_launcher() and cfg.run.workers > max_local_workers():
+        raise InputError(f"run.workers={cfg.run.workers}: at most {max_local_workers()} local worker processes on this "
+                         f"machine ({os.cpu_count()} cores); for more, run on several machines under torchrun")
     if cfg.run.resume:
         check_resume(cfg)
     if under_launcher():
@@ -90,6 +97,12 @@ def train(cfg: Config) -> dict | None:
     if cfg.run.workers == 1 and not cfg.run.chaos:
         return Worker(cfg, init_place(cfg.run.device), corpus=corpus).run()
     return Supervisor(cfg).run()
+
+
+def max_local_workers() -> int:
+    """Worker processes one machine may start: 4 per core (at least 8; tests run 3 on 2 cores). Beyond that a
+    typo (--workers 10000) would fork until the machine gives out instead of being refused."""
+    return max(8, 4 * (os.cpu_count() or 1))
 
 
 def check_resume(cfg: Config) -> None:

@@ -47,8 +47,12 @@ def test_bookkeeping_keys(tmp_path):
     recs = [json.loads(x) for x in open(tmp_path / "k" / "metrics.jsonl")]
     assert [r["step"] for r in recs if "loss" in r] == [2, 4]
     assert [r["step"] for r in recs if "val_loss" in r] == [2, 4]
-    one = run(tmp_path, "e1", "run.eval_batches=1", "run.max_steps=4")
+    one = run(tmp_path, "e1", "run.eval_batches=1", "run.max_steps=4", "run.eval_every=0", "run.ckpt_every=0")
     assert one["val_loss"] != res["val_loss"]  # a different number of validation batches
+    recs = [json.loads(x) for x in open(tmp_path / "e1" / "metrics.jsonl")]
+    assert [r["step"] for r in recs if "val_loss" in r] == [4]  # eval_every=0: only at the end
+    assert [p.name for p in (tmp_path / "e1" / "checkpoints").iterdir() if p.name.startswith("step_")] == [
+        "step_00000004"]  # ckpt_every=0: only at the end
 
 
 def test_micro_batch_sets_the_passes_per_step(tmp_path, monkeypatch):
