@@ -28,7 +28,7 @@ VERBS = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verb = argv[0] if argv and argv[0] in VERBS else None
-    parser = argparse.ArgumentParser(prog="megacluster", description="megacluster: train, plan, serve")
+    parser = argparse.ArgumentParser(prog="megacluster", description="megacluster: train, plan")
     sub = parser.add_subparsers(dest="verb", metavar="{" + ",".join(VERBS) + "}")
     mod = None
     for name, (modname, help_text) in VERBS.items():
