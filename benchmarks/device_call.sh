@@ -6,6 +6,8 @@
 #
 #     bash benchmarks/device_call.sh            # (device tool, timeout_s 590) -> $OUT
 #     TESTS=1 bash benchmarks/device_call.sh    # first the GPU-only tests (about a minute more)
+#     OPTIM=1 bash benchmarks/device_call.sh default@gpt2-124m   # first the optimizer alone at 1.5B, with the
+#                                               # sum of squares at 4, 8, 16 blocks a program (~2 minutes more)
 #     bash benchmarks/device_call.sh default gather@gpt2-1.5b   # other jobs (mfu_variants.py names)
 #     ARGS="--device cpu --smoke --steps 2 --warmup 1" bash benchmarks/device_call.sh default@gpt2-124m  # CPU check
 #
@@ -30,6 +32,11 @@ summary="$OUT/summary.txt"
 cat "$summary"
 if [ "${TESTS:-0}" = 1 ]; then
   python3 -m pytest -q tests/test_kernels.py tests/train/test_cuda_paths.py 2>&1 | tail -15 | tee -a "$summary"
+fi
+if [ "${OPTIM:-0}" = 1 ]; then
+  # shellcheck disable=SC2086
+  timeout 200 python3 benchmarks/optim_step.py ${OPTIM_ARGS:---steps 10 --tiles 1024x4x4 1024x4x8 1024x4x16} \
+    2>&1 >"$OUT/optim.jsonl" | tee -a "$summary"
 fi
 # GPU memory the jobs of one wave may hold together: the card's, less ~4 GiB for contexts and fragmentation
 mem=$(python3 -c "import torch; c = torch.cuda.is_available()

@@ -2,6 +2,7 @@
 
     python benchmarks/optim_step.py                         # GPT-2 1.5B's parameters on CUDA, every implementation
     python benchmarks/optim_step.py --tiles 2048x8 4096x8     # also the in-place kernels at other BLOCK x warps
+    python benchmarks/optim_step.py --tiles 1024x4x4 1024x4x16  # ... x blocks a program in the sum of squares
     python benchmarks/optim_step.py --preset gpt2-124m --steps 50
     python benchmarks/optim_step.py --device cpu --preset tiny   # CPU check of this script
     python benchmarks/optim_step.py --device cpu --preset gpt2-124m --compile on   # compiled update on CPU
@@ -69,7 +70,7 @@ def bench(preset: str, master: str, kernel: str, device: torch.device, steps: in
     dt = (time.perf_counter() - t0) / steps
     moved = bytes_per_param(opt, grads[0].element_size())
     return {"preset": preset, "master_weights": master, "in_place": getattr(opt, "table", None) is not None,
-            "tile": f"{kernels.BlockTable.BLOCK}x{kernels.BlockTable.WARPS}", "params": n, "grad_dtype": str(grads[0].dtype),
+            "tile": f"{kernels.BlockTable.BLOCK}x{kernels.BlockTable.WARPS}x{kernels.BlockTable.SUMSQ_GROUP}", "params": n, "grad_dtype": str(grads[0].dtype),
             "ms_per_step": 1e3 * dt, "bytes_per_param": moved, "gb_per_s": moved * n / dt / 1e9,
             "device": str(device), "compiled": compiled}
 
@@ -82,21 +83,27 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                     help="compile MasterAdamW's update (auto: on CUDA, as the trainer's run.compile=auto)")
-    ap.add_argument("--tiles", nargs="*", default=[], metavar="BLOCKxWARPS",
-                    help="also time the in-place kernels with these elements per program x warps")
+    ap.add_argument("--tiles", nargs="*", default=[], metavar="BLOCKxWARPS[xGROUP]",
+                    help="also time the in-place kernels with these elements per program x warps (x blocks per "
+                         "program in the sum of squares, default 1)")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here; use --device cpu")
     device = torch.device(args.device)
     compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-    default = (kernels.BlockTable.BLOCK, kernels.BlockTable.WARPS)
+    table = kernels.BlockTable
+    default = (table.BLOCK, table.WARPS, table.SUMSQ_GROUP)
     runs = [("off", "auto", default), ("on", "off", default), ("on", "auto", default)]
-    runs += [("on", "auto", tuple(int(x) for x in tile.split("x"))) for tile in args.tiles]
-    for master, kernel, (kernels.BlockTable.BLOCK, kernels.BlockTable.WARPS) in runs:
+    for tile in args.tiles:
+        sizes = tile.split("x")
+        if len(sizes) not in (2, 3) or not all(x.isdigit() and int(x) > 0 for x in sizes):
+            ap.error(f"--tiles: '{tile}' is not BLOCKxWARPS or BLOCKxWARPSxGROUP (positive integers)")
+        runs.append(("on", "auto", (int(sizes[0]), int(sizes[1]), int(sizes[2]) if len(sizes) == 3 else 1)))
+    for master, kernel, (table.BLOCK, table.WARPS, table.SUMSQ_GROUP) in runs:
         row = bench(args.preset, master, kernel, device, args.steps, args.warmup, compiled)
         if master == "on" and kernel == "auto" and not row["in_place"]:
             continue  # no Triton or no CUDA here: the same as the gathered row
-        print(f"master_weights={master:3s} in_place={row['in_place']!s:5s} tile={row['tile']:7s} "
+        print(f"master_weights={master:3s} in_place={row['in_place']!s:5s} tile={row['tile']:9s} "
               f"{row['ms_per_step']:8.2f} ms/step  {row['gb_per_s']:8.1f} GB/s "
               f"({row['bytes_per_param']} B/param x {row['params']:,})", file=sys.stderr, flush=True)
         print(json.dumps(row), flush=True)

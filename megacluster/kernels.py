@@ -123,12 +123,11 @@ if triton is not None:
 
 if triton is not None:
     @triton.jit
-    def _grad_block(base_ptr, rel_ptr, pidx_ptr, off_ptr, numel_ptr, BLOCK: tl.constexpr):
-        """This program's block: (parameter index, element indices in it, mask, fp32 gradient values). Gradient
-        i starts rel[i] elements after base_ptr: pointer arithmetic from an argument, so that the compiler,
-        told that rel and sizes are multiples of 8 elements and offsets of BLOCK, issues 16-byte vector loads
-        (an address loaded from memory and cast to a pointer gets none: it could be misaligned)."""
-        blk = tl.program_id(0)
+    def _grad_block(base_ptr, rel_ptr, pidx_ptr, off_ptr, numel_ptr, blk, BLOCK: tl.constexpr):
+        """Block blk: (parameter index, element indices in it, mask, fp32 gradient values). Gradient i starts
+        rel[i] elements after base_ptr: pointer arithmetic from an argument, so that the compiler, told that rel
+        and sizes are multiples of 8 elements and offsets of BLOCK, issues 16-byte vector loads (an address
+        loaded from memory and cast to a pointer gets none: it could be misaligned)."""
         i = tl.load(pidx_ptr + blk)
         n = tl.multiple_of(tl.load(numel_ptr + i), 8)
         k = tl.multiple_of(tl.load(off_ptr + blk), BLOCK) + tl.arange(0, BLOCK)
@@ -137,15 +136,22 @@ if triton is not None:
         return i, k, mask, tl.load(grad + k, mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _grad_sumsq_kernel(base_ptr, rel_ptr, pidx_ptr, off_ptr, numel_ptr, partial_ptr, BLOCK: tl.constexpr):
-        _, _, _, g = _grad_block(base_ptr, rel_ptr, pidx_ptr, off_ptr, numel_ptr, BLOCK)
-        tl.store(partial_ptr + tl.program_id(0), tl.sum(g * g, axis=0))
+    def _grad_sumsq_kernel(base_ptr, rel_ptr, pidx_ptr, off_ptr, numel_ptr, partial_ptr, BLOCK: tl.constexpr,
+                           GROUP: tl.constexpr):
+        # GROUP consecutive blocks a program (the table is padded to a multiple of GROUP with empty blocks): a
+        # program that reads one 2 KB block and stores one float spends most of its life starting and ending
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in tl.static_range(GROUP):
+            _, _, _, g = _grad_block(base_ptr, rel_ptr, pidx_ptr, off_ptr, numel_ptr, tl.program_id(0) * GROUP + j,
+                                     BLOCK)
+            acc += g * g
+        tl.store(partial_ptr + tl.program_id(0), tl.sum(acc, axis=0))
 
     @triton.jit
     def _adamw_kernel(base_ptr, rel_ptr, pidx_ptr, off_ptr, numel_ptr, start_ptr, master_ptr, m_ptr, v_ptr, out_ptr,
                       clip_ptr, k_decay, decay, step_size, bc2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
                       HAS_OUT: tl.constexpr, BLOCK: tl.constexpr):
-        i, k, mask, g = _grad_block(base_ptr, rel_ptr, pidx_ptr, off_ptr, numel_ptr, BLOCK)
+        i, k, mask, g = _grad_block(base_ptr, rel_ptr, pidx_ptr, off_ptr, numel_ptr, tl.program_id(0), BLOCK)
         f = tl.multiple_of(tl.load(start_ptr + i), 8) + k  # the element's index in the flat master and moments
         g = tl.div_rn(g, tl.load(clip_ptr))
         # optim.adamw_update's arithmetic, op for op in fp32 (torch's lerp for a weight < 0.5, addcmul)
@@ -172,6 +178,9 @@ class BlockTable:
     # H200 (optimizer step 11.7 ms; 2048 x 8: 12.0, 4096 x 8: 13.2; benchmarks/optim_step.py --tiles)
     BLOCK = 1024
     WARPS = 4
+    # blocks a program in the sum of squares: 1 as measured; more is prepared, not yet timed on a GPU
+    # (benchmarks/optim_step.py --sumsq-groups)
+    SUMSQ_GROUP = 1
 
     def __init__(self, sizes: list[int], dtype: torch.dtype, device: torch.device):
         if any(n % 8 for n in sizes):
@@ -185,13 +194,17 @@ class BlockTable:
         for n in sizes[:-1]:
             starts.append(starts[-1] + n)
         self.dtype, self.sizes = dtype, list(sizes)
+        self.blocks = len(pidx)  # the update's grid; the sum of squares reads empty blocks up to a whole group:
+        self.group = self.SUMSQ_GROUP
+        pad = -len(pidx) % self.group  # parameter 0 from an offset past its end (all masked)
+        pidx += [0] * pad
+        off += [-(-sizes[0] // self.BLOCK) * self.BLOCK] * pad
         self.pidx = torch.tensor(pidx, dtype=torch.int32, device=device)
         self.off = torch.tensor(off, dtype=torch.int64, device=device)
         self.numel = torch.tensor(sizes, dtype=torch.int64, device=device)
         self.start = torch.tensor(starts, dtype=torch.int64, device=device)
         self.base = torch.zeros(8, dtype=dtype, device=device)  # allocator blocks: 16-byte aligned or more
         self.rel = torch.zeros(len(sizes), dtype=torch.int64, device=device)
-        self.blocks = len(pidx)
         self._addrs: list[int] = []
         self.staging: dict[int, torch.Tensor] = {}  # gradient index -> where it is copied when the kernels cannot
         # read it as it is (kept: a fresh copy every step would move the address table every step)
@@ -221,10 +234,11 @@ class BlockTable:
         return grads
 
     def grad_sumsq(self) -> torch.Tensor:
-        """Sum of squares of all gradients (fp32, 0-d): one partial per block, then their sum."""
-        partial = torch.empty(self.blocks, dtype=torch.float32, device=self.rel.device)
-        _grad_sumsq_kernel[(self.blocks,)](self.base, self.rel, self.pidx, self.off, self.numel, partial,
-                                           BLOCK=self.BLOCK, num_warps=self.WARPS)
+        """Sum of squares of all gradients (fp32, 0-d): one partial per group of blocks, then their sum."""
+        programs = self.pidx.numel() // self.group
+        partial = torch.empty(programs, dtype=torch.float32, device=self.rel.device)
+        _grad_sumsq_kernel[(programs,)](self.base, self.rel, self.pidx, self.off, self.numel, partial,
+                                        BLOCK=self.BLOCK, GROUP=self.group, num_warps=self.WARPS)
         return partial.sum()
 
     def adamw(self, master: torch.Tensor, m: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None,

@@ -89,13 +89,16 @@ def test_device_call_brings_back_rows_summary_and_profiles(tmp_path):
     import tarfile
 
     r = run("bash", "benchmarks/device_call.sh", "default@gpt2-124m", "plain@gpt2-124m",
-            env={"OUT": str(tmp_path), "ARGS": " ".join(SMOKE)})
+            env={"OUT": str(tmp_path), "ARGS": " ".join(SMOKE), "OPTIM": "1",
+                 "OPTIM_ARGS": "--device cpu --preset tiny --steps 1 --warmup 0 --tiles 1024x4x4"})
     assert r.returncode == 0, r.stdout + r.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mfu.jsonl", "profiles.tgz", "summary.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mfu.jsonl", "optim.jsonl", "profiles.tgz", "summary.txt"]
+    optim = [json.loads(x) for x in (tmp_path / "optim.jsonl").read_text().splitlines()]  # no in-place rows on CPU
+    assert [x["master_weights"] for x in optim] == ["off", "on"] and all(x["preset"] == "tiny" for x in optim)
     rows = [json.loads(x) for x in (tmp_path / "mfu.jsonl").read_text().splitlines()]
     assert sorted(x["variant"] for x in rows) == ["default", "plain"]
     summary = (tmp_path / "summary.txt").read_text()
-    assert "commit " in summary and "torch " in summary and "gpt2-124m  plain" in summary
+    assert "commit " in summary and "torch " in summary and "gpt2-124m  plain" in summary and "ms/step" in summary
     with tarfile.open(tmp_path / "profiles.tgz") as tar:
         names = tar.getnames()
     assert "./profiles/plain_gpt2-124m/kernels-gpt2-124m.txt" in names and "./mfu-plain_gpt2-124m.log" in names

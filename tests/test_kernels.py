@@ -109,6 +109,28 @@ def check_optimizer(device: str) -> None:
             torch.testing.assert_close(ob.flat.float(), ob.master, rtol=2 ** -7, atol=0)
 
 
+def check_sumsq(device: str) -> None:
+    """The sum of squares with 1, 4 and 5 blocks a program: the table padded with empty blocks (6 real blocks
+    here: 1 + 3 + 2), the same sum as torch's up to rounding order, and the update's grid unchanged."""
+    from megacluster import kernels
+
+    if device == "cpu":
+        kernels.available = lambda x: True
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=gen).to(device, torch.bfloat16) for n in (8, 2056, 1032)]
+    want = sum(float(g.float().pow(2).sum()) for g in grads)
+    for group in (1, 4, 5):
+        kernels.BlockTable.SUMSQ_GROUP = group
+        try:
+            table = kernels.BlockTable([g.numel() for g in grads], torch.bfloat16, torch.device(device))
+        finally:
+            kernels.BlockTable.SUMSQ_GROUP = 1
+        assert table.blocks == 6 and table.pidx.numel() == -(-6 // group) * group
+        table.point_at(grads)
+        got = float(table.grad_sumsq())
+        assert abs(got - want) <= 1e-5 * want, (group, got, want)
+
+
 def test_block_table_refuses_gradients_it_would_misread():
     """The address table is re-sent only when an address moves: a gradient of another dtype or size at a known
     address must still be refused (read as the old one, it would update the weights from garbage)."""
@@ -130,7 +152,7 @@ def test_kernels_in_the_interpreter():
     code = ("import torch, tests.test_kernels as t\n"
             "for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):\n"
             "    t.check_backward('cpu', dtype, tol); t.check_rope_backward('cpu', dtype, tol)\n"
-            "t.check_optimizer('cpu')\n"
+            "t.check_optimizer('cpu'); t.check_sumsq('cpu')\n"
             "print('ok')")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1",
                        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
@@ -145,6 +167,7 @@ def test_kernels_on_the_gpu():
     check_rope_backward("cuda", torch.float32, 1e-5)
     check_rope_backward("cuda", torch.bfloat16, 2e-2)
     check_optimizer("cuda")
+    check_sumsq("cuda")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and Triton")
