@@ -1,8 +1,10 @@
 """Corpus -> token shards (np.memmap), and the global sample order.
 
-Inputs (`--data`, any mix): text files, directories (all files below, sorted), globs, `.jsonl` files with a
-`text` field per line, and pre-tokenized shards (`.npy` arrays of token ids, or `.bin` raw uint16 as nanoGPT
-writes them). With no input the corpus is the Python standard library source of the running interpreter.
+Inputs (`--data`, any mix): text files, directories (all files below, sorted; hidden files and directories,
+such as `.git`, and `__pycache__` skipped), globs (a path that exists is taken as it is, even with `[` in its
+name), `.jsonl` files with a `text` field per line, and pre-tokenized shards (`.npy` arrays of token ids, or
+`.bin` raw uint16 as nanoGPT writes them). With no input the corpus is the Python standard library source of
+the running interpreter. A literal `<|endoftext|>` inside a document is text, not the document separator.
 
 Text is tokenized once with a BPE trained on it and cached under a key of (each file's path, size and mtime,
 vocab size, options); the token stream's last `val_fraction` is the held-out validation split. Shards are
@@ -12,7 +14,9 @@ workers' own `prepare()` calls after the supervisor's cost a directory listing a
 **Sample order is a pure function of (seed, step)**: the training stream is cut into non-overlapping windows
 of seq_len+1 tokens; epoch e visits them in the order of a permutation seeded by (seed, e); step k trains on
 global positions [k*B, (k+1)*B) of that sequence. Any worker count, any split of the batch over workers
-(`rows(step, start, count)`), and any resume point sees exactly the same sequences in the same steps.
+(`rows(step, start, count)`), and any resume point sees exactly the same sequences in the same steps. So that
+every worker of a run reads the same corpus even if an input is edited meanwhile, the supervisor's workers do
+not prepare again: they open the corpus it prepared (`reference` / `reopen`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from .config import DataConfig
 from .errors import InputError
 from .files import atomic_write
 
-FORMAT_VERSION = 2  # 2: the document that crosses data.max_bytes is cut at the cap (1 kept it whole)
+FORMAT_VERSION = 3  # 2: the document that crosses data.max_bytes is cut at the cap (1 kept it whole);
+# 3: a literal <|endoftext|> in a document is encoded as text (2 made it the separator)
 PRETOKENIZED = (".npy", ".bin")
 MIN_TEXT_VOCAB = 257  # the byte-level BPE's 256 byte tokens and <|endoftext|> (tokenizer.py)
 _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__", "turtledemo", "ensurepip"}
@@ -58,10 +63,10 @@ def resolve(paths: list[str]) -> list[Path]:
         return default_corpus()
     out: list[Path] = []
     for item in paths:
-        matches = [Path(m) for m in sorted(glob.glob(item, recursive=True))] or [Path(item)]
-        for p in matches:
+        matches = [Path(item)] if os.path.exists(item) else [Path(m) for m in sorted(glob.glob(item, recursive=True))]
+        for p in matches or [Path(item)]:
             if p.is_dir():
-                out.extend(f for f in sorted(p.rglob("*")) if f.is_file() and not f.name.startswith("."))
+                out.extend(_files_below(p))
             elif p.is_file():
                 out.append(p)
             else:
@@ -74,6 +79,16 @@ def resolve(paths: list[str]) -> list[Path]:
     if len(kinds) > 1:
         raise InputError("--data: mix of pre-tokenized shards (.npy/.bin) and text; give one kind per run")
     return files
+
+
+def _files_below(root: Path) -> list[Path]:
+    """The files under a directory, sorted, without hidden ones or any under a hidden directory (`.git` holds
+    compressed objects that would be read as text and, sorting first, fill data.max_bytes) or `__pycache__`."""
+    files = []
+    for top, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
+        files.extend(Path(top, n) for n in names if not n.startswith(".") and Path(top, n).is_file())
+    return sorted(files)
 
 
 def _documents(files: list[Path], max_bytes: int):
@@ -106,8 +121,10 @@ def _read_text(path: Path, limit: int | None) -> str:
 
 
 def _jsonl_texts(path: Path):
-    """Yield the `text` field of each non-empty line, reading the file one line at a time."""
-    with open(path, encoding="utf-8") as f:
+    """Yield the `text` field of each non-empty line, reading the file one line at a time. Undecodable bytes
+    are replaced, as in text files, and so is a lone surrogate escape (`"\\ud800"`: valid JSON, not encodable
+    as UTF-8, so neither the tokenizer nor the byte cap could take it)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -117,7 +134,12 @@ def _jsonl_texts(path: Path):
                 raise InputError(f"--data {path}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise InputError(f"--data {path}:{n}: each .jsonl line needs a string field 'text'")
-            yield obj["text"]
+            text = obj["text"]
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            yield text
 
 
 def _fingerprint(files: list[Path], extra: dict) -> str:
@@ -187,13 +209,55 @@ class Corpus:
     vocab_size: int  # tokens actually in the tokenizer (<= the model's vocab)
     directory: Path
     tokenizer_path: Path | None
+    shards: list[Path] | None = None  # the input files, for a pre-tokenized corpus
+
+    def check(self, seq_len: int, val_fraction: float) -> None:
+        """InputError unless both splits hold one sequence of seq_len + 1 tokens, naming the short one (checked
+        once before any worker starts: a worker that failed on it would be restarted again and again)."""
+        for name, tokens in (("training", self.train), ("validation", self.val)):
+            if len(tokens) <= seq_len:
+                raise InputError(f"data: the {name} split has {len(tokens):,} tokens, too few for one sequence of "
+                                 f"model.seq_len={seq_len} (+1 target) ({len(self.train) + len(self.val):,} tokens "
+                                 f"in all, data.val_fraction={val_fraction}); give more data, a shorter "
+                                 "model.seq_len" + (" or a larger data.val_fraction" if name == "validation" else ""))
+
+    def identity(self) -> dict:
+        """What a checkpoint records of the data: the tokenizer's hash (text) and the split sizes."""
+        tok = None
+        if self.tokenizer_path is not None:
+            tok = hashlib.sha256(self.tokenizer_path.read_bytes()).hexdigest()
+        return {"tokenizer_sha256": tok, "train_tokens": len(self.train), "val_tokens": len(self.val)}
+
+    def reference(self) -> dict:
+        """JSON-able: how another process opens this same corpus without preparing it again (`reopen`)."""
+        if self.shards is None:
+            return {"text": str(self.directory)}
+        return {"shards": [str(p) for p in self.shards], "key": _fingerprint(self.shards, {"v": FORMAT_VERSION})}
+
+
+def reopen(ref: dict, cfg: DataConfig, vocab_size: int) -> Corpus:
+    """The corpus `reference` describes. A text corpus's cache directory is never changed once complete, so the
+    workers read what the supervisor prepared even if an input was edited since; shards are the inputs
+    themselves, and one changed since is refused rather than read as another corpus."""
+    if "text" in ref:
+        return _open_text(Path(ref["text"]))
+    files = [Path(p) for p in ref["shards"]]
+    try:
+        same = _fingerprint(files, {"v": FORMAT_VERSION}) == ref["key"]
+    except OSError:
+        same = False
+    if not same:
+        raise InputError("--data: a token shard changed (or went) after the run started; every worker must "
+                         "read the same shards")
+    return _pretokenized(files, cfg, vocab_size)
 
 
 def prepare(cfg: DataConfig, vocab_size: int) -> Corpus:
     """Tokenize the inputs once (cached, process-safe under a file lock) and memmap the shards.
 
-    The supervisor calls this before starting workers and every worker calls it again: a call that finds the
-    cache of unchanged inputs lists the inputs, stats each file and memmaps, reading no input's content. The
+    The supervisor calls this before starting workers, which open what it prepared (`reopen`); under torchrun
+    every rank calls it: a call that finds the cache of unchanged inputs lists the inputs, stats each file and
+    memmaps, reading no input's content. The
     cache key covers each file's path, size and mtime (`_fingerprint`) and the options, so an edited, added or
     removed file makes a new key and a rebuild."""
     files = resolve(cfg.paths)
@@ -214,6 +278,10 @@ def prepare(cfg: DataConfig, vocab_size: int) -> Corpus:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process tokenizes; the others wait, then reuse
         if not (directory / "meta.json").exists():
             _build(files, cfg, vocab_size, directory)
+    return _open_text(directory)
+
+
+def _open_text(directory: Path) -> Corpus:
     meta = json.loads((directory / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
     return Corpus(train=np.memmap(directory / "train.bin", dtype=dtype, mode="r"),
@@ -224,12 +292,18 @@ def prepare(cfg: DataConfig, vocab_size: int) -> Corpus:
 
 def _build(files: list[Path], cfg: DataConfig, vocab_size: int, directory: Path) -> None:
     docs = list(_documents(files, cfg.max_bytes))
+    if not any(docs):
+        cap = f" within data.max_bytes={cfg.max_bytes}" if cfg.max_bytes else ""
+        raise InputError(f"--data: no text in {len(files)} file(s){cap} (every file or .jsonl line is empty)")
     tok = tk.train(docs, vocab_size)
+    tok.encode_special_tokens = True  # "<|endoftext|>" written in a document is text; the separator is added below
     eot = tk.eot_id(tok)
     dtype = _token_dtype(vocab_size)
     ids = [np.asarray(e.ids + [eot], dtype=dtype) for e in tok.encode_batch(docs)]
     stream = np.concatenate(ids)
     n_val = _n_val(len(stream), cfg.val_fraction)
+    if len(stream) <= n_val:  # nothing left to train on (a corpus of a few bytes); nothing written
+        raise InputError(f"--data: {len(stream)} tokens in all, too few for a training and a validation split")
     atomic_write(directory / "train.bin", stream[:-n_val].tobytes())
     atomic_write(directory / "val.bin", stream[-n_val:].tobytes())
     tk.save(tok, directory / "tokenizer.json")
@@ -243,9 +317,22 @@ def _n_val(tokens: int, val_fraction: float) -> int:
     return max(int(tokens * val_fraction), 2)
 
 
+def _open_shard(p: Path) -> np.ndarray:
+    """A shard memmapped; InputError naming it if it cannot be (empty, a .bin of odd size, not a .npy array)."""
+    try:
+        if p.suffix == ".bin":
+            if p.stat().st_size % 2:
+                raise ValueError(f"its size, {p.stat().st_size} bytes, is not a multiple of 2 (raw uint16 token ids)")
+            if p.stat().st_size == 0:
+                raise ValueError("empty file")
+            return np.memmap(p, dtype=np.uint16, mode="r")
+        return np.load(p, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise InputError(f"--data {p}: not a usable token shard ({e})") from None
+
+
 def _pretokenized(files: list[Path], cfg: DataConfig, vocab_size: int) -> Corpus:
-    arrays = [np.load(p, mmap_mode="r") if p.suffix == ".npy" else np.memmap(p, dtype=np.uint16, mode="r")
-              for p in files]
+    arrays = [_open_shard(p) for p in files]
     for p, a in zip(files, arrays):
         if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
             raise InputError(f"--data {p}: a pre-tokenized shard must be a 1-D integer array, got {a.dtype}{a.shape}")
@@ -258,7 +345,8 @@ def _pretokenized(files: list[Path], cfg: DataConfig, vocab_size: int) -> Corpus
         train, val = arrays[0][:cut], arrays[0][cut:]
     else:  # split shard by shard at the cut: views of the memmaps, nothing copied
         train, val = Shards(arrays).split(cut)
-    return Corpus(train=train, val=val, vocab_size=vocab_size, directory=files[0].parent, tokenizer_path=None)
+    return Corpus(train=train, val=val, vocab_size=vocab_size, directory=files[0].parent, tokenizer_path=None,
+                  shards=list(files))
 
 
 def _max_ids(files: list[Path], arrays: list[np.ndarray], cfg: DataConfig) -> list[int]:

@@ -196,3 +196,95 @@ def test_a_negative_token_id_in_a_shard_is_refused(tmp_path):
     np.save(tmp_path / "neg.npy", np.array([1, 2, -3, 4] * 50, dtype=np.int32))
     with pytest.raises(InputError, match="neg.npy: token id -3 < 0"):
         prepare(DataConfig(paths=[str(tmp_path / "neg.npy")], cache_dir=str(tmp_path / "c")), 64)
+
+
+def test_unusable_inputs_are_refused_naming_them(tmp_path):
+    """Inputs that gave a traceback (exit 1) are an InputError (exit 2) naming the file, and no cache is left
+    behind that would fail the same way next time."""
+    cache = str(tmp_path / "c")
+    cases = {
+        "empty.txt": (b"", "no text in 1 file"),
+        "one.txt": (b"x", "2 tokens in all, too few"),
+        "blank.jsonl": (b"\n  \n\n", "no text in 1 file"),
+        "odd.bin": (b"\x01\x00\x02", "odd.bin: not a usable token shard .*not a multiple of 2"),
+        "nothing.bin": (b"", "nothing.bin: not a usable token shard .*empty"),
+        "text.npy": (b"def f(): pass\n", "text.npy: not a usable token shard"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(InputError, match=message):
+            prepare(DataConfig(paths=[str(tmp_path / name)], cache_dir=cache), 300)
+    np.save(tmp_path / "objects.npy", np.array([1, "a"], dtype=object))
+    with pytest.raises(InputError, match="objects.npy: not a usable token shard"):
+        prepare(DataConfig(paths=[str(tmp_path / "objects.npy")], cache_dir=cache), 300)
+    (tmp_path / "e.txt").write_text("é" * 100)
+    with pytest.raises(InputError, match="within data.max_bytes=1"):  # the cap cuts the only character in two
+        prepare(DataConfig(paths=[str(tmp_path / "e.txt")], cache_dir=cache, max_bytes=1), 300)
+    assert not list(Path(cache).glob("corpus-*/meta.json"))  # nothing marked complete
+
+
+def test_jsonl_with_bad_bytes_or_lone_surrogates_reads_like_text_files(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b'{"text": "caf\xff ok"}\n' + json.dumps({"text": "a\ud800b"}).encode() + b"\n"
+                  + json.dumps({"text": "smile \U0001F600"}, ensure_ascii=True).encode() + b"\n")
+    assert list(data._jsonl_texts(f)) == ["caf\ufffd ok", "a\ufffdb", "smile \U0001F600"]  # a valid pair stays
+    c = prepare(DataConfig(paths=[str(f)] * 1, cache_dir=str(tmp_path / "c"), val_fraction=0.1), 300)
+    assert len(c.train) > 0
+
+
+def test_directories_skip_hidden_and_pycache_and_existing_paths_are_not_globs(tmp_path):
+    (tmp_path / "repo" / ".git" / "objects").mkdir(parents=True)
+    (tmp_path / "repo" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (tmp_path / "repo" / ".git" / "objects" / "ab").write_bytes(b"x\x01+)JMU")
+    (tmp_path / "repo" / "__pycache__").mkdir()
+    (tmp_path / "repo" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\x00")
+    (tmp_path / "repo" / "pkg").mkdir()
+    for rel in ("a.py", ".env", "pkg/b.py"):
+        (tmp_path / "repo" / rel).write_text("x = 1\n")
+    assert [p.relative_to(tmp_path / "repo").as_posix() for p in resolve([str(tmp_path / "repo")])] == \
+        ["a.py", "pkg/b.py"]
+    (tmp_path / "x[1].txt").write_text("one")
+    (tmp_path / "x1.txt").write_text("other")
+    assert resolve([str(tmp_path / "x[1].txt")]) == [tmp_path / "x[1].txt"]  # the file named, not a glob match
+    assert resolve([str(tmp_path / "x[0-9].txt")]) == [tmp_path / "x1.txt"]  # a pattern still globs
+
+
+def test_end_of_text_written_in_a_document_is_text(tmp_path):
+    (tmp_path / "a.txt").write_text('EOT = "<|endoftext|>"\n' * 30)
+    c = prepare(DataConfig(paths=[str(tmp_path / "a.txt")], cache_dir=str(tmp_path / "c"), val_fraction=0.1), 300)
+    from megacluster.tokenizer import eot_id, load
+
+    tok = load(c.tokenizer_path)
+    stream = np.concatenate([np.asarray(c.train), np.asarray(c.val)])
+    assert int((stream == eot_id(tok)).sum()) == 1  # only the separator after the one document
+    assert tok.decode([int(t) for t in c.train[:20]]).startswith('EOT = "<|endoftext|>"')
+
+
+def test_a_split_too_short_for_one_sequence_is_named():
+    c = data.Corpus(train=np.zeros(1000, np.uint16), val=np.zeros(200, np.uint16), vocab_size=300,
+                    directory=Path("."), tokenizer_path=None)
+    c.check(199, 0.02)  # 200 tokens: one sequence of 199 and its shifted target
+    with pytest.raises(InputError, match=r"validation split has 200 tokens.*seq_len=200 .*larger data.val_fraction"):
+        c.check(200, 0.02)
+    with pytest.raises(InputError, match=r"training split has 1,000 tokens.*seq_len=1000"):
+        c.check(1000, 0.02)
+
+
+def test_workers_reopen_the_prepared_corpus_even_after_an_input_changed(tmp_path):
+    _write_corpus(tmp_path)
+    cfg = DataConfig(paths=[str(tmp_path / "docs")], cache_dir=str(tmp_path / "c"), val_fraction=0.1)
+    c = prepare(cfg, 300)
+    ref = json.loads(json.dumps(c.reference()))
+    (tmp_path / "docs" / "f4.txt").write_text("something else entirely\n" * 50)
+    assert prepare(cfg, 300).directory != c.directory  # the inputs now make another corpus
+    again = data.reopen(ref, cfg, 300)  # a worker of the run still reads the run's
+    assert again.directory == c.directory and np.array_equal(again.train, c.train)
+    assert again.identity() == c.identity() and c.identity()["tokenizer_sha256"]
+
+    np.save(tmp_path / "a.npy", np.arange(1000, dtype=np.uint16) % 50)
+    scfg = DataConfig(paths=[str(tmp_path / "a.npy")], cache_dir=str(tmp_path / "c"))
+    ref = json.loads(json.dumps(prepare(scfg, 64).reference()))
+    assert np.array_equal(data.reopen(ref, scfg, 64).train, prepare(scfg, 64).train)
+    np.save(tmp_path / "a.npy", np.arange(1000, dtype=np.uint16) % 40)
+    with pytest.raises(InputError, match="token shard changed"):
+        data.reopen(ref, scfg, 64)

@@ -45,12 +45,13 @@ import torch
 from megacluster.errors import InputError
 from megacluster.files import fsync_dir
 
-FORMAT = 1  # manifest.json "format"
+FORMAT = 2  # manifest.json "format"; 2 adds the manifest's own sha256 (1 is still read, without it)
+_READABLE = (1, 2)
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
 _STEP_DIR = re.compile(r"step_(\d{8,})")  # a complete (renamed-into-place) checkpoint directory
-_HIDDEN = re.compile(r"\.step_\d+\.(?:tmp|del|old)-(\d+)-\d+")  # in-progress or being-deleted, with owner pid
+_HIDDEN = re.compile(r"\.step_(\d+)\.(tmp|del|old)-(\d+)-\d+")  # in-progress or being-deleted: step, kind, pid
 _CHUNK = 8 << 20  # bytes read at a time when hashing
 # Plain values torch.load(weights_only=True) accepts as leaves of `state`.
 _LEAVES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
@@ -140,10 +141,11 @@ class CheckpointManager:
         try:
             files = _write_files(tmp, step, model, state, meta)
             self._publish(step, tmp, final)
-        except OSError as e:  # disk full, quota, a lost mount: say which checkpoint, and that older ones stand
+        except Exception as e:  # disk full, quota, a lost mount (safetensors and torch.save raise their own types
+            # for these, not OSError): say which checkpoint, and that older ones stand
             shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"writing {final} failed ({e}); the checkpoints already there are "
-                                  "untouched") from e
+            raise CheckpointError(f"writing {final} failed ({type(e).__name__}: {e}); the checkpoints already "
+                                  "there are untouched") from e
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -181,12 +183,22 @@ class CheckpointManager:
             self.log(f"checkpoint: removed {step_dir_name(step)} (keep={self.keep})")
 
     def _remove_leftovers(self) -> None:
-        """Remove hidden tmp/del/old directories left by writers that are gone (killed, or this process)."""
-        for entry in self.directory.iterdir():
+        """Remove hidden tmp/del/old directories left by writers that are gone (killed, or this process). One
+        exception: a writer killed between `_publish`'s two renames left its step with no directory and its
+        complete new copy (the manifest is written last) under the tmp name: that copy is renamed into place."""
+        for entry in sorted(self.directory.iterdir()):
             m = _HIDDEN.fullmatch(entry.name)
-            if m and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
-                shutil.rmtree(entry, ignore_errors=True)
-                self.log(f"checkpoint: removed leftover {entry.name}")
+            if not m or not (int(m.group(3)) == os.getpid() or not _pid_alive(int(m.group(3)))):
+                continue
+            final = self.directory / step_dir_name(int(m.group(1)))
+            if m.group(2) == "tmp" and (entry / MANIFEST_FILE).is_file() and not final.exists():
+                os.replace(entry, final)
+                fsync_dir(self.directory)
+                self.log(f"checkpoint: restored {final.name} from {entry.name} (its writer was killed while "
+                         "publishing it)")
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            self.log(f"checkpoint: removed leftover {entry.name}")
 
     # ---- reading ------------------------------------------------------------------------------------------
 
@@ -277,13 +289,17 @@ def _step_dirs(directory: Path) -> list[tuple[int, Path]]:
 
 
 def newest_meta(directory: str | os.PathLike) -> dict | None:
-    """The `meta` of the newest checkpoint under `directory` that has a readable manifest (files not verified:
-    for checks before a resume, which then loads and verifies for real), or None."""
+    """The `meta` of the newest checkpoint under `directory` whose manifest verifies and whose files have the
+    listed sizes, or None: for checks before a resume, cheaply (the files' hashes are checked when the run loads
+    it, once), and of the checkpoint the loader will take unless a file rotted at the same size."""
     directory = Path(directory)
-    for _, path in reversed(_step_dirs(directory) if directory.is_dir() else []):
+    for step, path in reversed(_step_dirs(directory) if directory.is_dir() else []):
         try:
-            return json.loads((path / MANIFEST_FILE).read_text())["meta"]
-        except (OSError, ValueError, KeyError, TypeError):
+            manifest = _read_manifest(path, step)
+            for name in (MODEL_FILE, STATE_FILE):
+                _verify_file(path / name, manifest["files"].get(name), sizes_only=True)
+            return manifest["meta"]
+        except CheckpointError:
             continue
     return None
 
@@ -298,12 +314,21 @@ def _write_files(tmp: Path, step: int, model: dict, state: dict, meta: dict) -> 
     torch.save(state, tmp / STATE_FILE)
     files = {name: _digest(tmp / name, sync=True) for name in (MODEL_FILE, STATE_FILE)}
     manifest = {"format": FORMAT, "step": step, "files": files, "meta": meta}
+    manifest["sha256"] = _manifest_sha256(manifest)
     with open(tmp / MANIFEST_FILE, "w") as fh:
         json.dump(manifest, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
     fsync_dir(tmp)
     return files
+
+
+def _manifest_sha256(manifest: dict) -> str:
+    """SHA-256 of the manifest without its own hash, as canonical JSON (sorted keys): it covers `meta`, which
+    holds the step, the loss history and the config a resume takes on trust. Meta was JSON round-tripped when
+    saved, so the parsed manifest gives the same text again."""
+    body = {k: v for k, v in manifest.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _digest(path: Path, *, sync: bool = False) -> dict:
@@ -353,28 +378,36 @@ def _read_manifest(path: Path, step: int) -> dict:
         raise CheckpointError(f"{path.name}: unreadable {MANIFEST_FILE}: {e}") from e
     ok = (
         isinstance(manifest, dict)
-        and manifest.get("format") == FORMAT
+        and manifest.get("format") in _READABLE
         and manifest.get("step") == step
         and isinstance(manifest.get("files"), dict)
         and isinstance(manifest.get("meta"), dict)
     )
     if not ok:
-        raise CheckpointError(f"{path.name}: {MANIFEST_FILE} is not a format-{FORMAT} manifest for step {step}")
+        raise CheckpointError(f"{path.name}: {MANIFEST_FILE} is not a manifest (format 1 or 2) for step {step}")
+    if manifest["format"] >= 2 and manifest.get("sha256") != _manifest_sha256(manifest):
+        raise CheckpointError(f"{path.name}: {MANIFEST_FILE} sha256 does not match its contents (corrupt)")
+    if manifest["meta"].get("step", step) != step:
+        raise CheckpointError(f"{path.name}: {MANIFEST_FILE} meta is of step {manifest['meta']['step']}")
     return manifest
 
 
-def _verify_file(path: Path, expected: dict | None) -> None:
+def _verify_file(path: Path, expected: dict | None, *, sizes_only: bool = False) -> None:
+    """CheckpointError unless the file has the listed size and hash. Any read error counts (a bad sector, a
+    stale NFS handle, no permission): the loader then falls back to an older checkpoint."""
     if not isinstance(expected, dict):
         raise CheckpointError(f"{path.parent.name}: {path.name} is not listed in {MANIFEST_FILE}")
     try:
         size = path.stat().st_size
+        if size != expected.get("bytes"):
+            listed = expected.get("bytes")
+            raise CheckpointError(f"{path.parent.name}: {path.name} has {size} bytes, manifest says {listed}")
+        if not sizes_only and _digest(path)["sha256"] != expected.get("sha256"):
+            raise CheckpointError(f"{path.parent.name}: {path.name} sha256 does not match the manifest (corrupt)")
     except FileNotFoundError:
         raise CheckpointError(f"{path.parent.name}: {path.name} is missing") from None
-    if size != expected.get("bytes"):
-        listed = expected.get("bytes")
-        raise CheckpointError(f"{path.parent.name}: {path.name} has {size} bytes, manifest says {listed}")
-    if _digest(path)["sha256"] != expected.get("sha256"):
-        raise CheckpointError(f"{path.parent.name}: {path.name} sha256 does not match the manifest (corrupt)")
+    except OSError as e:
+        raise CheckpointError(f"{path.parent.name}: {path.name} cannot be read ({e})") from None
 
 
 # ---- RNG state helpers ----------------------------------------------------------------------------------------

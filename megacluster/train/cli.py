@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config key (repeatable), e.g. --set optim.lr=1e-3")
     p.add_argument("--data", nargs="+", metavar="PATH",
-                   help="text files, directories, globs, .jsonl (field 'text') or .npy/.bin token shards "
+                   help="text files, directories (hidden ones skipped), globs, .jsonl (field 'text') or .npy/.bin "
+                        "token shards "
                         "(default: the Python standard library source)")
     p.add_argument("--workers", type=int, help="local worker processes (data parallel: gloo on CPU, NCCL on GPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="compute device (default auto)")

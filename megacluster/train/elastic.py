@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 NODE_LOST = 3  # exit code of a replacement worker whose slot is permanently gone (chaos `permanent`)
+CHECKPOINT_FAILED = 4  # exit code of a worker that could not write or read a checkpoint: a replacement would
+# fail the same way (a full disk), so the supervisor ends the run instead of restarting it
 
 
 @dataclass(kw_only=True, slots=True)

@@ -196,6 +196,7 @@ class Worker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.run.seed)  # every rank builds identical initial weights: no broadcast needed
         self.corpus = corpus or prepare(cfg.data, cfg.model.vocab_size)
+        self.data_identity = self.corpus.identity()  # kept in checkpoints: --resume checks the tokenizer
         self.compiled = cfg.run.compile == "on" or (cfg.run.compile == "auto" and place.device.type == "cuda")
         fused_loss = optim.on_for_compiled_cuda(cfg.run.fused_loss, place.device, self.compiled)
         self.model = GPT(cfg.model, fused_loss=fused_loss, swiglu_kernel=cfg.run.swiglu_kernel == "auto",
@@ -422,7 +423,7 @@ class Worker:
         self._saved_step = self.step
         self.flush()  # the checkpoint's loss history must cover every step it contains
         state = {"optimizer": self.opt.state_dict(), "rng": rng_state(), "balancer": self.balancer.state_dict()}
-        meta = {**self.history(), "config": self.cfg.to_dict()}
+        meta = {**self.history(), "config": self.cfg.to_dict(), "data": self.data_identity}
         with self.waiting(self.step) if blocking else contextlib.nullcontext():  # a large write: still alive
             self.ckpt.save(self.step, self.opt.weights(), state, meta, blocking=blocking)
 
@@ -458,7 +459,7 @@ class Worker:
         set_rng_state(loaded.state["rng"])
         self._loaded_balancer = loaded.state["balancer"]
         self.balancer.load_state_dict(self._loaded_balancer)
-        self.step = loaded.meta["step"]
+        self.step = loaded.step  # verified against the directory name and the manifest's hash
         self.losses = list(loaded.meta["losses"])
         self.costs = list(loaded.meta.get("costs") or [0.0] * self.step)
         self.val_loss = loaded.meta.get("val_loss")

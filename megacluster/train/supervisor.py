@@ -30,12 +30,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..config import Config, ModelConfig, ffn_hidden
-from ..data import prepare
+from ..data import Corpus, prepare
 from ..errors import InputError
 from ..files import fsync_dir, write_json
 from .chaos import check_ranks, parse
 from .checkpoint import newest_meta
-from .elastic import NODE_LOST, Plan
+from .elastic import CHECKPOINT_FAILED, NODE_LOST, Plan
 from .signals import SIGNALS, StopSignals, exit_code
 
 POLL_S = 0.05  # seconds between supervisor checks
@@ -74,10 +74,12 @@ def train(cfg: Config) -> dict | None:
     if cfg.run.resume:
         check_resume(cfg)
     if under_launcher():
+        corpus = prepare(cfg.data, cfg.model.vocab_size)  # each rank (a shared cache: one tokenizes)
+        check_data(cfg, corpus)
         if not cfg.run.resume and int(os.environ["RANK"]) == 0:
             set_aside_earlier_run(run_dir)
         place = init_place(cfg.run.device, timeout_s=max(60.0, cfg.run.hang_timeout))
-        result = Worker(cfg, place).run()
+        result = Worker(cfg, place, corpus=corpus).run()
         if place.is_main:
             return result
         if result["stopped"]:  # every rank stopped after the same step: exit as rank 0 does (note: torchrun
@@ -91,12 +93,20 @@ def train(cfg: Config) -> dict | None:
         if cfg.run.workers > torch.cuda.device_count():
             raise InputError(f"run.workers={cfg.run.workers}: one GPU per worker, and this machine has "
                              f"{torch.cuda.device_count()}; use --device cpu for more workers than GPUs")
-    corpus = prepare(cfg.data, cfg.model.vocab_size)  # once, before any worker starts
+    corpus = prepare(cfg.data, cfg.model.vocab_size)  # once, before any worker starts; they open this one
+    check_data(cfg, corpus)
     if not cfg.run.resume:  # after every input check: a refused run moves nothing
         set_aside_earlier_run(run_dir)
     if cfg.run.workers == 1 and not cfg.run.chaos:
         return Worker(cfg, init_place(cfg.run.device), corpus=corpus).run()
-    return Supervisor(cfg).run()
+    return Supervisor(cfg, corpus).run()
+
+
+def check_fatal(wid: int, code: int | None) -> None:
+    """End the run on an exit no restart would cure."""
+    if code == CHECKPOINT_FAILED:
+        raise RuntimeError(f"worker {wid} could not write or read a checkpoint (its message above); the checkpoints "
+                           "already there stand: fix the cause (a full disk?), then --resume")
 
 
 def max_local_workers() -> int:
@@ -110,6 +120,9 @@ def check_resume(cfg: Config) -> None:
     that change no shape, silently train another model): refuse it before anything starts. Other sections may
     change on resume (a longer run, another learning rate, more workers); only then is it no longer exact."""
     directory = Path(cfg.run.run_dir) / "checkpoints"
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"--resume: {directory} is not a directory of checkpoints; give the run dir of the run "
+                         "to resume (run.run_dir, --run-dir)")
     saved = ((newest_meta(directory) or {}).get("config") or {}).get("model")
     if not saved:
         return
@@ -122,6 +135,21 @@ def check_resume(cfg: Config) -> None:
     if diffs:
         raise InputError(f"--resume: the newest checkpoint in {directory} is of another model ({'; '.join(diffs)}); "
                          "resume with the same model keys (and preset), or start in a new --run-dir")
+
+
+def check_data(cfg: Config, corpus: Corpus) -> None:
+    """Before any worker starts: both splits hold a sequence, and a resumed run reads its checkpoint's tokens.
+    An input edited since the checkpoint gives a text corpus another tokenizer, whose ids mean other text to the
+    model's embeddings: refused. (Changed split sizes with the same tokenizer, data added, only make the run no
+    longer exact, as other changed sections do.)"""
+    corpus.check(cfg.model.seq_len, cfg.data.val_fraction)
+    if not cfg.run.resume:
+        return
+    saved = ((newest_meta(Path(cfg.run.run_dir) / "checkpoints") or {}).get("data") or {}).get("tokenizer_sha256")
+    if saved and saved != corpus.identity()["tokenizer_sha256"]:
+        raise InputError(f"--resume: the tokenizer built from --data now differs from the one the checkpoint in "
+                         f"{cfg.run.run_dir} was trained with (an input, data.max_bytes or the file list changed): "
+                         "token ids would mean other text; resume with the same inputs, or start in a new --run-dir")
 
 
 def set_aside_earlier_run(run_dir: Path) -> None:
@@ -183,10 +211,11 @@ class Stats:
 
 
 class Supervisor:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, corpus: Corpus):
         import torch.distributed as dist
 
         self.cfg = cfg
+        self.corpus_ref = json.dumps(corpus.reference())  # every worker reads this corpus (data.reopen)
         self.run_dir = Path(cfg.run.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not cfg.run.resume:  # a fresh run: old one-shot chaos markers and results do not apply
@@ -220,6 +249,7 @@ class Supervisor:
         # with 1 thread than with 2: on a 2-vCPU, 1-core VM a chaos run would get another digest than a clean one)
         threads = max(1, torch.get_num_threads() // len(self.slots))
         env.update(MC_STORE_PORT=str(self.store.port), MC_WORKER_ID=str(slot.wid), MC_INIT=init,
+                   MC_CORPUS=self.corpus_ref,  # the supervisor's corpus, not the inputs prepared again
                    MC_PG_TIMEOUT=str(max(30.0, 5 * self.cfg.run.hang_timeout)),  # a backstop (elastic.py)
                    TORCH_NCCL_BLOCKING_WAIT="1",  # NCCL: a failed collective raises here instead of aborting us
                    OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)))
@@ -259,6 +289,7 @@ class Supervisor:
             if code == 0:
                 s.state = "done"
                 continue
+            check_fatal(s.wid, code)
             if code is not None:
                 self.log(f"worker {s.wid} exited with code {code}")
                 s.state = "failed"
@@ -317,6 +348,7 @@ class Supervisor:
                     self.log(f"worker {s.wid} did not become ready in time; killing it")
                     self.kill(s)
                 continue
+            check_fatal(s.wid, s.proc.returncode)
             self.restart(s, "peer" if self.members() else "checkpoint", exit_code=s.proc.returncode)
 
     def restart(self, s: Slot, init: str, exit_code: int | None = None) -> bool:

@@ -26,6 +26,7 @@ def main(run_dir: str) -> int:
         signal.signal(s, lambda signum, frame: early.append(signum))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # the supervisor starts us with them blocked
     from .. import config
+    from ..data import reopen
     from .elastic import Membership
     from .loop import Worker, init_place
 
@@ -34,8 +35,10 @@ def main(run_dir: str) -> int:
     init = os.environ.get("MC_INIT", "config") if membership is not None else "config"
     if membership is not None:
         cfg.run.resume = init == "checkpoint" or (init == "config" and cfg.run.resume)
+    ref = os.environ.get("MC_CORPUS")  # the corpus the supervisor prepared (every worker reads the same)
+    corpus = reopen(json.loads(ref), cfg.data, cfg.model.vocab_size) if ref else None
     place = init_place(cfg.run.device)
-    worker = Worker(cfg, place, run_dir=run_dir, membership=membership,
+    worker = Worker(cfg, place, corpus=corpus, run_dir=run_dir, membership=membership,
                     wid=membership.wid if membership is not None else None, needs_state=init == "peer")
     for s in SIGNALS:  # from here on straight to the worker (no window between the early list and its handler)
         signal.signal(s, worker.stop.on_signal)
@@ -57,9 +60,15 @@ def hard_exit(code: int) -> None:
 
 
 if __name__ == "__main__":
+    from .checkpoint import CheckpointError
+    from .elastic import CHECKPOINT_FAILED
+
     try:
         code = main(sys.argv[1])
     except KeyboardInterrupt as e:  # signalled again: stop at once (train/signals.py), one line, no traceback
         print(f"worker: {e}", file=sys.stderr)
         code = 130
+    except CheckpointError as e:  # one line, and an exit code the supervisor ends the run on
+        print(f"worker {os.environ.get('MC_WORKER_ID', '?')}: checkpoint: {e}", file=sys.stderr)
+        code = CHECKPOINT_FAILED
     hard_exit(code)

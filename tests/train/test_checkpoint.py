@@ -76,7 +76,7 @@ def test_round_trip_with_tied_weights_optimizer_and_meta(mgr):
     opt2 = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=1e-3)
     opt2.load_state_dict(got.state["optim"])  # the loaded state is usable as-is
     manifest = (got.path / "manifest.json").read_text()
-    assert '"sha256"' in manifest and '"format": 1' in manifest
+    assert '"sha256"' in manifest and '"format": 2' in manifest
 
 
 def test_snapshot_is_taken_before_save_returns(mgr, monkeypatch):
@@ -207,7 +207,7 @@ def test_failed_write_is_raised_once_and_leaves_nothing(mgr, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     mgr.save(1, _model(1.0), {}, {})
-    with pytest.raises(CheckpointError, match="step_00000001 failed \\(disk full\\); the checkpoints already"):
+    with pytest.raises(CheckpointError, match="step_00000001 failed \\(OSError: disk full\\); the checkpoints already"):
         mgr.wait()
     mgr.wait()  # reported once
     mgr.save(2, _model(2.0), {}, {})
@@ -217,6 +217,85 @@ def test_failed_write_is_raised_once_and_leaves_nothing(mgr, monkeypatch):
     mgr.save(4, _model(4.0), {}, {}, blocking=True)
     assert mgr.steps() == [4]
     assert not [p for p in mgr.directory.iterdir() if p.name.startswith(".")]
+
+
+def test_a_writer_error_of_any_type_is_a_checkpoint_error(mgr, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError (an Exception, not an OSError), torch.save as
+    a RuntimeError: either must be the one-line CheckpointError that says the older checkpoints stand."""
+    class SafetensorError(Exception):
+        pass
+
+    mgr.save(1, _model(1.0), {}, {}, blocking=True)
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(CheckpointError, match=r"step_00000002 failed \(SafetensorError: .*No space left.*untouched"):
+        mgr.save(2, _model(2.0), {}, {}, blocking=True)
+    assert mgr.steps() == [1] and mgr.latest().step == 1
+
+
+def test_an_unreadable_file_is_skipped_like_a_corrupt_one(mgr):
+    for step in (1, 2):
+        mgr.save(step, _model(step), {}, {}, blocking=True)
+    state = mgr.directory / "step_00000002" / "state.pt"
+    state.unlink()
+    state.symlink_to(state.name)  # reading it fails with ELOOP, an OSError other than FileNotFoundError
+    assert mgr.latest().step == 1
+    assert any("step_00000002" in line and "cannot be read" in line for line in mgr.test_log)
+
+
+def test_the_manifest_is_checksummed_and_format_1_still_loads(mgr):
+    import json
+
+    for step in (1, 2):
+        mgr.save(step, _model(step), {}, {"step": step, "losses": [0.5] * step}, blocking=True)
+    manifest = mgr.directory / "step_00000002" / "manifest.json"
+    text = manifest.read_text()
+    manifest.write_text(text.replace('"step": 2,\n  "losses"', '"step": 3,\n  "losses"'))  # one rotted digit in meta
+    assert manifest.read_text() != text
+    assert mgr.latest().step == 1
+    assert any("step_00000002" in line and "manifest.json sha256" in line for line in mgr.test_log)
+    assert ck.newest_meta(mgr.directory)["step"] == 1  # the pre-resume checks look at the same one
+    old = json.loads(text)  # a checkpoint written before the manifest had a hash of its own
+    del old["sha256"]
+    old["format"] = 1
+    manifest.write_text(json.dumps(old))
+    assert mgr.latest().step == 2 and ck.newest_meta(mgr.directory)["step"] == 2
+
+
+def test_newest_meta_skips_a_checkpoint_whose_files_are_not_the_listed_size(mgr):
+    for step in (1, 2):
+        mgr.save(step, _model(step), {}, {"step": step}, blocking=True)
+    state = mgr.directory / "step_00000002" / "state.pt"
+    state.write_bytes(state.read_bytes()[:-1])
+    assert ck.newest_meta(mgr.directory) == {"step": 1} and mgr.latest().step == 1
+
+
+def test_a_writer_killed_between_the_two_renames_of_a_replay_is_restored(mgr):
+    """_publish of a step saved again: old -> .old, tmp -> step. Killed in between, the step has no directory;
+    the next save puts the complete new copy (the .tmp with its manifest) in place instead of deleting it."""
+    import shutil
+
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                  text=True).stdout)
+    mgr.save(5, _model(1.0), {}, {"v": "old"}, blocking=True)
+    mgr.save(6, _model(6.0), {}, {"v": "other"}, blocking=True)
+    shutil.copytree(mgr.directory / "step_00000006", mgr.directory / f".step_00000005.tmp-{dead_pid}-1")
+    os.replace(mgr.directory / "step_00000006", mgr.directory / "step_00000005x")  # keep 6 out of the way
+    new = mgr.directory / f".step_00000005.tmp-{dead_pid}-1"
+    manifest = ck._read_manifest(new, 6)
+    manifest.update(step=5)
+    manifest["sha256"] = ck._manifest_sha256(manifest)
+    (new / "manifest.json").write_text(__import__("json").dumps(manifest))
+    os.replace(mgr.directory / "step_00000005", mgr.directory / f".step_00000005.old-{dead_pid}-2")
+    shutil.rmtree(mgr.directory / "step_00000005x")
+    assert mgr.steps() == []
+    mgr.save(7, _model(7.0), {}, {}, blocking=True)
+    assert mgr.steps() == [5, 7] and mgr.load(5).meta == {"v": "other"}
+    assert not [p for p in mgr.directory.iterdir() if p.name.startswith(".")]
+    assert any("restored step_00000005" in line for line in mgr.test_log)
 
 
 def test_rejects_what_weights_only_could_not_load(mgr):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from megacluster import config
+from megacluster.errors import InputError
 from megacluster.train import supervisor
 from megacluster.train.elastic import NODE_LOST, Membership
 from megacluster.train.supervisor import MAX_FLAPS, MAX_RESTARTS, Supervisor, train
@@ -179,7 +180,10 @@ def test_a_slot_out_of_restarts_is_dropped_and_the_run_matches_a_clean_one(tmp_p
 
 
 def test_restart_is_the_one_place_that_gives_a_slot_up(tmp_path, monkeypatch):
-    sup = Supervisor(cfg(tmp_path, "decide", "run.workers=2"))
+    from megacluster.data import Corpus
+
+    corpus = Corpus(train=[], val=[], vocab_size=384, directory=tmp_path, tokenizer_path=tmp_path / "tok.json")
+    sup = Supervisor(cfg(tmp_path, "decide", "run.workers=2"), corpus)
     started = []
     monkeypatch.setattr(sup, "spawn", lambda s, init: started.append((s.wid, init)))  # no real processes here
     flaky, gone = sup.slots
@@ -287,3 +291,86 @@ def test_a_link_that_keeps_flapping_escalates_to_the_checkpoint_then_gives_up(tm
     monkeypatch.setattr(supervisor, "MAX_ESCALATIONS", 1)
     with pytest.raises(RuntimeError, match="1 restarts from the checkpoint did not get past it"):
         train(cfg(tmp_path, "broken", *base, "run.chaos=flap:step=6,times=1000"))
+
+
+def _text_corpus(directory, files=4, lines=300):
+    directory.mkdir()
+    for i in range(files):
+        (directory / f"f{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + 1\n" * lines)
+    return directory
+
+
+def test_workers_read_the_supervisors_corpus_even_if_an_input_changes(tmp_path):
+    """An input edited while the workers start (or before a replacement starts) must not give them another
+    corpus and tokenizer than the supervisor's: they open the corpus it prepared instead of preparing again."""
+    import threading
+
+    corpus = _text_corpus(tmp_path / "src")
+    c = cfg(tmp_path, "run", "run.workers=2", "run.max_steps=3", f"data.cache_dir={tmp_path / 'cache'}")
+    c.data.paths = [str(corpus)]
+
+    def edit_when_workers_start():
+        deadline = time.time() + 60
+        while time.time() < deadline and not (tmp_path / "run" / "workers.json").exists():
+            time.sleep(0.01)
+        (corpus / "f3.py").write_text("class Other:\n    pass\n" * 500)
+
+    editor = threading.Thread(target=edit_when_workers_start)
+    editor.start()
+    result = train(c)
+    editor.join()
+    assert result["steps"] == 3
+    assert len(list((tmp_path / "cache").glob("corpus-*"))) == 1  # nobody prepared the edited inputs
+
+
+def test_a_split_too_short_is_refused_before_any_worker_starts(tmp_path):
+    corpus = _text_corpus(tmp_path / "src", files=1, lines=40)
+    c = cfg(tmp_path, "run", "run.workers=2", "run.max_steps=3", "model.seq_len=128", "data.val_fraction=0.02")
+    c.data.paths = [str(corpus)]
+    with pytest.raises(InputError, match="the validation split has .* tokens, too few .*model.seq_len=128"):
+        train(c)
+    assert not (tmp_path / "run" / "workers.json").exists()
+
+
+def test_resume_after_an_input_changed_the_tokenizer_is_refused(tmp_path):
+    corpus = _text_corpus(tmp_path / "src")
+    c = cfg(tmp_path, "run", "run.max_steps=2")
+    c.data.paths = [str(corpus)]
+    first = train(c)
+    c.run.max_steps, c.run.resume = 4, True
+    (corpus / "f3.py").write_text("class Other:\n    pass\n" * 500)
+    with pytest.raises(InputError, match="--resume: the tokenizer built from --data now differs"):
+        train(c)
+    (corpus / "f3.py").write_text("def f3(x):\n    return x * 3 + 1\n" * 300)  # the same text again: resumes
+    assert train(c)["steps"] == 4 and first["steps"] == 2
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_checkpoint_that_cannot_be_written_ends_the_run_in_one_line(tmp_path, workers):
+    """A full disk, made real with a file-size limit (RLIMIT_FSIZE: writes past it fail with EFBIG; Python
+    ignores SIGXFSZ): one line naming the checkpoint, exit 1, and with a supervisor no restarts (a replacement
+    would fail the same way)."""
+    import resource
+
+    from megacluster.data import prepare
+    from megacluster.model import GPT
+
+    c = cfg(tmp_path, "run")
+    prepare(c.data, c.model.vocab_size)  # the corpus cache is written here, without the limit
+    limit = 2 * sum(p.numel() for p in GPT(c.model).parameters())  # half the fp32 weights file
+    args = [sys.executable, "-m", "megacluster", "train", "--run-dir", str(tmp_path / "run"), "--max-steps", "6",
+            "--workers", str(workers), *[a for kv in BASE + ["run.ckpt_every=2"] for a in ("--set", kv)]]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and "exited with code" not in r.stderr, r.stderr
+    assert re.search(r"writing \S*step_00000002 failed \(.*\); the checkpoints already there are untouched", r.stderr)
+    if workers > 1:
+        assert "could not write or read a checkpoint" in r.stderr and "generation 2" not in r.stderr, r.stderr
+
+
+def test_resume_refuses_a_checkpoints_path_that_is_a_file(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("x")
+    with pytest.raises(InputError, match="checkpoints is not a directory of checkpoints"):
+        train(cfg(tmp_path, "run", "run.resume=true", "run.max_steps=2"))
