@@ -48,7 +48,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     schedule: str = "cosine"  # cosine | wsd | constant
     warmup_steps: int = 20
-    decay_fraction: float = 0.2  # wsd only: last fraction of steps spent decaying
+    decay_fraction: float = 0.2  # wsd only: last fraction of steps spent decaying (rounded; not before warm-up ends)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -82,7 +82,7 @@ class RunConfig:
     resume: bool = False
     log_every: int = 10  # steps between metrics.jsonl lines / progress updates (every step's loss is kept)
     eval_every: int = 100  # steps between validation-loss evaluations; 0 = only at the end
-    eval_batches: int = 8  # global validation batches per evaluation
+    eval_batches: int = 8  # global validation batches per evaluation (at most the whole batches the split holds)
     ckpt_every: int = 100  # steps between checkpoints; 0 = only at the end
     ckpt_keep: int = 3
     balance: str = "equal"  # equal | auto (shares proportional to measured compute throughput)

@@ -95,7 +95,9 @@ def lr_at(step: int, o: OptimConfig, max_steps: int) -> float:
     if o.schedule == "constant":
         return o.lr
     if o.schedule == "wsd":
-        decay_start = max_steps - int(o.decay_fraction * max_steps)
+        # the last decay_fraction of the steps, rounded (int() made 0.29 * 100 = 28.999... 28 steps), and never
+        # before warm-up ends (the rate would drop at once from the peak)
+        decay_start = max(max_steps - int(o.decay_fraction * max_steps + 0.5), o.warmup_steps)
         if step <= decay_start:
             return o.lr
         frac = (step - decay_start) / max(1, max_steps - decay_start)
@@ -397,13 +399,15 @@ class Worker:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over `eval_batches` fixed global batches, split over ranks like training."""
+        """Mean validation loss over `eval_batches` fixed global batches, split over ranks like training; fewer
+        if the validation split holds fewer windows (its order wraps: windows would count several times)."""
         self.model.eval()
         B, T = self.cfg.run.batch_size, self.cfg.model.seq_len
         shares = balance_mod.split(B, [1.0] * self.place.world)
         start, count = balance_mod.offsets(shares)[self.place.rank], shares[self.place.rank]
         total = torch.zeros(1, device=self.place.device)
-        for b in range(self.cfg.run.eval_batches):
+        batches = self.eval_batches()
+        for b in range(batches):
             done = 0
             for mb in balance_mod.micro_batches(count, self.cfg.run.micro_batch):
                 rows = self.to_device(self.val_order.rows(b, start + done, mb))
@@ -414,7 +418,11 @@ class Worker:
         if self.place.world > 1:
             with collective("validation all-reduce"), self.waiting(self.step):
                 dist.all_reduce(total)
-        return total.item() / (self.cfg.run.eval_batches * B * T)
+        return total.item() / (batches * B * T)
+
+    def eval_batches(self) -> int:
+        """run.eval_batches, at most as many whole batches as the validation split holds (at least one)."""
+        return max(1, min(self.cfg.run.eval_batches, self.val_order.n // self.cfg.run.batch_size))
 
     # ---- checkpoints ----
     def save(self, blocking: bool = False) -> None:
@@ -581,7 +589,7 @@ class Worker:
             if closable is not None:
                 closable.close()
         t_end = time.perf_counter()
-        tps = self.timer.tokens_per_s(self.tokens_per_step, t_end)
+        tps = self.timer.tokens_per_s(self.step, self.tokens_per_step, t_end)
         return {"steps": self.step, "final_loss": self.losses[-1] if self.losses else None,
                 "val_loss": self.val_loss, "tokens": self.step * self.tokens_per_step, "tokens_per_s": tps,
                 "mfu": self.mfu(tps), "run_dir": str(self.run_dir), "world": self.place.world,
@@ -619,6 +627,7 @@ class Worker:
             if self.metrics is not None:
                 self.metrics.write(rec)
             progress.update(step, rec)
+        t_aside = time.perf_counter()
         if (cfg.eval_every and step % cfg.eval_every == 0) or last:
             self.beat()
             self.val_loss = self.evaluate()
@@ -628,6 +637,7 @@ class Worker:
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last:
             self.save(blocking=last)
             self.beat()
+        self.timer.exclude(time.perf_counter() - t_aside)  # the next logged tok/s is of training alone
 
     def plan_timeout(self) -> float:
         """How long to wait for the supervisor's next plan (it may be waiting for a replacement to start)."""

@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 class StepTimer:
-    """Throughput bookkeeping: per log interval, and for the whole run with the first step (compile) excluded."""
+    """Throughput bookkeeping: per log interval (training only: evaluation and checkpoint time is left out),
+    and for the whole run, end to end, with the first step (compile) excluded."""
 
     def __init__(self, first_step: int):
         self.first_step = first_step  # steps already done when this process started training
@@ -25,11 +26,17 @@ class StepTimer:
         self.last_t, self.last_step = now, step
         return tps
 
-    def tokens_per_s(self, tokens_per_step: int, t_end: float) -> float:
-        timed = self.last_step - self.first_step - 1
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (an evaluation, a checkpoint) out of the current interval."""
+        self.last_t += seconds
+
+    def tokens_per_s(self, step: int, tokens_per_step: int, t_end: float) -> float:
+        """Tokens per second of the steps up to `step` this process trained (the last logged step may be older:
+        a run stopped by a signal ends between log steps)."""
+        timed = step - self.first_step - 1
         if self.t_first is not None and timed > 0:
             return timed * tokens_per_step / max(t_end - self.t_first, 1e-9)
-        return max(self.last_step - self.first_step, 0) * tokens_per_step / max(t_end - self.t0, 1e-9)
+        return max(step - self.first_step, 0) * tokens_per_step / max(t_end - self.t0, 1e-9)
 
 
 class MetricsLog:

@@ -101,6 +101,41 @@ def test_lr_schedules():
     assert lr_at(99, o, 100) == 1.0
 
 
+def test_wsd_decays_over_the_rounded_fraction_and_never_before_warmup_ends():
+    o = config.OptimConfig(lr=1.0, warmup_steps=0, min_lr_ratio=0.1, schedule="wsd", decay_fraction=0.29)
+    assert [s for s in range(1, 101) if lr_at(s, o, 100) < 1.0] == list(range(72, 101))  # 29 steps, not 28
+    o.warmup_steps, o.decay_fraction = 4, 0.8  # the decay would start at step 2, inside the warm-up
+    lrs = [lr_at(s, o, 10) for s in range(1, 11)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and lrs[-1] == pytest.approx(0.1)
+    assert all(b < a for a, b in zip(lrs[3:], lrs[4:])) and lrs[4] == pytest.approx(1.0 - 0.9 / 6)  # no jump
+
+
+def test_throughput_counts_every_step_and_intervals_leave_out_evaluation(tmp_path, monkeypatch):
+    """The run's tok/s counts the steps done, not the last logged one (a run stopped between log steps, or with
+    no log step, reported too little or 0), and a logged interval's tok/s leaves out the evaluation before it.
+    A fake clock that only an evaluation moves: every interval then takes no time at all."""
+    import time
+
+    from megacluster.train import metrics
+
+    timer = metrics.StepTimer(first_step=0)
+    timer.first_done(timer.t0 + 1.0)
+    assert timer.tokens_per_s(10, 100, t_end=timer.t0 + 10.0) == pytest.approx(100.0)  # 9 steps in 9 s
+    clock = [1000.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(Worker, "evaluate", lambda self: clock.__setitem__(0, clock[0] + 100.0) or 1.0)
+    train(small_cfg(tmp_path, "r", "run.max_steps=6", "run.log_every=2", "run.eval_every=2", "run.ckpt_every=0"))
+    recs = [json.loads(x) for x in open(tmp_path / "r" / "metrics.jsonl")]
+    assert [r["step"] for r in recs if "tokens_per_s" in r] == [2, 4, 6]
+    assert all(r["tokens_per_s"] > 1e9 for r in recs if "tokens_per_s" in r)  # 0 s: the 100 s evals left out
+
+
+def test_evaluation_reads_each_validation_window_at_most_once(tmp_path):
+    w = Worker(small_cfg(tmp_path, "v", "run.eval_batches=100000"), init_place("cpu"))
+    assert 1 <= w.eval_batches() == w.val_order.n // 6 < 100000  # whole batches of B=6 the split holds
+    assert w.evaluate() > 0
+
+
 def test_cli_json_contract(tmp_path):
     run_dir = tmp_path / "cli"
     out = train_cli(run_dir, "--max-steps", "3")
