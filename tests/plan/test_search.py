@@ -1,0 +1,36 @@
+"""Plan search: what it ranks first and which plans it generates."""
+
+import pytest
+
+from megacluster.plan import predict
+from megacluster.plan.search import OVER_CAPACITY_MIN_GAIN, rank
+from megacluster.plan.scenario import load_scenario
+
+# an 8B Llama-style model on 64 H100 (8 nodes), tp 8
+EIGHT_B = {"model": {"layers": 32, "hidden": 4096, "ffn_hidden": 14336, "heads": 32, "kv_heads": 8,
+                     "vocab": 128256, "seq_len": 8192},
+           "train": {"global_batch": 512, "micro_batch": "auto"},
+           "parallel": {"tp": 8, "pp": 1, "cp": 1, "dp": 8},
+           "fleet": {"gpu": "H100-SXM", "count": 64}}
+
+
+def test_a_plan_that_fits_beats_a_slightly_faster_one_that_does_not():
+    """micro-batch 16 is 91 GB (85.5 usable) and <1% faster than micro-batch 8 at 50 GB: 8 is the plan."""
+    ranked = rank(load_scenario(EIGHT_B))
+    over = [r for r in ranked if not r.fleet.fits_in_memory]
+    fitting = [r for r in ranked if r.fleet.fits_in_memory]
+    assert over and fitting and max(o.tokens_per_s for o in over) > fitting[0].tokens_per_s  # the trap exists
+    p = predict(EIGHT_B, mc=False)
+    assert p.fits_in_memory and p.plan["micro_batch"] == 8
+
+
+def test_over_capacity_plans_need_a_large_gain():
+    """Whatever is chosen: it fits, or it is more than OVER_CAPACITY_MIN_GAIN faster than every plan that fits."""
+    for raw in (EIGHT_B, {**EIGHT_B, "parallel": {"search": True}},
+                {**EIGHT_B, "train": {"global_batch": 256}, "parallel": {"search": True}}):
+        ranked = rank(load_scenario(raw))
+        best = ranked[0]
+        fitting = [r.tokens_per_s for r in ranked if r.fleet.fits_in_memory]
+        assert best.fleet.fits_in_memory or best.tokens_per_s > max(fitting) * (1 + OVER_CAPACITY_MIN_GAIN)
+        if best.fleet.fits_in_memory:
+            assert best.tokens_per_s == max(fitting)
