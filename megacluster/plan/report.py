@@ -14,22 +14,22 @@ from .perf import Plan, fleet_step, model_flops_per_token
 from .predict import Prediction
 from .scenario import PoolSpec, Scenario
 
-ROWS = (  # (key, label, format)
+ROWS = (  # (key, label, format: the value is {}, the whole prediction dict {d})
     ("step_time_s", "step time", "{:.2f} s"), ("tokens_per_s", "throughput", "{:,.0f} tok/s"),
     ("model_tflops_per_gpu", "model TFLOP/s per GPU", "{:.0f}"), ("mfu", "MFU", "{:.1%}"),
     ("memory_gb_per_gpu", "memory per GPU", "{:.1f} GB"), ("fits_in_memory", "fits in memory", "{}"),
     ("bubble_fraction", "pipeline bubble", "{:.1%}"), ("exposed_comm_fraction", "exposed communication", "{:.1%}"),
-    ("job_mttf_h", "job MTTF", "{:.2f} h"), ("interruptions", "interruptions", "{:,.0f}"),
+    ("job_mttf_h", "job MTTF", "{:.2f} h"), ("interruptions", "interruptions", "{:,.0f} in {d[reliability][duration_days]:.1f} days"),
     ("checkpoint_interval_s", "checkpoint interval", "{:,.0f} s"), ("ettr", "ETTR", "{:.1%}"),
     ("goodput", "goodput (MFU x ETTR)", "{:.1%}"), ("train_days", "train days", "{:.1f}"),
     ("facility_mw", "facility power (full load)", "{:,.1f} MW"), ("load_swing_mw", "load swing", "{:,.1f} MW"),
-    ("battery_mwh_needed", "battery to flatten", "{:,.2f} MWh"), ("energy_mwh", "energy", "{:,.0f} MWh"),
-    ("cost_usd", "cost", "${:,.0f}"),
+    ("battery_mwh_needed", "battery to flatten", "{:,.2f} MWh"), ("energy_mwh", "energy", "{:,.0f} MWh in {d[energy_days]:.1f} days"),
+    ("cost_usd", "cost", "${:,.0f} in {d[energy_days]:.1f} days"),
 )
 
 
-def _fmt(fmt: str, v) -> str:
-    return "-" if v is None else fmt.format(v)
+def _fmt(fmt: str, v, d: dict | None = None) -> str:
+    return "-" if v is None else fmt.format(v, d=d)
 
 
 def print_summary(pred: Prediction, options: dict | None = None, sweep: list | None = None, file=None) -> None:
@@ -42,7 +42,7 @@ def print_summary(pred: Prediction, options: dict | None = None, sweep: list | N
     plan = ", ".join(f"{k}={v}" for k, v in d["plan"].items())
     t = Table(title=f"megacluster plan: {pred.name} ({pred.gpus:,} GPUs)", show_header=False)
     for key, label, fmt in ROWS:
-        t.add_row(label, _fmt(fmt, d[key]))
+        t.add_row(label, _fmt(fmt, d[key], d))
     t.add_row("parallel plan", plan + (f"  (chosen: {', '.join(d['chosen'])})" if d["chosen"] else ""))
     con.print(t)
     for line in pred.limits:
@@ -84,7 +84,7 @@ def write_report(out: Path, sc: Scenario, pred: Prediction, sweep: list | None =
     if sweep:
         pngs.append(_sweep_plot(plt, out, sweep, sweep_key))
     d = pred.to_dict()
-    rows = "".join(f"<tr><td>{html.escape(label)}</td><td>{html.escape(_fmt(fmt, d[k]))}</td></tr>"
+    rows = "".join(f"<tr><td>{html.escape(label)}</td><td>{html.escape(_fmt(fmt, d[k], d))}</td></tr>"
                    for k, label, fmt in ROWS)
     imgs = "".join(f'<p><img src="{p.name}" width="640"></p>' for p in pngs)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>megacluster plan: {html.escape(pred.name)}"

@@ -179,3 +179,23 @@ def test_cli_no_mc_skips_only_the_monte_carlo():
 def test_presets_run(name):
     p = predict(name, mc=False)
     assert p.step_time_s > 0 and p.fits_in_memory
+
+
+def test_energy_and_cost_cover_the_training_run_not_the_reliability_window():
+    """llama3-405b: failures over Llama 3's 54-day snapshot, energy and cost over the whole 75-day run."""
+    from megacluster.plan.scenario import load_preset
+    sc = load_preset("llama3-405b")
+    p = predict(sc, mc=False)
+    assert p.reliability["duration_days"] == 54 and p.train_days == pytest.approx(75.0, abs=0.1)
+    hours = p.train_days * 24
+    assert p.energy_mwh == pytest.approx(p.power["facility_avg_mw"] * hours)
+    assert p.cost_usd == pytest.approx(p.energy_mwh * sc.power.usd_per_mwh + p.gpus * sc.power.usd_per_gpu_hour * hours)
+    assert p.energy_days == p.train_days
+    longer = predict({**sc.raw, "reliability": {"duration_days": 90}}, mc=False)
+    assert (longer.energy_mwh, longer.cost_usd) == (p.energy_mwh, p.cost_usd)
+    assert longer.interruptions > p.interruptions
+    # without total_tokens there is no run length: energy and cost cover the reliability horizon
+    open_ended = predict({**sc.raw, "train": {k: v for k, v in sc.raw["train"].items() if k != "total_tokens"}},
+                         mc=False)
+    assert open_ended.train_days is None and open_ended.energy_days == 54
+    assert open_ended.energy_mwh == pytest.approx(open_ended.power["facility_avg_mw"] * 54 * 24)
