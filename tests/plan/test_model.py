@@ -199,3 +199,33 @@ def test_energy_and_cost_cover_the_training_run_not_the_reliability_window():
                          mc=False)
     assert open_ended.train_days is None and open_ended.energy_days == 54
     assert open_ended.energy_mwh == pytest.approx(open_ended.power["facility_avg_mw"] * 54 * 24)
+
+
+def _strict_json(line: str) -> dict:
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_cli_json_writes_null_for_infinite_values(tmp_path):
+    """No failures: job MTTF is infinite; an option that does not fit costs infinitely much per token. Strict
+    JSON parsers reject Infinity, so --json writes null."""
+    never_fails = {**SMALL, "fleet": {"gpu": "H100-SXM", "count": 64}, "parallel": {"tp": 8, "pp": 1, "cp": 1},
+                   "train": {"global_batch": 64, "micro_batch": 1},
+                   "reliability": {"node_failures_per_1000_node_days": 0}}
+    # 8 sequences of 8K per micro-batch: ~45 GB on an H100, over an A100-40GB
+    mixed = {**SMALL, "parallel": {"tp": 8, "pp": 1, "cp": 1}, "train": {"global_batch": 64, "micro_batch": 8,
+                                                                          "recompute": "none"},
+             "fleet": {"pools": [{"gpu": "H100-SXM", "count": 16}, {"gpu": "A100-40GB", "count": 16}]}}
+    out = []
+    for i, raw in enumerate((never_fails, mixed)):
+        path = tmp_path / f"s{i}.json"
+        path.write_text(json.dumps(raw))
+        r = subprocess.run([sys.executable, "-m", "megacluster", "plan", str(path), "--json", "--no-mc"],
+                           capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert r.returncode == 0, r.stderr
+        out.append(_strict_json(r.stdout.strip().splitlines()[-1]))
+    assert out[0]["job_mttf_h"] is None and out[0]["ettr"] > 0
+    nets = [o["net_usd_per_mtok"] for o in out[1]["mixed_fleet"]["options"]]
+    fits = [o["fits_in_memory"] for o in out[1]["mixed_fleet"]["options"]]
+    assert fits == [False, False, True] and nets[:2] == [None, None] and nets[2] > 0
