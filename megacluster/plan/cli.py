@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> dict:
     if args.scenario and args.preset:
         raise ScenarioError("give a SCENARIO file or --preset NAME, not both")
+    if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
+        raise ScenarioError(f"--report {args.report}: exists and is not a directory")
     sc = load_preset(args.preset) if args.preset else load_scenario(args.scenario or DEFAULT_PRESET)
     pred = predict(sc, mc=not args.no_mc)
     result = pred.to_dict()

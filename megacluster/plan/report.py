@@ -12,7 +12,7 @@ from ..hardware import get_gpu
 from . import reliability as rel
 from .perf import Plan, fleet_step, model_flops_per_token
 from .predict import Prediction
-from .scenario import PoolSpec, Scenario
+from .scenario import PoolSpec, Scenario, ScenarioError
 
 ROWS = (  # (key, label, format: the value is {}, the whole prediction dict {d})
     ("step_time_s", "step time", "{:.2f} s"), ("tokens_per_s", "throughput", "{:,.0f} tok/s"),
@@ -74,7 +74,16 @@ def _print_options(con, options: dict) -> None:
 # ---------------------------------------------------------------------------------------------- html
 def write_report(out: Path, sc: Scenario, pred: Prediction, sweep: list | None = None,
                  sweep_key: str | None = None) -> Path:
-    """Write report.html and PNG plots into `out`; returns the HTML path."""
+    """Write report.html and PNG plots into `out`; returns the HTML path. A directory that cannot be made or
+    written raises `ScenarioError` naming it (exit 2)."""
+    try:
+        return _write_report(out, sc, pred, sweep, sweep_key)
+    except OSError as e:
+        raise ScenarioError(f"--report {out}: cannot write the report there: {e.strerror} "
+                            f"({e.filename or out})") from None
+
+
+def _write_report(out: Path, sc: Scenario, pred: Prediction, sweep: list | None, sweep_key: str | None) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -295,11 +295,21 @@ def load_scenario(src: str | Path | dict) -> Scenario:
         if str(src) in preset_names():
             return load_preset(str(src))
         raise ScenarioError(f"scenario {str(src)!r}: no such file and not a preset; presets: {', '.join(preset_names())}")
-    text = path.read_text()
+    if path.is_dir():
+        raise ScenarioError(f"scenario {path}: is a directory; give a TOML or JSON file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ScenarioError(f"scenario {path}: is not UTF-8 text (byte {e.start}); give a TOML or JSON file") from None
+    except OSError as e:
+        raise ScenarioError(f"scenario {path}: cannot be read: {e.strerror}") from None
     try:
         raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise ScenarioError(f"scenario {path}: cannot parse: {e}") from None
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"scenario {path}: the top level must be a table (a JSON object) of sections "
+                            f"{', '.join(SECTIONS)}; got a {type(raw).__name__}")
     raw.setdefault("name", path.stem)
     return from_dict(raw)
 

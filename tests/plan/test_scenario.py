@@ -135,3 +135,32 @@ def test_search_with_a_given_vpp_only_tries_pipelines_it_can_interleave():
     sc = load_scenario({**BASE, "train": {"global_batch": 512}, "parallel": {"search": True, "vpp": 4}})
     plans = candidates(sc)
     assert plans and all(p.vpp == 4 and p.pp > 1 and p.pp * p.vpp <= 32 for p in plans)
+
+
+@pytest.mark.parametrize("name, content, needle", [
+    ("list.json", b"[1, 2]", "the top level must be a table"),
+    ("text.json", b'"model"', "got a str"),
+    ("latin1.toml", "[model]\nname = 'caf\u00e9'\n".encode("latin-1"), "is not UTF-8 text"),
+    ("dir.toml", None, "is a directory"),
+])
+def test_unreadable_scenario_files_name_the_path(tmp_path, name, content, needle):
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ScenarioError, match=needle) as e:
+        load_scenario(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_cli_scenario_directory_and_report_on_a_file_exit_2(tmp_path):
+    r = _cli(str(tmp_path), "--json")
+    assert r.returncode == 2 and r.stdout == "" and f"scenario {tmp_path}: is a directory" in r.stderr
+    afile = tmp_path / "report"
+    afile.write_text("not a directory")
+    r = _cli("--preset", "llama3-405b", "--no-mc", "--json", "--report", str(afile))
+    assert r.returncode == 2 and r.stdout == "" and f"--report {afile}: exists and is not a directory" in r.stderr
+    r = _cli("--preset", "llama3-405b", "--no-mc", "--json", "--report", str(afile / "sub"))
+    assert r.returncode == 2 and r.stdout == "" and f"--report {afile / 'sub'}: cannot write" in r.stderr
+    assert afile.read_text() == "not a directory"
