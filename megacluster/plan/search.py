@@ -76,8 +76,8 @@ def _inner(sc: Scenario, tp: int, pp: int, cp: int, dp: int) -> list[Plan]:
     recs = [tr.recompute] if tr.recompute else RECOMPUTE
     out = []
     for mb, v, rc in product(mbs, vpps, recs):
-        if rc == "selective" and tr.attention == "flash":
-            continue  # identical to "none" with fused attention
+        if rc == "selective" and tr.attention == "flash" and tr.recompute is None:
+            continue  # identical to "none" with fused attention: searched once (given, it is kept as given)
         nmb = math.ceil(per_replica / mb)
         if v > 1 and nmb < pp:
             continue  # interleaving needs >= pp micro-batches in flight (Llama 3's schedule: any count >= pp)
@@ -107,8 +107,8 @@ def rank(sc: Scenario) -> list[Ranked]:
     it is then reported with fits_in_memory = false. Plans further over come last."""
     plans = candidates(sc)
     if not plans:
-        raise ScenarioError("parallel: no valid plan for this model, batch and fleet "
-                            "(check tp/pp/cp/dp against heads, layers, global_batch and GPU counts)")
+        raise ScenarioError("parallel: no valid plan for this model, batch and fleet (check parallel.tp/pp/cp/dp/vpp "
+                            "and train.micro_batch against heads, layers, global_batch and GPU counts)")
     ranked = [evaluate(sc, pl) for pl in plans]
     best_fit = max((r.tokens_per_s for r in ranked if r.fleet.fits_in_memory), default=0.0)
 

@@ -34,3 +34,14 @@ def test_over_capacity_plans_need_a_large_gain():
         assert best.fleet.fits_in_memory or best.tokens_per_s > max(fitting) * (1 + OVER_CAPACITY_MIN_GAIN)
         if best.fleet.fits_in_memory:
             assert best.tokens_per_s == max(fitting)
+
+
+def test_selective_recompute_given_with_flash_attention_is_planned_as_none():
+    """docs: selective recompute recomputes the attention core, which flash attention never stores: = none."""
+    fixed = {**EIGHT_B, "train": {"global_batch": 512, "micro_batch": 1, "attention": "flash"}}
+    sel = predict({**fixed, "train": {**fixed["train"], "recompute": "selective"}}, mc=False)
+    none = predict({**fixed, "train": {**fixed["train"], "recompute": "none"}}, mc=False)
+    assert sel.plan["recompute"] == "selective" and sel.chosen == ["vpp"]  # kept as given
+    assert sel.step_time_s == none.step_time_s and sel.memory == none.memory
+    searched = rank(load_scenario({**fixed, "train": {"global_batch": 512, "micro_batch": 1}}))
+    assert sorted(r.plan.recompute for r in searched) == ["full", "none"]  # left to the planner: tried once
