@@ -71,6 +71,8 @@ def _inner(sc: Scenario, tp: int, pp: int, cp: int, dp: int) -> list[Plan]:
     p, tr = sc.parallel, sc.train
     per_replica = max(tr.global_batch // dp, 1)
     mbs = [tr.micro_batch] if tr.micro_batch else _divisors(per_replica, 16)
+    if len(sc.fleet.pools) == 1 and per_replica % mbs[0]:
+        return []  # a given micro-batch must divide the per-replica batch, as `check_parallel` requires of a fixed plan
     # vpp (given or searched) as scenario validation allows it: 1 without a pipeline, pp x vpp <= layers
     vpps = [v for v in ([p.vpp] if p.vpp else VPP) if _ok(sc, pp=pp, vpp=v)]
     recs = [tr.recompute] if tr.recompute else RECOMPUTE

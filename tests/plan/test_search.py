@@ -45,3 +45,17 @@ def test_selective_recompute_given_with_flash_attention_is_planned_as_none():
     assert sel.step_time_s == none.step_time_s and sel.memory == none.memory
     searched = rank(load_scenario({**fixed, "train": {"global_batch": 512, "micro_batch": 1}}))
     assert sorted(r.plan.recompute for r in searched) == ["full", "none"]  # left to the planner: tried once
+
+
+def test_search_and_fixed_plan_agree_on_a_micro_batch_that_does_not_divide_the_replica_batch():
+    from megacluster.plan import ScenarioError
+    raw = {**EIGHT_B, "train": {"global_batch": 256, "micro_batch": 3}}
+    with pytest.raises(ScenarioError, match="train.micro_batch = 3 does not divide the per-replica batch 32"):
+        load_scenario(raw)  # fixed plan: dp 8, 32 sequences per replica
+    with pytest.raises(ScenarioError, match="no valid plan.*train.micro_batch"):
+        rank(load_scenario({**raw, "parallel": {"search": True}}))  # no dp of 64 GPUs gives a multiple of 3
+    # 384 = 3 x 128 sequences: every dp (1 to 64) leaves a multiple of 3 per replica, run in whole micro-batches
+    ranked = rank(load_scenario({**raw, "train": {"global_batch": 384, "micro_batch": 3},
+                                 "parallel": {"search": True}}))
+    assert ranked and all((384 // r.plan.dp) % 3 == 0 for r in ranked)
+    assert all(r.fleet.critical.microbatches * 3 == 384 // r.plan.dp for r in ranked)
