@@ -65,9 +65,15 @@ def _print_options(con, options: dict) -> None:
     for col in ("option", "training GPUs", "tokens/s", "MFU", "train days", "lease $/day", "net $ per 1M tokens"):
         t.add_column(col)
     for o in options["options"]:
+        if not o["available"]:
+            t.add_row(o["option"], f"{o['training_gpus']:,}", "-", "-", "-", "-", "unavailable")
+            continue
         t.add_row(o["option"], f"{o['training_gpus']:,}", f"{o['tokens_per_s']:,.0f}", f"{o['mfu']:.1%}",
                   _fmt("{:.1f}", o["train_days"]), f"{o['lease_usd_per_day']:,.0f}", f"{o['net_usd_per_mtok']:.2f}")
     con.print(t)
+    for o in options["options"]:
+        if not o["available"]:
+            con.print(f"unavailable: {o['option']}: {o['reason']}", markup=False)
     con.print(f"[bold]recommendation:[/bold] {options['recommendation']}")
 
 

@@ -229,3 +229,27 @@ def test_cli_json_writes_null_for_infinite_values(tmp_path):
     nets = [o["net_usd_per_mtok"] for o in out[1]["mixed_fleet"]["options"]]
     fits = [o["fits_in_memory"] for o in out[1]["mixed_fleet"]["options"]]
     assert fits == [False, False, True] and nets[:2] == [None, None] and nets[2] > 0
+
+
+def test_mixed_fleet_option_the_scenario_cannot_take_is_unavailable_not_an_error(tmp_path):
+    """5 sequences: 4 replicas on H100 + A100 split them (mixed fleets may split unevenly), but training on the
+    H100s alone leaves 2 replicas of one pool, which must split them equally: that option is unavailable."""
+    from megacluster.plan.options import compare
+    raw = {**SMALL, "train": {"global_batch": 5}, "parallel": {"tp": 8, "pp": 1, "cp": 1},
+           "fleet": {"pools": [{"gpu": "H100-SXM", "count": 16}, {"gpu": "A100-80GB", "count": 16}]}}
+    sc = load_scenario(raw)
+    p = predict(sc, mc=False)
+    assert p.plan["dp"] == 4
+    o = compare(sc, as_is=p)
+    as_is, balanced, lease = o["options"]
+    assert as_is["available"] and balanced["available"] and not lease["available"]
+    assert "train.global_batch = 5 is not divisible by parallel.dp = 2" in lease["reason"]
+    assert o["best"] in (as_is["option"], balanced["option"])
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(raw))
+    r = subprocess.run([sys.executable, "-m", "megacluster", "plan", str(path), "--json", "--no-mc"],
+                       capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    options = _strict_json(r.stdout.strip().splitlines()[-1])["mixed_fleet"]["options"]
+    assert [x["available"] for x in options] == [True, True, False] and options[2]["net_usd_per_mtok"] is None
+    assert "unavailable: train on H100-SXM, lease A100-80GB: train.global_batch = 5" in r.stderr
