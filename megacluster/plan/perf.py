@@ -222,25 +222,30 @@ def estimator(m: ModelSpec, tr: TrainSpec, plan: Plan, pool: PoolSpec, scale_out
     kv_bytes = 2 * tokens * kvd / min(plan.tp, m.kv_heads) * BYTES * (plan.cp - 1)
     cp_layer = max(0.0, 3 * (kv_bytes / net.cp.bw + (plan.cp - 1) * net.cp.latency) - lattn) if plan.cp > 1 else 0.0
 
-    extra = 0.0  # recompute: s per layer
+    extra = 0.0  # recompute, s per layer: compute, and the forward's TP collectives again (full)
+    tp_mb = tp_layer  # TP collectives per layer and micro-batch, recompute included
     if plan.recompute == "full":
-        extra = lf + 2 * tp_one
+        extra, tp_mb = lf, tp_layer + 2 * tp_one
     elif plan.recompute == "selective" and tr.attention == "unfused":
         extra = _attention(dev, m, tr, plan.micro_batch, plan.tp, plan.cp)[0]
 
     first, full, last = stage_layers(m.layers, plan.pp, plan.vpp)
-    per_layer = lf + lb + extra + tp_layer + cp_layer
-    head = hf + hb + (net.tp.all_gather(act_bytes, plan.tp) if tr.sequence_parallel else 0.0)
-    t_stage = max(full * per_layer, last * per_layer + head)
     compute_layer = lf + lb + extra
-    t_compute = max(full * compute_layer, last * compute_layer + hf + hb)
+    per_layer = compute_layer + tp_mb + cp_layer
+    head_tp = net.tp.all_gather(act_bytes, plan.tp) if tr.sequence_parallel else 0.0
+    # the slower of a full stage and the last stage (fewer layers + the LM head) sets the pace; the breakdown
+    # below is that stage's, so its parts add up to the step
+    crit_last = last * per_layer + hf + hb + head_tp > full * per_layer
+    n_crit = last if crit_last else full
+    t_compute = n_crit * compute_layer + (hf + hb if crit_last else 0.0)
+    t_tp = n_crit * tp_mb + (head_tp if crit_last else 0.0)
+    t_stage = t_compute + t_tp + n_crit * cp_layer
     # pipeline sends: per micro-batch each stage sends vpp activations forward and vpp gradients back
     p2p = 0.0
     if plan.pp > 1:
         p2p = 2 * plan.vpp * net.pp.p2p(act_bytes / (plan.tp if tr.sequence_parallel else 1))
     t_mb = t_stage + p2p
     bubble = (plan.pp - 1) / plan.vpp * t_mb
-    tp_mb = tp_layer + (2 * tp_one if plan.recompute == "full" else 0.0)
     dp_exposed, optim = _dp_time(m, tr, plan, dev, net, full, lf, lb)
     memory = _memory(m, tr, plan, (first, full, last))
 
@@ -248,7 +253,7 @@ def estimator(m: ModelSpec, tr: TrainSpec, plan: Plan, pool: PoolSpec, scale_out
         nmb = max(1, math.ceil(seqs / plan.micro_batch))
         dp_s, mem = dp_exposed(nmb), memory(nmb)
         return StepBreakdown(step_time_s=nmb * t_mb + bubble + dp_s + optim, compute_s=nmb * t_compute,
-                             tp_comm_s=nmb * full * tp_mb, cp_comm_s=nmb * full * cp_layer, p2p_s=nmb * p2p,
+                             tp_comm_s=nmb * t_tp, cp_comm_s=nmb * n_crit * cp_layer, p2p_s=nmb * p2p,
                              bubble_s=bubble, dp_comm_s=dp_s, optimizer_s=optim, microbatches=nmb,
                              memory_gb=sum(mem.values()), memory=mem)
     return step

@@ -253,3 +253,23 @@ def test_mixed_fleet_option_the_scenario_cannot_take_is_unavailable_not_an_error
     options = _strict_json(r.stdout.strip().splitlines()[-1])["mixed_fleet"]["options"]
     assert [x["available"] for x in options] == [True, True, False] and options[2]["net_usd_per_mtok"] is None
     assert "unavailable: train on H100-SXM, lease A100-80GB: train.global_batch = 5" in r.stderr
+
+
+@pytest.mark.parametrize("train, parallel", [
+    ({"recompute": "full", "micro_batch": 1}, {"tp": 8, "pp": 1, "cp": 1}),
+    ({"recompute": "none", "micro_batch": 2}, {"tp": 8, "pp": 1, "cp": 1}),
+    ({"recompute": "full", "micro_batch": 1}, {"tp": 4, "pp": 4, "cp": 1, "vpp": 2}),
+    ({"recompute": "selective", "micro_batch": 1, "attention": "unfused"}, {"tp": 8, "pp": 2, "cp": 1}),
+    ({"recompute": "none", "micro_batch": 1}, {"tp": 2, "pp": 2, "cp": 2}),
+])
+def test_breakdown_adds_up_to_the_step(train, parallel):
+    """Each second of the step is in one part: full recompute's repeated TP collectives are communication, not
+    also compute."""
+    d = {**SMALL, "train": {"global_batch": 1024, **train}, "parallel": parallel}
+    p = predict(d, mc=False)
+    parts = sum(v for k, v in p.breakdown.items() if k.endswith("_s"))
+    assert parts == pytest.approx(p.step_time_s, rel=1e-9)
+    if train["recompute"] == "full":
+        none = predict({**d, "train": {**d["train"], "recompute": "none"}}, mc=False).breakdown
+        # 6 TP collectives per layer (4 + the recomputed forward's 2) instead of 4; the head's all-gather alike
+        assert p.breakdown["tp_comm_s"] == pytest.approx(1.5 * none["tp_comm_s"], rel=0.02)
