@@ -87,7 +87,11 @@ def _linear(dev: Device, t: float, n: float, k: float) -> tuple[float, float]:
 
 
 def _attention(dev: Device, m: ModelSpec, tr: TrainSpec, mb: int, tp: int, cp: int) -> tuple[float, float]:
-    """(fwd, bwd) s of the attention core (scores, softmax, weighted sum) for one layer and micro-batch."""
+    """(fwd, bwd) s of the attention core (scores, softmax, weighted sum) for one layer and micro-batch. fp8
+    recipes (Transformer Engine's, DeepSeek-V3's) run the linear layers in fp8 and attention in bf16: it is
+    timed at the bf16 peak."""
+    if tr.dtype == "fp8":
+        dev = device(dev.gpu.name, "bf16")
     hd = m.hidden // m.heads
     heads = m.heads / tp
     s_q = m.seq_len / cp  # queries held by this CP rank; keys: the whole sequence (ring)

@@ -273,3 +273,20 @@ def test_breakdown_adds_up_to_the_step(train, parallel):
         none = predict({**d, "train": {**d["train"], "recompute": "none"}}, mc=False).breakdown
         # 6 TP collectives per layer (4 + the recomputed forward's 2) instead of 4; the head's all-gather alike
         assert p.breakdown["tp_comm_s"] == pytest.approx(1.5 * none["tp_comm_s"], rel=0.02)
+
+
+@pytest.mark.parametrize("attention, heads", [("flash", 32), ("unfused", 8)])
+def test_fp8_runs_attention_at_the_bf16_peak(attention, heads):
+    """(Unfused attention with 128-wide heads is HBM-bound at any peak: 8 heads of 512 make its GEMMs
+    compute-bound, so the peak they run at shows.)"""
+    from dataclasses import replace
+
+    from megacluster.plan.kernels import device
+    from megacluster.plan.perf import layer_times
+    sc = load_scenario({**SMALL, "model": {**SMALL["model"], "heads": heads, "kv_heads": 8}})
+    bf16 = replace(sc.train, dtype="bf16", attention=attention)
+    fp8 = replace(sc.train, dtype="fp8", attention=attention)
+    f16, b16, attn16 = layer_times(device("H100-SXM", "bf16"), sc.model, bf16, 1, 8, 1)
+    f8, b8, attn8 = layer_times(device("H100-SXM", "fp8"), sc.model, fp8, 1, 8, 1)
+    assert attn8 == attn16  # attention: same kernels, same peak
+    assert f8 - attn8 < f16 - attn16  # the linear layers: fp8 peak
