@@ -290,3 +290,16 @@ def test_fp8_runs_attention_at_the_bf16_peak(attention, heads):
     f8, b8, attn8 = layer_times(device("H100-SXM", "fp8"), sc.model, fp8, 1, 8, 1)
     assert attn8 == attn16  # attention: same kernels, same peak
     assert f8 - attn8 < f16 - attn16  # the linear layers: fp8 peak
+
+
+@pytest.mark.parametrize("m, n, k, batch", [(2048, 2048, 128, 16), (2048, 128, 2048, 16), (1024, 1024, 64, 48),
+                                            (4096, 4096, 128, 8)])
+def test_measured_gemm_grid_counts_the_batch_of_batched_matmuls(m, n, k, batch):
+    """Unfused attention's batched matmuls: the H100's measured grid must see the whole batch's parallelism
+    (it made the H100 slower than an A100, whose tile model counts the batch's tiles)."""
+    from megacluster.plan.kernels import device
+    h100, a100 = device("H100-SXM", "bf16"), device("A100-80GB", "bf16")
+    assert h100.measured is not None and a100.measured is None
+    assert h100.gemm_eff(m, n, k, batch) == h100.gemm_eff(m * batch, n, k)
+    assert h100.gemm_eff(m, n, k, batch) > h100.gemm_eff(m, n, k)
+    assert h100.gemm_time(m, n, k, batch) < a100.gemm_time(m, n, k, batch)
