@@ -276,18 +276,26 @@ def optimizer_bytes_per_param(tr: TrainSpec) -> int:
     return 16 if tr.dtype == "fp16" else 12
 
 
+def shard_ranks(plan: Plan) -> int:
+    """Ranks that hold the same weights and reduce gradients together (and that ZeRO shards over): dp x cp."""
+    return plan.dp * plan.cp
+
+
 def _dp_time(m: ModelSpec, tr: TrainSpec, plan: Plan, dev: Device, net: Net, full: int, lf: float,
              lb: float) -> tuple[Callable[[int], float], float]:
-    """(exposed data-parallel comm s as a function of the micro-batch count, optimizer s), for the fullest stage."""
+    """(exposed data-parallel comm s as a function of the micro-batch count, optimizer s), for the fullest stage.
+    Context-parallel ranks hold the same weights and each computes the gradient of its part of the sequence, so
+    gradients are reduced, and ZeRO shards, over dp x cp ranks (Megatron's data-parallel group with CP)."""
     emb = m.hidden * m.vocab / plan.tp  # embedding (first stage) or LM head (last stage), vocab-parallel
     params = full * layer_params(m) / plan.tp + emb  # the fullest stage: it sets the DP and optimizer time
-    d = plan.dp
+    d = shard_ranks(plan)
+    link = net.dp if plan.dp > 1 else net.cp  # dp x cp ranks: across replicas when dp > 1 (the slower link)
     gb = grad_bytes_per_param(tr)
     if tr.zero == 0:
-        t_dp = net.dp.all_reduce(params * gb, d)
+        t_dp = link.all_reduce(params * gb, d)
     else:  # reduce-scatter grads, all-gather updated bf16 weights (ZeRO-3: also per micro-batch fwd+bwd)
-        t_dp = net.dp.all_gather(params * gb, d) + net.dp.all_gather(params * BYTES, d)
-    gather = net.dp.all_gather(params * BYTES, d) if tr.zero == 3 else 0.0
+        t_dp = link.all_gather(params * gb, d) + link.all_gather(params * BYTES, d)
+    gather = link.all_gather(params * BYTES, d) if tr.zero == 3 else 0.0
     optim = dev.mem_time(params / (d if tr.zero >= 1 else 1) * 36)  # Adam: r/w fp32 master, m, v; grad; bf16 w
 
     def exposed(nmb: int) -> float:
@@ -324,14 +332,15 @@ def _memory(m: ModelSpec, tr: TrainSpec, plan: Plan, layers: tuple[int, int, int
                 act += live
             if stage == plan.pp - 1:
                 act += logits
-            mems.append(memory_gb(params, tr, plan.dp, act))
+            mems.append(memory_gb(params, tr, shard_ranks(plan), act))
         return max(mems, key=lambda x: sum(x.values()))
     return memory
 
 
 def memory_gb(params: float, tr: TrainSpec, dp: int, act_bytes: float) -> dict:
     """GB per GPU by kind for a stage holding `params` parameters (this GPU's tp shard): bf16 weights
-    (sharded over dp by ZeRO-3), grads (ZeRO-2/3), optimizer state (ZeRO-1/2/3), activations, reserved."""
+    (sharded over `dp` ranks by ZeRO-3), grads (ZeRO-2/3), optimizer state (ZeRO-1/2/3), activations, reserved.
+    `dp`: the ranks ZeRO shards over, dp x cp (`shard_ranks`)."""
     w = params * BYTES / (dp if tr.zero == 3 else 1)
     g = params * grad_bytes_per_param(tr) / (dp if tr.zero >= 2 else 1)
     o = params * optimizer_bytes_per_param(tr) / (dp if tr.zero >= 1 else 1)
