@@ -296,13 +296,21 @@ def _dp_time(m: ModelSpec, tr: TrainSpec, plan: Plan, dev: Device, net: Net, ful
     else:  # reduce-scatter grads, all-gather updated bf16 weights (ZeRO-3: also per micro-batch fwd+bwd)
         t_dp = link.all_gather(params * gb, d) + link.all_gather(params * BYTES, d)
     gather = link.all_gather(params * BYTES, d) if tr.zero == 3 else 0.0
+    # ZeRO-2/3 keep only their shard of the gradients, so every micro-batch's gradients are reduce-scattered
+    # after its own backward (DeepSpeed stage 2 reduces each micro-step), not once after the last one
+    rs_mb = link.all_gather(params * gb, d) if tr.zero >= 2 else 0.0
     optim = dev.mem_time(params / (d if tr.zero >= 1 else 1) * 36)  # Adam: r/w fp32 master, m, v; grad; bf16 w
+    overlap = 1.0 if tr.overlap_grad_reduce else 0.0
 
     def exposed(nmb: int) -> float:
-        t = t_dp + 2 * (nmb - 1) * gather if tr.zero == 3 else t_dp
-        window = full * lb + (full * (nmb - 1) * (lf + lb) if tr.zero == 3 else 0.0)  # overlap: last backward
-        window *= 1.0 if tr.overlap_grad_reduce else 0.0
-        return max(0.0, t - window) if d > 1 else 0.0
+        if d <= 1:
+            return 0.0
+        if tr.zero == 3:  # gathers and reduce-scatters spread over the whole step's compute
+            t = t_dp + (nmb - 1) * (2 * gather + rs_mb)
+            return max(0.0, t - overlap * (full * lb + full * (nmb - 1) * (lf + lb)))
+        # the last micro-batch's reduction (and the weight all-gather) against its backward; with ZeRO-2 each
+        # earlier micro-batch's reduce-scatter against its own backward
+        return max(0.0, t_dp - overlap * full * lb) + (nmb - 1) * max(0.0, rs_mb - overlap * full * lb)
     return exposed, optim
 
 

@@ -303,3 +303,24 @@ def test_measured_gemm_grid_counts_the_batch_of_batched_matmuls(m, n, k, batch):
     assert h100.gemm_eff(m, n, k, batch) == h100.gemm_eff(m * batch, n, k)
     assert h100.gemm_eff(m, n, k, batch) > h100.gemm_eff(m, n, k)
     assert h100.gemm_time(m, n, k, batch) < a100.gemm_time(m, n, k, batch)
+
+
+def test_zero2_reduce_scatters_every_micro_batch():
+    """ZeRO-2 keeps a 1/dp shard of the gradients, so each micro-batch's are reduce-scattered after its
+    backward; ZeRO-1 keeps them all and reduces once. Without overlap every one is exposed."""
+    d = {**SMALL, "parallel": {"tp": 8, "pp": 1, "cp": 1},
+         "train": {"global_batch": 1024, "micro_batch": 1, "recompute": "none", "overlap_grad_reduce": False}}
+
+    def dp_s(zero, mb=1, overlap=False):
+        return predict({**d, "train": {**d["train"], "zero": zero, "micro_batch": mb, "overlap_grad_reduce": overlap}},
+                       mc=False).breakdown["dp_comm_s"]
+    z1, z2 = dp_s(1), dp_s(2)  # 8 micro-batches per replica
+    assert z1 == pytest.approx(dp_s(1, mb=8))  # ZeRO-1: once per step
+    assert dp_s(2, mb=8) == pytest.approx(z1)  # one micro-batch: ZeRO-2 = ZeRO-1
+    from megacluster.plan.kernels import scale_out
+    from megacluster.plan.perf import layer_params
+    m = load_scenario(d).model
+    params = (m.layers * layer_params(m) + m.hidden * m.vocab) / 8  # this GPU's tp shard
+    one = scale_out(400).all_gather(params * 4, 128)  # a reduce-scatter of fp32 gradients over 128 replicas
+    assert z2 - z1 == pytest.approx(7 * one, rel=0.02)  # 7 more reduce-scatters
+    assert dp_s(2, overlap=True) < z2  # overlapped with each micro-batch's backward
