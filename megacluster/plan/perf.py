@@ -150,25 +150,29 @@ class Net:
     dp: Link
 
 
-def links(pool: PoolSpec, plan: Plan, scale_out_gbps: float, oversub: float, rail: bool = True) -> Net:
+def links(pool: PoolSpec, plan: Plan, scale_out_gbps: float, oversub: float, rail: bool = True,
+          rail_nodes: int = 32) -> Net:
     """A group whose ranks fit in one NVLink domain (and whose size divides it, so every group does) talks
-    over NVLink, otherwise over the scale-out NIC. pp and dp groups span beyond a leaf switch and see the
-    oversubscription, except on a rail-optimized fabric when every member has the same local GPU index (the
-    group's stride is a multiple of gpus_per_node): that traffic stays on its rail, which is not oversubscribed."""
+    over NVLink, otherwise over the scale-out NIC. pp and dp groups see the oversubscription, except on a
+    rail-optimized fabric when every member has the same local GPU index (the group's stride is a multiple of
+    gpus_per_node) and the group lies under one rail switch (`rail_nodes` nodes; groups tile that block, as
+    they tile the NVLink domain): that traffic stays on its rail's leaf, which is not oversubscribed."""
     dom = nvlink_domain(pool)
     nv, so = nvlink(device(pool.gpu, "bf16").gpu), scale_out(scale_out_gbps, 1.0)
     so_far = scale_out(scale_out_gbps, oversub)
     tpcp = plan.tp * plan.cp
+    reach = rail_nodes * pool.gpus_per_node  # ranks (GPUs) under one rail switch
 
-    def far(stride: int) -> Link:  # members `stride` ranks apart
-        return so if rail and stride % pool.gpus_per_node == 0 else so_far
+    def far(stride: int, size: int) -> Link:  # `size` members `stride` ranks apart
+        on_rail = rail and stride % pool.gpus_per_node == 0 and reach % (stride * size) == 0
+        return so if on_rail else so_far
 
     def inside(group: int) -> bool:  # groups tile the domain: tp = 16 in a 72-GPU NVL72 rack would straddle racks
         return group <= dom and dom % group == 0
     return Net(tp=nv if inside(plan.tp) else so,
                cp=nv if inside(tpcp) else so,
-               pp=nv if inside(tpcp * plan.pp) else far(tpcp),
-               dp=nv if inside(tpcp * plan.pp * plan.dp) else far(tpcp * plan.pp))
+               pp=nv if inside(tpcp * plan.pp) else far(tpcp, plan.pp),
+               dp=nv if inside(tpcp * plan.pp * plan.dp) else far(tpcp * plan.pp, plan.dp))
 
 
 # ----------------------------------------------------------------------------------------- stage
@@ -207,12 +211,12 @@ def in_flight(pp: int, vpp: int, nmb: int, stage: int) -> list[int]:
 
 
 def estimator(m: ModelSpec, tr: TrainSpec, plan: Plan, pool: PoolSpec, scale_out_gbps: float,
-              oversub: float = 1.0, rail: bool = True) -> Callable[[float], StepBreakdown]:
+              oversub: float = 1.0, rail: bool = True, rail_nodes: int = 32) -> Callable[[float], StepBreakdown]:
     """`step(seqs)`: step time of one replica processing `seqs` sequences, and memory per GPU. Everything but
     the micro-batch count is computed here, once per (pool, plan): a throughput-balanced fleet times each
     pool's replica at up to three batch sizes (`fleet_step`)."""
     dev = device(pool.gpu, tr.dtype)
-    net = links(pool, plan, scale_out_gbps, oversub, rail)
+    net = links(pool, plan, scale_out_gbps, oversub, rail, rail_nodes)
     tokens = plan.micro_batch * m.seq_len / plan.cp  # per GPU per micro-batch
 
     lf, lb, lattn = layer_times(dev, m, tr, plan.micro_batch, plan.tp, plan.cp)
@@ -394,14 +398,14 @@ class FleetStep:
 
 
 def fleet_step(m: ModelSpec, tr: TrainSpec, plan: Plan, pools: list[PoolSpec], scale_out_gbps: float,
-               oversub: float = 1.0, balance: str = "equal", rail: bool = True) -> FleetStep:
+               oversub: float = 1.0, balance: str = "equal", rail: bool = True, rail_nodes: int = 32) -> FleetStep:
     """Synchronous step over (possibly mixed) pools. "equal": every replica takes global_batch / dp sequences,
     the step is the slowest replica's. "throughput": shares proportional to each pool's replica speed,
     rounded to whole micro-batches, so all replicas finish together."""
     size = plan.tp * plan.pp * plan.cp
     reps = [p.count // size for p in pools]
     seqs0 = tr.global_batch / plan.dp
-    steppers = [estimator(m, tr, plan, p, scale_out_gbps, oversub, rail) for p in pools]
+    steppers = [estimator(m, tr, plan, p, scale_out_gbps, oversub, rail, rail_nodes) for p in pools]
     first = [step(seqs0) for step in steppers]
     shares = [seqs0] * len(pools)
     if balance == "throughput" and len(pools) > 1:

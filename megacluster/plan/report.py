@@ -126,7 +126,7 @@ def scale_curve(sc: Scenario, pred: Prediction, counts: list[int]) -> list[tuple
         tr = replace(sc.train, global_batch=max(1, round(seqs * dp)))
         plan = Plan(**{**p, "dp": dp})
         fs = fleet_step(sc.model, tr, plan, [pool], sc.fleet.scale_out_gbps, sc.fleet.oversubscription,
-                        rail=sc.fleet.topology == "rail-optimized")
+                        rail=sc.fleet.topology == "rail-optimized", rail_nodes=sc.fleet.rail_switch_nodes)
         flops = model_flops_per_token(sc.model) * tr.global_batch * sc.model.seq_len
         mfu = flops / fs.step_time_s / pool.count / get_gpu(pool0.gpu).peak(sc.train.dtype)
         r = rel.analyse(sc.reliability, math.ceil(pool.count / pool.gpus_per_node), 1.0, mc=False,

@@ -98,7 +98,7 @@ def _ok(sc: Scenario, tp=None, pp=None, cp=None, vpp=None) -> bool:
 def evaluate(sc: Scenario, plan: Plan) -> Ranked:
     f = sc.fleet
     fs = fleet_step(sc.model, sc.train, plan, f.pools, f.scale_out_gbps, f.oversubscription, f.balance,
-                    rail=f.topology == "rail-optimized")
+                    rail=f.topology == "rail-optimized", rail_nodes=f.rail_switch_nodes)
     return Ranked(plan=plan, fleet=fs, tokens_per_s=sc.train.global_batch * sc.model.seq_len / fs.step_time_s)
 
 

@@ -93,15 +93,27 @@ def test_throughput_balance_beats_equal_on_mixed_fleet():
     assert h100["seqs_per_replica"] > 2 * a100["seqs_per_replica"]
 
 
-def test_rail_optimized_fabric_spares_on_rail_traffic_from_oversubscription():
-    """tp=8 fills a node, so pp/dp peers share a local GPU index: on rails they skip the oversubscribed spine."""
+def test_rail_optimized_fabric_spares_traffic_under_one_rail_switch_from_oversubscription():
+    """tp=8 fills a node, so pp/dp peers share a local GPU index: on rails they skip the oversubscribed spine,
+    as long as the group lies under one rail switch (32 nodes by default). pp groups (2 nodes) do; the dp
+    groups span all 128 nodes and cross the spine, as on a fat tree."""
     d = dict(SMALL, parallel={"tp": 8, "pp": 2, "cp": 1},
              fleet={"gpu": "H100-SXM", "count": 1024, "gpus_per_node": 8, "oversubscription": 4})
-    rail = predict({**d, "fleet": {**d["fleet"], "topology": "rail-optimized"}}, mc=False)
-    tree = predict({**d, "fleet": {**d["fleet"], "topology": "fat-tree"}}, mc=False)
-    flat = predict({**d, "fleet": {**d["fleet"], "oversubscription": 1, "topology": "fat-tree"}}, mc=False)
-    assert rail.step_time_s == pytest.approx(flat.step_time_s)  # on-rail: as if not oversubscribed
-    assert tree.step_time_s > rail.step_time_s
+
+    def plan(**fleet):
+        return predict({**d, "fleet": {**d["fleet"], **fleet}}, mc=False)
+    rail, tree = plan(topology="rail-optimized"), plan(topology="fat-tree")
+    flat = plan(oversubscription=1, topology="fat-tree")
+    assert flat.step_time_s < rail.step_time_s < tree.step_time_s  # the key is not inert on rails
+    assert rail.breakdown["dp_comm_s"] > 0 == flat.breakdown["dp_comm_s"]  # dp crosses the spine
+    wide = plan(topology="rail-optimized", rail_switch_nodes=128)  # one switch reaches every node
+    assert wide.step_time_s == pytest.approx(flat.step_time_s)  # all on-rail: as if not oversubscribed
+    # the plan's own p2p: pp pairs under one rail switch are not oversubscribed on rails, 4x slower on the tree
+    pinned = {"tp": 8, "pp": 2, "cp": 1, "vpp": 4}
+    p2p = {t: predict({**d, "parallel": pinned, "train": {**SMALL["train"], "micro_batch": 8},
+                       "fleet": {**d["fleet"], "topology": t}}, mc=False).breakdown["p2p_s"]
+           for t in ("rail-optimized", "fat-tree")}
+    assert p2p["fat-tree"] == pytest.approx(4 * p2p["rail-optimized"], rel=0.05)
 
 
 def test_memory_grows_with_micro_batch_and_recompute_saves():

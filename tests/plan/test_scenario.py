@@ -37,6 +37,7 @@ def with_(section, **kw):
     (with_("model", mlp="relu"), "model.mlp"),
     (with_("model", layerz=3), "model.layerz"),
     (with_("fleet", balance="random"), "fleet.balance"),
+    (with_("fleet", rail_switch_nodes=0), "fleet.rail_switch_nodes"),
     (with_("train", global_batch=1.5), "train.global_batch"),
     (with_("parallel", tp=16, dp=4), "NVLink domain"),
     ({**BASE, "bogus": {}}, "[bogus]"),
