@@ -83,7 +83,8 @@ def assemble(sc: Scenario, best: Ranked, n_configs: int, *, mc: bool = True) -> 
     horizon = sc.reliability.duration_days or train_days or DEFAULT_DURATION_DAYS
     r = rel.analyse(sc.reliability, nodes, horizon, mc=mc, gpus_per_node=gpn)
 
-    busy = step - crit.bubble_s - crit.dp_comm_s - crit.optimizer_s
+    # each pool computes for its own replicas' busy time, then waits for the slowest (mixed fleets)
+    busy = [ps.step.step_time_s - ps.step.bubble_s - ps.step.dp_comm_s - ps.step.optimizer_s for ps in fs.pools]
     p = pw.analyse(sc.fleet.pools, sc.power, step, busy, sc.reliability.restart_s)
     # energy and cost: over the training run when total_tokens gives it (the reliability horizon may be a
     # shorter window, e.g. Llama 3's 54-day snapshot of a 75-day run), else over the horizon

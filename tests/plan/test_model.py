@@ -336,3 +336,46 @@ def test_zero2_reduce_scatters_every_micro_batch():
     one = scale_out(400).all_gather(params * 4, 128)  # a reduce-scatter of fp32 gradients over 128 replicas
     assert z2 - z1 == pytest.approx(7 * one, rel=0.02)  # 7 more reduce-scatters
     assert dp_s(2, overlap=True) < z2  # overlapped with each micro-batch's backward
+
+
+def test_each_pool_draws_compute_power_only_while_it_computes():
+    """colossus-1 with equal shares: the Hopper pools finish in about half the A100 pools' time and then wait
+    at the waiting draw, not at full power until the A100s are done."""
+    from megacluster.plan.perf import Plan
+    from megacluster.plan.power import analyse, pool_watts
+    from megacluster.plan.scenario import load_preset
+    from megacluster.plan.search import evaluate
+    sc = load_preset("colossus-1")
+    p = predict(sc, mc=False)
+    step = p.step_time_s
+    pools = evaluate(sc, Plan(**p.plan)).fleet.pools
+    busy = [ps.step.step_time_s - ps.step.bubble_s - ps.step.dp_comm_s - ps.step.optimizer_s for ps in pools]
+    assert busy[0] < 0.5 * step < busy[2]  # H100 vs A100
+    expect = sum((hi * b + lo * (step - b)) / step for (hi, lo), b in
+                 zip((pool_watts(q, sc.power) for q in sc.fleet.pools), busy)) * sc.power.pue / 1e6
+    assert p.power["facility_avg_mw"] == pytest.approx(expect)
+    slowest = analyse(sc.fleet.pools, sc.power, step, max(busy), sc.reliability.restart_s)  # the old figure
+    assert p.power["facility_avg_mw"] < slowest.facility_avg_mw - 30  # MW
+    assert p.energy_mwh == pytest.approx(p.power["facility_avg_mw"] * p.energy_days * 24)
+    # one pool: one busy time, the same as before
+    one = analyse(sc.fleet.pools[:1], sc.power, 2.0, [1.5], 0.0)
+    hi, lo = pool_watts(sc.fleet.pools[0], sc.power)
+    assert one.facility_avg_mw == pytest.approx((hi * 1.5 + lo * 0.5) / 2 * sc.power.pue / 1e6)
+    assert one.trace[:4] == [(0.0, one.facility_mw), (1.5, one.facility_mw), (1.5, one.facility_low_mw),
+                             (2.0, one.facility_low_mw)]
+
+
+def test_battery_shaves_the_staircase_of_a_mixed_fleet():
+    """Two equal pools, one computing 1 s and one 2 s of a 4 s step: the draw is hi, then hi - half the swing,
+    then lo. A grid cap between the two upper levels is exceeded for 1 s only."""
+    from megacluster.plan.power import analyse
+    from megacluster.plan.scenario import PoolSpec, PowerSpec
+    pools = [PoolSpec(gpu="H100-SXM", count=8000), PoolSpec(gpu="H100-SXM", count=8000)]
+    free = analyse(pools, PowerSpec(), 4.0, [1.0, 2.0], 0.0)
+    hi, lo = free.facility_mw, free.facility_low_mw
+    mid = (hi + lo) / 2
+    assert free.facility_avg_mw == pytest.approx((hi + mid + 2 * lo) / 4)
+    cap = (hi + mid) / 2  # below hi, above mid and above the average
+    capped = analyse(pools, PowerSpec(grid_mw=cap), 4.0, [1.0, 2.0], 0.0)
+    assert capped.battery_mw_needed == pytest.approx(hi - cap)
+    assert capped.battery_mwh_needed == pytest.approx((hi - cap) * 1.0 / 3600)
