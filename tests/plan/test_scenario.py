@@ -165,3 +165,11 @@ def test_cli_scenario_directory_and_report_on_a_file_exit_2(tmp_path):
     r = _cli("--preset", "llama3-405b", "--no-mc", "--json", "--report", str(afile / "sub"))
     assert r.returncode == 2 and r.stdout == "" and f"--report {afile / 'sub'}: cannot write" in r.stderr
     assert afile.read_text() == "not a directory"
+
+
+def test_monte_carlo_trials_are_capped_at_what_fits_in_memory():
+    """~15 KB per trial: 100,000 trials take ~1.5 GB and ~5 s; 10**6 (the old cap) would take ~15 GB."""
+    assert load_scenario({**BASE, "reliability": {"trials": 100_000}}).reliability.trials == 100_000
+    with pytest.raises(ScenarioError, match=r"reliability.trials = 100001 is invalid: must be an integer >= 1 "
+                                            r"and <= 100000"):
+        load_scenario({**BASE, "reliability": {"trials": 100_001}})
