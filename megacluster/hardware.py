@@ -5,7 +5,8 @@ Pure Python: importing this module never imports torch (the planner must stay to
 
 Figures are vendor datasheet values for *dense* math (no 2:4 sparsity), per GPU:
 - ``peak_tflops[dtype]``: TFLOP/s (1e12 FLOP/s). MFU is always computed against the dtype the run uses.
-- ``hbm_gb``: GB (1e9 bytes) of device memory; ``hbm_gb_s``: GB/s of HBM bandwidth.
+- ``hbm_gb``: device memory as marketed ("80GB"), which is GiB (2**30 bytes): the planner's usable capacity is
+  ``hbm_gb * 2**30`` bytes less what the driver keeps; ``hbm_gb_s``: GB/s (1e9 bytes/s) of HBM bandwidth.
 - ``tdp_w``: board power (W) at full load.
 - ``nvlink_gb_s``: scale-up bandwidth per GPU, GB/s, *both directions added* as marketed
   (H100 NVLink 4: 900 GB/s = 450 GB/s each way). Use ``nvlink_gb_s / 2`` for one direction.
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 class GPU:
     name: str
     peak_tflops: dict[str, float]  # dtype -> dense TFLOP/s
-    hbm_gb: float  # GB
+    hbm_gb: float  # GiB (2**30 bytes), as marketed
     hbm_gb_s: float  # GB/s
     tdp_w: float  # W
     nvlink_gb_s: float  # GB/s per GPU, both directions added

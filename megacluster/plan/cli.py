@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import tomllib
 from pathlib import Path
 
@@ -26,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> dict:
     if args.scenario and args.preset:
         raise ScenarioError("give a SCENARIO file or --preset NAME, not both")
+    if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
+        raise ScenarioError(f"--report {args.report}: exists and is not a directory")
     sc = load_preset(args.preset) if args.preset else load_scenario(args.scenario or DEFAULT_PRESET)
     pred = predict(sc, mc=not args.no_mc)
     result = pred.to_dict()
@@ -42,7 +45,19 @@ def run(args) -> dict:
     if args.report:
         path = write_report(Path(args.report), sc, pred, sweep, args.sweep.split("=")[0] if args.sweep else None)
         result["report"] = str(path)
-    return result
+    return finite(result)
+
+
+def finite(x):
+    """`x` with every non-finite float (a job MTTF with no failures, the cost of an option that does not fit)
+    replaced by None: `--json` must stay JSON, which has no Infinity or NaN."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return x
 
 
 def sweep_rows(raw: dict, spec: str) -> list[dict]:

@@ -47,8 +47,8 @@ class Device:
 
     def gemm_eff(self, m: float, n: float, k: float, batch: float = 1.0) -> float:
         """Fraction of peak a GEMM of this shape reaches (compute-bound part)."""
-        if self.measured is not None:
-            return _interp(self.gpu.name, m, n, k)
+        if self.measured is not None:  # the grid is of single GEMMs: a batch of b (m x n) outputs fills the GPU
+            return _interp(self.gpu.name, m * batch, n, k)  # as one (b m x n) output does (same tiles, same k)
         return _tile_eff(self.tiles, self.sms, self.gemm_eff_max, self.k_half, m, n, k, batch)
 
     def flash_time(self, flops_fwd: float, seq: float) -> tuple[float, float]:

@@ -8,7 +8,7 @@ import copy
 
 from ..hardware import get_gpu
 from .predict import Prediction, predict
-from .scenario import Scenario, from_dict
+from .scenario import Scenario, ScenarioError, from_dict
 
 DEFAULT_LEASE_USD_PER_GPU_HOUR = 1.0  # inference lease rate when a pool does not give one
 
@@ -23,7 +23,10 @@ def _variant(sc: Scenario, **fleet) -> dict:
 
 def compare(sc: Scenario, as_is: Prediction | None = None) -> dict:
     """Three options for a mixed fleet, each predicted in full, and the cheapest per useful token.
-    `as_is`: the scenario's own prediction, reused for option (a) when the scenario already uses equal shares."""
+    `as_is`: the scenario's own prediction, reused for option (a) when the scenario already uses equal shares.
+    An option the scenario's keys do not allow (e.g. a global batch that the fewer replicas of the training
+    pools cannot split equally) is listed with `available = false` and the reason, not raised: the user
+    asked about the scenario, not about the option's variant of it."""
     pools = sc.raw["fleet"]["pools"]
     peak = {p["gpu"]: get_gpu(p["gpu"]).peak(sc.train.dtype) for p in pools}
     keep = [p for p in pools if peak[p["gpu"]] == max(peak.values())]
@@ -36,18 +39,27 @@ def compare(sc: Scenario, as_is: Prediction | None = None) -> dict:
     out = []
     for label, raw, leased in variants:
         reuse = as_is is not None and not leased and raw["fleet"]["balance"] == sc.fleet.balance
-        p = as_is if reuse else predict(from_dict(raw), mc=False)
+        try:
+            p = as_is if reuse else predict(from_dict(raw), mc=False)
+        except ScenarioError as e:
+            out.append({"option": label, "available": False, "reason": str(e), "training_gpus":
+                        sum(q["count"] for q in raw["fleet"]["pools"]), "fits_in_memory": False,
+                        "net_usd_per_mtok": float("inf")})
+            continue
         lease_day = sum(q["count"] * q.get("lease_usd_per_gpu_hour", DEFAULT_LEASE_USD_PER_GPU_HOUR) * 24
                         for q in leased)
         cost_day = (sc.fleet.count * sc.power.usd_per_gpu_hour * 24 + p.power["facility_avg_mw"] * 24
                     * sc.power.usd_per_mwh)
         useful_tok_day = p.tokens_per_s * p.ettr * 86400 if p.fits_in_memory else 0.0
         net = (cost_day - lease_day) / useful_tok_day * 1e6 if useful_tok_day else float("inf")
-        out.append({"option": label, "training_gpus": p.gpus, "tokens_per_s": p.tokens_per_s, "mfu": p.mfu,
-                    "goodput": p.goodput, "train_days": p.train_days, "fits_in_memory": p.fits_in_memory,
+        out.append({"option": label, "available": True, "training_gpus": p.gpus, "tokens_per_s": p.tokens_per_s,
+                    "mfu": p.mfu, "goodput": p.goodput, "train_days": p.train_days, "fits_in_memory": p.fits_in_memory,
                     "lease_usd_per_day": lease_day, "net_usd_per_mtok": net, "plan": p.plan})
-    best = min(out, key=lambda o: o["net_usd_per_mtok"])
-    worst = max(out, key=lambda o: o["net_usd_per_mtok"])
+    ok = [o for o in out if o["available"]]
+    if not ok:
+        return {"options": out, "recommendation": "no option is available (see each option's reason)", "best": None}
+    best = min(ok, key=lambda o: o["net_usd_per_mtok"])
+    worst = max(ok, key=lambda o: o["net_usd_per_mtok"])
     rec = (f"{best['option']}: ${best['net_usd_per_mtok']:.2f} net per 1M useful tokens "
            f"({best['tokens_per_s']:,.0f} tok/s), vs ${worst['net_usd_per_mtok']:.2f} for {worst['option']}")
     return {"options": out, "recommendation": rec, "best": best["option"]}

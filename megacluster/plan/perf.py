@@ -87,7 +87,11 @@ def _linear(dev: Device, t: float, n: float, k: float) -> tuple[float, float]:
 
 
 def _attention(dev: Device, m: ModelSpec, tr: TrainSpec, mb: int, tp: int, cp: int) -> tuple[float, float]:
-    """(fwd, bwd) s of the attention core (scores, softmax, weighted sum) for one layer and micro-batch."""
+    """(fwd, bwd) s of the attention core (scores, softmax, weighted sum) for one layer and micro-batch. fp8
+    recipes (Transformer Engine's, DeepSeek-V3's) run the linear layers in fp8 and attention in bf16: it is
+    timed at the bf16 peak."""
+    if tr.dtype == "fp8":
+        dev = device(dev.gpu.name, "bf16")
     hd = m.hidden // m.heads
     heads = m.heads / tp
     s_q = m.seq_len / cp  # queries held by this CP rank; keys: the whole sequence (ring)
@@ -146,25 +150,29 @@ class Net:
     dp: Link
 
 
-def links(pool: PoolSpec, plan: Plan, scale_out_gbps: float, oversub: float, rail: bool = True) -> Net:
+def links(pool: PoolSpec, plan: Plan, scale_out_gbps: float, oversub: float, rail: bool = True,
+          rail_nodes: int = 32) -> Net:
     """A group whose ranks fit in one NVLink domain (and whose size divides it, so every group does) talks
-    over NVLink, otherwise over the scale-out NIC. pp and dp groups span beyond a leaf switch and see the
-    oversubscription, except on a rail-optimized fabric when every member has the same local GPU index (the
-    group's stride is a multiple of gpus_per_node): that traffic stays on its rail, which is not oversubscribed."""
+    over NVLink, otherwise over the scale-out NIC. pp and dp groups see the oversubscription, except on a
+    rail-optimized fabric when every member has the same local GPU index (the group's stride is a multiple of
+    gpus_per_node) and the group lies under one rail switch (`rail_nodes` nodes; groups tile that block, as
+    they tile the NVLink domain): that traffic stays on its rail's leaf, which is not oversubscribed."""
     dom = nvlink_domain(pool)
     nv, so = nvlink(device(pool.gpu, "bf16").gpu), scale_out(scale_out_gbps, 1.0)
     so_far = scale_out(scale_out_gbps, oversub)
     tpcp = plan.tp * plan.cp
+    reach = rail_nodes * pool.gpus_per_node  # ranks (GPUs) under one rail switch
 
-    def far(stride: int) -> Link:  # members `stride` ranks apart
-        return so if rail and stride % pool.gpus_per_node == 0 else so_far
+    def far(stride: int, size: int) -> Link:  # `size` members `stride` ranks apart
+        on_rail = rail and stride % pool.gpus_per_node == 0 and reach % (stride * size) == 0
+        return so if on_rail else so_far
 
     def inside(group: int) -> bool:  # groups tile the domain: tp = 16 in a 72-GPU NVL72 rack would straddle racks
         return group <= dom and dom % group == 0
     return Net(tp=nv if inside(plan.tp) else so,
                cp=nv if inside(tpcp) else so,
-               pp=nv if inside(tpcp * plan.pp) else far(tpcp),
-               dp=nv if inside(tpcp * plan.pp * plan.dp) else far(tpcp * plan.pp))
+               pp=nv if inside(tpcp * plan.pp) else far(tpcp, plan.pp),
+               dp=nv if inside(tpcp * plan.pp * plan.dp) else far(tpcp * plan.pp, plan.dp))
 
 
 # ----------------------------------------------------------------------------------------- stage
@@ -203,12 +211,12 @@ def in_flight(pp: int, vpp: int, nmb: int, stage: int) -> list[int]:
 
 
 def estimator(m: ModelSpec, tr: TrainSpec, plan: Plan, pool: PoolSpec, scale_out_gbps: float,
-              oversub: float = 1.0, rail: bool = True) -> Callable[[float], StepBreakdown]:
+              oversub: float = 1.0, rail: bool = True, rail_nodes: int = 32) -> Callable[[float], StepBreakdown]:
     """`step(seqs)`: step time of one replica processing `seqs` sequences, and memory per GPU. Everything but
     the micro-batch count is computed here, once per (pool, plan): a throughput-balanced fleet times each
     pool's replica at up to three batch sizes (`fleet_step`)."""
     dev = device(pool.gpu, tr.dtype)
-    net = links(pool, plan, scale_out_gbps, oversub, rail)
+    net = links(pool, plan, scale_out_gbps, oversub, rail, rail_nodes)
     tokens = plan.micro_batch * m.seq_len / plan.cp  # per GPU per micro-batch
 
     lf, lb, lattn = layer_times(dev, m, tr, plan.micro_batch, plan.tp, plan.cp)
@@ -222,25 +230,30 @@ def estimator(m: ModelSpec, tr: TrainSpec, plan: Plan, pool: PoolSpec, scale_out
     kv_bytes = 2 * tokens * kvd / min(plan.tp, m.kv_heads) * BYTES * (plan.cp - 1)
     cp_layer = max(0.0, 3 * (kv_bytes / net.cp.bw + (plan.cp - 1) * net.cp.latency) - lattn) if plan.cp > 1 else 0.0
 
-    extra = 0.0  # recompute: s per layer
+    extra = 0.0  # recompute, s per layer: compute, and the forward's TP collectives again (full)
+    tp_mb = tp_layer  # TP collectives per layer and micro-batch, recompute included
     if plan.recompute == "full":
-        extra = lf + 2 * tp_one
+        extra, tp_mb = lf, tp_layer + 2 * tp_one
     elif plan.recompute == "selective" and tr.attention == "unfused":
         extra = _attention(dev, m, tr, plan.micro_batch, plan.tp, plan.cp)[0]
 
     first, full, last = stage_layers(m.layers, plan.pp, plan.vpp)
-    per_layer = lf + lb + extra + tp_layer + cp_layer
-    head = hf + hb + (net.tp.all_gather(act_bytes, plan.tp) if tr.sequence_parallel else 0.0)
-    t_stage = max(full * per_layer, last * per_layer + head)
     compute_layer = lf + lb + extra
-    t_compute = max(full * compute_layer, last * compute_layer + hf + hb)
+    per_layer = compute_layer + tp_mb + cp_layer
+    head_tp = net.tp.all_gather(act_bytes, plan.tp) if tr.sequence_parallel else 0.0
+    # the slower of a full stage and the last stage (fewer layers + the LM head) sets the pace; the breakdown
+    # below is that stage's, so its parts add up to the step
+    crit_last = last * per_layer + hf + hb + head_tp > full * per_layer
+    n_crit = last if crit_last else full
+    t_compute = n_crit * compute_layer + (hf + hb if crit_last else 0.0)
+    t_tp = n_crit * tp_mb + (head_tp if crit_last else 0.0)
+    t_stage = t_compute + t_tp + n_crit * cp_layer
     # pipeline sends: per micro-batch each stage sends vpp activations forward and vpp gradients back
     p2p = 0.0
     if plan.pp > 1:
         p2p = 2 * plan.vpp * net.pp.p2p(act_bytes / (plan.tp if tr.sequence_parallel else 1))
     t_mb = t_stage + p2p
     bubble = (plan.pp - 1) / plan.vpp * t_mb
-    tp_mb = tp_layer + (2 * tp_one if plan.recompute == "full" else 0.0)
     dp_exposed, optim = _dp_time(m, tr, plan, dev, net, full, lf, lb)
     memory = _memory(m, tr, plan, (first, full, last))
 
@@ -248,7 +261,7 @@ def estimator(m: ModelSpec, tr: TrainSpec, plan: Plan, pool: PoolSpec, scale_out
         nmb = max(1, math.ceil(seqs / plan.micro_batch))
         dp_s, mem = dp_exposed(nmb), memory(nmb)
         return StepBreakdown(step_time_s=nmb * t_mb + bubble + dp_s + optim, compute_s=nmb * t_compute,
-                             tp_comm_s=nmb * full * tp_mb, cp_comm_s=nmb * full * cp_layer, p2p_s=nmb * p2p,
+                             tp_comm_s=nmb * t_tp, cp_comm_s=nmb * n_crit * cp_layer, p2p_s=nmb * p2p,
                              bubble_s=bubble, dp_comm_s=dp_s, optimizer_s=optim, microbatches=nmb,
                              memory_gb=sum(mem.values()), memory=mem)
     return step
@@ -267,25 +280,41 @@ def optimizer_bytes_per_param(tr: TrainSpec) -> int:
     return 16 if tr.dtype == "fp16" else 12
 
 
+def shard_ranks(plan: Plan) -> int:
+    """Ranks that hold the same weights and reduce gradients together (and that ZeRO shards over): dp x cp."""
+    return plan.dp * plan.cp
+
+
 def _dp_time(m: ModelSpec, tr: TrainSpec, plan: Plan, dev: Device, net: Net, full: int, lf: float,
              lb: float) -> tuple[Callable[[int], float], float]:
-    """(exposed data-parallel comm s as a function of the micro-batch count, optimizer s), for the fullest stage."""
+    """(exposed data-parallel comm s as a function of the micro-batch count, optimizer s), for the fullest stage.
+    Context-parallel ranks hold the same weights and each computes the gradient of its part of the sequence, so
+    gradients are reduced, and ZeRO shards, over dp x cp ranks (Megatron's data-parallel group with CP)."""
     emb = m.hidden * m.vocab / plan.tp  # embedding (first stage) or LM head (last stage), vocab-parallel
     params = full * layer_params(m) / plan.tp + emb  # the fullest stage: it sets the DP and optimizer time
-    d = plan.dp
+    d = shard_ranks(plan)
+    link = net.dp if plan.dp > 1 else net.cp  # dp x cp ranks: across replicas when dp > 1 (the slower link)
     gb = grad_bytes_per_param(tr)
     if tr.zero == 0:
-        t_dp = net.dp.all_reduce(params * gb, d)
+        t_dp = link.all_reduce(params * gb, d)
     else:  # reduce-scatter grads, all-gather updated bf16 weights (ZeRO-3: also per micro-batch fwd+bwd)
-        t_dp = net.dp.all_gather(params * gb, d) + net.dp.all_gather(params * BYTES, d)
-    gather = net.dp.all_gather(params * BYTES, d) if tr.zero == 3 else 0.0
+        t_dp = link.all_gather(params * gb, d) + link.all_gather(params * BYTES, d)
+    gather = link.all_gather(params * BYTES, d) if tr.zero == 3 else 0.0
+    # ZeRO-2/3 keep only their shard of the gradients, so every micro-batch's gradients are reduce-scattered
+    # after its own backward (DeepSpeed stage 2 reduces each micro-step), not once after the last one
+    rs_mb = link.all_gather(params * gb, d) if tr.zero >= 2 else 0.0
     optim = dev.mem_time(params / (d if tr.zero >= 1 else 1) * 36)  # Adam: r/w fp32 master, m, v; grad; bf16 w
+    overlap = 1.0 if tr.overlap_grad_reduce else 0.0
 
     def exposed(nmb: int) -> float:
-        t = t_dp + 2 * (nmb - 1) * gather if tr.zero == 3 else t_dp
-        window = full * lb + (full * (nmb - 1) * (lf + lb) if tr.zero == 3 else 0.0)  # overlap: last backward
-        window *= 1.0 if tr.overlap_grad_reduce else 0.0
-        return max(0.0, t - window) if d > 1 else 0.0
+        if d <= 1:
+            return 0.0
+        if tr.zero == 3:  # gathers and reduce-scatters spread over the whole step's compute
+            t = t_dp + (nmb - 1) * (2 * gather + rs_mb)
+            return max(0.0, t - overlap * (full * lb + full * (nmb - 1) * (lf + lb)))
+        # the last micro-batch's reduction (and the weight all-gather) against its backward; with ZeRO-2 each
+        # earlier micro-batch's reduce-scatter against its own backward
+        return max(0.0, t_dp - overlap * full * lb) + (nmb - 1) * max(0.0, rs_mb - overlap * full * lb)
     return exposed, optim
 
 
@@ -315,14 +344,15 @@ def _memory(m: ModelSpec, tr: TrainSpec, plan: Plan, layers: tuple[int, int, int
                 act += live
             if stage == plan.pp - 1:
                 act += logits
-            mems.append(memory_gb(params, tr, plan.dp, act))
+            mems.append(memory_gb(params, tr, shard_ranks(plan), act))
         return max(mems, key=lambda x: sum(x.values()))
     return memory
 
 
 def memory_gb(params: float, tr: TrainSpec, dp: int, act_bytes: float) -> dict:
     """GB per GPU by kind for a stage holding `params` parameters (this GPU's tp shard): bf16 weights
-    (sharded over dp by ZeRO-3), grads (ZeRO-2/3), optimizer state (ZeRO-1/2/3), activations, reserved."""
+    (sharded over `dp` ranks by ZeRO-3), grads (ZeRO-2/3), optimizer state (ZeRO-1/2/3), activations, reserved.
+    `dp`: the ranks ZeRO shards over, dp x cp (`shard_ranks`)."""
     w = params * BYTES / (dp if tr.zero == 3 else 1)
     g = params * grad_bytes_per_param(tr) / (dp if tr.zero >= 2 else 1)
     o = params * optimizer_bytes_per_param(tr) / (dp if tr.zero >= 1 else 1)
@@ -368,14 +398,14 @@ class FleetStep:
 
 
 def fleet_step(m: ModelSpec, tr: TrainSpec, plan: Plan, pools: list[PoolSpec], scale_out_gbps: float,
-               oversub: float = 1.0, balance: str = "equal", rail: bool = True) -> FleetStep:
+               oversub: float = 1.0, balance: str = "equal", rail: bool = True, rail_nodes: int = 32) -> FleetStep:
     """Synchronous step over (possibly mixed) pools. "equal": every replica takes global_batch / dp sequences,
     the step is the slowest replica's. "throughput": shares proportional to each pool's replica speed,
     rounded to whole micro-batches, so all replicas finish together."""
     size = plan.tp * plan.pp * plan.cp
     reps = [p.count // size for p in pools]
     seqs0 = tr.global_batch / plan.dp
-    steppers = [estimator(m, tr, plan, p, scale_out_gbps, oversub, rail) for p in pools]
+    steppers = [estimator(m, tr, plan, p, scale_out_gbps, oversub, rail, rail_nodes) for p in pools]
     first = [step(seqs0) for step in steppers]
     shares = [seqs0] * len(pools)
     if balance == "throughput" and len(pools) > 1:

@@ -42,25 +42,35 @@ def pool_watts(pool: PoolSpec, spec: PowerSpec) -> tuple[float, float]:
     return pool.count * (gpu.tdp_w * spec.gpu_compute_power_frac + flat), pool.count * (idle + flat)
 
 
-def analyse(pools: list[PoolSpec], spec: PowerSpec, step_s: float, busy_s: float, stall_s: float) -> PowerResult:
-    """Power for a step of `step_s` seconds of which `busy_s` compute; `stall_s`: longest all-idle stretch
-    (a restart) the battery must absorb to keep the grid draw flat."""
+def analyse(pools: list[PoolSpec], spec: PowerSpec, step_s: float, busy_s: float | list[float],
+            stall_s: float) -> PowerResult:
+    """Power for a step of `step_s` seconds of which each pool computes its `busy_s` (one figure for all, or
+    one per pool: in a mixed fleet a faster pool finishes its share and waits for the slowest); `stall_s`:
+    longest all-idle stretch (a restart) the battery must absorb to keep the grid draw flat."""
     pue = spec.pue
-    hi = sum(pool_watts(p, spec)[0] for p in pools) * pue / 1e6  # MW
-    lo = sum(pool_watts(p, spec)[1] for p in pools) * pue / 1e6
-    busy = min(max(busy_s, 0.0), step_s)
-    avg = (hi * busy + lo * (step_s - busy)) / step_s if step_s > 0 else hi
+    watts = [pool_watts(p, spec) for p in pools]
+    busy = [min(max(b, 0.0), step_s) for b in (busy_s if isinstance(busy_s, list) else [busy_s] * len(pools))]
+    hi = sum(w[0] for w in watts) * pue / 1e6  # MW, every pool computing (the start of a step)
+    lo = sum(w[1] for w in watts) * pue / 1e6
+    # the draw over a step: a staircase down from hi as pools finish computing, to lo
+    ends = sorted(set(busy) | {0.0, step_s})
+    steps = [(t0, t1, lo + sum((w[0] - w[1]) * pue / 1e6 for w, b in zip(watts, busy) if b >= t1))
+             for t0, t1 in zip(ends, ends[1:])]  # (from s, to s, MW)
+    avg = sum((t1 - t0) * mw for t0, t1, mw in steps) / step_s if step_s > 0 else hi
+
+    def above(level: float) -> float:  # MWh per step drawn above `level`
+        return sum((t1 - t0) * max(mw - level, 0.0) for t0, t1, mw in steps) / 3600
     grid = spec.grid_mw
     if grid is None or grid < avg:  # flatten around the average (and flag a grid shortfall)
         target = avg
         bat_mw = max(hi - avg, avg - lo)
-        bat_mwh = max((hi - avg) * busy, (avg - lo) * stall_s) / 3600
+        bat_mwh = max(above(avg), (avg - lo) * stall_s / 3600)
     else:  # only shave the peaks above the cap; recharge in the low phases
         target = grid
         bat_mw = max(hi - grid, 0.0)
-        bat_mwh = bat_mw * busy / 3600
+        bat_mwh = above(grid)
     ok = bat_mw <= spec.battery_mw + 1e-9 and bat_mwh <= spec.battery_mwh + 1e-9
-    trace = [(0.0, hi), (busy, hi), (busy, lo), (step_s, lo), (step_s, target)]
+    trace = [pt for t0, t1, mw in steps for pt in ((t0, mw), (t1, mw))] + [(step_s, target)]
     return PowerResult(it_mw=hi / pue, facility_mw=hi, facility_avg_mw=avg, facility_low_mw=lo,
                        load_swing_mw=hi - lo, battery_mw_needed=bat_mw, battery_mwh_needed=bat_mwh,
                        battery_ok=ok, grid_ok=grid is None or grid >= avg, trace=trace)

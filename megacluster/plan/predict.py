@@ -33,11 +33,12 @@ class Prediction:
     ettr: float
     goodput: float
     train_days: float | None
-    energy_mwh: float
+    energy_mwh: float  # over `energy_days`
+    energy_days: float  # days energy and cost are counted over: train_days when known, else the horizon
     facility_mw: float
     load_swing_mw: float
     battery_mwh_needed: float
-    cost_usd: float
+    cost_usd: float  # GPU-hours + electricity over `energy_days`
     gpus: int
     plan: dict  # the chosen parallel plan (incl. keys the scenario left out)
     chosen: list[str]  # which plan keys the planner chose
@@ -82,9 +83,13 @@ def assemble(sc: Scenario, best: Ranked, n_configs: int, *, mc: bool = True) -> 
     horizon = sc.reliability.duration_days or train_days or DEFAULT_DURATION_DAYS
     r = rel.analyse(sc.reliability, nodes, horizon, mc=mc, gpus_per_node=gpn)
 
-    busy = step - crit.bubble_s - crit.dp_comm_s - crit.optimizer_s
+    # each pool computes for its own replicas' busy time, then waits for the slowest (mixed fleets)
+    busy = [ps.step.step_time_s - ps.step.bubble_s - ps.step.dp_comm_s - ps.step.optimizer_s for ps in fs.pools]
     p = pw.analyse(sc.fleet.pools, sc.power, step, busy, sc.reliability.restart_s)
-    wall_h = horizon * 24
+    # energy and cost: over the training run when total_tokens gives it (the reliability horizon may be a
+    # shorter window, e.g. Llama 3's 54-day snapshot of a 75-day run), else over the horizon
+    billed_days = train_days if train_days is not None else horizon
+    wall_h = billed_days * 24
     energy = p.facility_avg_mw * wall_h
     cost = energy * sc.power.usd_per_mwh + n * sc.power.usd_per_gpu_hour * wall_h
     chosen = [k for k, given in (("tp", sc.parallel.tp), ("pp", sc.parallel.pp), ("cp", sc.parallel.cp),
@@ -95,7 +100,7 @@ def assemble(sc: Scenario, best: Ranked, n_configs: int, *, mc: bool = True) -> 
         memory_gb_per_gpu=mem_gb, fits_in_memory=fs.fits_in_memory,
         bubble_fraction=crit.bubble_s / step, exposed_comm_fraction=crit.exposed_comm_s / step,
         job_mttf_h=r.job_mttf_h, interruptions=r.interruptions, checkpoint_interval_s=r.checkpoint_interval_s,
-        ettr=r.ettr, goodput=mfu * r.ettr, train_days=train_days, energy_mwh=energy,
+        ettr=r.ettr, goodput=mfu * r.ettr, train_days=train_days, energy_mwh=energy, energy_days=billed_days,
         facility_mw=p.facility_mw, load_swing_mw=p.load_swing_mw, battery_mwh_needed=p.battery_mwh_needed,
         cost_usd=cost, gpus=n, plan=asdict(plan), chosen=chosen,
         configs_evaluated=n_configs, breakdown=_breakdown(crit), memory=dict(crit.memory),

@@ -12,24 +12,24 @@ from ..hardware import get_gpu
 from . import reliability as rel
 from .perf import Plan, fleet_step, model_flops_per_token
 from .predict import Prediction
-from .scenario import PoolSpec, Scenario
+from .scenario import PoolSpec, Scenario, ScenarioError
 
-ROWS = (  # (key, label, format)
+ROWS = (  # (key, label, format: the value is {}, the whole prediction dict {d})
     ("step_time_s", "step time", "{:.2f} s"), ("tokens_per_s", "throughput", "{:,.0f} tok/s"),
     ("model_tflops_per_gpu", "model TFLOP/s per GPU", "{:.0f}"), ("mfu", "MFU", "{:.1%}"),
     ("memory_gb_per_gpu", "memory per GPU", "{:.1f} GB"), ("fits_in_memory", "fits in memory", "{}"),
     ("bubble_fraction", "pipeline bubble", "{:.1%}"), ("exposed_comm_fraction", "exposed communication", "{:.1%}"),
-    ("job_mttf_h", "job MTTF", "{:.2f} h"), ("interruptions", "interruptions", "{:,.0f}"),
+    ("job_mttf_h", "job MTTF", "{:.2f} h"), ("interruptions", "interruptions", "{:,.0f} in {d[reliability][duration_days]:.1f} days"),
     ("checkpoint_interval_s", "checkpoint interval", "{:,.0f} s"), ("ettr", "ETTR", "{:.1%}"),
     ("goodput", "goodput (MFU x ETTR)", "{:.1%}"), ("train_days", "train days", "{:.1f}"),
     ("facility_mw", "facility power (full load)", "{:,.1f} MW"), ("load_swing_mw", "load swing", "{:,.1f} MW"),
-    ("battery_mwh_needed", "battery to flatten", "{:,.2f} MWh"), ("energy_mwh", "energy", "{:,.0f} MWh"),
-    ("cost_usd", "cost", "${:,.0f}"),
+    ("battery_mwh_needed", "battery to flatten", "{:,.2f} MWh"), ("energy_mwh", "energy", "{:,.0f} MWh in {d[energy_days]:.1f} days"),
+    ("cost_usd", "cost", "${:,.0f} in {d[energy_days]:.1f} days"),
 )
 
 
-def _fmt(fmt: str, v) -> str:
-    return "-" if v is None else fmt.format(v)
+def _fmt(fmt: str, v, d: dict | None = None) -> str:
+    return "-" if v is None else fmt.format(v, d=d)
 
 
 def print_summary(pred: Prediction, options: dict | None = None, sweep: list | None = None, file=None) -> None:
@@ -42,7 +42,7 @@ def print_summary(pred: Prediction, options: dict | None = None, sweep: list | N
     plan = ", ".join(f"{k}={v}" for k, v in d["plan"].items())
     t = Table(title=f"megacluster plan: {pred.name} ({pred.gpus:,} GPUs)", show_header=False)
     for key, label, fmt in ROWS:
-        t.add_row(label, _fmt(fmt, d[key]))
+        t.add_row(label, _fmt(fmt, d[key], d))
     t.add_row("parallel plan", plan + (f"  (chosen: {', '.join(d['chosen'])})" if d["chosen"] else ""))
     con.print(t)
     for line in pred.limits:
@@ -65,16 +65,31 @@ def _print_options(con, options: dict) -> None:
     for col in ("option", "training GPUs", "tokens/s", "MFU", "train days", "lease $/day", "net $ per 1M tokens"):
         t.add_column(col)
     for o in options["options"]:
+        if not o["available"]:
+            t.add_row(o["option"], f"{o['training_gpus']:,}", "-", "-", "-", "-", "unavailable")
+            continue
         t.add_row(o["option"], f"{o['training_gpus']:,}", f"{o['tokens_per_s']:,.0f}", f"{o['mfu']:.1%}",
                   _fmt("{:.1f}", o["train_days"]), f"{o['lease_usd_per_day']:,.0f}", f"{o['net_usd_per_mtok']:.2f}")
     con.print(t)
+    for o in options["options"]:
+        if not o["available"]:
+            con.print(f"unavailable: {o['option']}: {o['reason']}", markup=False)
     con.print(f"[bold]recommendation:[/bold] {options['recommendation']}")
 
 
 # ---------------------------------------------------------------------------------------------- html
 def write_report(out: Path, sc: Scenario, pred: Prediction, sweep: list | None = None,
                  sweep_key: str | None = None) -> Path:
-    """Write report.html and PNG plots into `out`; returns the HTML path."""
+    """Write report.html and PNG plots into `out`; returns the HTML path. A directory that cannot be made or
+    written raises `ScenarioError` naming it (exit 2)."""
+    try:
+        return _write_report(out, sc, pred, sweep, sweep_key)
+    except OSError as e:
+        raise ScenarioError(f"--report {out}: cannot write the report there: {e.strerror} "
+                            f"({e.filename or out})") from None
+
+
+def _write_report(out: Path, sc: Scenario, pred: Prediction, sweep: list | None, sweep_key: str | None) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -84,7 +99,7 @@ def write_report(out: Path, sc: Scenario, pred: Prediction, sweep: list | None =
     if sweep:
         pngs.append(_sweep_plot(plt, out, sweep, sweep_key))
     d = pred.to_dict()
-    rows = "".join(f"<tr><td>{html.escape(label)}</td><td>{html.escape(_fmt(fmt, d[k]))}</td></tr>"
+    rows = "".join(f"<tr><td>{html.escape(label)}</td><td>{html.escape(_fmt(fmt, d[k], d))}</td></tr>"
                    for k, label, fmt in ROWS)
     imgs = "".join(f'<p><img src="{p.name}" width="640"></p>' for p in pngs)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>megacluster plan: {html.escape(pred.name)}"
@@ -111,7 +126,7 @@ def scale_curve(sc: Scenario, pred: Prediction, counts: list[int]) -> list[tuple
         tr = replace(sc.train, global_batch=max(1, round(seqs * dp)))
         plan = Plan(**{**p, "dp": dp})
         fs = fleet_step(sc.model, tr, plan, [pool], sc.fleet.scale_out_gbps, sc.fleet.oversubscription,
-                        rail=sc.fleet.topology == "rail-optimized")
+                        rail=sc.fleet.topology == "rail-optimized", rail_nodes=sc.fleet.rail_switch_nodes)
         flops = model_flops_per_token(sc.model) * tr.global_batch * sc.model.seq_len
         mfu = flops / fs.step_time_s / pool.count / get_gpu(pool0.gpu).peak(sc.train.dtype)
         r = rel.analyse(sc.reliability, math.ceil(pool.count / pool.gpus_per_node), 1.0, mc=False,

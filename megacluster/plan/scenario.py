@@ -183,8 +183,11 @@ POOL_RULES = {"gpu": _Rule("str"), "count": _int(1), "gpus_per_node": _int(1), "
 class FleetSpec:
     pools: list[PoolSpec]  # one pool for a homogeneous fleet
     scale_out_gbps: float = 400.0  # Gb/s of scale-out (InfiniBand / RoCE) per GPU
-    topology: str = "rail-optimized"  # "rail-optimized": same-local-rank traffic skips the oversubscribed spine | "fat-tree"
+    topology: str = "rail-optimized"  # "rail-optimized": same-local-rank traffic under one rail switch skips the oversubscribed spine | "fat-tree"
     oversubscription: float = 1.0  # scale-out bandwidth divisor above the leaf switch
+    # rail-optimized: nodes one rail (leaf) switch reaches. NVIDIA's DGX SuperPOD scalable unit: 32 nodes, one
+    # 64-port leaf per rail (32 ports down, 32 up). A group spanning more nodes crosses the spine.
+    rail_switch_nodes: int = 32
     balance: str = "equal"  # mixed fleets: "equal" shares or "throughput"-proportional shares
 
     @property
@@ -193,7 +196,7 @@ class FleetSpec:
 
 
 FLEET_RULES = {"gpu": _Rule("str"), "count": _int(1), "gpus_per_node": _int(1), "scale_out_gbps": _num(1e-3),
-               "topology": _choice("rail-optimized", "fat-tree"), "oversubscription": _num(1),
+               "topology": _choice("rail-optimized", "fat-tree"), "oversubscription": _num(1), "rail_switch_nodes": _int(1),
                "balance": _choice("equal", "throughput"), "pools": _Rule("str")}
 
 # Llama 3 405B pre-training, 54 days on 16,384 H100 (2,048 nodes): 419 unexpected interruptions by root cause
@@ -205,6 +208,7 @@ LLAMA3_CAUSES = {"faulty_gpu": 148, "gpu_hbm3": 72, "software_bug": 54, "network
 # 419 failures / (2,048 nodes x 54 days) = 3.789 per 1000 node-days; 47 planned interruptions / 54 days.
 LLAMA3_NODE_RATE = 419 / (2048 * 54) * 1000
 LLAMA3_PLANNED_PER_DAY = 47 / 54
+MAX_TRIALS = 100_000  # Monte Carlo trials: memory grows ~15 KB per trial (see ReliabilitySpec.trials)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -220,14 +224,16 @@ class ReliabilitySpec:
     spare_nodes: int | None = None  # None -> enough hot spares; else a finite pool repaired in repair_h
     repair_h: float = 24.0  # h to repair or replace a failed node (only matters with finite spare_nodes)
     duration_days: float | None = None  # None -> the run's train_days (or 30 if total_tokens is not set)
-    trials: int = 1000  # Monte Carlo trials
+    # Monte Carlo trials. At most MAX_TRIALS: the exact path holds (trials x up to 257) float arrays, ~1.3-1.5 GB
+    # and ~4-5 s at 100,000 trials with ~250 failures per trial
+    trials: int = 1000
     seed: int = 0
 
 
 RELIABILITY_RULES = {"node_failures_per_1000_node_days": _num(0), "causes": _Rule("dict"),
                      "planned_per_day": _num(0), "checkpoint_write_s": _num(0), "restart_s": _num(0),
                      "checkpoint_interval_s": _num(1e-3, auto=True), "spare_nodes": _int(0), "repair_h": _num(0),
-                     "duration_days": _num(1e-6), "trials": _int(1, 10**6), "seed": _int(0)}
+                     "duration_days": _num(1e-6), "trials": _int(1, MAX_TRIALS), "seed": _int(0)}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -295,11 +301,21 @@ def load_scenario(src: str | Path | dict) -> Scenario:
         if str(src) in preset_names():
             return load_preset(str(src))
         raise ScenarioError(f"scenario {str(src)!r}: no such file and not a preset; presets: {', '.join(preset_names())}")
-    text = path.read_text()
+    if path.is_dir():
+        raise ScenarioError(f"scenario {path}: is a directory; give a TOML or JSON file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ScenarioError(f"scenario {path}: is not UTF-8 text (byte {e.start}); give a TOML or JSON file") from None
+    except OSError as e:
+        raise ScenarioError(f"scenario {path}: cannot be read: {e.strerror}") from None
     try:
         raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise ScenarioError(f"scenario {path}: cannot parse: {e}") from None
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"scenario {path}: the top level must be a table (a JSON object) of sections "
+                            f"{', '.join(SECTIONS)}; got a {type(raw).__name__}")
     raw.setdefault("name", path.stem)
     return from_dict(raw)
 

@@ -57,3 +57,27 @@ def test_llama3_126_layers_trim_first_and_last_stage():
     assert stage_layers(126, 16, 4) == (7, 8, 7)  # Llama 3: one layer off the first and the last stage
     assert stage_layers(128, 64, 1) == (2, 2, 2)
     assert stage_layers(105, 35, 1) == (3, 3, 3)
+
+
+def test_zero_shards_over_dp_times_cp():
+    """Context-parallel ranks hold the same weights: Megatron's distributed optimizer shards over dp x cp."""
+    cp2 = {**TINY, "parallel": {"tp": 1, "pp": 1, "cp": 2, "dp": 2}}
+    mem = predict(cp2, mc=False).memory
+    assert mem["optimizer"] == pytest.approx(PARAMS * 12 / 4 / 1e9)  # 4 ranks: dp 2 x cp 2
+    z3 = predict({**cp2, "train": {**TINY["train"], "zero": 3}}, mc=False).memory
+    assert z3["weights"] == pytest.approx(PARAMS * 2 / 4 / 1e9) and z3["grads"] == pytest.approx(PARAMS * 4 / 4 / 1e9)
+
+
+def test_gradients_are_reduced_over_context_parallel_ranks_too():
+    """dp = 1, cp = 8: the 8 ranks of the one replica each hold a partial gradient; it must be reduced."""
+    raw = {"model": {"layers": 32, "hidden": 4096, "ffn_hidden": 14336, "heads": 32, "kv_heads": 8,
+                     "vocab": 128256, "seq_len": 65536},
+           "train": {"global_batch": 16, "micro_batch": 1, "recompute": "none", "overlap_grad_reduce": False},
+           "parallel": {"tp": 8, "pp": 1, "cp": 8, "dp": 1},
+           "fleet": {"gpu": "H100-SXM", "count": 64}}
+    p = predict(raw, mc=False)
+    assert p.breakdown["dp_comm_s"] > 0
+    # the same bytes over the same scale-out links as dp = 8, cp = 1 reduces (8 ranks, tp 8 fills a node)
+    dp8 = predict({**raw, "model": {**raw["model"], "seq_len": 8192}, "train": {**raw["train"], "global_batch": 128},
+                   "parallel": {"tp": 8, "pp": 1, "cp": 1, "dp": 8}}, mc=False)
+    assert p.breakdown["dp_comm_s"] == pytest.approx(dp8.breakdown["dp_comm_s"])

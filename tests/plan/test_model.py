@@ -93,15 +93,27 @@ def test_throughput_balance_beats_equal_on_mixed_fleet():
     assert h100["seqs_per_replica"] > 2 * a100["seqs_per_replica"]
 
 
-def test_rail_optimized_fabric_spares_on_rail_traffic_from_oversubscription():
-    """tp=8 fills a node, so pp/dp peers share a local GPU index: on rails they skip the oversubscribed spine."""
+def test_rail_optimized_fabric_spares_traffic_under_one_rail_switch_from_oversubscription():
+    """tp=8 fills a node, so pp/dp peers share a local GPU index: on rails they skip the oversubscribed spine,
+    as long as the group lies under one rail switch (32 nodes by default). pp groups (2 nodes) do; the dp
+    groups span all 128 nodes and cross the spine, as on a fat tree."""
     d = dict(SMALL, parallel={"tp": 8, "pp": 2, "cp": 1},
              fleet={"gpu": "H100-SXM", "count": 1024, "gpus_per_node": 8, "oversubscription": 4})
-    rail = predict({**d, "fleet": {**d["fleet"], "topology": "rail-optimized"}}, mc=False)
-    tree = predict({**d, "fleet": {**d["fleet"], "topology": "fat-tree"}}, mc=False)
-    flat = predict({**d, "fleet": {**d["fleet"], "oversubscription": 1, "topology": "fat-tree"}}, mc=False)
-    assert rail.step_time_s == pytest.approx(flat.step_time_s)  # on-rail: as if not oversubscribed
-    assert tree.step_time_s > rail.step_time_s
+
+    def plan(**fleet):
+        return predict({**d, "fleet": {**d["fleet"], **fleet}}, mc=False)
+    rail, tree = plan(topology="rail-optimized"), plan(topology="fat-tree")
+    flat = plan(oversubscription=1, topology="fat-tree")
+    assert flat.step_time_s < rail.step_time_s < tree.step_time_s  # the key is not inert on rails
+    assert rail.breakdown["dp_comm_s"] > 0 == flat.breakdown["dp_comm_s"]  # dp crosses the spine
+    wide = plan(topology="rail-optimized", rail_switch_nodes=128)  # one switch reaches every node
+    assert wide.step_time_s == pytest.approx(flat.step_time_s)  # all on-rail: as if not oversubscribed
+    # the plan's own p2p: pp pairs under one rail switch are not oversubscribed on rails, 4x slower on the tree
+    pinned = {"tp": 8, "pp": 2, "cp": 1, "vpp": 4}
+    p2p = {t: predict({**d, "parallel": pinned, "train": {**SMALL["train"], "micro_batch": 8},
+                       "fleet": {**d["fleet"], "topology": t}}, mc=False).breakdown["p2p_s"]
+           for t in ("rail-optimized", "fat-tree")}
+    assert p2p["fat-tree"] == pytest.approx(4 * p2p["rail-optimized"], rel=0.05)
 
 
 def test_memory_grows_with_micro_batch_and_recompute_saves():
@@ -179,3 +191,191 @@ def test_cli_no_mc_skips_only_the_monte_carlo():
 def test_presets_run(name):
     p = predict(name, mc=False)
     assert p.step_time_s > 0 and p.fits_in_memory
+
+
+def test_energy_and_cost_cover_the_training_run_not_the_reliability_window():
+    """llama3-405b: failures over Llama 3's 54-day snapshot, energy and cost over the whole 75-day run."""
+    from megacluster.plan.scenario import load_preset
+    sc = load_preset("llama3-405b")
+    p = predict(sc, mc=False)
+    assert p.reliability["duration_days"] == 54 and p.train_days == pytest.approx(75.0, abs=0.1)
+    hours = p.train_days * 24
+    assert p.energy_mwh == pytest.approx(p.power["facility_avg_mw"] * hours)
+    assert p.cost_usd == pytest.approx(p.energy_mwh * sc.power.usd_per_mwh + p.gpus * sc.power.usd_per_gpu_hour * hours)
+    assert p.energy_days == p.train_days
+    longer = predict({**sc.raw, "reliability": {"duration_days": 90}}, mc=False)
+    assert (longer.energy_mwh, longer.cost_usd) == (p.energy_mwh, p.cost_usd)
+    assert longer.interruptions > p.interruptions
+    # without total_tokens there is no run length: energy and cost cover the reliability horizon
+    open_ended = predict({**sc.raw, "train": {k: v for k, v in sc.raw["train"].items() if k != "total_tokens"}},
+                         mc=False)
+    assert open_ended.train_days is None and open_ended.energy_days == 54
+    assert open_ended.energy_mwh == pytest.approx(open_ended.power["facility_avg_mw"] * 54 * 24)
+
+
+def _strict_json(line: str) -> dict:
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_cli_json_writes_null_for_infinite_values(tmp_path):
+    """No failures: job MTTF is infinite; an option that does not fit costs infinitely much per token. Strict
+    JSON parsers reject Infinity, so --json writes null."""
+    never_fails = {**SMALL, "fleet": {"gpu": "H100-SXM", "count": 64}, "parallel": {"tp": 8, "pp": 1, "cp": 1},
+                   "train": {"global_batch": 64, "micro_batch": 1},
+                   "reliability": {"node_failures_per_1000_node_days": 0}}
+    # 8 sequences of 8K per micro-batch: ~45 GB on an H100, over an A100-40GB
+    mixed = {**SMALL, "parallel": {"tp": 8, "pp": 1, "cp": 1}, "train": {"global_batch": 64, "micro_batch": 8,
+                                                                          "recompute": "none"},
+             "fleet": {"pools": [{"gpu": "H100-SXM", "count": 16}, {"gpu": "A100-40GB", "count": 16}]}}
+    out = []
+    for i, raw in enumerate((never_fails, mixed)):
+        path = tmp_path / f"s{i}.json"
+        path.write_text(json.dumps(raw))
+        r = subprocess.run([sys.executable, "-m", "megacluster", "plan", str(path), "--json", "--no-mc"],
+                           capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert r.returncode == 0, r.stderr
+        out.append(_strict_json(r.stdout.strip().splitlines()[-1]))
+    assert out[0]["job_mttf_h"] is None and out[0]["ettr"] > 0
+    nets = [o["net_usd_per_mtok"] for o in out[1]["mixed_fleet"]["options"]]
+    fits = [o["fits_in_memory"] for o in out[1]["mixed_fleet"]["options"]]
+    assert fits == [False, False, True] and nets[:2] == [None, None] and nets[2] > 0
+
+
+def test_mixed_fleet_option_the_scenario_cannot_take_is_unavailable_not_an_error(tmp_path):
+    """5 sequences: 4 replicas on H100 + A100 split them (mixed fleets may split unevenly), but training on the
+    H100s alone leaves 2 replicas of one pool, which must split them equally: that option is unavailable."""
+    from megacluster.plan.options import compare
+    raw = {**SMALL, "train": {"global_batch": 5}, "parallel": {"tp": 8, "pp": 1, "cp": 1},
+           "fleet": {"pools": [{"gpu": "H100-SXM", "count": 16}, {"gpu": "A100-80GB", "count": 16}]}}
+    sc = load_scenario(raw)
+    p = predict(sc, mc=False)
+    assert p.plan["dp"] == 4
+    o = compare(sc, as_is=p)
+    as_is, balanced, lease = o["options"]
+    assert as_is["available"] and balanced["available"] and not lease["available"]
+    assert "train.global_batch = 5 is not divisible by parallel.dp = 2" in lease["reason"]
+    assert o["best"] in (as_is["option"], balanced["option"])
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(raw))
+    r = subprocess.run([sys.executable, "-m", "megacluster", "plan", str(path), "--json", "--no-mc"],
+                       capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    options = _strict_json(r.stdout.strip().splitlines()[-1])["mixed_fleet"]["options"]
+    assert [x["available"] for x in options] == [True, True, False] and options[2]["net_usd_per_mtok"] is None
+    assert "unavailable: train on H100-SXM, lease A100-80GB: train.global_batch = 5" in r.stderr
+
+
+@pytest.mark.parametrize("train, parallel", [
+    ({"recompute": "full", "micro_batch": 1}, {"tp": 8, "pp": 1, "cp": 1}),
+    ({"recompute": "none", "micro_batch": 2}, {"tp": 8, "pp": 1, "cp": 1}),
+    ({"recompute": "full", "micro_batch": 1}, {"tp": 4, "pp": 4, "cp": 1, "vpp": 2}),
+    ({"recompute": "selective", "micro_batch": 1, "attention": "unfused"}, {"tp": 8, "pp": 2, "cp": 1}),
+    ({"recompute": "none", "micro_batch": 1}, {"tp": 2, "pp": 2, "cp": 2}),
+])
+def test_breakdown_adds_up_to_the_step(train, parallel):
+    """Each second of the step is in one part: full recompute's repeated TP collectives are communication, not
+    also compute."""
+    d = {**SMALL, "train": {"global_batch": 1024, **train}, "parallel": parallel}
+    p = predict(d, mc=False)
+    parts = sum(v for k, v in p.breakdown.items() if k.endswith("_s"))
+    assert parts == pytest.approx(p.step_time_s, rel=1e-9)
+    if train["recompute"] == "full":
+        none = predict({**d, "train": {**d["train"], "recompute": "none"}}, mc=False).breakdown
+        # 6 TP collectives per layer (4 + the recomputed forward's 2) instead of 4; the head's all-gather alike
+        assert p.breakdown["tp_comm_s"] == pytest.approx(1.5 * none["tp_comm_s"], rel=0.02)
+
+
+@pytest.mark.parametrize("attention, heads", [("flash", 32), ("unfused", 8)])
+def test_fp8_runs_attention_at_the_bf16_peak(attention, heads):
+    """(Unfused attention with 128-wide heads is HBM-bound at any peak: 8 heads of 512 make its GEMMs
+    compute-bound, so the peak they run at shows.)"""
+    from dataclasses import replace
+
+    from megacluster.plan.kernels import device
+    from megacluster.plan.perf import layer_times
+    sc = load_scenario({**SMALL, "model": {**SMALL["model"], "heads": heads, "kv_heads": 8}})
+    bf16 = replace(sc.train, dtype="bf16", attention=attention)
+    fp8 = replace(sc.train, dtype="fp8", attention=attention)
+    f16, b16, attn16 = layer_times(device("H100-SXM", "bf16"), sc.model, bf16, 1, 8, 1)
+    f8, b8, attn8 = layer_times(device("H100-SXM", "fp8"), sc.model, fp8, 1, 8, 1)
+    assert attn8 == attn16  # attention: same kernels, same peak
+    assert f8 - attn8 < f16 - attn16  # the linear layers: fp8 peak
+
+
+@pytest.mark.parametrize("m, n, k, batch", [(2048, 2048, 128, 16), (2048, 128, 2048, 16), (1024, 1024, 64, 48),
+                                            (4096, 4096, 128, 8)])
+def test_measured_gemm_grid_counts_the_batch_of_batched_matmuls(m, n, k, batch):
+    """Unfused attention's batched matmuls: the H100's measured grid must see the whole batch's parallelism
+    (it made the H100 slower than an A100, whose tile model counts the batch's tiles)."""
+    from megacluster.plan.kernels import device
+    h100, a100 = device("H100-SXM", "bf16"), device("A100-80GB", "bf16")
+    assert h100.measured is not None and a100.measured is None
+    assert h100.gemm_eff(m, n, k, batch) == h100.gemm_eff(m * batch, n, k)
+    assert h100.gemm_eff(m, n, k, batch) > h100.gemm_eff(m, n, k)
+    assert h100.gemm_time(m, n, k, batch) < a100.gemm_time(m, n, k, batch)
+
+
+def test_zero2_reduce_scatters_every_micro_batch():
+    """ZeRO-2 keeps a 1/dp shard of the gradients, so each micro-batch's are reduce-scattered after its
+    backward; ZeRO-1 keeps them all and reduces once. Without overlap every one is exposed."""
+    d = {**SMALL, "parallel": {"tp": 8, "pp": 1, "cp": 1},
+         "train": {"global_batch": 1024, "micro_batch": 1, "recompute": "none", "overlap_grad_reduce": False}}
+
+    def dp_s(zero, mb=1, overlap=False):
+        return predict({**d, "train": {**d["train"], "zero": zero, "micro_batch": mb, "overlap_grad_reduce": overlap}},
+                       mc=False).breakdown["dp_comm_s"]
+    z1, z2 = dp_s(1), dp_s(2)  # 8 micro-batches per replica
+    assert z1 == pytest.approx(dp_s(1, mb=8))  # ZeRO-1: once per step
+    assert dp_s(2, mb=8) == pytest.approx(z1)  # one micro-batch: ZeRO-2 = ZeRO-1
+    from megacluster.plan.kernels import scale_out
+    from megacluster.plan.perf import layer_params
+    m = load_scenario(d).model
+    params = (m.layers * layer_params(m) + m.hidden * m.vocab) / 8  # this GPU's tp shard
+    one = scale_out(400).all_gather(params * 4, 128)  # a reduce-scatter of fp32 gradients over 128 replicas
+    assert z2 - z1 == pytest.approx(7 * one, rel=0.02)  # 7 more reduce-scatters
+    assert dp_s(2, overlap=True) < z2  # overlapped with each micro-batch's backward
+
+
+def test_each_pool_draws_compute_power_only_while_it_computes():
+    """colossus-1 with equal shares: the Hopper pools finish in about half the A100 pools' time and then wait
+    at the waiting draw, not at full power until the A100s are done."""
+    from megacluster.plan.perf import Plan
+    from megacluster.plan.power import analyse, pool_watts
+    from megacluster.plan.scenario import load_preset
+    from megacluster.plan.search import evaluate
+    sc = load_preset("colossus-1")
+    p = predict(sc, mc=False)
+    step = p.step_time_s
+    pools = evaluate(sc, Plan(**p.plan)).fleet.pools
+    busy = [ps.step.step_time_s - ps.step.bubble_s - ps.step.dp_comm_s - ps.step.optimizer_s for ps in pools]
+    assert busy[0] < 0.5 * step < busy[2]  # H100 vs A100
+    expect = sum((hi * b + lo * (step - b)) / step for (hi, lo), b in
+                 zip((pool_watts(q, sc.power) for q in sc.fleet.pools), busy)) * sc.power.pue / 1e6
+    assert p.power["facility_avg_mw"] == pytest.approx(expect)
+    slowest = analyse(sc.fleet.pools, sc.power, step, max(busy), sc.reliability.restart_s)  # the old figure
+    assert p.power["facility_avg_mw"] < slowest.facility_avg_mw - 30  # MW
+    assert p.energy_mwh == pytest.approx(p.power["facility_avg_mw"] * p.energy_days * 24)
+    # one pool: one busy time, the same as before
+    one = analyse(sc.fleet.pools[:1], sc.power, 2.0, [1.5], 0.0)
+    hi, lo = pool_watts(sc.fleet.pools[0], sc.power)
+    assert one.facility_avg_mw == pytest.approx((hi * 1.5 + lo * 0.5) / 2 * sc.power.pue / 1e6)
+    assert one.trace[:4] == [(0.0, one.facility_mw), (1.5, one.facility_mw), (1.5, one.facility_low_mw),
+                             (2.0, one.facility_low_mw)]
+
+
+def test_battery_shaves_the_staircase_of_a_mixed_fleet():
+    """Two equal pools, one computing 1 s and one 2 s of a 4 s step: the draw is hi, then hi - half the swing,
+    then lo. A grid cap between the two upper levels is exceeded for 1 s only."""
+    from megacluster.plan.power import analyse
+    from megacluster.plan.scenario import PoolSpec, PowerSpec
+    pools = [PoolSpec(gpu="H100-SXM", count=8000), PoolSpec(gpu="H100-SXM", count=8000)]
+    free = analyse(pools, PowerSpec(), 4.0, [1.0, 2.0], 0.0)
+    hi, lo = free.facility_mw, free.facility_low_mw
+    mid = (hi + lo) / 2
+    assert free.facility_avg_mw == pytest.approx((hi + mid + 2 * lo) / 4)
+    cap = (hi + mid) / 2  # below hi, above mid and above the average
+    capped = analyse(pools, PowerSpec(grid_mw=cap), 4.0, [1.0, 2.0], 0.0)
+    assert capped.battery_mw_needed == pytest.approx(hi - cap)
+    assert capped.battery_mwh_needed == pytest.approx((hi - cap) * 1.0 / 3600)

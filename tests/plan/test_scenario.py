@@ -37,6 +37,7 @@ def with_(section, **kw):
     (with_("model", mlp="relu"), "model.mlp"),
     (with_("model", layerz=3), "model.layerz"),
     (with_("fleet", balance="random"), "fleet.balance"),
+    (with_("fleet", rail_switch_nodes=0), "fleet.rail_switch_nodes"),
     (with_("train", global_batch=1.5), "train.global_batch"),
     (with_("parallel", tp=16, dp=4), "NVLink domain"),
     ({**BASE, "bogus": {}}, "[bogus]"),
@@ -135,3 +136,40 @@ def test_search_with_a_given_vpp_only_tries_pipelines_it_can_interleave():
     sc = load_scenario({**BASE, "train": {"global_batch": 512}, "parallel": {"search": True, "vpp": 4}})
     plans = candidates(sc)
     assert plans and all(p.vpp == 4 and p.pp > 1 and p.pp * p.vpp <= 32 for p in plans)
+
+
+@pytest.mark.parametrize("name, content, needle", [
+    ("list.json", b"[1, 2]", "the top level must be a table"),
+    ("text.json", b'"model"', "got a str"),
+    ("latin1.toml", "[model]\nname = 'caf\u00e9'\n".encode("latin-1"), "is not UTF-8 text"),
+    ("dir.toml", None, "is a directory"),
+])
+def test_unreadable_scenario_files_name_the_path(tmp_path, name, content, needle):
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ScenarioError, match=needle) as e:
+        load_scenario(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_cli_scenario_directory_and_report_on_a_file_exit_2(tmp_path):
+    r = _cli(str(tmp_path), "--json")
+    assert r.returncode == 2 and r.stdout == "" and f"scenario {tmp_path}: is a directory" in r.stderr
+    afile = tmp_path / "report"
+    afile.write_text("not a directory")
+    r = _cli("--preset", "llama3-405b", "--no-mc", "--json", "--report", str(afile))
+    assert r.returncode == 2 and r.stdout == "" and f"--report {afile}: exists and is not a directory" in r.stderr
+    r = _cli("--preset", "llama3-405b", "--no-mc", "--json", "--report", str(afile / "sub"))
+    assert r.returncode == 2 and r.stdout == "" and f"--report {afile / 'sub'}: cannot write" in r.stderr
+    assert afile.read_text() == "not a directory"
+
+
+def test_monte_carlo_trials_are_capped_at_what_fits_in_memory():
+    """~15 KB per trial: 100,000 trials take ~1.5 GB and ~5 s; 10**6 (the old cap) would take ~15 GB."""
+    assert load_scenario({**BASE, "reliability": {"trials": 100_000}}).reliability.trials == 100_000
+    with pytest.raises(ScenarioError, match=r"reliability.trials = 100001 is invalid: must be an integer >= 1 "
+                                            r"and <= 100000"):
+        load_scenario({**BASE, "reliability": {"trials": 100_001}})

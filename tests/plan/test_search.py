@@ -1,0 +1,80 @@
+"""Plan search: what it ranks first and which plans it generates."""
+
+import pytest
+
+from megacluster.plan import predict
+from megacluster.plan.search import MEMORY_MODEL_TOL, OVER_CAPACITY_MIN_GAIN, _over, rank
+from megacluster.plan.scenario import load_scenario
+
+# an 8B Llama-style model on 64 H100 (8 nodes), tp 8
+EIGHT_B = {"model": {"layers": 32, "hidden": 4096, "ffn_hidden": 14336, "heads": 32, "kv_heads": 8,
+                     "vocab": 128256, "seq_len": 8192},
+           "train": {"global_batch": 512, "micro_batch": "auto"},
+           "parallel": {"tp": 8, "pp": 1, "cp": 1, "dp": 8},
+           "fleet": {"gpu": "H100-SXM", "count": 64}}
+
+
+def test_a_plan_that_fits_beats_a_slightly_faster_one_that_does_not():
+    """micro-batch 16 is 91 GB (85.5 usable) and <1% faster than micro-batch 8 at 50 GB: 8 is the plan."""
+    ranked = rank(load_scenario(EIGHT_B))
+    over = [r for r in ranked if not r.fleet.fits_in_memory]
+    fitting = [r for r in ranked if r.fleet.fits_in_memory]
+    assert over and fitting and max(o.tokens_per_s for o in over) > fitting[0].tokens_per_s  # the trap exists
+    p = predict(EIGHT_B, mc=False)
+    assert p.fits_in_memory and p.plan["micro_batch"] == 8
+
+
+def test_over_capacity_plans_need_a_large_gain():
+    """Whatever is chosen: it fits, or it is more than OVER_CAPACITY_MIN_GAIN faster than every plan that fits."""
+    for raw in (EIGHT_B, {**EIGHT_B, "parallel": {"search": True}},
+                {**EIGHT_B, "train": {"global_batch": 256}, "parallel": {"search": True}}):
+        ranked = rank(load_scenario(raw))
+        best = ranked[0]
+        fitting = [r.tokens_per_s for r in ranked if r.fleet.fits_in_memory]
+        assert best.fleet.fits_in_memory or (best.tokens_per_s > max(fitting) * (1 + OVER_CAPACITY_MIN_GAIN)
+                                             and _over(best) <= 1 + MEMORY_MODEL_TOL)
+        if best.fleet.fits_in_memory:
+            assert best.tokens_per_s == max(fitting)
+
+
+def test_selective_recompute_given_with_flash_attention_is_planned_as_none():
+    """docs: selective recompute recomputes the attention core, which flash attention never stores: = none."""
+    fixed = {**EIGHT_B, "train": {"global_batch": 512, "micro_batch": 1, "attention": "flash"}}
+    sel = predict({**fixed, "train": {**fixed["train"], "recompute": "selective"}}, mc=False)
+    none = predict({**fixed, "train": {**fixed["train"], "recompute": "none"}}, mc=False)
+    assert sel.plan["recompute"] == "selective" and sel.chosen == ["vpp"]  # kept as given
+    assert sel.step_time_s == none.step_time_s and sel.memory == none.memory
+    searched = rank(load_scenario({**fixed, "train": {"global_batch": 512, "micro_batch": 1}}))
+    assert sorted(r.plan.recompute for r in searched) == ["full", "none"]  # left to the planner: tried once
+
+
+def test_search_and_fixed_plan_agree_on_a_micro_batch_that_does_not_divide_the_replica_batch():
+    from megacluster.plan import ScenarioError
+    raw = {**EIGHT_B, "train": {"global_batch": 256, "micro_batch": 3}}
+    with pytest.raises(ScenarioError, match="train.micro_batch = 3 does not divide the per-replica batch 32"):
+        load_scenario(raw)  # fixed plan: dp 8, 32 sequences per replica
+    with pytest.raises(ScenarioError, match="no valid plan.*train.micro_batch"):
+        rank(load_scenario({**raw, "parallel": {"search": True}}))  # no dp of 64 GPUs gives a multiple of 3
+    # 384 = 3 x 128 sequences: every dp (1 to 64) leaves a multiple of 3 per replica, run in whole micro-batches
+    ranked = rank(load_scenario({**raw, "train": {"global_batch": 384, "micro_batch": 3},
+                                 "parallel": {"search": True}}))
+    assert ranked and all((384 // r.plan.dp) % 3 == 0 for r in ranked)
+    assert all(r.fleet.critical.microbatches * 3 == 384 // r.plan.dp for r in ranked)
+
+
+def test_a_plan_beyond_the_memory_tolerance_is_not_chosen_however_fast():
+    """micro-batch 16 without recompute: 91 GB, 6.4% over the 85.5 GB usable (tolerance 5%) and 37% faster
+    than with full recompute (25 GB): full recompute is the plan."""
+    p = predict({**EIGHT_B, "train": {"global_batch": 512, "micro_batch": 16}}, mc=False)
+    assert p.fits_in_memory and p.plan["recompute"] == "full"
+
+
+def test_when_nothing_fits_the_plan_needing_least_memory_comes_first():
+    raw = {**EIGHT_B, "model": {**EIGHT_B["model"], "seq_len": 32768},
+           "train": {"global_batch": 16, "micro_batch": 16, "recompute": "none"}, "parallel": {"search": True},
+           "fleet": {"gpu": "A100-40GB", "count": 8}}
+    ranked = rank(load_scenario(raw))
+    assert not any(r.fleet.fits_in_memory for r in ranked)
+    overs = [_over(r) for r in ranked]
+    assert overs == sorted(overs) and overs[0] > 1.05
+    assert max(r.tokens_per_s for r in ranked) > ranked[0].tokens_per_s  # not the fastest: the least over
