@@ -289,9 +289,12 @@ def validate(cfg: Config) -> None:
     if m.n_head % kv:
         raise InputError(f"model.n_kv_head ({kv}) must divide model.n_head ({m.n_head})")
     if cfg.run.chaos:
-        from .train.chaos import parse  # the spec's grammar (no torch); ranks are checked at launch
+        from .train.chaos import ONE_SHOT, parse  # the spec's grammar (no torch); ranks are checked at launch
 
-        parse(cfg.run.chaos)
+        for f in parse(cfg.run.chaos):  # a fault that could never fire is refused, as one for a missing rank
+            if f.step is not None and (f.step > cfg.run.max_steps or (f.step == 0 and f.kind in ONE_SHOT)):
+                raise InputError(f"--chaos (run.chaos): fault {f.id!r} is at step {f.step}, which the run never "
+                                 f"completes: steps are 1 to run.max_steps={cfg.run.max_steps}")
     if not cfg.run.seed < 2 ** 63:  # torch.manual_seed takes 64 bits; the data order's PCG64 any
         raise InputError(f"run.seed: must be < 2**63, got {cfg.run.seed}")
     if not cfg.run.hang_timeout >= 1:

@@ -194,6 +194,7 @@ class Worker:
                  membership: Membership | None = None, wid: int | None = None, needs_state: bool = False):
         self.cfg, self.place, self.membership = cfg, place, membership
         self.wid = place.rank if wid is None else wid  # stable worker id (= rank in a full world)
+        self.members = list(range(place.world))  # worker ids in rank order (a generation's plan after a shrink)
         self.run_dir = Path(run_dir or cfg.run.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.run.seed)  # every rank builds identical initial weights: no broadcast needed
@@ -414,6 +415,7 @@ class Worker:
                 with self.autocast():  # eager module: a compiled eval graph would mean a recompile stall
                     total += self.model(rows[:, :-1], rows[:, 1:])
                 done += mb
+                self.beat()  # progress: a long evaluation is not a hang (only one batch longer than hang_timeout)
         self.model.train()
         if self.place.world > 1:
             with collective("validation all-reduce"), self.waiting(self.step):
@@ -432,8 +434,8 @@ class Worker:
         self.flush()  # the checkpoint's loss history must cover every step it contains
         state = {"optimizer": self.opt.state_dict(), "rng": rng_state(), "balancer": self.balancer.state_dict()}
         meta = {**self.history(), "config": self.cfg.to_dict(), "data": self.data_identity}
-        with self.waiting(self.step) if blocking else contextlib.nullcontext():  # a large write: still alive
-            self.ckpt.save(self.step, self.opt.weights(), state, meta, blocking=blocking)
+        with self.waiting(self.step):  # alive while it snapshots, waits for the previous write (a slow disk) and,
+            self.ckpt.save(self.step, self.opt.weights(), state, meta, blocking=blocking)  # if blocking, writes
 
     def save_for_stop(self) -> None:
         """Told to stop (every rank after the same step): make sure a checkpoint of this step is on disk."""
@@ -493,6 +495,7 @@ class Worker:
             rank, world = self.membership.join(plan, "nccl" if self.place.device.type == "cuda" else "gloo")
         old_world = self.place.world
         self.place.rank, self.place.world = rank, world
+        self.members = list(plan.members)
         if world != self.flat.world:
             self.flat = self.new_flat(world)
         if world != old_world:
@@ -513,7 +516,8 @@ class Worker:
     def sync_state(self, src: int) -> None:
         """Everyone adopts rank `src`'s model, optimizer state and history (broadcast in a fixed order)."""
         meta = [{**self.history(), "balancer": self.balancer.state_dict(),
-                 "after_step_pending": self.after_step_pending}]
+                 "after_step_pending": self.after_step_pending,
+                 "grad_norm": float(self.grad_norm)}]  # a pending after_step logs it (a replacement has none)
         dist.broadcast_object_list(meta, src=src)
         m = meta[0]
         if self.place.rank != src:
@@ -521,6 +525,7 @@ class Worker:
         self.opt.broadcast(src)
         self.step, self.losses, self.costs, self.val_loss = m["step"], m["losses"], m["costs"], m["val_loss"]
         self.after_step_pending = m["after_step_pending"]
+        self.grad_norm = torch.tensor(m["grad_norm"])
         self.balancer.load_state_dict(m["balancer"])
         self.valid = True
 
@@ -594,8 +599,8 @@ class Worker:
                 "val_loss": self.val_loss, "tokens": self.step * self.tokens_per_step, "tokens_per_s": tps,
                 "mfu": self.mfu(tps), "run_dir": str(self.run_dir), "world": self.place.world,
                 "device": str(self.place.device), "params": self.model.num_params(),
-                "loss_digest": loss_digest(self.losses), "shares": self.balancer.shares(),
-                "stragglers": self.balancer.stragglers(), "kept_worker_s": sum(self.costs),
+                "loss_digest": loss_digest(self.losses), "workers": self.members, "shares": self.balancer.shares(),
+                "stragglers": self.stragglers(), "kept_worker_s": sum(self.costs),
                 "elapsed_s": t_end - t_start,
                 "stopped": signal.Signals(self.stopped_by).name  # the last step done: finished, not stopped
                 if self.stopped_by is not None and self.step < cfg.max_steps else None}
@@ -621,9 +626,10 @@ class Worker:
             rec["mfu"] = self.mfu(rec["tokens_per_s"])
             rec["world"] = self.place.world
             if cfg.balance == "auto" or self.balancer.stragglers():
+                rec["workers"] = self.members  # whose shares and throughputs these are, in that order
                 rec["shares"] = self.balancer.shares()
                 rec["throughputs"] = [round(t, 2) if t else t for t in self.balancer.throughputs()]  # samples/s
-                rec["stragglers"] = self.balancer.stragglers()
+                rec["stragglers"] = self.stragglers()
             if self.metrics is not None:
                 self.metrics.write(rec)
             progress.update(step, rec)
@@ -646,6 +652,10 @@ class Worker:
     def waiting(self, step: int):
         """Context for code blocked on peers (see Membership.waiting); a no-op without a supervisor."""
         return self.membership.waiting(step) if self.membership is not None else contextlib.nullcontext()
+
+    def stragglers(self) -> list[int]:
+        """The balancer's stragglers as worker ids (it counts ranks; after a shrink rank r is not worker r)."""
+        return [self.members[r] for r in self.balancer.stragglers()]
 
     def beat(self) -> None:
         if self.membership is not None:

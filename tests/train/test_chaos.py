@@ -177,3 +177,17 @@ def test_flap_times_fires_that_many_times_across_restarts(tmp_path):
         parse("kill:rank=0,step=3,times=2")
     with pytest.raises(InputError, match="times must be an integer >= 1"):
         parse("flap:step=3,times=0")
+
+
+@pytest.mark.parametrize("spec, ok", [("kill:rank=0,step=0", False), ("hang:rank=1,step=11", False),
+                                      ("flap:step=10", True), ("slow:rank=0,step=0,factor=2", True),
+                                      ("slow:rank=0,step=11,factor=2", False), ("kill:rank=0,step=1", True)])
+def test_a_fault_at_a_step_the_run_never_completes_is_refused(spec, ok):
+    """Steps are 1 to max_steps: a one-shot fault at step 0 or any fault past the end would never fire."""
+    from megacluster import config
+
+    if ok:
+        config.build("tiny", None, ["run.max_steps=10", f"run.chaos={spec}"])
+    else:
+        with pytest.raises(InputError, match=r"run.chaos.*never completes: steps are 1 to run.max_steps=10"):
+            config.build("tiny", None, ["run.max_steps=10", f"run.chaos={spec}"])

@@ -374,3 +374,46 @@ def test_resume_refuses_a_checkpoints_path_that_is_a_file(tmp_path):
     (tmp_path / "run" / "checkpoints").write_text("x")
     with pytest.raises(InputError, match="checkpoints is not a directory of checkpoints"):
         train(cfg(tmp_path, "run", "run.resume=true", "run.max_steps=2"))
+
+
+def test_stragglers_and_shares_are_reported_by_worker_id_after_a_shrink(tmp_path):
+    """The balancer counts ranks; after worker 0 is gone, rank 1 is worker 2, and that is the name to report."""
+    res = train(cfg(tmp_path, "shrunk", "run.workers=3", "run.max_steps=20", "run.balance=auto",
+                    "run.chaos=kill:rank=0,step=2,permanent; slow:rank=2,step=8,factor=4"))
+    assert res["workers_lost"] == [0] and res["workers"] == [1, 2] and res["stragglers"] == [2]
+    last = [json.loads(x) for x in open(tmp_path / "shrunk" / "metrics.jsonl") if '"shares"' in x][-1]
+    assert last["workers"] == [1, 2] and last["stragglers"] == [2] and last["shares"][1] < last["shares"][0]
+
+
+def test_long_evaluations_and_slow_checkpoint_writes_are_not_hangs(tmp_path):
+    """Each evaluation (tens of batches, each made to take 30 ms more) and each wait for the previous checkpoint
+    write (a disk made slow: every write sleeps 1.5 s) lasts longer than run.hang_timeout = 1 s, but the worker
+    shows progress throughout: nobody is killed. The slowness is injected by a sitecustomize in the workers."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import time, torch\n"
+        "from megacluster import model\n"
+        "from megacluster.train import checkpoint\n"
+        "_write, _forward = checkpoint.CheckpointManager._write, model.GPT.forward\n"
+        "def slow_write(self, *a, **k):\n"
+        "    time.sleep(1.5)\n"
+        "    return _write(self, *a, **k)\n"
+        "def slow_eval(self, *a, **k):\n"
+        "    if not torch.is_grad_enabled():\n"
+        "        time.sleep(0.03)\n"
+        "    return _forward(self, *a, **k)\n"
+        "checkpoint.CheckpointManager._write, model.GPT.forward = slow_write, slow_eval\n")
+    c = cfg(tmp_path, "slow", "run.workers=2", "run.max_steps=4", "run.hang_timeout=1", "run.eval_every=2",
+            "run.ckpt_every=1", "run.ckpt_keep=10", "data.val_fraction=0.5", "run.eval_batches=1000")
+    env = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(shim), str(Path(__file__).resolve().parents[2]), env])
+    try:
+        t0 = time.monotonic()
+        res = train(c)
+    finally:
+        os.environ["PYTHONPATH"] = env
+    assert res["restarts"] == 0 and res["steps"] == 4, res
+    assert sorted(p.name for p in (tmp_path / "slow" / "checkpoints").iterdir()) == [
+        f"step_0000000{s}" for s in range(1, 5)]
+    assert time.monotonic() - t0 > 4 * 1.5  # the slow writes did happen (each save waits for the one before)
