@@ -200,6 +200,14 @@ class Slot:
     hb_changed: float = 0.0  # monotonic time it last changed
 
 
+@dataclass(kw_only=True, slots=True, frozen=True)
+class Resumed:
+    """Where a newly formed generation resumes."""
+
+    step: int  # the source's completed steps
+    from_checkpoint: bool  # the source is no survivor: its state was loaded from a checkpoint
+
+
 @dataclass(kw_only=True, slots=True)
 class Stats:
     restarts: int = 0
@@ -488,31 +496,50 @@ class Supervisor:
                      f"re-forming the process group in {backoff:.1f} s")
             time.sleep(backoff)
             self.stats.flaps_survived += 1
-        # replacements: wait for them to be ready so the world (and the exact batch split) stays the same
-        replacing = [s for s in self.slots if s.wid in dead and s.state == "joining"]
-        if replacing:
-            self.wait_ready(replacing, timeout=self.cfg.run.hang_timeout * 2)
-            for s in [s for s in survivors if s.state == "failed"]:  # died while we waited: replace it too
-                dead.add(s.wid)
-                self.restart(s, "peer")
-            survivors = [s for s in survivors if s.state == "member"]
-        source_step = self.form(reason="failure" if dead else ("flap" if flap else "grow"), survivors=survivors)
+        if dead:
+            survivors = self.await_replacements(survivors, dead)
+        resumed = self.form(reason="failure" if dead else ("flap" if flap else "grow"), survivors=survivors)
         if dead or flap:
-            self.stats.lost_steps += max(max_step - source_step, 0) + 1  # + the step in flight
-            self.recovering = (t_detect, source_step)
-            if dead:
-                if survivors:
-                    self.stats.recoveries_from_peer += 1
-                else:
-                    self.stats.recoveries_from_checkpoint += 1
+            self.count_recovery(t_detect, max_step, resumed, failure=bool(dead))
 
-    def form(self, reason: str, survivors: list[Slot] | None = None) -> int:
+    def await_replacements(self, survivors: list[Slot], dead: set[int]) -> list[Slot]:
+        """Wait until the replacements of the slots in `dead` are ready (each up to 2 x hang_timeout from its
+        start), so the world (and the exact batch split) stays the same. A survivor that dies or hangs meanwhile
+        is replaced too (from a peer while one is left, else from the checkpoint), added to `dead` and waited
+        for. Returns the survivors still alive."""
+        timeout = 2 * self.cfg.run.hang_timeout
+        while True:
+            for s in self.poll():  # members are the survivors here: the replacements are still joining
+                dead.add(s.wid)
+                survivors = [m for m in survivors if m.state == "member"]
+                self.restart(s, "peer" if survivors else "checkpoint")
+            self.check_joiners()  # a replacement that exited is restarted (its wait starts again)
+            if not any(s.wid in dead and s.state == "joining" and not self.store.check([f"ready/{s.wid}"])
+                       and time.monotonic() - s.started < timeout for s in self.slots):
+                return [s for s in survivors if s.state == "member"]
+            time.sleep(POLL_S)
+
+    def count_recovery(self, t_detect: float, max_step: int, resumed: Resumed, failure: bool) -> None:
+        """The one place a failure's recovery is counted, once the next generation has formed: the steps lost
+        (those completed before the failure that are redone, and the step in flight) and where the state came
+        from."""
+        self.stats.lost_steps += max(max_step - resumed.step, 0) + 1  # + the step in flight
+        if resumed.from_checkpoint:
+            self.stats.recoveries_from_checkpoint += 1
+        elif failure:
+            self.stats.recoveries_from_peer += 1
+        self.recovering = (t_detect, resumed.step)
+
+    def status(self, s: Slot) -> tuple[int, bool]:
+        """The state member `s` reported at the end of the generation: (completed step, its after-step work
+        done)."""
+        st = json.loads(self.store.get(f"status/{self.gen}/{s.wid}"))
+        return st["step"], not st["pending"]
+
+    def form(self, reason: str, survivors: list[Slot] | None = None) -> Resumed:
         """Publish the plan of the next generation: survivors (their reported state) + ready joiners."""
         survivors = survivors if survivors is not None else []
-        states = {}
-        for s in survivors:
-            st = json.loads(self.store.get(f"status/{self.gen}/{s.wid}"))
-            states[s.wid] = (st["step"], not st["pending"])
+        states = {s.wid: self.status(s) for s in survivors}
         ready = self.joiners_ready()
         for s in ready:
             states[s.wid] = (int(self.store.get(f"ready/{s.wid}")), True)  # step -1: no state of its own
@@ -534,7 +561,7 @@ class Supervisor:
         self.store.add("gen_latest", 1)  # = gen: where a process started from now on begins waiting
         self.log(f"generation {self.gen} ({reason}): workers {members}, resuming after step {self.plan.step}"
                  + (f" with the state of worker {source}" if sync else ""))
-        return self.plan.step
+        return Resumed(step=self.plan.step, from_checkpoint=source not in {s.wid for s in survivors})
 
     def escalate(self, max_step: int) -> None:
         """Repeated collective failures: restart every worker from the newest good checkpoint. If that already
@@ -546,11 +573,12 @@ class Supervisor:
                                f"{MAX_ESCALATIONS} restarts from the checkpoint did not get past it; check the "
                                "network between the workers (interfaces, firewall, NCCL/gloo settings)")
         t_detect = time.monotonic()
-        step = self.restart_from_checkpoint(f"{self.flaps_in_a_row} collective failures in a row")
+        resumed = self.restart_from_checkpoint(f"{self.flaps_in_a_row} collective failures in a row")
         self.flaps_in_a_row = 0
-        self.recovering = (t_detect, step)
+        self.stats.recoveries_from_checkpoint += 1  # restart_from_checkpoint counts no recovery itself
+        self.recovering = (t_detect, resumed.step)
 
-    def restart_from_checkpoint(self, why: str) -> int:
+    def restart_from_checkpoint(self, why: str) -> Resumed:
         """Kill every worker process and restart all live slots from the newest good checkpoint.
 
         This is the supervisor's decision, not a failure of any one slot (the failures that led here were
@@ -562,8 +590,7 @@ class Supervisor:
                 self.stats.restarts += 1
                 self.spawn(s, "checkpoint")
         self.wait_ready(self.slots, timeout=self.ready_timeout)
-        self.stats.recoveries_from_checkpoint += 1
-        return self.form(reason="restart from checkpoint")
+        return self.form(reason="restart from checkpoint")  # the caller counts the recovery
 
     def log(self, msg: str) -> None:
         print(f"supervisor: {msg}", file=sys.stderr, flush=True)

@@ -205,24 +205,24 @@ def test_waiting_blocks_nest():
 
 @pytest.fixture(scope="module")
 def clean_digests(tmp_path_factory):
-    """The loss digest of an uninterrupted 120-step run per worker count (computed once per module)."""
+    """The loss digest of an uninterrupted run per worker count and steps (each computed once per module)."""
     cache = {}
 
-    def digest(workers):
-        if workers not in cache:
-            run_dir = tmp_path_factory.mktemp(f"clean{workers}")
-            cache[workers] = train(config.build("tiny", None, BASE + [f"run.run_dir={run_dir}", "run.max_steps=120",
-                                                                     f"run.workers={workers}"]))["loss_digest"]
-        return cache[workers]
+    def digest(workers, steps=120):
+        if (workers, steps) not in cache:
+            run_dir = tmp_path_factory.mktemp(f"clean{workers}-{steps}")
+            cache[workers, steps] = train(config.build("tiny", None, BASE + [
+                f"run.run_dir={run_dir}", f"run.max_steps={steps}", f"run.workers={workers}"]))["loss_digest"]
+        return cache[workers, steps]
     return digest
 
 
-def _stop_midway(tmp_path, name, send, started, *extra):
+def _stop_midway(tmp_path, name, send, started, *extra, steps=120):
     """Start `megacluster train` in its own session, `send(proc)` a signal once `started(run_dir)`; returns
     (exit code, result, stderr). The process group is killed if the run does not end."""
     run_dir = tmp_path / name
-    args = [sys.executable, "-m", "megacluster", "train", "--max-steps", "120", "--json", "--run-dir", str(run_dir),
-            *[a for kv in BASE for a in ("--set", kv)], *extra]
+    args = [sys.executable, "-m", "megacluster", "train", "--max-steps", str(steps), "--json", "--run-dir",
+            str(run_dir), *[a for kv in BASE for a in ("--set", kv)], *extra]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 120
@@ -243,6 +243,28 @@ def _steps_logged(n):
 
 def _workers_started(run_dir):  # before the first generation forms: the workers are still starting up
     return (run_dir / "workers.json").exists()
+
+
+def _pid(run_dir, wid):
+    path = run_dir / "workers.json"
+    return json.loads(path.read_text()).get(str(wid)) if path.exists() else None
+
+
+def _replaced(wid):
+    """Started: worker `wid`'s first process has been replaced (workers.json names another process)."""
+    first = []
+
+    def started(run_dir):
+        pid = _pid(run_dir, wid)
+        if not first:
+            first.extend([pid] if pid is not None else [])
+            return False
+        return pid != first[0]
+    return started
+
+
+def _sigkill_worker(wid):
+    return lambda proc: os.kill(_pid(Path(proc.args[proc.args.index("--run-dir") + 1]), wid), signal.SIGKILL)
 
 
 def _to_supervisor_then_workers(sig):
@@ -277,6 +299,27 @@ def test_a_signal_checkpoints_the_step_and_resume_matches_an_uninterrupted_run(t
     assert (tmp_path / "cut" / "checkpoints" / f"step_{res['steps']:08d}").is_dir()  # the stop step itself
     resumed = train(cfg(tmp_path, "cut", f"run.workers={workers}", "run.max_steps=120", "run.resume=true"))
     assert resumed["loss_digest"] == clean_digests(workers) and resumed["stopped"] is None
+
+
+@pytest.mark.parametrize("workers, victim", [(3, 2), (2, 0)])
+def test_a_worker_dying_while_a_replacement_is_awaited_is_replaced_and_awaited_too(tmp_path, workers, victim,
+                                                                                   clean_digests):
+    """Worker 1 dies at step 4 and its replacement stays down 2 s; meanwhile worker `victim` is SIGKILLed too.
+    Its replacement is awaited as well, so the world stays whole: with a survivor left (3 workers) it receives
+    the survivor's state; with none (2 workers) it loads the checkpoint (none here: step 0), the other
+    replacement receives that, and the recovery is counted once."""
+    code, res, err = _stop_midway(tmp_path, "twice", _sigkill_worker(victim), _replaced(1), "--workers",
+                                  str(workers), "--chaos", "kill:rank=1,step=4,down=2", steps=12)
+    assert code == 0, err
+    assert "(failure)" in err and "generation 3" not in err, err  # one re-formation, with every worker
+    if workers == 3:
+        assert "generation 2 (failure): workers [0, 1, 2], resuming after step 3 with the state of worker 0" in err
+        assert (res["recoveries_from_peer"], res["recoveries_from_checkpoint"], res["lost_steps"]) == (1, 0, 1)
+    else:
+        assert "generation 2 (failure): workers [0, 1], resuming after step 0 with the state of worker 0" in err
+        assert (res["recoveries_from_peer"], res["recoveries_from_checkpoint"], res["lost_steps"]) == (0, 1, 4)
+    assert res["restarts"] == 2 and res["world"] == workers and res["steps"] == 12
+    assert res["loss_digest"] == clean_digests(workers, 12)
 
 
 def test_a_link_that_keeps_flapping_escalates_to_the_checkpoint_then_gives_up(tmp_path, monkeypatch):
