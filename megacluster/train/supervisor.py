@@ -483,13 +483,16 @@ class Supervisor:
                 break
             time.sleep(POLL_S)
         survivors = self.members()
+        # a step was in flight unless the most advanced survivor had completed its step and not yet its
+        # logging/eval (its collective failed there: only that is redone); with no survivor, assume one was
+        in_flight = not survivors or max(self.status(s) for s in survivors)[1]
         for s in failed:
             self.restart(s, "peer" if survivors else "checkpoint")
         flap = not dead and cause == "error"  # a collective failed and yet every worker is alive
         if flap:
             self.flaps_in_a_row += 1
             if self.flaps_in_a_row > MAX_FLAPS:
-                self.escalate(max_step)
+                self.escalate(max_step, t_detect, in_flight)
                 return
             backoff = 0.2 * 2 ** (self.flaps_in_a_row - 1)  # seconds: let a flapping link settle
             self.log(f"collective failed with every worker alive (flap #{self.flaps_in_a_row}): "
@@ -500,7 +503,7 @@ class Supervisor:
             survivors = self.await_replacements(survivors, dead)
         resumed = self.form(reason="failure" if dead else ("flap" if flap else "grow"), survivors=survivors)
         if dead or flap:
-            self.count_recovery(t_detect, max_step, resumed, failure=bool(dead))
+            self.count_recovery(t_detect, max_step, resumed, in_flight, failure=bool(dead))
 
     def await_replacements(self, survivors: list[Slot], dead: set[int]) -> list[Slot]:
         """Wait until the replacements of the slots in `dead` are ready (each up to 2 x hang_timeout from its
@@ -519,16 +522,19 @@ class Supervisor:
                 return [s for s in survivors if s.state == "member"]
             time.sleep(POLL_S)
 
-    def count_recovery(self, t_detect: float, max_step: int, resumed: Resumed, failure: bool) -> None:
-        """The one place a failure's recovery is counted, once the next generation has formed: the steps lost
-        (those completed before the failure that are redone, and the step in flight) and where the state came
-        from."""
-        self.stats.lost_steps += max(max_step - resumed.step, 0) + 1  # + the step in flight
+    def count_recovery(self, t_detect: float, max_step: int, resumed: Resumed, in_flight: bool,
+                       failure: bool) -> None:
+        """The one place a recovery is counted, once the next generation has formed: the steps lost (those
+        completed before the failure that are redone, and the step in flight, if any), where the state came
+        from (for a failure, or a restart of everyone from the checkpoint) and, for recovery_s, the first
+        detection of a failure since the last progress (failures in a row are one recovery)."""
+        self.stats.lost_steps += max(max_step - resumed.step, 0) + (1 if in_flight else 0)
         if resumed.from_checkpoint:
             self.stats.recoveries_from_checkpoint += 1
         elif failure:
             self.stats.recoveries_from_peer += 1
-        self.recovering = (t_detect, resumed.step)
+        first = self.recovering[0] if self.recovering is not None else t_detect
+        self.recovering = (first, resumed.step)
 
     def status(self, s: Slot) -> tuple[int, bool]:
         """The state member `s` reported at the end of the generation: (completed step, its after-step work
@@ -563,7 +569,7 @@ class Supervisor:
                  + (f" with the state of worker {source}" if sync else ""))
         return Resumed(step=self.plan.step, from_checkpoint=source not in {s.wid for s in survivors})
 
-    def escalate(self, max_step: int) -> None:
+    def escalate(self, max_step: int, t_detect: float, in_flight: bool) -> None:
         """Repeated collective failures: restart every worker from the newest good checkpoint. If that already
         happened MAX_ESCALATIONS times without getting past `max_step`, the failure is not transient: give up."""
         self.escalations += 1
@@ -572,11 +578,9 @@ class Supervisor:
             raise RuntimeError(f"collectives keep failing with every worker alive after step {max_step}: "
                                f"{MAX_ESCALATIONS} restarts from the checkpoint did not get past it; check the "
                                "network between the workers (interfaces, firewall, NCCL/gloo settings)")
-        t_detect = time.monotonic()
         resumed = self.restart_from_checkpoint(f"{self.flaps_in_a_row} collective failures in a row")
         self.flaps_in_a_row = 0
-        self.stats.recoveries_from_checkpoint += 1  # restart_from_checkpoint counts no recovery itself
-        self.recovering = (t_detect, resumed.step)
+        self.count_recovery(t_detect, max_step, resumed, in_flight, failure=False)
 
     def restart_from_checkpoint(self, why: str) -> Resumed:
         """Kill every worker process and restart all live slots from the newest good checkpoint.
@@ -590,7 +594,7 @@ class Supervisor:
                 self.stats.restarts += 1
                 self.spawn(s, "checkpoint")
         self.wait_ready(self.slots, timeout=self.ready_timeout)
-        return self.form(reason="restart from checkpoint")  # the caller counts the recovery
+        return self.form(reason="restart from checkpoint")  # counted by the caller's count_recovery
 
     def log(self, msg: str) -> None:
         print(f"supervisor: {msg}", file=sys.stderr, flush=True)

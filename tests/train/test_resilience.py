@@ -37,13 +37,15 @@ def losses(run_dir):
 def test_kill_hang_flap_same_digest_as_clean_run(tmp_path):
     clean = train(cfg(tmp_path, "clean", "run.workers=2", "run.max_steps=14"))
     chaos = train(cfg(tmp_path, "chaos", "run.workers=2", "run.max_steps=14",
-                      "run.chaos=kill:rank=1,step=4; hang:rank=0,step=8; flap:step=11"))
+                      "run.chaos=kill:rank=1,step=4; hang:rank=0,step=8; flap:step=11,times=3"))
     assert chaos["loss_digest"] == clean["loss_digest"]
     assert chaos["steps"] == 14 and chaos["world"] == 2
-    assert chaos["restarts"] == 2 and chaos["recoveries_from_peer"] == 2 and chaos["flaps_survived"] == 1
+    assert chaos["restarts"] == 2 and chaos["recoveries_from_peer"] == 2 and chaos["flaps_survived"] == 3
     assert chaos["recoveries_from_checkpoint"] == 0
-    assert chaos["lost_steps"] == 3  # exactly the step in flight, three times
+    assert chaos["lost_steps"] == 5  # exactly the step in flight, five times
+    # the three flaps in a row are one recovery, timed from the first detection: it spans the backoffs
     assert len(chaos["recovery_s"]) == 3 and chaos["max_recovery_s"] <= 10
+    assert chaos["recovery_s"][2] >= 0.2 + 0.4 + 0.8
     assert 0 < chaos["goodput"] < clean["goodput"] <= 1
 
 
@@ -322,6 +324,22 @@ def test_a_worker_dying_while_a_replacement_is_awaited_is_replaced_and_awaited_t
     assert res["loss_digest"] == clean_digests(workers, 12)
 
 
+def test_a_worker_killed_during_the_evaluation_loses_no_step(tmp_path):
+    """Killed while the workers evaluate after step 5 (a long evaluation: many validation batches), step 5 is
+    kept; only its logging and evaluation are redone."""
+    def step_5_logged(run_dir):  # rank 0 writes the step's record, then evaluates
+        return (run_dir / "metrics.jsonl").exists() and 5 in losses(run_dir)
+
+    code, res, err = _stop_midway(tmp_path, "eval", _sigkill_worker(1), step_5_logged, "--workers", "2",
+                                  *[a for kv in ("run.eval_every=5", "run.eval_batches=1000", "run.micro_batch=2",
+                                                 "data.val_fraction=0.5") for a in ("--set", kv)], steps=6)
+    assert code == 0, err
+    assert "generation 2 (failure): workers [0, 1], resuming after step 5 with the state of worker 0" in err, err
+    assert res["lost_steps"] == 0 and res["recoveries_from_peer"] == 1 and res["steps"] == 6
+    evals = [json.loads(line)["step"] for line in open(tmp_path / "eval" / "metrics.jsonl") if "val_loss" in line]
+    assert evals == [5, 6]  # step 5's evaluation done once, after the recovery
+
+
 def test_a_link_that_keeps_flapping_escalates_to_the_checkpoint_then_gives_up(tmp_path, monkeypatch):
     """Four breaks in a row at step 6: three re-forms, then a restart of everyone from the step-3 checkpoint,
     and the run still equals a clean one. A link that never recovers ends the run with an error that says so
@@ -331,6 +349,8 @@ def test_a_link_that_keeps_flapping_escalates_to_the_checkpoint_then_gives_up(tm
     res = train(cfg(tmp_path, "flappy", *base, "run.chaos=flap:step=6,times=4"))
     assert res["flaps_survived"] == MAX_FLAPS and res["recoveries_from_checkpoint"] == 1
     assert res["loss_digest"] == clean["loss_digest"] and res["steps"] == 9
+    assert res["lost_steps"] == MAX_FLAPS + (5 - 3) + 1  # step 6 each time; then steps 4-5 and 6 again
+    assert len(res["recovery_s"]) == 1 and res["recoveries_from_peer"] == 0
     monkeypatch.setattr(supervisor, "MAX_ESCALATIONS", 1)
     with pytest.raises(RuntimeError, match="1 restarts from the checkpoint did not get past it"):
         train(cfg(tmp_path, "broken", *base, "run.chaos=flap:step=6,times=1000"))
