@@ -408,8 +408,7 @@ class Supervisor:
                     break
                 if self.stop.signum is not None:
                     if failed or self.reported():
-                        raise RuntimeError(f"stopping on {self.stop.name}, a worker failed "
-                                           "before the stop step: the newest checkpoint stands (--resume)")
+                        raise self.failed_while_stopping()
                     self.ask_stop()
                 elif failed:
                     self.transition(failed, "failure")
@@ -478,6 +477,7 @@ class Supervisor:
                 waiting = []
             failed += newly
             dead |= {s.wid for s in newly}
+            self.end_if_stopping(dead)
             self.check_joiners()
             if not waiting:
                 break
@@ -505,6 +505,17 @@ class Supervisor:
         if dead or flap:
             self.count_recovery(t_detect, max_step, resumed, in_flight, failure=bool(dead))
 
+    def end_if_stopping(self, dead: set[int]) -> None:
+        """A stop pending while failed slots await their replacements: the next generation would lack them
+        (nothing is restarted while stopping) and train its stop step with fewer workers, a state no clean run
+        has. End the run instead: the newest checkpoint stands, and --resume continues exactly from it."""
+        if dead and self.stop.signum is not None:
+            raise self.failed_while_stopping()
+
+    def failed_while_stopping(self) -> RuntimeError:
+        return RuntimeError(f"stopping on {self.stop.name}, a worker failed before the stop step: the newest "
+                            "checkpoint stands (--resume)")
+
     def await_replacements(self, survivors: list[Slot], dead: set[int]) -> list[Slot]:
         """Wait until the replacements of the slots in `dead` are ready (each up to 2 x hang_timeout from its
         start), so the world (and the exact batch split) stays the same. A survivor that dies or hangs meanwhile
@@ -514,8 +525,10 @@ class Supervisor:
         while True:
             for s in self.poll():  # members are the survivors here: the replacements are still joining
                 dead.add(s.wid)
+                self.end_if_stopping(dead)
                 survivors = [m for m in survivors if m.state == "member"]
                 self.restart(s, "peer" if survivors else "checkpoint")
+            self.end_if_stopping(dead)
             self.check_joiners()  # a replacement that exited is restarted (its wait starts again)
             if not any(s.wid in dead and s.state == "joining" and not self.store.check([f"ready/{s.wid}"])
                        and time.monotonic() - s.started < timeout for s in self.slots):

@@ -324,6 +324,26 @@ def test_a_worker_dying_while_a_replacement_is_awaited_is_replaced_and_awaited_t
     assert res["loss_digest"] == clean_digests(workers, 12)
 
 
+def test_a_worker_failing_while_a_stop_is_pending_ends_the_run_and_resume_is_exact(tmp_path, clean_digests):
+    """SIGTERM while the supervisor waits for the survivor's report (it is slow in step 4) after worker 1 died in
+    step 4: no replacement is started while stopping, so the run ends with an error instead of training the stop
+    step with one worker; the step-3 checkpoint stands and --resume gives the clean run's digest."""
+    fired = lambda run_dir: (run_dir / "chaos" / "kill-r1-s4.r1.fired").exists()  # noqa: E731
+
+    def send(proc):
+        time.sleep(0.3)  # the supervisor has seen worker 1 exit and waits for worker 0's report
+        os.kill(proc.pid, signal.SIGTERM)
+    code, res, err = _stop_midway(tmp_path, "cut", send, fired, "--workers", "2", "--set", "run.ckpt_every=3",
+                                  "--chaos", "kill:rank=1,step=4; slow:rank=0,step=4,factor=1000", steps=12)
+    assert code == 1 and res is None, err
+    assert "stopping on SIGTERM, a worker failed before the stop step: the newest checkpoint stands" in err, err
+    assert "cannot come back" not in err and "generation 2" not in err, err
+    ckpts = tmp_path / "cut" / "checkpoints"
+    assert (ckpts / "step_00000003").is_dir() and not (ckpts / "step_00000004").exists()  # no stop step trained
+    resumed = train(cfg(tmp_path, "cut", "run.workers=2", "run.max_steps=12", "run.ckpt_every=3", "run.resume=true"))
+    assert resumed["loss_digest"] == clean_digests(2, 12) and resumed["steps"] == 12
+
+
 def test_a_worker_killed_during_the_evaluation_loses_no_step(tmp_path):
     """Killed while the workers evaluate after step 5 (a long evaluation: many validation batches), step 5 is
     kept; only its logging and evaluation are redone."""
