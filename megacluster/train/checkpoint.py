@@ -304,6 +304,12 @@ def newest_meta(directory: str | os.PathLike) -> dict | None:
     return None
 
 
+def meta_of(directory: str | os.PathLike, step: int) -> dict:
+    """The `meta` of checkpoint `step` under `directory` (its manifest verified, not its files): CheckpointError
+    if it is missing or its manifest is bad."""
+    return _read_manifest(Path(directory) / step_dir_name(step), step)["meta"]
+
+
 # ---- writing (writer thread) ----------------------------------------------------------------------------------
 
 

@@ -34,7 +34,7 @@ from ..data import Corpus, prepare
 from ..errors import InputError
 from ..files import fsync_dir, write_json
 from .chaos import check_ranks, parse
-from .checkpoint import newest_meta
+from .checkpoint import CheckpointError, meta_of, newest_meta
 from .elastic import CHECKPOINT_FAILED, NODE_LOST, Plan
 from .signals import SIGNALS, StopSignals, exit_code
 
@@ -238,6 +238,8 @@ class Supervisor:
         self.plan: Plan | None = None
         self.stats = Stats()
         self.worker_s = 0.0  # worker-seconds of every process that ran (the goodput denominator)
+        self.kept_before_s = 0.0  # worker-seconds of the steps restored on --resume: trained by an earlier
+        # invocation, so not in worker_s; the result's kept_worker_s (the numerator) leaves them out
         self.t_last = time.monotonic()
         self.recovering: tuple[float, int] | None = None  # (failure detected at, step to beat)
         self.flaps_in_a_row = 0
@@ -399,6 +401,9 @@ class Supervisor:
             self.wait_ready(self.slots, timeout=self.ready_timeout)
             if not self.joiners_ready():
                 raise RuntimeError("no worker became ready; see the worker errors above")
+            if self.cfg.run.resume:  # before the plan: until then no worker writes (or prunes) a checkpoint
+                self.kept_before_s = self.kept_in_checkpoint(max(int(self.store.get(f"ready/{s.wid}"))
+                                                                 for s in self.joiners_ready()))
             self.form(reason="start")
             while True:
                 failed = self.poll()
@@ -609,6 +614,18 @@ class Supervisor:
         self.wait_ready(self.slots, timeout=self.ready_timeout)
         return self.form(reason="restart from checkpoint")  # counted by the caller's count_recovery
 
+    def kept_in_checkpoint(self, step: int) -> float:
+        """The worker-seconds of the kept steps 1..`step` as recorded in the checkpoint of `step` (the one the
+        workers restored; 0 for step 0). Summed in the order the workers sum their history (the same floats
+        first), so their total less this is the steps trained since: 0.0 exactly when there were none."""
+        if step <= 0:
+            return 0.0
+        try:
+            return sum(meta_of(self.run_dir / "checkpoints", step).get("costs") or [])
+        except CheckpointError as e:
+            self.log(f"cannot read the costs of the resumed steps ({e}): goodput counts them as this run's")
+            return 0.0
+
     def log(self, msg: str) -> None:
         print(f"supervisor: {msg}", file=sys.stderr, flush=True)
 
@@ -617,6 +634,7 @@ class Supervisor:
         if not path.exists():
             raise RuntimeError("the run ended without a result (every worker failed); see the log above")
         res = json.loads(path.read_text())
+        res["kept_worker_s"] -= self.kept_before_s  # the kept steps this invocation trained, as worker_s counts
         st = self.stats
         res.update(restarts=st.restarts, recoveries_from_peer=st.recoveries_from_peer,
                    recoveries_from_checkpoint=st.recoveries_from_checkpoint, flaps_survived=st.flaps_survived,

@@ -57,6 +57,10 @@ def test_permanent_loss_shrinks_and_matches_a_clean_smaller_run(tmp_path):
     shutil.copytree(tmp_path / "three" / "checkpoints" / "step_00000006",
                     tmp_path / "two" / "checkpoints" / "step_00000006")
     two = train(cfg(tmp_path, "two", "run.workers=2", "run.max_steps=12", "run.ckpt_every=6", "run.resume=true"))
+    # its goodput counts the kept steps it trained (7-12), not those restored from the checkpoint
+    costs = json.loads((tmp_path / "two" / "checkpoints" / "step_00000012" / "manifest.json").read_text()
+                       )["meta"]["costs"]
+    assert two["kept_worker_s"] == pytest.approx(sum(costs[6:]), rel=1e-9) and 0 < two["goodput"] <= 1
     a, b = losses(tmp_path / "three"), losses(tmp_path / "two")
     assert sorted(b) == list(range(7, 13))
     for s in b:
