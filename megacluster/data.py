@@ -153,6 +153,16 @@ def _fingerprint(files: list[Path], extra: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def _contents_key(files: list[Path]) -> str:
+    """Each file's path, size and modification time: what changes when its contents do (a chmod or a backup
+    agent changes the inode's ctime, not the tokens: a run must not refuse its shards for that)."""
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def cache_root(cfg: DataConfig) -> Path:
     root = cfg.cache_dir or os.environ.get("MEGACLUSTER_CACHE") or Path.home() / ".cache" / "megacluster"
     return Path(root).expanduser()
@@ -224,7 +234,7 @@ class Corpus:
     def identity(self) -> dict:
         """What a checkpoint records of the data: the tokenizer's hash (text) and the split sizes."""
         tok = None
-        if self.tokenizer_path is not None:
+        if self.tokenizer_path is not None and self.tokenizer_path.is_file():  # (a cache missing it: unknown)
             tok = hashlib.sha256(self.tokenizer_path.read_bytes()).hexdigest()
         return {"tokenizer_sha256": tok, "train_tokens": len(self.train), "val_tokens": len(self.val)}
 
@@ -232,7 +242,7 @@ class Corpus:
         """JSON-able: how another process opens this same corpus without preparing it again (`reopen`)."""
         if self.shards is None:
             return {"text": str(self.directory)}
-        return {"shards": [str(p) for p in self.shards], "key": _fingerprint(self.shards, {"v": FORMAT_VERSION})}
+        return {"shards": [str(p) for p in self.shards], "key": _contents_key(self.shards)}
 
 
 def reopen(ref: dict, cfg: DataConfig, vocab_size: int) -> Corpus:
@@ -243,7 +253,7 @@ def reopen(ref: dict, cfg: DataConfig, vocab_size: int) -> Corpus:
         return _open_text(Path(ref["text"]))
     files = [Path(p) for p in ref["shards"]]
     try:
-        same = _fingerprint(files, {"v": FORMAT_VERSION}) == ref["key"]
+        same = _contents_key(files) == ref["key"]
     except OSError:
         same = False
     if not same:
@@ -295,8 +305,7 @@ def _build(files: list[Path], cfg: DataConfig, vocab_size: int, directory: Path)
     if not any(docs):
         cap = f" within data.max_bytes={cfg.max_bytes}" if cfg.max_bytes else ""
         raise InputError(f"--data: no text in {len(files)} file(s){cap} (every file or .jsonl line is empty)")
-    tok = tk.train(docs, vocab_size)
-    tok.encode_special_tokens = True  # "<|endoftext|>" written in a document is text; the separator is added below
+    tok = tk.train(docs, vocab_size)  # "<|endoftext|>" written in a document is text; the separator is added here
     eot = tk.eot_id(tok)
     dtype = _token_dtype(vocab_size)
     ids = [np.asarray(e.ids + [eot], dtype=dtype) for e in tok.encode_batch(docs)]

@@ -1,7 +1,9 @@
 """Byte-level BPE tokenizer via the `tokenizers` library: train, save, load.
 
 Byte-level means every input byte sequence is encodable (no unknown tokens): code, Unicode and binary-ish
-text all round-trip. One special token, `<|endoftext|>`, separates documents.
+text all round-trip. One special token, `<|endoftext|>`, separates documents; the literal text `<|endoftext|>`
+inside a document encodes as text (`encode_special_tokens`, set by `train` and `load` alike: tokenizer.json does
+not keep it), so only the separator the data pipeline appends is the special id.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def train(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    tok.encode_special_tokens = True
     return tok
 
 
@@ -34,7 +37,9 @@ def save(tok: Tokenizer, path: str | Path) -> None:
 
 
 def load(path: str | Path) -> Tokenizer:
-    return Tokenizer.from_file(str(path))
+    tok = Tokenizer.from_file(str(path))
+    tok.encode_special_tokens = True
+    return tok
 
 
 def eot_id(tok: Tokenizer) -> int:

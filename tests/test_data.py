@@ -257,6 +257,7 @@ def test_end_of_text_written_in_a_document_is_text(tmp_path):
     tok = load(c.tokenizer_path)
     stream = np.concatenate([np.asarray(c.train), np.asarray(c.val)])
     assert int((stream == eot_id(tok)).sum()) == 1  # only the separator after the one document
+    assert eot_id(tok) not in tok.encode('EOT = "<|endoftext|>"').ids  # a loaded tokenizer encodes as training did
     assert tok.decode([int(t) for t in c.train[:20]]).startswith('EOT = "<|endoftext|>"')
 
 
@@ -285,6 +286,15 @@ def test_workers_reopen_the_prepared_corpus_even_after_an_input_changed(tmp_path
     scfg = DataConfig(paths=[str(tmp_path / "a.npy")], cache_dir=str(tmp_path / "c"))
     ref = json.loads(json.dumps(prepare(scfg, 64).reference()))
     assert np.array_equal(data.reopen(ref, scfg, 64).train, prepare(scfg, 64).train)
+    os.chmod(tmp_path / "a.npy", 0o600)  # a new ctime, the same tokens: still the run's shard
+    assert np.array_equal(data.reopen(ref, scfg, 64).train, prepare(scfg, 64).train)
     np.save(tmp_path / "a.npy", np.arange(1000, dtype=np.uint16) % 40)
     with pytest.raises(InputError, match="token shard changed"):
         data.reopen(ref, scfg, 64)
+
+
+def test_a_cache_missing_its_tokenizer_has_no_tokenizer_identity(tmp_path):
+    _write_corpus(tmp_path)
+    c = prepare(DataConfig(paths=[str(tmp_path / "docs")], cache_dir=str(tmp_path / "c"), val_fraction=0.1), 300)
+    c.tokenizer_path.unlink()
+    assert c.identity()["tokenizer_sha256"] is None and c.identity()["train_tokens"] == len(c.train)

@@ -184,14 +184,18 @@ class CheckpointManager:
 
     def _remove_leftovers(self) -> None:
         """Remove hidden tmp/del/old directories left by writers that are gone (killed, or this process). One
-        exception: a writer killed between `_publish`'s two renames left its step with no directory and its
-        complete new copy (the manifest is written last) under the tmp name: that copy is renamed into place."""
+        exception: a writer killed between `_publish`'s two renames of a replayed step (old copy set aside as
+        .old, new copy not yet renamed in) left the step with no directory and its complete new copy under the
+        tmp name: that copy, if it verifies, is renamed into place."""
+        gone = []
         for entry in sorted(self.directory.iterdir()):
             m = _HIDDEN.fullmatch(entry.name)
-            if not m or not (int(m.group(3)) == os.getpid() or not _pid_alive(int(m.group(3)))):
-                continue
-            final = self.directory / step_dir_name(int(m.group(1)))
-            if m.group(2) == "tmp" and (entry / MANIFEST_FILE).is_file() and not final.exists():
+            if m and (int(m.group(3)) == os.getpid() or not _pid_alive(int(m.group(3)))):
+                gone.append((entry, int(m.group(1)), m.group(2)))
+        replayed = {step for _, step, kind in gone if kind == "old"}
+        for entry, step, kind in gone:
+            final = self.directory / step_dir_name(step)
+            if kind == "tmp" and step in replayed and not final.exists() and _verifies(entry, step):
                 os.replace(entry, final)
                 fsync_dir(self.directory)
                 self.log(f"checkpoint: restored {final.name} from {entry.name} (its writer was killed while "
@@ -396,6 +400,17 @@ def _read_manifest(path: Path, step: int) -> dict:
     if manifest["meta"].get("step", step) != step:
         raise CheckpointError(f"{path.name}: {MANIFEST_FILE} meta is of step {manifest['meta']['step']}")
     return manifest
+
+
+def _verifies(path: Path, step: int) -> bool:
+    """Whether the directory holds a checkpoint of `step` that verifies (manifest, sizes and hashes)."""
+    try:
+        manifest = _read_manifest(path, step)
+        for name in (MODEL_FILE, STATE_FILE):
+            _verify_file(path / name, manifest["files"].get(name))
+    except CheckpointError:
+        return False
+    return True
 
 
 def _verify_file(path: Path, expected: dict | None, *, sizes_only: bool = False) -> None:

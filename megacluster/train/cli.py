@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace) -> config.Config:
-    cfg = config.build(args.preset, args.config, args.set)
+    cfg = config.build(args.preset, args.config, args.set, check=False)  # validated below, with the flags
     for dest, key in FLAGS.items():
         value = getattr(args, dest)
         if value is not None:

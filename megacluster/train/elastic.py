@@ -37,6 +37,8 @@ import torch.distributed as dist
 NODE_LOST = 3  # exit code of a replacement worker whose slot is permanently gone (chaos `permanent`)
 CHECKPOINT_FAILED = 4  # exit code of a worker that could not write or read a checkpoint: a replacement would
 # fail the same way (a full disk), so the supervisor ends the run instead of restarting it
+INPUT_REFUSED = 2  # exit code of a worker whose input was refused (InputError, e.g. a shard changed mid-run): the
+# same as the CLI's for bad input, and as final
 
 
 @dataclass(kw_only=True, slots=True)

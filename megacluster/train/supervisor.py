@@ -35,7 +35,7 @@ from ..errors import InputError
 from ..files import fsync_dir, write_json
 from .chaos import check_ranks, parse
 from .checkpoint import CheckpointError, meta_of, newest_meta
-from .elastic import CHECKPOINT_FAILED, NODE_LOST, Plan
+from .elastic import CHECKPOINT_FAILED, INPUT_REFUSED, NODE_LOST, Plan
 from .signals import SIGNALS, StopSignals, exit_code
 
 POLL_S = 0.05  # seconds between supervisor checks
@@ -107,6 +107,8 @@ def check_fatal(wid: int, code: int | None) -> None:
     if code == CHECKPOINT_FAILED:
         raise RuntimeError(f"worker {wid} could not write or read a checkpoint (its message above); the checkpoints "
                            "already there stand: fix the cause (a full disk?), then --resume")
+    if code == INPUT_REFUSED:
+        raise InputError(f"worker {wid} refused its input (its message above)")
 
 
 def max_local_workers() -> int:
@@ -156,7 +158,7 @@ def set_aside_earlier_run(run_dir: Path) -> None:
     """A fresh run in a run dir that holds an earlier run's checkpoints or metrics: move them into
     RUN_DIR/earlier-<UTC time>/ (nothing is deleted). Left in place, a later --resume of this run could pick the
     earlier run's newer checkpoint, and metrics.jsonl would mix two runs."""
-    names = ("checkpoints", "metrics.jsonl", "result.json", "tb", "config.json")  # tb: TensorBoard (metrics.py)
+    names = ("checkpoints", "metrics.jsonl", "result.json", "tb", "config.json", "corpus.json")  # tb: TensorBoard (metrics.py)
     found = [run_dir / n for n in names if (run_dir / n).exists()]
     if not any(p.name in ("checkpoints", "metrics.jsonl") and not (p.is_dir() and not any(p.iterdir()))
                for p in found):
@@ -223,13 +225,14 @@ class Supervisor:
         import torch.distributed as dist
 
         self.cfg = cfg
-        self.corpus_ref = json.dumps(corpus.reference())  # every worker reads this corpus (data.reopen)
         self.run_dir = Path(cfg.run.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not cfg.run.resume:  # a fresh run: old one-shot chaos markers and results do not apply
             shutil.rmtree(self.run_dir / "chaos", ignore_errors=True)
         (self.run_dir / "result.json").unlink(missing_ok=True)
         write_json(self.run_dir / "config.json", cfg.to_dict())
+        self.corpus_ref = self.run_dir / "corpus.json"  # every worker reads this corpus (data.reopen): a file, as
+        write_json(self.corpus_ref, corpus.reference())  # thousands of shard paths exceed an environment string
         self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                                    timeout=datetime.timedelta(seconds=60))
         self.store.set("gen_counter", "0")
@@ -259,7 +262,7 @@ class Supervisor:
         # with 1 thread than with 2: on a 2-vCPU, 1-core VM a chaos run would get another digest than a clean one)
         threads = max(1, torch.get_num_threads() // len(self.slots))
         env.update(MC_STORE_PORT=str(self.store.port), MC_WORKER_ID=str(slot.wid), MC_INIT=init,
-                   MC_CORPUS=self.corpus_ref,  # the supervisor's corpus, not the inputs prepared again
+                   MC_CORPUS=str(self.corpus_ref),  # the supervisor's corpus, not the inputs prepared again
                    MC_PG_TIMEOUT=str(max(30.0, 5 * self.cfg.run.hang_timeout)),  # a backstop (elastic.py)
                    TORCH_NCCL_BLOCKING_WAIT="1",  # NCCL: a failed collective raises here instead of aborting us
                    OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)))
@@ -525,9 +528,10 @@ class Supervisor:
         """Wait until the replacements of the slots in `dead` are ready (each up to 2 x hang_timeout from its
         start), so the world (and the exact batch split) stays the same. A survivor that dies or hangs meanwhile
         is replaced too (from a peer while one is left, else from the checkpoint), added to `dead` and waited
-        for. Returns the survivors still alive."""
-        timeout = 2 * self.cfg.run.hang_timeout
+        for. With no survivor left, nothing can run meanwhile: the replacements get `ready_timeout` (loading a
+        large checkpoint may take longer than 2 x hang_timeout). Returns the survivors still alive."""
         while True:
+            timeout = 2 * self.cfg.run.hang_timeout if survivors else self.ready_timeout
             for s in self.poll():  # members are the survivors here: the replacements are still joining
                 dead.add(s.wid)
                 self.end_if_stopping(dead)

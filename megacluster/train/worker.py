@@ -36,7 +36,7 @@ def main(run_dir: str) -> int:
     if membership is not None:
         cfg.run.resume = init == "checkpoint" or (init == "config" and cfg.run.resume)
     ref = os.environ.get("MC_CORPUS")  # the corpus the supervisor prepared (every worker reads the same)
-    corpus = reopen(json.loads(ref), cfg.data, cfg.model.vocab_size) if ref else None
+    corpus = reopen(json.loads(Path(ref).read_text()), cfg.data, cfg.model.vocab_size) if ref else None
     place = init_place(cfg.run.device)
     worker = Worker(cfg, place, corpus=corpus, run_dir=run_dir, membership=membership,
                     wid=membership.wid if membership is not None else None, needs_state=init == "peer")
@@ -60,8 +60,9 @@ def hard_exit(code: int) -> None:
 
 
 if __name__ == "__main__":
+    from ..errors import InputError
     from .checkpoint import CheckpointError
-    from .elastic import CHECKPOINT_FAILED
+    from .elastic import CHECKPOINT_FAILED, INPUT_REFUSED
 
     try:
         code = main(sys.argv[1])
@@ -71,4 +72,7 @@ if __name__ == "__main__":
     except CheckpointError as e:  # one line, and an exit code the supervisor ends the run on
         print(f"worker {os.environ.get('MC_WORKER_ID', '?')}: checkpoint: {e}", file=sys.stderr)
         code = CHECKPOINT_FAILED
+    except InputError as e:  # likewise: a replacement would be refused the same input
+        print(f"worker {os.environ.get('MC_WORKER_ID', '?')}: error: {e}", file=sys.stderr)
+        code = INPUT_REFUSED
     hard_exit(code)

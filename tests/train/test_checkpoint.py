@@ -298,6 +298,22 @@ def test_a_writer_killed_between_the_two_renames_of_a_replay_is_restored(mgr):
     assert any("restored step_00000005" in line for line in mgr.test_log)
 
 
+def test_a_dead_writers_half_written_checkpoint_is_not_published(mgr):
+    """Only a replay's verified copy is restored: a .tmp whose manifest was cut short (killed inside json.dump),
+    and not a replay (no .old of its step), is removed, and never counted against `keep`."""
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                  text=True).stdout)
+    mgr.keep = 2
+    mgr.save(2, _model(2.0), {}, {}, blocking=True)
+    mgr.save(4, _model(4.0), {}, {}, blocking=True)
+    half = mgr.directory / f".step_00000005.tmp-{dead_pid}-1"
+    os.replace(mgr.directory / "step_00000004", half)
+    text = (half / "manifest.json").read_text()
+    (half / "manifest.json").write_text(text[: len(text) // 2])
+    mgr.save(6, _model(6.0), {}, {}, blocking=True)
+    assert mgr.steps() == [2, 6] and not half.exists() and mgr.latest().step == 6
+
+
 def test_rejects_what_weights_only_could_not_load(mgr):
     with pytest.raises(TypeError, match=r"state\['rng'\]\['np'\]"):
         mgr.save(1, _model(1.0), {"rng": {"np": np.zeros(3)}}, {})

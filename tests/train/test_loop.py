@@ -133,7 +133,10 @@ def test_throughput_counts_every_step_and_intervals_leave_out_evaluation(tmp_pat
 def test_evaluation_reads_each_validation_window_at_most_once(tmp_path):
     w = Worker(small_cfg(tmp_path, "v", "run.eval_batches=100000"), init_place("cpu"))
     assert 1 <= w.eval_batches() == w.val_order.n // 6 < 100000  # whole batches of B=6 the split holds
+    calls = []
+    w.model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
     assert w.evaluate() > 0
+    assert sum(calls) == 6 * w.eval_batches() and max(calls) == 2  # each window once, in micro-batches of 2
 
 
 def test_cli_json_contract(tmp_path):
@@ -306,6 +309,11 @@ def test_every_train_flag_sets_its_key_and_flags_win():
             cfg.run.resume, cfg.data.paths) == (2, "cpu", 7, "somewhere", "auto", "flap:step=3", True, ["a.txt", "b/"])
     plain = cli.build_config(p.parse_args([]))
     assert (plain.run.workers, plain.run.balance, plain.run.resume, plain.model.d_model) == (1, "equal", False, 128)
+    # a check that depends on a flag sees the flag: the chaos step against --max-steps, not the preset's 300
+    late = cli.build_config(p.parse_args(["--set", "run.chaos=kill:rank=0,step=400", "--max-steps", "500"]))
+    assert late.run.max_steps == 500
+    with pytest.raises(InputError, match="run.max_steps=350"):
+        cli.build_config(p.parse_args(["--set", "run.chaos=kill:rank=0,step=400", "--max-steps", "350"]))
 
 
 def test_cli_config_file_and_resume(tmp_path):

@@ -408,6 +408,37 @@ def test_workers_read_the_supervisors_corpus_even_if_an_input_changes(tmp_path):
     editor.join()
     assert result["steps"] == 3
     assert len(list((tmp_path / "cache").glob("corpus-*"))) == 1  # nobody prepared the edited inputs
+    assert "text" in json.loads((tmp_path / "run" / "corpus.json").read_text())  # what they opened (a file: an
+    # environment string holds 128 KiB, less than thousands of shard paths)
+
+
+def test_a_shard_changed_under_the_workers_ends_the_run_without_restarts(tmp_path, capfd):
+    """A worker refused its input (InputError) exits 2 and the supervisor ends the run (exit 2) at once: a
+    replacement would be refused the same input."""
+    import threading
+
+    import numpy as np
+
+    shard = tmp_path / "tokens.npy"
+    np.save(shard, np.arange(20000, dtype=np.uint16) % 384)
+    c = cfg(tmp_path, "run", "run.workers=2", "run.max_steps=3")
+    c.data.paths = [str(shard)]
+
+    def rewrite_when_workers_start():
+        deadline = time.time() + 60
+        while time.time() < deadline and not (tmp_path / "run" / "workers.json").exists():
+            time.sleep(0.01)
+        np.save(shard, np.arange(30000, dtype=np.uint16) % 384)
+
+    editor = threading.Thread(target=rewrite_when_workers_start)
+    editor.start()
+    try:
+        with pytest.raises(InputError, match="refused its input"):
+            train(c)
+    finally:
+        editor.join()
+    err = capfd.readouterr().err
+    assert "token shard changed" in err and "Traceback" not in err and "exited with code" not in err
 
 
 def test_a_split_too_short_is_refused_before_any_worker_starts(tmp_path):
