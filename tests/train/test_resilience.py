@@ -351,17 +351,32 @@ def test_a_worker_failing_while_a_stop_is_pending_ends_the_run_and_resume_is_exa
 def test_a_worker_killed_during_the_evaluation_loses_no_step(tmp_path):
     """Killed while the workers evaluate after step 5 (a long evaluation: many validation batches), step 5 is
     kept; only its logging and evaluation are redone."""
-    def step_5_logged(run_dir):  # rank 0 writes the step's record, then evaluates
-        return (run_dir / "metrics.jsonl").exists() and 5 in losses(run_dir)
-
-    code, res, err = _stop_midway(tmp_path, "eval", _sigkill_worker(1), step_5_logged, "--workers", "2",
-                                  *[a for kv in ("run.eval_every=5", "run.eval_batches=1000", "run.micro_batch=2",
-                                                 "data.val_fraction=0.5") for a in ("--set", kv)], steps=6)
+    code, res, err = _kill_during_the_step_5_evaluation(tmp_path, "eval", 1)
     assert code == 0, err
     assert "generation 2 (failure): workers [0, 1], resuming after step 5 with the state of worker 0" in err, err
     assert res["lost_steps"] == 0 and res["recoveries_from_peer"] == 1 and res["steps"] == 6
     evals = [json.loads(line)["step"] for line in open(tmp_path / "eval" / "metrics.jsonl") if "val_loss" in line]
     assert evals == [5, 6]  # step 5's evaluation done once, after the recovery
+
+
+def _kill_during_the_step_5_evaluation(tmp_path, name, wid):
+    def step_5_logged(run_dir):  # rank 0 writes the step's record, then evaluates
+        return (run_dir / "metrics.jsonl").exists() and 5 in losses(run_dir)
+
+    return _stop_midway(tmp_path, name, _sigkill_worker(wid), step_5_logged, "--workers", "2",
+                        *[a for kv in ("run.eval_every=5", "run.eval_batches=1000", "run.micro_batch=2",
+                                       "data.val_fraction=0.5") for a in ("--set", kv)], steps=6)
+
+
+def test_a_replacement_that_redoes_the_logging_logs_the_transferred_grad_norm(tmp_path):
+    """Worker 0 (rank 0, which logs) killed during step 5's evaluation: its replacement redoes step 5's record
+    from worker 1's state, and the gradient norm in it is that step's, not the replacement's initial 0.0."""
+    code, res, err = _kill_during_the_step_5_evaluation(tmp_path, "eval0", 0)
+    assert code == 0, err
+    assert "resuming after step 5 with the state of worker 1" in err, err
+    fives = [json.loads(line) for line in open(tmp_path / "eval0" / "metrics.jsonl")
+             if '"grad_norm"' in line and json.loads(line)["step"] == 5]
+    assert len(fives) == 2 and fives[0]["grad_norm"] == fives[1]["grad_norm"] > 0, fives
 
 
 def test_a_link_that_keeps_flapping_escalates_to_the_checkpoint_then_gives_up(tmp_path, monkeypatch):
