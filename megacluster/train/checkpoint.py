@@ -299,10 +299,7 @@ def newest_meta(directory: str | os.PathLike) -> dict | None:
     directory = Path(directory)
     for step, path in reversed(_step_dirs(directory) if directory.is_dir() else []):
         try:
-            manifest = _read_manifest(path, step)
-            for name in (MODEL_FILE, STATE_FILE):
-                _verify_file(path / name, manifest["files"].get(name), sizes_only=True)
-            return manifest["meta"]
+            return _verified_manifest(path, step, sizes_only=True)["meta"]
         except CheckpointError:
             continue
     return None
@@ -368,9 +365,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _load_dir(path: Path, step: int) -> Loaded:
     """Verify a checkpoint directory against its manifest and load it; CheckpointError if anything is off."""
-    manifest = _read_manifest(path, step)
-    for name in (MODEL_FILE, STATE_FILE):
-        _verify_file(path / name, manifest["files"].get(name))
+    manifest = _verified_manifest(path, step)
     try:
         model = safetensors.torch.load_file(path / MODEL_FILE, device="cpu")
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
@@ -402,12 +397,19 @@ def _read_manifest(path: Path, step: int) -> dict:
     return manifest
 
 
+def _verified_manifest(path: Path, step: int, *, sizes_only: bool = False) -> dict:
+    """The manifest of the checkpoint of `step` in `path`, after checking it and each listed file (size and hash,
+    or size only); CheckpointError naming what is off."""
+    manifest = _read_manifest(path, step)
+    for name in (MODEL_FILE, STATE_FILE):
+        _verify_file(path / name, manifest["files"].get(name), sizes_only=sizes_only)
+    return manifest
+
+
 def _verifies(path: Path, step: int) -> bool:
     """Whether the directory holds a checkpoint of `step` that verifies (manifest, sizes and hashes)."""
     try:
-        manifest = _read_manifest(path, step)
-        for name in (MODEL_FILE, STATE_FILE):
-            _verify_file(path / name, manifest["files"].get(name))
+        _verified_manifest(path, step)
     except CheckpointError:
         return False
     return True
