@@ -142,24 +142,17 @@ def _jsonl_texts(path: Path):
             yield text
 
 
-def _fingerprint(files: list[Path], extra: dict) -> str:
+def _fingerprint(files: list[Path], extra: dict, *, inode: bool = True) -> str:
     """Cache key from each file's resolved path, inode, size, modification and change time (as make and ccache
     do), not its bytes: every worker and every restarted worker computes it, and hashing a large corpus would
-    delay them. The change time catches a rewrite whose mtime was put back (`cp -p`, `rsync -a`, `touch -d`)."""
+    delay them. The change time catches a rewrite whose mtime was put back (`cp -p`, `rsync -a`, `touch -d`).
+    inode=False: path, size and mtime only, what changes when the contents do (a chmod or a backup agent changes
+    the inode's ctime, not the tokens: a running job must not refuse its shards for that)."""
     h = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
     for p in files:
         st = p.stat()
-        h.update(f"{p.resolve()}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def _contents_key(files: list[Path]) -> str:
-    """Each file's path, size and modification time: what changes when its contents do (a chmod or a backup
-    agent changes the inode's ctime, not the tokens: a run must not refuse its shards for that)."""
-    h = hashlib.sha256()
-    for p in files:
-        st = p.stat()
-        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        meta = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) if inode else (st.st_size, st.st_mtime_ns)
+        h.update("\0".join(map(str, (p.resolve(), *meta))).encode() + b"\n")
     return h.hexdigest()[:16]
 
 
@@ -242,7 +235,7 @@ class Corpus:
         """JSON-able: how another process opens this same corpus without preparing it again (`reopen`)."""
         if self.shards is None:
             return {"text": str(self.directory)}
-        return {"shards": [str(p) for p in self.shards], "key": _contents_key(self.shards)}
+        return {"shards": [str(p) for p in self.shards], "key": _fingerprint(self.shards, {}, inode=False)}
 
 
 def reopen(ref: dict, cfg: DataConfig, vocab_size: int) -> Corpus:
@@ -253,7 +246,7 @@ def reopen(ref: dict, cfg: DataConfig, vocab_size: int) -> Corpus:
         return _open_text(Path(ref["text"]))
     files = [Path(p) for p in ref["shards"]]
     try:
-        same = _contents_key(files) == ref["key"]
+        same = _fingerprint(files, {}, inode=False) == ref["key"]
     except OSError:
         same = False
     if not same:
@@ -330,9 +323,10 @@ def _open_shard(p: Path) -> np.ndarray:
     """A shard memmapped; InputError naming it if it cannot be (empty, a .bin of odd size, not a .npy array)."""
     try:
         if p.suffix == ".bin":
-            if p.stat().st_size % 2:
-                raise ValueError(f"its size, {p.stat().st_size} bytes, is not a multiple of 2 (raw uint16 token ids)")
-            if p.stat().st_size == 0:
+            size = p.stat().st_size
+            if size % 2:
+                raise ValueError(f"its size, {size} bytes, is not a multiple of 2 (raw uint16 token ids)")
+            if size == 0:
                 raise ValueError("empty file")
             return np.memmap(p, dtype=np.uint16, mode="r")
         return np.load(p, mmap_mode="r", allow_pickle=False)
