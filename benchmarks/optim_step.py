@@ -70,7 +70,8 @@ def bench(preset: str, master: str, kernel: str, device: torch.device, steps: in
     dt = (time.perf_counter() - t0) / steps
     moved = bytes_per_param(opt, grads[0].element_size())
     return {"preset": preset, "master_weights": master, "in_place": getattr(opt, "table", None) is not None,
-            "tile": f"{kernels.BlockTable.BLOCK}x{kernels.BlockTable.WARPS}x{kernels.BlockTable.SUMSQ_GROUP}", "params": n, "grad_dtype": str(grads[0].dtype),
+            "tile": f"{kernels.BlockTable.BLOCK}x{kernels.BlockTable.WARPS}x{kernels.BlockTable.SUMSQ_GROUP}",
+            "params": n, "grad_dtype": str(grads[0].dtype),
             "ms_per_step": 1e3 * dt, "bytes_per_param": moved, "gb_per_s": moved * n / dt / 1e9,
             "device": str(device), "compiled": compiled}
 

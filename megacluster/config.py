@@ -302,7 +302,8 @@ def validate(cfg: Config) -> None:
     if not cfg.run.seed < 2 ** 63:  # torch.manual_seed takes 64 bits; the data order's PCG64 any
         raise InputError(f"run.seed: must be < 2**63, got {cfg.run.seed}")
     if not cfg.run.hang_timeout >= 1:
-        raise InputError(f"run.hang_timeout: must be >= 1 (seconds without a finished step), got {cfg.run.hang_timeout}")
+        raise InputError("run.hang_timeout: must be >= 1 (seconds without a finished step), "
+                         f"got {cfg.run.hang_timeout}")
     if not cfg.run.run_dir.strip():
         raise InputError("run.run_dir (--run-dir): must name a directory, got an empty string")
     if cfg.run.micro_batch > cfg.run.batch_size:

@@ -179,7 +179,7 @@ class BlockTable:
     BLOCK = 1024
     WARPS = 4
     # blocks a program in the sum of squares: 1 as measured; more is prepared, not yet timed on a GPU
-    # (benchmarks/optim_step.py --sumsq-groups)
+    # (benchmarks/optim_step.py --tiles BLOCKxWARPSxGROUP)
     SUMSQ_GROUP = 1
 
     def __init__(self, sizes: list[int], dtype: torch.dtype, device: torch.device):

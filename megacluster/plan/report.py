@@ -19,11 +19,13 @@ ROWS = (  # (key, label, format: the value is {}, the whole prediction dict {d})
     ("model_tflops_per_gpu", "model TFLOP/s per GPU", "{:.0f}"), ("mfu", "MFU", "{:.1%}"),
     ("memory_gb_per_gpu", "memory per GPU", "{:.1f} GB"), ("fits_in_memory", "fits in memory", "{}"),
     ("bubble_fraction", "pipeline bubble", "{:.1%}"), ("exposed_comm_fraction", "exposed communication", "{:.1%}"),
-    ("job_mttf_h", "job MTTF", "{:.2f} h"), ("interruptions", "interruptions", "{:,.0f} in {d[reliability][duration_days]:.1f} days"),
+    ("job_mttf_h", "job MTTF", "{:.2f} h"),
+    ("interruptions", "interruptions", "{:,.0f} in {d[reliability][duration_days]:.1f} days"),
     ("checkpoint_interval_s", "checkpoint interval", "{:,.0f} s"), ("ettr", "ETTR", "{:.1%}"),
     ("goodput", "goodput (MFU x ETTR)", "{:.1%}"), ("train_days", "train days", "{:.1f}"),
     ("facility_mw", "facility power (full load)", "{:,.1f} MW"), ("load_swing_mw", "load swing", "{:,.1f} MW"),
-    ("battery_mwh_needed", "battery to flatten", "{:,.2f} MWh"), ("energy_mwh", "energy", "{:,.0f} MWh in {d[energy_days]:.1f} days"),
+    ("battery_mwh_needed", "battery to flatten", "{:,.2f} MWh"),
+    ("energy_mwh", "energy", "{:,.0f} MWh in {d[energy_days]:.1f} days"),
     ("cost_usd", "cost", "${:,.0f} in {d[energy_days]:.1f} days"),
 )
 

@@ -183,7 +183,8 @@ POOL_RULES = {"gpu": _Rule("str"), "count": _int(1), "gpus_per_node": _int(1), "
 class FleetSpec:
     pools: list[PoolSpec]  # one pool for a homogeneous fleet
     scale_out_gbps: float = 400.0  # Gb/s of scale-out (InfiniBand / RoCE) per GPU
-    topology: str = "rail-optimized"  # "rail-optimized": same-local-rank traffic under one rail switch skips the oversubscribed spine | "fat-tree"
+    # "rail-optimized": same-local-rank traffic under one rail switch skips the oversubscribed spine | "fat-tree"
+    topology: str = "rail-optimized"
     oversubscription: float = 1.0  # scale-out bandwidth divisor above the leaf switch
     # rail-optimized: nodes one rail (leaf) switch reaches. NVIDIA's DGX SuperPOD scalable unit: 32 nodes, one
     # 64-port leaf per rail (32 ports down, 32 up). A group spanning more nodes crosses the spine.
@@ -196,7 +197,8 @@ class FleetSpec:
 
 
 FLEET_RULES = {"gpu": _Rule("str"), "count": _int(1), "gpus_per_node": _int(1), "scale_out_gbps": _num(1e-3),
-               "topology": _choice("rail-optimized", "fat-tree"), "oversubscription": _num(1), "rail_switch_nodes": _int(1),
+               "topology": _choice("rail-optimized", "fat-tree"), "oversubscription": _num(1),
+               "rail_switch_nodes": _int(1),
                "balance": _choice("equal", "throughput"), "pools": _Rule("str")}
 
 # Llama 3 405B pre-training, 54 days on 16,384 H100 (2,048 nodes): 419 unexpected interruptions by root cause
