@@ -404,7 +404,7 @@ class Supervisor:
                 self.spawn(s, "checkpoint" if self.cfg.run.resume else "config")
             self.wait_ready(self.slots, timeout=self.ready_timeout)
             if not self.joiners_ready():
-                raise RuntimeError("no worker became ready; see the worker errors above")
+                raise RuntimeError(self.none_ready())
             if self.cfg.run.resume:  # before the plan: until then no worker writes (or prunes) a checkpoint
                 self.kept_before_s = self.kept_in_checkpoint(max(int(self.store.get(f"ready/{s.wid}"))
                                                                  for s in self.joiners_ready()))
@@ -432,6 +432,14 @@ class Supervisor:
             self.store = None
         return self.result()
 
+    def none_ready(self) -> str:
+        """Why no generation can form: workers still starting when the wait for them ended, or none left."""
+        starting = [s.wid for s in self.slots if s.state == "joining" and s.proc is not None and s.proc.poll() is None]
+        if starting:
+            return (f"no worker became ready within {self.ready_timeout:g} s (max(120 s, 4 x run.hang_timeout)): "
+                    f"worker(s) {starting} were still starting (imports, data, model): is the machine overloaded?")
+        return "no worker is left to continue the run; see the worker errors above"
+
     def finish(self) -> None:
         """A member is done: let the others exit (they end after the same step). Rank 0 may be writing a large
         final checkpoint (heartbeating while it does), so the wait is long: max(600 s, 10 x hang_timeout). One
@@ -451,8 +459,10 @@ class Supervisor:
         return [s.wid for s in self.members() if self.store.check([f"status/{self.gen}/{s.wid}"])]
 
     def wait_ready(self, slots: list[Slot], timeout: float) -> None:
-        """Wait until each of `slots` is ready to join (or gone); those still starting after `timeout` s join later."""
-        deadline = time.monotonic() + timeout
+        """Wait until each of `slots` is ready to join (or gone); those still starting `timeout` s after the first of
+        them started join later. Counted from the start (as `check_joiners` counts): with timeout = ready_timeout,
+        none is killed for being late while we wait, so the caller sees every late one still starting."""
+        deadline = min((s.started for s in slots if s.state == "joining"), default=time.monotonic()) + timeout
         while any(s.state == "joining" for s in slots) and time.monotonic() < deadline:
             self.poll()
             self.check_joiners()
@@ -573,7 +583,7 @@ class Supervisor:
         for s in ready:
             states[s.wid] = (int(self.store.get(f"ready/{s.wid}")), True)  # step -1: no state of its own
         if not states:
-            raise RuntimeError("no worker is left to continue the run")
+            raise RuntimeError(self.none_ready())
         source = max(states, key=lambda w: (states[w], -w))
         if states[source][0] < 0:  # nobody holds a consistent state (all replacements, or half-synced)
             return self.restart_from_checkpoint("no worker holds a consistent state")
