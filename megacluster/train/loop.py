@@ -481,6 +481,8 @@ class Worker:
         if self.cfg.run.resume:
             self.restore()
         if self.membership is None:
+            if self.cfg.run.resume and self.place.world > 1:
+                self.agree_on_restored_state()
             self._set_main()
             return
         if self.chaos.node_lost():
@@ -512,6 +514,22 @@ class Worker:
         if self.ckpt is not None and every and self.step and self.step % every == 0 \
                 and not self.after_step_pending and self.step not in self.ckpt.steps():
             self.save()  # the previous rank 0 died while writing this step's checkpoint
+
+    def agree_on_restored_state(self) -> None:
+        """Under a launcher the nodes need not share a disk: only rank 0 writes checkpoints, so on a restart the
+        other nodes' run dirs hold older ones or none. Ranks that restored different steps all take the state of
+        the one that restored the newest (ties: the lowest rank), as a replacement takes a peer's."""
+        steps: list[int | None] = [None] * self.place.world
+        with collective("comparing the restored checkpoints"):
+            dist.all_gather_object(steps, self.step)
+        if len(set(steps)) == 1:
+            return
+        src = max(range(len(steps)), key=lambda r: (steps[r], -r))
+        if self.place.is_main:
+            print(f"resume: the ranks restored different steps {steps} (run dirs not shared?): every rank continues "
+                  f"from rank {src}'s step {steps[src]}", file=sys.stderr, flush=True)
+        with collective("sending the restored state"):
+            self.sync_state(src)
 
     def sync_state(self, src: int) -> None:
         """Everyone adopts rank `src`'s model, optimizer state and history (broadcast in a fixed order)."""

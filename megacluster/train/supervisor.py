@@ -158,8 +158,9 @@ def set_aside_earlier_run(run_dir: Path) -> None:
     """A fresh run in a run dir that holds an earlier run's checkpoints or metrics: move them into
     RUN_DIR/earlier-<UTC time>/ (nothing is deleted). Left in place, a later --resume of this run could pick the
     earlier run's newer checkpoint, and metrics.jsonl would mix two runs."""
-    # tb: TensorBoard (metrics.py)
-    names = ("checkpoints", "metrics.jsonl", "result.json", "tb", "config.json", "corpus.json")
+    # tb: TensorBoard (metrics.py); chaos: the one-shot faults' markers (chaos.py; left, a fresh run under torchrun,
+    # which has no supervisor to clear them, would not fire its faults again)
+    names = ("checkpoints", "metrics.jsonl", "result.json", "tb", "config.json", "corpus.json", "chaos")
     found = [run_dir / n for n in names if (run_dir / n).exists()]
     if not any(p.name in ("checkpoints", "metrics.jsonl") and not (p.is_dir() and not any(p.iterdir()))
                for p in found):

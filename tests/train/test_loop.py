@@ -171,9 +171,13 @@ def test_a_fresh_run_sets_the_earlier_run_aside(tmp_path, capfd):
     with pytest.raises(InputError, match="no such file"):  # a fresh run refused on its input moves nothing
         train(small_cfg(tmp_path, "r", "run.max_steps=2", f"data.paths=['{tmp_path / 'missing.txt'}']"))
     assert not list((tmp_path / "r").glob("earlier-*"))
+    (tmp_path / "r" / "chaos").mkdir(exist_ok=True)
+    (tmp_path / "r" / "chaos" / "kill-r1-s2.r1.fired").touch()  # a one-shot fault that fired in the earlier run
     train(small_cfg(tmp_path, "r", "run.max_steps=2", "run.ckpt_every=2"))  # fresh, same dir: nothing lost
     assert "moved to" in capfd.readouterr().err
     (earlier,) = (tmp_path / "r").glob("earlier-*")
+    assert (earlier / "chaos" / "kill-r1-s2.r1.fired").exists()
+    assert not (tmp_path / "r" / "chaos" / "kill-r1-s2.r1.fired").exists()  # it would fire again in this run
     assert sorted(p.name for p in (earlier / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
     assert sorted(losses(earlier)) == [1, 2, 3, 4] and sorted(losses(tmp_path / "r")) == [1, 2]
     # so a resume of the second run continues it, not the first run's newer step 4

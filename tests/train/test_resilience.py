@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -152,6 +153,25 @@ def test_torchrun_restart_resumes_exactly(tmp_path, monkeypatch):
     assert (tmp_path / "tr" / "chaos" / "kill-r1-s5.r1.fired").exists()  # the fault did fire: torchrun restarted
     logged = [json.loads(x)["step"] for x in open(tmp_path / "tr" / "metrics.jsonl") if '"loss"' in x]
     assert sorted(set(logged)) == list(range(1, 11)) and len(logged) > 10  # steps after the checkpoint redone
+
+    # two nodes that share no disk (each its own run dir; only rank 0, on node 0, writes checkpoints). Rank 1 is
+    # killed in step 7; torchrun restarts both; node 1 finds no checkpoint and takes rank 0's restored step 6
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    logs = [(open(tmp_path / f"node{n}.out", "w+"), open(tmp_path / f"node{n}.err", "w+")) for n in (0, 1)]
+    procs = [subprocess.Popen([torchrun, "--nnodes", "2", "--node-rank", str(n), "--nproc-per-node", "1",
+                               "--max-restarts", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               "-m", "megacluster", "train", "--max-steps", "10", "--chaos", "kill:rank=1,step=7",
+                               "--run-dir", str(tmp_path / f"node{n}"), "--json", "--set", "run.ckpt_every=3", *sets],
+                              stdout=logs[n][0], stderr=logs[n][1]) for n in (0, 1)]
+    codes = [p.wait(timeout=300) for p in procs]
+    out, err, err1 = ((tmp_path / f).read_text() for f in ("node0.out", "node0.err", "node1.err"))
+    assert codes == [0, 0], err[-10000:] + err1[-10000:]
+    assert "the ranks restored different steps [6, 0]" in err, err
+    assert not list((tmp_path / "node1").glob("checkpoints/step_*"))  # node 1 never had one
+    res = json.loads(out.splitlines()[-1])
+    assert res["loss_digest"] == clean["loss_digest"] and res["steps"] == 10
 
 
 def test_slow_replacement_shrinks_then_grows_back(tmp_path, capfd):
