@@ -39,6 +39,8 @@ CHECKPOINT_FAILED = 4  # exit code of a worker that could not write or read a ch
 # fail the same way (a full disk), so the supervisor ends the run instead of restarting it
 INPUT_REFUSED = 2  # exit code of a worker whose input was refused (InputError, e.g. a shard changed mid-run): the
 # same as the CLI's for bad input, and as final
+DIVERGED = 5  # exit code of a worker whose loss or gradient norm went nan/inf (loop.Diverged): a restart would
+# replay the same steps to the same end, so the supervisor ends the run
 
 
 @dataclass(kw_only=True, slots=True)

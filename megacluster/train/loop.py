@@ -167,6 +167,11 @@ class FlatGrads:
         return self.buf[self.n:]
 
 
+class Diverged(RuntimeError):
+    """The training loss or gradient norm is not finite: every later step would be too. The values are reduced
+    over the ranks, so every rank raises after the same step."""
+
+
 class CollectiveError(RuntimeError):
     """A collective failed (peer died, link flapped, timeout): the generation must be re-formed."""
 
@@ -431,7 +436,7 @@ class Worker:
         if self.ckpt is None:
             return
         self._saved_step = self.step
-        self.flush()  # the checkpoint's loss history must cover every step it contains
+        self.check_finite()  # flushes: the checkpoint's loss history must cover every step it contains
         state = {"optimizer": self.opt.state_dict(), "rng": rng_state(), "balancer": self.balancer.state_dict()}
         meta = {**self.history(), "config": self.cfg.to_dict(), "data": self.data_identity}
         with self.waiting(self.step):  # alive while it snapshots, waits for the previous write (a slow disk) and,
@@ -629,6 +634,23 @@ class Worker:
             self.losses.extend(torch.stack(self.pending).tolist())
             self.pending.clear()
 
+    def check_finite(self) -> None:
+        """Raise Diverged if a loss not yet checked, or this step's gradient norm, is nan or inf (one device sync;
+        the norm covers the weights: an update from an inf gradient leaves nan weights behind a finite loss)."""
+        first = self.step - len(self.pending) + 1
+        self.flush()
+        norm = float(self.grad_norm)
+        tail = self.losses[first - 1:]
+        bad = next(((first + i, f"loss {x}") for i, x in enumerate(tail) if not math.isfinite(x)), None)
+        if bad is None and not math.isfinite(norm):
+            bad = (self.step, f"gradient norm {norm}")
+        if bad is not None:
+            if self.ckpt is not None:
+                self.ckpt.wait()  # an earlier step's checkpoint still being written: finish it, it stands
+            raise Diverged(f"training diverged: {bad[1]} at step {bad[0]}. The checkpoints written before stand "
+                           "(none is written without this check); lower optim.lr, lengthen optim.warmup_steps or set "
+                           "optim.grad_clip > 0, then start again, or --resume from an earlier checkpoint")
+
     def after_step(self, progress: Progress) -> None:
         """Logging, evaluation and checkpointing after completed step `self.step` (may raise CollectiveError)."""
         cfg, step = self.cfg.run, self.step
@@ -636,8 +658,10 @@ class Worker:
         if step == self.timer.first_step + 1:
             self._sync()
             self.timer.first_done(time.perf_counter())
-        if step % cfg.log_every == 0 or last:
-            self.flush()
+        log = step % cfg.log_every == 0 or last
+        if log or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+            self.check_finite()  # before the checkpoint: none holds a diverged model
+        if log:
             rec = {"step": step, "loss": self.losses[-1], "lr": lr_at(step, self.cfg.optim, cfg.max_steps),
                    "grad_norm": float(self.grad_norm)}
             rec["tokens_per_s"] = self.timer.interval(step, self.tokens_per_step)

@@ -35,7 +35,7 @@ from ..errors import InputError
 from ..files import fsync_dir, write_json
 from .chaos import check_ranks, parse
 from .checkpoint import CheckpointError, meta_of, newest_meta
-from .elastic import CHECKPOINT_FAILED, INPUT_REFUSED, NODE_LOST, Plan
+from .elastic import CHECKPOINT_FAILED, DIVERGED, INPUT_REFUSED, NODE_LOST, Plan
 from .signals import SIGNALS, StopSignals, exit_code
 
 POLL_S = 0.05  # seconds between supervisor checks
@@ -109,6 +109,8 @@ def check_fatal(wid: int, code: int | None) -> None:
                            "already there stand: fix the cause (a full disk?), then --resume")
     if code == INPUT_REFUSED:
         raise InputError(f"worker {wid} refused its input (its message above)")
+    if code == DIVERGED:
+        raise RuntimeError(f"worker {wid}: training diverged (its message above names the step)")
 
 
 def max_local_workers() -> int:

@@ -62,7 +62,8 @@ def hard_exit(code: int) -> None:
 if __name__ == "__main__":
     from ..errors import InputError
     from .checkpoint import CheckpointError
-    from .elastic import CHECKPOINT_FAILED, INPUT_REFUSED
+    from .elastic import CHECKPOINT_FAILED, DIVERGED, INPUT_REFUSED
+    from .loop import Diverged
 
     try:
         code = main(sys.argv[1])
@@ -75,4 +76,7 @@ if __name__ == "__main__":
     except InputError as e:  # likewise: a replacement would be refused the same input
         print(f"worker {os.environ.get('MC_WORKER_ID', '?')}: error: {e}", file=sys.stderr)
         code = INPUT_REFUSED
+    except Diverged as e:  # likewise: a replacement would diverge at the same step
+        print(f"worker {os.environ.get('MC_WORKER_ID', '?')}: {e}", file=sys.stderr)
+        code = DIVERGED
     hard_exit(code)

@@ -533,6 +533,29 @@ def test_a_checkpoint_that_cannot_be_written_ends_the_run_in_one_line(tmp_path, 
         assert "could not write or read a checkpoint" in r.stderr and "generation 2" not in r.stderr, r.stderr
 
 
+DIVERGE = ["run.ckpt_every=1", "optim.lr=1e6", "optim.warmup_steps=0", "optim.grad_clip=0"]  # nan by step 2
+
+
+def test_a_diverged_run_ends_in_one_line_and_keeps_only_finite_checkpoints(tmp_path):
+    """A loss or gradient norm gone nan: the run ends naming the step, without a traceback (it used to crash
+    writing nan into the checkpoint's JSON), and the checkpoints written before it are complete and finite.
+    Supervised, the run ends at once: a restart would replay the same steps to the same nan."""
+    from safetensors.torch import load_file
+
+    with pytest.raises(RuntimeError, match=r"training diverged: (loss|gradient norm) nan at step 2\. The check"):
+        train(cfg(tmp_path, "one", "run.max_steps=6", *DIVERGE))
+    args = [sys.executable, "-m", "megacluster", "train", "--run-dir", str(tmp_path / "two"), "--max-steps", "6",
+            "--workers", "2", *[a for kv in BASE + DIVERGE for a in ("--set", kv)]]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "failed: worker 0: training diverged" in r.stderr or "failed: worker 1: training diverged" in r.stderr
+    assert "at step 2" in r.stderr and "generation 2" not in r.stderr and "exited with code" not in r.stderr
+    for run in ("one", "two"):
+        (ckpt,) = (tmp_path / run / "checkpoints").iterdir()  # step 1's, written in full
+        assert ckpt.name == "step_00000001"
+        assert all(t.isfinite().all() for t in load_file(ckpt / "model.safetensors").values())
+
+
 def test_resume_refuses_a_checkpoints_path_that_is_a_file(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoints").write_text("x")
