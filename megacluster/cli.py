@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:  # a run that failed (a worker died, ...): say why, exit 1
         print(f"megacluster {verb}: failed: {e}", file=sys.stderr)
         return 1
+    except MemoryError as e:  # host memory ran out (CUDA's OutOfMemoryError is a RuntimeError, above)
+        print(f"megacluster {verb}: failed: out of host memory{': ' + str(e) if str(e) else ''}; a smaller "
+              "model, batch or run.micro_batch, or fewer --workers", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:  # a second SIGTERM/SIGINT: stopped at once (train/signals.py)
         print(f"megacluster {verb}: {str(e) or 'interrupted'}", file=sys.stderr)
         return 130

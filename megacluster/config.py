@@ -126,6 +126,12 @@ NON_NEGATIVE = {"model.n_kv_head", "model.ffn_hidden", "run.eval_every", "run.ck
 UNIT_INTERVAL = {"optim.decay_fraction", "optim.beta1", "optim.beta2", "optim.min_lr_ratio"}  # [0, 1)
 OPEN_UNIT_INTERVAL = {"data.val_fraction"}  # (0, 1)
 # each key is in at most one of POSITIVE, NON_NEGATIVE, UNIT_INTERVAL, OPEN_UNIT_INTERVAL (tests/test_config.py)
+MAXIMUM = {  # beyond these a value is a typo that would fail deep inside, not a run
+    "model.vocab_size": 2 ** 24,  # real vocabularies are <= ~256k; the BPE trainer aborts the process near 1e11
+    "run.batch_size": 2 ** 24,  # sequences per step
+    "run.hang_timeout": 1e6,  # seconds (~11.6 days); 5x it is a process-group timeout (a C int of seconds)
+}
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _gpt2(d: int, layers: int, heads: int, batch: int) -> dict:
@@ -175,9 +181,12 @@ def _coerce(key: str, tp, value):
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise InputError(f"{key}: expected an integer, got {value!r}")
         try:
-            return int(str(value).replace("_", ""))
+            n = int(str(value).replace("_", ""))
         except ValueError:
             raise InputError(f"{key}: expected an integer, got {value!r}") from None
+        if not -2 ** 63 <= n < 2 ** 63:  # 64 bits (torch.manual_seed, numpy); past float range lr_at overflowed
+            raise InputError(f"{key}: {value!r} is out of range (a 64-bit integer)")
+        return n
     if tp is float:
         if isinstance(value, bool):
             raise InputError(f"{key}: expected a number, got {value!r}")
@@ -187,6 +196,8 @@ def _coerce(key: str, tp, value):
             raise InputError(f"{key}: expected a number, got {value!r}") from None
         if not math.isfinite(x):
             raise InputError(f"{key}: expected a finite number, got {value!r}")
+        if abs(x) > FLOAT32_MAX:  # the values go into fp32 tensors (learning rates, eps, ...)
+            raise InputError(f"{key}: {value!r} is out of range (at most {FLOAT32_MAX:.4g} in magnitude)")
         return x
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -284,6 +295,8 @@ def validate(cfg: Config) -> None:
                 raise InputError(f"{key}: must be in [0, 1), got {value!r}")
             if key in OPEN_UNIT_INTERVAL and not 0 < value < 1:
                 raise InputError(f"{key}: must be in (0, 1), got {value!r}")
+            if key in MAXIMUM and not value <= MAXIMUM[key]:
+                raise InputError(f"{key}: must be <= {MAXIMUM[key]:,}, got {value!r}")
     m = cfg.model
     if m.d_model % m.n_head:
         raise InputError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
@@ -295,12 +308,13 @@ def validate(cfg: Config) -> None:
     if cfg.run.chaos:
         from .train.chaos import ONE_SHOT, parse  # the spec's grammar (no torch); ranks are checked at launch
 
+        if not parse(cfg.run.chaos):  # blank or only ";": no fault, so no chaos (not a supervised run for nothing)
+            cfg.run.chaos = ""
+
         for f in parse(cfg.run.chaos):  # a fault that could never fire is refused, as one for a missing rank
             if f.step is not None and (f.step > cfg.run.max_steps or (f.step == 0 and f.kind in ONE_SHOT)):
                 raise InputError(f"--chaos (run.chaos): fault {f.id!r} is at step {f.step}, which the run never "
                                  f"completes: steps are 1 to run.max_steps={cfg.run.max_steps}")
-    if not cfg.run.seed < 2 ** 63:  # torch.manual_seed takes 64 bits; the data order's PCG64 any
-        raise InputError(f"run.seed: must be < 2**63, got {cfg.run.seed}")
     if not cfg.run.hang_timeout >= 1:
         raise InputError("run.hang_timeout: must be >= 1 (seconds without a finished step), "
                          f"got {cfg.run.hang_timeout}")
@@ -308,6 +322,16 @@ def validate(cfg: Config) -> None:
         raise InputError("run.run_dir (--run-dir): must name a directory, got an empty string")
     if cfg.run.micro_batch > cfg.run.batch_size:
         cfg.run.micro_batch = cfg.run.batch_size  # a micro-batch never exceeds the global batch
+
+
+def n_params(m: ModelConfig) -> int:
+    """Parameters of model.GPT for `m` (computed, nothing built): embedding (and an untied head), per layer the
+    fused q/k/v and output projections, SwiGLU's three matrices and two RMSNorm gains, and the final norm."""
+    hs = m.d_model // m.n_head
+    kv = m.n_kv_head or m.n_head
+    layer = m.d_model * (m.n_head + 2 * kv) * hs + m.n_head * hs * m.d_model + 3 * m.d_model * ffn_hidden(m) \
+        + 2 * m.d_model
+    return m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.n_layer * layer + m.d_model
 
 
 def ffn_hidden(m: ModelConfig) -> int:

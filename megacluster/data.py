@@ -63,6 +63,8 @@ def resolve(paths: list[str]) -> list[Path]:
         return default_corpus()
     out: list[Path] = []
     for item in paths:
+        if not item.strip():  # Path("") is the working directory: never what an empty entry meant
+            raise InputError("--data (data.paths): an empty path; give files, directories or globs")
         matches = [Path(item)] if os.path.exists(item) else [Path(m) for m in sorted(glob.glob(item, recursive=True))]
         for p in matches or [Path(item)]:
             if p.is_dir():
@@ -295,8 +297,8 @@ def _open_text(directory: Path) -> Corpus:
 
 def _build(files: list[Path], cfg: DataConfig, vocab_size: int, directory: Path) -> None:
     docs = list(_documents(files, cfg.max_bytes))
+    cap = f" within data.max_bytes={cfg.max_bytes}" if cfg.max_bytes else ""
     if not any(docs):
-        cap = f" within data.max_bytes={cfg.max_bytes}" if cfg.max_bytes else ""
         raise InputError(f"--data: no text in {len(files)} file(s){cap} (every file or .jsonl line is empty)")
     tok = tk.train(docs, vocab_size)  # "<|endoftext|>" written in a document is text; the separator is added here
     eot = tk.eot_id(tok)
@@ -305,7 +307,9 @@ def _build(files: list[Path], cfg: DataConfig, vocab_size: int, directory: Path)
     stream = np.concatenate(ids)
     n_val = _n_val(len(stream), cfg.val_fraction)
     if len(stream) <= n_val:  # nothing left to train on (a corpus of a few bytes); nothing written
-        raise InputError(f"--data: {len(stream)} tokens in all, too few for a training and a validation split")
+        cut = cfg.max_bytes and sum(len(d.encode("utf-8", "surrogatepass")) for d in docs) >= cfg.max_bytes
+        raise InputError(f"--data: {len(stream)} tokens in all{cap if cut else ''}, too few for a training and a "
+                         "validation split")
     atomic_write(directory / "train.bin", stream[:-n_val].tobytes())
     atomic_write(directory / "val.bin", stream[-n_val:].tobytes())
     tk.save(tok, directory / "tokenizer.json")

@@ -44,13 +44,25 @@ def test_toml_then_set_then_validate(tmp_path):
     ("model.norm_eps=nan", "model.norm_eps: expected a finite number"),
     ("run.hang_timeout=inf", "run.hang_timeout: expected a finite number"),
     ("run.run_dir=", "run.run_dir (--run-dir): must name a directory"),
-    ("run.seed=9223372036854775808", "run.seed: must be < 2**63"),  # torch.manual_seed would overflow
+    ("run.seed=9223372036854775808", "run.seed: '9223372036854775808' is out of range (a 64-bit integer)"),
     ("run.hang_timeout=0.01", "run.hang_timeout: must be >= 1"),  # every worker would count as hung
+    # upper bounds: past them a typo crashed deep inside (lr_at's float overflow, a timedelta overflow in every
+    # worker, a BPE trainer abort, a MemoryError) instead of exiting 2
+    ("optim.warmup_steps=1" + "0" * 400, "optim.warmup_steps: '1" + "0" * 400 + "' is out of range (a 64-bit"),
+    ("optim.lr=1e300", "optim.lr: '1e300' is out of range (at most 3.403e+38"),
+    ("model.vocab_size=100000000000", "model.vocab_size: must be <= 16,777,216, got 100000000000"),
+    ("run.batch_size=100000000000", "run.batch_size: must be <= 16,777,216"),
+    ("run.hang_timeout=1e12", "run.hang_timeout: must be <= 1,000,000.0"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(InputError, match=None) as e:
         config.build("tiny", None, [override])
     assert needle in str(e.value)
+
+
+def test_a_blank_chaos_spec_is_no_chaos():
+    """Only separators: no fault, so not a supervised run for nothing (it used to start one)."""
+    assert config.build("tiny", None, ["run.chaos= ; ;"]).run.chaos == ""
 
 
 def test_each_key_has_one_range_check():
@@ -108,6 +120,8 @@ def test_roundtrip_dict():
     (["--set", "optim.lr=inf"], "optim.lr: expected a finite number"),
     (["--set", "model.vocab_size=100"], "model.vocab_size: text data needs at least 257"),  # before tokenizing
     (["--workers", "100000"], "run.workers=100000: at most"),
+    (["--data", ""], "--data (data.paths): an empty path"),  # Path("") is the working directory
+    (["--set", "model.n_layer=1000000000"], "parameters need at least"),  # it built layers until out of memory
 ])
 def test_cli_bad_input_exits_2(argv, needle, tmp_path):
     """Refused (exit 2) before a worker starts or any text is tokenized."""

@@ -220,6 +220,8 @@ def test_unusable_inputs_are_refused_naming_them(tmp_path):
     (tmp_path / "e.txt").write_text("é" * 100)
     with pytest.raises(InputError, match="within data.max_bytes=1"):  # the cap cuts the only character in two
         prepare(DataConfig(paths=[str(tmp_path / "e.txt")], cache_dir=cache, max_bytes=1), 300)
+    with pytest.raises(InputError, match="2 tokens in all within data.max_bytes=2, too few"):  # the cap is why
+        prepare(DataConfig(paths=[str(tmp_path / "e.txt")], cache_dir=cache, max_bytes=2), 300)
     assert not list(Path(cache).glob("corpus-*/meta.json"))  # nothing marked complete
 
 

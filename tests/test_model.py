@@ -117,6 +117,16 @@ def test_gpt2_124m_parameter_count():
     assert 123e6 < n < 125e6
 
 
+@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 2}, {"n_kv_head": 1, "tie_embeddings": False},
+                                {"ffn_hidden": 40}])
+def test_config_parameter_count_matches_the_model(kw):
+    """config.n_params (used to refuse a model too large for the machine before anything is built) counts
+    what GPT builds."""
+    from megacluster.config import n_params
+
+    assert n_params(tiny(**kw)) == GPT(tiny(**kw)).num_params()
+
+
 def test_residual_stream_follows_autocast_dtype():
     """Under bf16 autocast the residual stream is bf16 (half the bytes per norm/add); the loss stays fp32."""
     m = GPT(tiny())

@@ -25,11 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> dict:
-    if args.scenario and args.preset:
+    if args.scenario is not None and args.preset is not None:
         raise ScenarioError("give a SCENARIO file or --preset NAME, not both")
     if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
         raise ScenarioError(f"--report {args.report}: exists and is not a directory")
-    sc = load_preset(args.preset) if args.preset else load_scenario(args.scenario or DEFAULT_PRESET)
+    sc = load_preset(args.preset) if args.preset is not None else load_scenario(
+        DEFAULT_PRESET if args.scenario is None else args.scenario)
     pred = predict(sc, mc=not args.no_mc)
     result = pred.to_dict()
     options = None

@@ -298,6 +298,8 @@ def load_scenario(src: str | Path | dict) -> Scenario:
         return src
     if isinstance(src, dict):
         return from_dict(src)
+    if not str(src).strip():  # Path("") is the working directory
+        raise ScenarioError("scenario: an empty path; give a TOML or JSON file, or a preset name")
     path = Path(src)
     if not path.exists():
         if str(src) in preset_names():

@@ -26,7 +26,6 @@ again. slow is persistent. Use in the worker:
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -37,6 +36,8 @@ from megacluster.files import write_json
 
 KINDS = ("kill", "hang", "flap", "slow")
 ONE_SHOT = ("kill", "hang", "flap")
+MAX_FACTOR = 1e6  # slow: beyond this a step outlasts any test (and time.sleep overflows near 1e300)
+MAX_DOWN_S = 1e6  # kill down=: seconds a node stays away (~11.6 days)
 KEYS = {  # allowed keys per kind; `permanent` is a flag
     "kill": ("rank", "step", "permanent", "down"),
     "hang": ("rank", "step"),
@@ -83,16 +84,16 @@ def _fault_problem(kind: str, rank: object, step: object, factor: object, perman
         return "flap takes no rank: it breaks the collective for every rank"
     if kind in ONE_SHOT and step is None:
         return f"{kind} needs step=N"
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 1:
-        return f"factor must be a finite number >= 1, got {factor!r}"
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1 <= factor <= MAX_FACTOR:
+        return f"factor must be a number from 1 to {MAX_FACTOR:g}, got {factor!r}"
     if kind != "slow" and factor != 1.0:
         return f"factor applies to slow only, not {kind}"
     if permanent and kind != "kill":
         return f"permanent applies to kill only, not {kind}"
     if permanent and rank is None:
         return "a permanent kill needs a rank"
-    if isinstance(down, bool) or not isinstance(down, (int, float)) or not math.isfinite(down) or down < 0:
-        return f"down must be a number of seconds >= 0, got {down!r}"
+    if isinstance(down, bool) or not isinstance(down, (int, float)) or not 0 <= down <= MAX_DOWN_S:
+        return f"down must be a number of seconds from 0 to {MAX_DOWN_S:g}, got {down!r}"
     if down and (kind != "kill" or permanent):
         return "down applies to a kill that is not permanent"
     if isinstance(times, bool) or not isinstance(times, int) or times < 1:

@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..config import Config, ModelConfig, ffn_hidden
+from ..config import Config, ModelConfig, ffn_hidden, n_params
 from ..data import Corpus, prepare
 from ..errors import InputError
 from ..files import fsync_dir, write_json
@@ -71,6 +71,7 @@ def train(cfg: Config) -> dict | None:
     if not under_launcher() and cfg.run.workers > max_local_workers():
         raise InputError(f"run.workers={cfg.run.workers}: at most {max_local_workers()} local worker processes on this "
                          f"machine ({os.cpu_count()} cores); for more, run on several machines under torchrun")
+    check_fits(cfg, resolve_device(cfg.run.device))
     if cfg.run.resume:
         check_resume(cfg)
     if under_launcher():
@@ -111,6 +112,32 @@ def check_fatal(wid: int, code: int | None) -> None:
         raise InputError(f"worker {wid} refused its input (its message above)")
     if code == DIVERGED:
         raise RuntimeError(f"worker {wid}: training diverged (its message above names the step)")
+
+
+TRAIN_BYTES_PER_PARAM = 16  # the least any of our optimizers holds: fp32 weights, gradients, AdamW's two moments
+# (or bf16 weights and gradients with an fp32 master copy); activations come on top
+
+
+def check_fits(cfg: Config, device: str) -> None:
+    """Refuse a model whose training state alone exceeds this machine's memory (per GPU, or the RAM shared by the
+    local CPU workers), before the data is tokenized: a typo such as n_layer=1000000000 would otherwise build
+    layers until the machine gives out."""
+    params = n_params(cfg.model)
+    if device == "cuda":
+        import torch
+
+        have = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
+        where, replicas = "this GPU", 1
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        replicas = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if under_launcher() else cfg.run.workers
+        where = "this machine's memory" + (f", shared by {replicas} local workers" if replicas > 1 else "")
+    need = TRAIN_BYTES_PER_PARAM * params * replicas
+    if need > have:
+        raise InputError(f"model: {params:,} parameters need at least {need / 2**30:,.1f} GiB to train "
+                         f"({TRAIN_BYTES_PER_PARAM} bytes each{' per worker' if replicas > 1 else ''}, before "
+                         f"activations) and {where} is {have / 2**30:,.1f} GiB; check model.n_layer, model.d_model, "
+                         "model.vocab_size and model.ffn_hidden")
 
 
 def max_local_workers() -> int:

@@ -83,6 +83,10 @@ def test_cli_bad_scenario_exits_2(tmp_path):
     assert "tp x pp x cp x dp" in r.stderr and r.stdout == ""
     r = _cli("--preset", "nope")
     assert r.returncode == 2 and "colossus-1" in r.stderr
+    r = _cli("--preset", "")  # an empty name is not the default preset
+    assert r.returncode == 2 and "--preset '' is unknown" in r.stderr
+    r = _cli("")  # nor is an empty scenario path (Path("") is the working directory)
+    assert r.returncode == 2 and "scenario: an empty path" in r.stderr
 
 
 def test_cli_scenario_and_preset_together_exit_2():

@@ -39,6 +39,8 @@ def test_parse_permanent_and_whitespace_and_empty():
         ("slow:rank=0,factor=0.5", "factor"),
         ("slow:rank=0,factor=inf", "factor"),
         ("slow:rank=0,factor=abc", "factor"),
+        ("slow:rank=0,factor=1e300", "factor must be a number from 1 to 1e+06"),  # time.sleep overflowed
+        ("kill:rank=1,step=2,down=1e300", "down must be a number of seconds from 0 to 1e+06"),
         ("hang:rank=0,step=3,permanent", "permanent"),
         ("kill:step=3,permanent", "permanent"),
         ("kill:rank=0,step=3,permanent=yes", "permanent"),
