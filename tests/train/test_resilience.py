@@ -185,7 +185,9 @@ def test_slow_replacement_shrinks_then_grows_back(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "(failure): workers [0, 2]" in err, err
     assert "(grow): workers [0, 1, 2]" in err, err
-    train(cfg(tmp_path, "clean", *extra[:-1], "run.chaos=slow:factor=6"))
+    # the reference: one in-process worker, not slowed (the world size and the slowdown change no loss beyond
+    # the summation order: compared to rel 1e-4; a supervised 3-worker slowed copy took half this test's time)
+    train(cfg(tmp_path, "clean", "run.max_steps=300", "run.log_every=10"))
     assert res["world"] == 3 and res["workers_lost"] == [] and res["steps"] == 300
     a, b = losses(tmp_path / "grow"), losses(tmp_path / "clean")
     assert sorted(a) == sorted(b)
@@ -195,7 +197,7 @@ def test_slow_replacement_shrinks_then_grows_back(tmp_path, capfd):
 def test_a_slot_out_of_restarts_is_dropped_and_the_run_matches_a_clean_one(tmp_path):
     """Worker 1 dies four times: three restarts, then the slot is given up and worker 0 trains alone on the same
     global batch (the sample order and the loss normalisation do not depend on the world size)."""
-    train(cfg(tmp_path, "clean", "run.workers=2", "run.max_steps=10"))
+    train(cfg(tmp_path, "clean", "run.max_steps=10"))  # one in-process worker: the same losses to rel 1e-4
     kills = "; ".join(f"kill:rank=1,step={s}" for s in (3, 4, 5, 6))
     res = train(cfg(tmp_path, "flaky", "run.workers=2", "run.max_steps=10", f"run.chaos={kills}"))
     assert res["restarts"] == MAX_RESTARTS and res["workers_lost"] == [1] and res["world"] == 1
