@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from .kernels import Device, Link, device, nvlink, scale_out
-from .scenario import ModelSpec, PoolSpec, TrainSpec, nvlink_domain
+from .scenario import RAIL_SWITCH_NODES, ModelSpec, PoolSpec, TrainSpec, nvlink_domain
 
 BYTES = 2  # bytes per activation / weight element (bf16/fp16; fp8 runs keep bf16 activations)
 RESERVED_GB = 2.0  # GB per GPU: CUDA context, NCCL buffers, allocator fragmentation
@@ -151,7 +151,7 @@ class Net:
 
 
 def links(pool: PoolSpec, plan: Plan, scale_out_gbps: float, oversub: float, rail: bool = True,
-          rail_nodes: int = 32) -> Net:
+          rail_nodes: int = RAIL_SWITCH_NODES) -> Net:
     """A group whose ranks fit in one NVLink domain (and whose size divides it, so every group does) talks
     over NVLink, otherwise over the scale-out NIC. pp and dp groups see the oversubscription, except on a
     rail-optimized fabric when every member has the same local GPU index (the group's stride is a multiple of
@@ -211,7 +211,8 @@ def in_flight(pp: int, vpp: int, nmb: int, stage: int) -> list[int]:
 
 
 def estimator(m: ModelSpec, tr: TrainSpec, plan: Plan, pool: PoolSpec, scale_out_gbps: float,
-              oversub: float = 1.0, rail: bool = True, rail_nodes: int = 32) -> Callable[[float], StepBreakdown]:
+              oversub: float = 1.0, rail: bool = True,
+              rail_nodes: int = RAIL_SWITCH_NODES) -> Callable[[float], StepBreakdown]:
     """`step(seqs)`: step time of one replica processing `seqs` sequences, and memory per GPU. Everything but
     the micro-batch count is computed here, once per (pool, plan): a throughput-balanced fleet times each
     pool's replica at up to three batch sizes (`fleet_step`)."""
@@ -398,7 +399,8 @@ class FleetStep:
 
 
 def fleet_step(m: ModelSpec, tr: TrainSpec, plan: Plan, pools: list[PoolSpec], scale_out_gbps: float,
-               oversub: float = 1.0, balance: str = "equal", rail: bool = True, rail_nodes: int = 32) -> FleetStep:
+               oversub: float = 1.0, balance: str = "equal", rail: bool = True,
+               rail_nodes: int = RAIL_SWITCH_NODES) -> FleetStep:
     """Synchronous step over (possibly mixed) pools. "equal": every replica takes global_batch / dp sequences,
     the step is the slowest replica's. "throughput": shares proportional to each pool's replica speed,
     rounded to whole micro-batches, so all replicas finish together."""

@@ -18,6 +18,8 @@ from typing import Any
 from ..errors import InputError
 from ..hardware import GPUS
 
+RAIL_SWITCH_NODES = 32  # nodes under one rail (leaf) switch: a DGX SuperPOD scalable unit (FleetSpec)
+
 
 class ScenarioError(InputError):
     """A scenario key or value is invalid; the message names the key and what is allowed."""
@@ -188,7 +190,7 @@ class FleetSpec:
     oversubscription: float = 1.0  # scale-out bandwidth divisor above the leaf switch
     # rail-optimized: nodes one rail (leaf) switch reaches. NVIDIA's DGX SuperPOD scalable unit: 32 nodes, one
     # 64-port leaf per rail (32 ports down, 32 up). A group spanning more nodes crosses the spine.
-    rail_switch_nodes: int = 32
+    rail_switch_nodes: int = RAIL_SWITCH_NODES
     balance: str = "equal"  # mixed fleets: "equal" shares or "throughput"-proportional shares
 
     @property
