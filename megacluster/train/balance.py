@@ -124,7 +124,10 @@ class Balancer:
     Stragglers, checked at every estimate (both modes):
       - slower than it was: throughput < straggler_ratio x the rank's baseline, where the baseline is its EMA at
         the last estimate at which it was not low (so a rank that halves its speed stays low, it does not become
-        its own new normal);
+        its own new normal). Samples/s depend on the share (a step has fixed costs, which a smaller share spreads
+        over fewer samples), so when the rank's share changed since the last estimate, its baseline is scaled by
+        the ratio of its throughput now to then: a share cut alone makes no straggler, and a rank that was low
+        stays low;
       - in "equal" mode also slower than its peers: throughput < straggler_ratio x the median of all ranks
         (in "auto" mode a slow GPU is expected and simply gets a smaller share).
     A rank low at `patience` consecutive estimates is flagged; one estimate at normal speed clears the flag.
@@ -141,6 +144,8 @@ class Balancer:
     _throughput: list[float | None] = field(default_factory=list, init=False, repr=False)  # samples/s EMA
     _baseline: list[float | None] = field(default_factory=list, init=False, repr=False)  # samples/s
     _low: list[int] = field(default_factory=list, init=False, repr=False)  # consecutive low estimates
+    _judged: list[tuple[int, float] | None] = field(default_factory=list, init=False, repr=False)  # (share,
+    # samples/s) at the last estimate
     _shares: list[int] = field(default_factory=list, init=False, repr=False)  # samples per rank
     _observed: int = field(default=0, init=False, repr=False)  # steps observed since the last estimate
 
@@ -162,6 +167,7 @@ class Balancer:
         self._throughput = [None] * world
         self._baseline = [None] * world
         self._low = [0] * world
+        self._judged = [None] * world
         self._observed = 0
         self._shares = split(self.global_batch, [1] * world)
 
@@ -216,7 +222,10 @@ class Balancer:
         for rank, now in enumerate(self._throughput):
             if now is None:
                 continue
-            base = self._baseline[rank]
+            base, share, judged = self._baseline[rank], self._shares[rank], self._judged[rank]
+            if base is not None and judged is not None and judged[0] != share:
+                base = self._baseline[rank] = base * now / judged[1]  # the same speed at another share
+            self._judged[rank] = (share, now)
             low = base is not None and now < self.straggler_ratio * base
             if self.mode == "equal" and median is not None:
                 low = low or now < self.straggler_ratio * median
@@ -250,21 +259,23 @@ class Balancer:
             self._reset(world)
             return
         self._check_keep(world, keep)
-        old = (self._throughput, self._baseline, self._low)
+        old = (self._throughput, self._baseline, self._low, self._judged)
         self._reset(world)
         for new, previous in enumerate(keep):
             self._throughput[new] = old[0][previous]
             self._baseline[new] = old[1][previous]
             self._low[new] = old[2][previous]
+            self._judged[new] = old[3][previous]
         if self.mode == "auto":
             self._shares = self._proportional_shares()
 
-    def _check_keep(self, world: int, keep: Sequence[int]) -> None:
+    def _check_keep(self, world: int, keep: Sequence[int], old_world: int | None = None) -> None:
+        old_world = self.world if old_world is None else old_world
         if len(keep) > world or len(set(keep)) != len(keep):
             raise ValueError(f"keep must list at most {world} distinct old ranks, got {list(keep)}")
         for previous in keep:
-            if isinstance(previous, bool) or not isinstance(previous, int) or not 0 <= previous < self.world:
-                raise ValueError(f"keep: {previous!r} is not a rank of the old world of {self.world}")
+            if isinstance(previous, bool) or not isinstance(previous, int) or not 0 <= previous < old_world:
+                raise ValueError(f"keep: {previous!r} is not a rank of the old world of {old_world}")
 
     def state_dict(self) -> dict:
         """The measured state as a JSON-able dict (settings such as mode and every come from the config)."""
@@ -276,6 +287,7 @@ class Balancer:
             "throughput": list(self._throughput),
             "baseline": list(self._baseline),
             "low": list(self._low),
+            "judged": [list(j) if j else None for j in self._judged],
             "shares": list(self._shares),
             "observed": self._observed,
         }
@@ -291,10 +303,14 @@ class Balancer:
             raise ValueError(f"unknown Balancer state version {d.get('version')!r}")
         world, saved = self.world, _check_int("world", d["world"], minimum=1)
         lists = [list(d[k]) for k in ("throughput", "baseline", "low", "shares")]
-        if any(len(x) != saved for x in lists):
+        judged = [tuple(j) if j else None for j in d.get("judged") or [None] * saved]  # absent: older state
+        if any(len(x) != saved for x in [*lists, judged]):
             raise ValueError(f"Balancer state lists must have world={saved} entries")
+        if saved != world and keep is not None:
+            self._check_keep(world, keep, old_world=saved)  # before anything changes: a refused load changes nothing
         self.world = saved
         self._throughput, self._baseline, self._low, shares = lists
+        self._judged = judged
         self._observed = int(d["observed"])
         if saved != world:
             self.resize(world, keep=keep)

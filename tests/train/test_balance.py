@@ -255,3 +255,37 @@ def test_fastest_split_is_optimal_among_nearby_splits(batch, rates):
                 moved[i] -= 1
                 moved[j] += 1
                 assert max(s / r for s, r in zip(moved, rates)) >= step - 1e-12
+
+
+def _run_costs(bal, steps, cost):
+    """Steps where rank r's forward+backward of n samples takes cost(r, n) seconds."""
+    for _ in range(steps):
+        shares = bal.shares()
+        bal.observe([cost(r, n) for r, n in enumerate(shares)], shares)
+
+
+def test_a_share_cut_alone_makes_no_straggler_but_a_slowdown_stays_flagged_across_one():
+    """A step has a fixed cost, so a rank's samples/s fall when the balancer cuts its share: a GPU 3x slower from
+    the start was flagged ("slower than it was") once its share shrank, and never cleared. A rank that really
+    slows down keeps its flag while the balancer moves its share."""
+    steady = Balancer(world=2, global_batch=16)
+    _run_costs(steady, 30, lambda r, n: (3 if r == 1 else 1) * (0.25 + 0.005 * n))
+    assert steady.shares()[1] < 4 and steady.stragglers() == []
+    bal = Balancer(world=2, global_batch=16)
+    _run_costs(bal, 20, lambda r, n: 0.25 + 0.005 * n)
+    assert bal.shares() == [8, 8]
+    _run_costs(bal, 30, lambda r, n: (3 if r == 1 else 1) * (0.25 + 0.005 * n))  # rank 1 throttles
+    assert bal.shares()[1] < 4 and bal.stragglers() == [1]
+    _run_costs(bal, 30, lambda r, n: 0.25 + 0.005 * n)  # and recovers
+    assert bal.stragglers() == []
+
+
+def test_a_refused_load_changes_nothing():
+    saved = Balancer(world=3, global_batch=90, every=1, ema=1.0)
+    _run(saved, 1, [30.0, 15.0, 60.0])
+    bal = Balancer(world=2, global_batch=90)
+    before = bal.state_dict()
+    with pytest.raises(ValueError, match="keep: 7 is not a rank of the old world of 3"):
+        bal.load_state_dict(saved.state_dict(), keep=[0, 7])
+    assert bal.state_dict() == before
+    bal.observe([1.0, 1.0], [45, 45])  # still a working world-2 balancer
