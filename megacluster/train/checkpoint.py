@@ -220,7 +220,7 @@ class CheckpointManager:
             try:
                 return _load_dir(path, step)
             except CheckpointError as e:
-                self.log(f"checkpoint: skipping {path.name}: {e}")
+                self.log(f"checkpoint: skipping {e}")  # each reason starts with the directory's name
         return None
 
     def load(self, step: int) -> Loaded:
