@@ -324,13 +324,18 @@ def validate(cfg: Config) -> None:
         cfg.run.micro_batch = cfg.run.batch_size  # a micro-batch never exceeds the global batch
 
 
-def n_params(m: ModelConfig) -> int:
-    """Parameters of model.GPT for `m` (computed, nothing built): embedding (and an untied head), per layer the
-    fused q/k/v and output projections, SwiGLU's three matrices and two RMSNorm gains, and the final norm."""
+def layer_matmul_params(m: ModelConfig) -> int:
+    """Matmul weights of one layer of model.GPT: the fused q/k/v projection d*(nh + 2*nkv)*hs, the output
+    projection (nh*hs)*d and SwiGLU's gate/up/down 3*d*f (used by the FLOP count and the parameter count)."""
     hs = m.d_model // m.n_head
     kv = m.n_kv_head or m.n_head
-    layer = m.d_model * (m.n_head + 2 * kv) * hs + m.n_head * hs * m.d_model + 3 * m.d_model * ffn_hidden(m) \
-        + 2 * m.d_model
+    return m.d_model * (m.n_head + 2 * kv) * hs + m.n_head * hs * m.d_model + 3 * m.d_model * ffn_hidden(m)
+
+
+def n_params(m: ModelConfig) -> int:
+    """Parameters of model.GPT for `m` (computed, nothing built): embedding (and an untied head), per layer the
+    matmul weights and two RMSNorm gains, and the final norm."""
+    layer = layer_matmul_params(m) + 2 * m.d_model
     return m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.n_layer * layer + m.d_model
 
 

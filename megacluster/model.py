@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
-from .config import ModelConfig, ffn_hidden
+from .config import ModelConfig, ffn_hidden, layer_matmul_params
 
 
 def flops_per_token(m: ModelConfig, seq_len: int | None = None) -> int:
@@ -33,9 +33,7 @@ def flops_per_token(m: ModelConfig, seq_len: int | None = None) -> int:
     """
     T = m.seq_len if seq_len is None else seq_len
     hs = m.d_model // m.n_head
-    nkv = m.n_kv_head or m.n_head
-    per_layer = m.d_model * (m.n_head + 2 * nkv) * hs + m.n_head * hs * m.d_model + 3 * m.d_model * ffn_hidden(m)
-    n_matmul = m.n_layer * per_layer + m.d_model * m.vocab_size
+    n_matmul = m.n_layer * layer_matmul_params(m) + m.d_model * m.vocab_size
     return 6 * n_matmul + 12 * m.n_layer * T * m.n_head * hs
 
 
