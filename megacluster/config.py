@@ -308,10 +308,10 @@ def validate(cfg: Config) -> None:
     if cfg.run.chaos:
         from .train.chaos import ONE_SHOT, parse  # the spec's grammar (no torch); ranks are checked at launch
 
-        if not parse(cfg.run.chaos):  # blank or only ";": no fault, so no chaos (not a supervised run for nothing)
+        faults = parse(cfg.run.chaos)
+        if not faults:  # blank or only ";": no fault, so no chaos (not a supervised run for nothing)
             cfg.run.chaos = ""
-
-        for f in parse(cfg.run.chaos):  # a fault that could never fire is refused, as one for a missing rank
+        for f in faults:  # a fault that could never fire is refused, as one for a missing rank
             if f.step is not None and (f.step > cfg.run.max_steps or (f.step == 0 and f.kind in ONE_SHOT)):
                 raise InputError(f"--chaos (run.chaos): fault {f.id!r} is at step {f.step}, which the run never "
                                  f"completes: steps are 1 to run.max_steps={cfg.run.max_steps}")

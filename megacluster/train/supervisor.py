@@ -71,7 +71,8 @@ def train(cfg: Config) -> dict | None:
     if not under_launcher() and cfg.run.workers > max_local_workers():
         raise InputError(f"run.workers={cfg.run.workers}: at most {max_local_workers()} local worker processes on this "
                          f"machine ({os.cpu_count()} cores); for more, run on several machines under torchrun")
-    check_fits(cfg, resolve_device(cfg.run.device))
+    device = resolve_device(cfg.run.device)  # refuses cuda without a GPU
+    check_fits(cfg, device)
     if cfg.run.resume:
         check_resume(cfg)
     if under_launcher():
@@ -88,7 +89,7 @@ def train(cfg: Config) -> dict | None:
 
             hard_exit(exit_code(result))
         return None
-    if resolve_device(cfg.run.device) == "cuda" and cfg.run.workers > 1:  # also refuses cuda without a GPU
+    if device == "cuda" and cfg.run.workers > 1:
         import torch
 
         if cfg.run.workers > torch.cuda.device_count():
