@@ -23,14 +23,28 @@ torch.compile keeps them in the compiled graph as user kernels (no graph break).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-    from torch.library import triton_op, wrap_triton
-except ImportError:  # CPU machines: no Triton, the model uses the plain path
-    triton = None
+
+def _wanted() -> bool:
+    """Whether to define the kernels: on a GPU build of torch, or where asked (TRITON_INTERPRET=1 runs them through
+    Triton's interpreter; MEGACLUSTER_TRITON=1 defines them for tracing on a CPU build, tests/test_kernels.py).
+    A CPU build can never run them (no tensor is on a GPU), and `triton_op` imports Inductor and Dynamo: 2.5 s of
+    every process's start on a 2-core machine, a replacement worker's too, wherever Triton is installed."""
+    gpu_build = torch.version.cuda is not None or torch.version.hip is not None
+    return gpu_build or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("MEGACLUSTER_TRITON") == "1"
+
+
+triton = None  # CPU machines, or no Triton: the model uses the plain path
+if _wanted():
+    try:
+        import triton
+        import triton.language as tl
+        from torch.library import triton_op, wrap_triton
+    except ImportError:
+        triton = None
 
 
 def available(x: torch.Tensor) -> bool:

@@ -149,15 +149,9 @@ def test_block_table_refuses_gradients_it_would_misread():
 
 @pytest.mark.skipif(not HAS_TRITON or CUDA, reason="needs Triton (run through its interpreter on a CPU machine)")
 def test_kernels_in_the_interpreter():
-    code = ("import torch, tests.test_kernels as t\n"
-            "for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):\n"
-            "    t.check_backward('cpu', dtype, tol); t.check_rope_backward('cpu', dtype, tol)\n"
-            "t.check_optimizer('cpu'); t.check_sumsq('cpu')\n"
-            "print('ok')")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1",
-                       "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
-                       capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    run_in_a_subprocess("for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):\n"
+                        "    t.check_backward('cpu', dtype, tol); t.check_rope_backward('cpu', dtype, tol)\n"
+                        "t.check_optimizer('cpu'); t.check_sumsq('cpu')", TRITON_INTERPRET="1")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and Triton")
@@ -204,16 +198,45 @@ def test_compiled_model_with_the_kernel_trains_like_without(which, n_kv_head):
         assert err_kernel <= 0.05 * r.norm().item(), name
 
 
+def run_in_a_subprocess(code: str, **env: str) -> None:
+    r = subprocess.run([sys.executable, "-c", f"import torch, tests.test_kernels as t\n{code}\nprint('ok')"], cwd=ROOT,
+                       env={**os.environ, **env,
+                            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr
+
+
+@pytest.mark.skipif(torch.version.cuda is not None or torch.version.hip is not None, reason="a CPU build of torch")
+def test_a_cpu_build_imports_no_compiler_for_the_kernels():
+    """On a CPU build of torch no kernel can run, and Triton's op machinery imports Inductor and Dynamo (seconds of
+    every worker's start): a worker's imports leave them out, wherever Triton is installed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MEGACLUSTER_TRITON")}
+    code = ("import sys\nfrom megacluster.train import loop\nfrom megacluster import kernels\n"
+            "assert kernels.triton is None, 'triton imported'\n"
+            "assert 'torch._dynamo' not in sys.modules and 'torch._inductor' not in sys.modules, 'compiler imported'")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 def test_kernels_trace_with_a_dynamic_batch(monkeypatch):
+    from megacluster import kernels
+
+    if kernels.triton is None:  # a CPU build defines the kernels only when asked: in a subprocess
+        run_in_a_subprocess("from megacluster import kernels\nkernels.available = lambda x: True\n"
+                            "t.trace_dynamic_batch()", MEGACLUSTER_TRITON="1")
+        return
+    monkeypatch.setattr(kernels, "available", lambda x: True)  # so the model takes the kernels' path on CPU
+    trace_dynamic_batch()
+
+
+def trace_dynamic_batch():
     """The trainer marks the batch dynamic when shares move (run.balance=auto): the model with the kernels must
     still compile to one graph, their grids symbolic. Traced here on CPU (Dynamo + AOTAutograd, the joint
     graph holding the backward's kernel); only the forward runs, the kernel itself needs a GPU."""
-    from megacluster import kernels
     from megacluster.config import ModelConfig
     from megacluster.model import GPT
 
-    monkeypatch.setattr(kernels, "available", lambda x: True)
     torch._dynamo.reset()
     model = GPT(ModelConfig(vocab_size=256, n_layer=1, n_head=2, d_model=32, seq_len=16), swiglu_kernel=True,
                 rope_kernel=True)
