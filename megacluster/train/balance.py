@@ -126,8 +126,9 @@ class Balancer:
         the last estimate at which it was not low (so a rank that halves its speed stays low, it does not become
         its own new normal). Samples/s depend on the share (a step has fixed costs, which a smaller share spreads
         over fewer samples), so when the rank's share changed since the last estimate, its baseline is scaled by
-        the ratio of its throughput now to then: a share cut alone makes no straggler, and a rank that was low
-        stays low;
+        the ratio of its throughput now to then, as far as a share change explains it: by a factor between 1 (no
+        fixed cost) and the ratio of the shares (all fixed cost). So a share cut alone makes no straggler, a rank
+        that was low stays low, and one that slowed while its share moved is still found;
       - in "equal" mode also slower than its peers: throughput < straggler_ratio x the median of all ranks
         (in "auto" mode a slow GPU is expected and simply gets a smaller share).
     A rank low at `patience` consecutive estimates is flagged; one estimate at normal speed clears the flag.
@@ -223,8 +224,11 @@ class Balancer:
             if now is None:
                 continue
             base, share, judged = self._baseline[rank], self._shares[rank], self._judged[rank]
-            if base is not None and judged is not None and judged[0] != share:
-                base = self._baseline[rank] = base * now / judged[1]  # the same speed at another share
+            if base is not None and judged is not None and judged[0] != share and judged[0] and share:
+                # the same speed at another share: samples/s move with the share by a factor between 1 (no fixed
+                # cost) and the share ratio (all fixed cost); a larger move is the rank's own speed changing
+                lo, hi = sorted((1.0, share / judged[0]))
+                base = self._baseline[rank] = base * min(max(now / judged[1], lo), hi)
             self._judged[rank] = (share, now)
             low = base is not None and now < self.straggler_ratio * base
             if self.mode == "equal" and median is not None:

@@ -289,3 +289,15 @@ def test_a_refused_load_changes_nothing():
         bal.load_state_dict(saved.state_dict(), keep=[0, 7])
     assert bal.state_dict() == before
     bal.observe([1.0, 1.0], [45, 45])  # still a working world-2 balancer
+
+
+def test_a_slowdown_in_the_window_where_its_share_moved_is_still_flagged():
+    """Auto mode moved a rank's share (here from noise: 6 -> 5 of 12) at the very estimate before it slowed 4x.
+    Its throughput fell far more than any share cut explains (at most in proportion to the share, when the whole
+    step is fixed cost), so it is low and, one estimate later, flagged. The baseline used to be scaled by the whole
+    measured fall, which called any slowdown in such a window the share's doing: the rank was never flagged."""
+    bal = Balancer(world=2, global_batch=12)
+    _run_costs(bal, 5, lambda r, n: (1.3 if r == 1 else 1) * (0.01 + 0.002 * n))
+    assert bal.shares() == [7, 5]
+    _run_costs(bal, 10, lambda r, n: (4 * 1.3 if r == 1 else 1) * (0.01 + 0.002 * n))
+    assert bal.stragglers() == [1] and bal.shares()[1] < 5
