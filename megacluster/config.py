@@ -87,6 +87,9 @@ class RunConfig:
     ckpt_keep: int = 3
     balance: str = "equal"  # equal | auto (shares proportional to measured compute throughput)
     chaos: str = ""  # fault-injection spec, see megacluster/train/chaos.py
+    worker_start: str = "auto"  # supervised runs: fork (from a process that has imported torch once: a worker or
+    # its replacement starts in milliseconds, not seconds; train/zygote.py) | exec (a fresh Python each) | auto (fork
+    # on CPU; exec on GPU, where fork after importing CUDA's libraries is not measured yet)
     hang_timeout: float = 30.0  # supervised runs (workers > 1 or run.chaos): seconds without a finished step before a
     # worker counts as hung and is replaced (its first step 5x, for compiling); under torchrun the process group's
     # timeout (at least 60 s); one worker without run.chaos is not watched (docs/train.md)
@@ -115,6 +118,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.swiglu_kernel": ("auto", "off"),
     "run.rope_kernel": ("auto", "off"),
     "run.balance": ("equal", "auto"),
+    "run.worker_start": ("auto", "fork", "exec"),
 }
 POSITIVE = {"model.vocab_size", "model.n_layer", "model.n_head", "model.d_model", "model.seq_len",
             "run.batch_size", "run.micro_batch", "run.workers", "run.log_every", "run.ckpt_keep",

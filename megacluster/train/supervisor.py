@@ -37,6 +37,7 @@ from .chaos import check_ranks, parse
 from .checkpoint import CheckpointError, meta_of, newest_meta
 from .elastic import CHECKPOINT_FAILED, DIVERGED, INPUT_REFUSED, NODE_LOST, Plan
 from .signals import SIGNALS, StopSignals, exit_code
+from .zygote import Forked, Zygote, ZygoteFailed, fork_supported
 
 POLL_S = 0.05  # seconds between supervisor checks
 MAX_RESTARTS = 3  # restarts per worker slot before it is given up
@@ -46,6 +47,21 @@ MAX_ESCALATIONS = 2  # full restarts that do not get past the failing step befor
 
 def under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def base_env() -> dict[str, str]:
+    """This process's environment less a launcher's rank variables (a worker's own come from the supervisor)."""
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+
+
+def start_zygote() -> Zygote:
+    """The process workers are forked from (zygote.py): this process's one for its environment. A new one starts
+    with SIGTERM/SIGINT blocked, and keeps them so."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        return Zygote.shared(base_env())
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def hb_step(value: str) -> int:
@@ -226,7 +242,7 @@ class Slot:
     """One worker slot (stable worker id) and the process currently filling it."""
 
     wid: int
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen | Forked | None = None
     state: str = "joining"  # joining | member | failed (dead or killed, not yet replaced) | lost | done
     restarts: int = 0
     started: float = 0.0  # monotonic time the current process started
@@ -256,6 +272,8 @@ class Supervisor:
     def __init__(self, cfg: Config, corpus: Corpus):
         import torch.distributed as dist
 
+        from .loop import resolve_device
+
         self.cfg = cfg
         self.run_dir = Path(cfg.run.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -282,11 +300,14 @@ class Supervisor:
         self.escalation_mark = -1  # the newest step completed before the last full restart
         self.stop = StopSignals()  # SIGTERM/SIGINT received: the workers checkpoint and stop (signals.py)
         self.stop_sent_gen = -1  # the generation the stop request was posted in
+        self.fork = fork_supported() and (cfg.run.worker_start == "fork" or (
+            cfg.run.worker_start == "auto" and resolve_device(cfg.run.device) == "cpu"))  # zygote.py
+        self.zygote: Zygote | None = None  # started at the first spawn
 
     # ---- processes ----
     def spawn(self, slot: Slot, init: str) -> None:
         """Start a process for `slot`; init: 'config' (first start), 'checkpoint' or 'peer' (state from a survivor)."""
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env = base_env()
         import torch
 
         # torch's own default (physical cores, or OMP_NUM_THREADS), split: a single supervised worker computes with
@@ -302,14 +323,24 @@ class Supervisor:
             env.setdefault("LOCAL_RANK", str(slot.wid))
         self.store.delete_key(f"ready/{slot.wid}")
         self.store.delete_key(f"hb/{slot.wid}")
-        # the child starts with SIGTERM/SIGINT blocked (the mask survives exec) and unblocks them once its handler
-        # is set (worker.py): a Ctrl-C while it is still starting Python is recorded, not fatal
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-        try:
-            slot.proc = subprocess.Popen([sys.executable, "-m", "megacluster.train.worker", str(self.run_dir)],
-                                         env=env)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        slot.proc = None
+        if self.fork:
+            self.zygote = self.zygote or start_zygote()
+            try:
+                slot.proc = self.zygote.spawn(env, str(self.run_dir))
+            except ZygoteFailed as e:
+                self.log(f"cannot fork workers ({e}); starting them with exec from now on")
+                self.zygote.close()
+                self.zygote, self.fork = None, False
+        if slot.proc is None:
+            # the child starts with SIGTERM/SIGINT blocked (the mask survives exec) and unblocks them once its
+            # handler is set (worker.py): a Ctrl-C while it is still starting Python is recorded, not fatal
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+            try:
+                slot.proc = subprocess.Popen([sys.executable, "-m", "megacluster.train.worker", str(self.run_dir)],
+                                             env=env)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         slot.state, slot.started, slot.hb, slot.hb_changed = "joining", time.monotonic(), "", time.monotonic()
         pids = {s.wid: s.proc.pid for s in self.slots if s.proc is not None}
         write_json(self.run_dir / "workers.json", pids)  # for operators (and tests) to find the processes

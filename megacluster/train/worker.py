@@ -59,24 +59,28 @@ def hard_exit(code: int) -> None:
     os._exit(code)
 
 
-if __name__ == "__main__":
+def entry(run_dir: str) -> int:
+    """main(), its known failures turned into one line and an exit code the supervisor acts on."""
     from ..errors import InputError
     from .checkpoint import CheckpointError
     from .elastic import CHECKPOINT_FAILED, DIVERGED, INPUT_REFUSED
     from .loop import Diverged
 
     try:
-        code = main(sys.argv[1])
+        return main(run_dir)
     except KeyboardInterrupt as e:  # signalled again: stop at once (train/signals.py), one line, no traceback
         print(f"worker: {e}", file=sys.stderr)
-        code = 130
+        return 130
     except CheckpointError as e:  # one line, and an exit code the supervisor ends the run on
         print(f"worker {os.environ.get('MC_WORKER_ID', '?')}: checkpoint: {e}", file=sys.stderr)
-        code = CHECKPOINT_FAILED
+        return CHECKPOINT_FAILED
     except InputError as e:  # likewise: a replacement would be refused the same input
         print(f"worker {os.environ.get('MC_WORKER_ID', '?')}: error: {e}", file=sys.stderr)
-        code = INPUT_REFUSED
+        return INPUT_REFUSED
     except Diverged as e:  # likewise: a replacement would diverge at the same step
         print(f"worker {os.environ.get('MC_WORKER_ID', '?')}: {e}", file=sys.stderr)
-        code = DIVERGED
-    hard_exit(code)
+        return DIVERGED
+
+
+if __name__ == "__main__":
+    hard_exit(entry(sys.argv[1]))

@@ -1,0 +1,65 @@
+"""Workers forked from a zygote (train/zygote.py): what an exec'd worker would be, and an exec fallback."""
+
+import os
+import signal
+import threading
+import time
+
+from megacluster import config
+from megacluster.train import zygote
+from megacluster.train.supervisor import start_zygote, train
+
+BASE = ["model.d_model=48", "model.n_layer=2", "model.n_head=4", "model.seq_len=32", "model.vocab_size=384",
+        "data.max_bytes=200000", "run.batch_size=12", "run.micro_batch=12", "run.log_every=1", "run.eval_batches=1",
+        "run.eval_every=0", "run.progress=false", "optim.warmup_steps=2", "run.hang_timeout=8"]
+
+
+def steps_logged(run_dir):
+    return sum('"loss"' in line for line in open(run_dir / "metrics.jsonl")) if (run_dir / "metrics.jsonl").exists() else 0
+
+
+def test_the_zygote_outlives_a_stop_signal_to_the_process_group():
+    """Ctrl-C reaches every process of the foreground group: the zygote keeps SIGINT/SIGTERM blocked, so it is
+    there to fork replacements while the run stops (a dead zygote would silently cost every later worker the
+    seconds of its imports)."""
+    z = start_zygote()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        os.kill(z.proc.pid, sig)
+    time.sleep(0.5)
+    assert z.proc.poll() is None and z.gone is None
+
+
+def test_no_fork_from_a_process_with_threads():
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        assert "threads after its imports" in zygote.unsafe_to_fork()
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_a_zygote_killed_mid_run_hands_over_to_exec_and_the_run_stays_exact(tmp_path, capfd):
+    """The OOM killer takes the zygote: its workers, which nobody could watch any more, are killed; they are
+    replaced from the checkpoint by exec'd workers, and the loss digest is the uninterrupted run's."""
+    base = BASE + ["run.workers=2", "run.max_steps=40", "run.ckpt_every=10", "run.chaos=slow:factor=3"]
+    clean = train(config.build("tiny", None, base + [f"run.run_dir={tmp_path / 'clean'}"]))
+    run_dir = tmp_path / "cut"
+
+    def kill_the_zygote():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if steps_logged(run_dir) >= 12:
+                os.kill(zygote.Zygote._shared.proc.pid, signal.SIGKILL)
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_the_zygote)
+    killer.start()
+    res = train(config.build("tiny", None, base + [f"run.run_dir={run_dir}"]))
+    killer.join()
+    err = capfd.readouterr().err
+    assert "cannot fork workers (the worker zygote exited with code -9); starting them with exec" in err, err
+    assert res["recoveries_from_checkpoint"] == 1 and res["restarts"] == 2 and res["steps"] == 40
+    assert res["loss_digest"] == clean["loss_digest"]
