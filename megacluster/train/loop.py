@@ -589,6 +589,7 @@ class Worker:
         t_start = time.perf_counter()
         self.timer = StepTimer(self.step)
         while self.step < cfg.max_steps or self.after_step_pending:
+            failed = False
             try:
                 if not self.after_step_pending:
                     t0 = time.perf_counter()
@@ -608,6 +609,10 @@ class Worker:
             except CollectiveError:
                 if self.membership is None:
                     raise  # no supervisor (e.g. torchrun): exit, the launcher restarts us from the checkpoint
+                failed = True
+            if failed:  # out of the except block: the error's traceback holds the failed collective's frames, and
+                # with them the process group; freed, leaving the group closes our links, so a peer blocked on us
+                # fails at once (inside the block, a 3-worker flap left one blocked until killed as hung: 1 in 10)
                 self.transition()  # the step in flight is lost; after_step of a completed step is redone
         self._sync()
         if dist.is_initialized():  # a clean shutdown: exiting with live gloo threads aborts the process
