@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .. import config
+from . import zygote
 
 # flag dest -> config key it sets (applied after preset, --config and --set, so flags win)
 FLAGS = {
@@ -52,6 +53,7 @@ def build_config(args: argparse.Namespace) -> config.Config:
 
 def run(args: argparse.Namespace) -> dict | None:
     cfg = build_config(args)  # bad input fails here, before torch is imported
+    zygote.prestart(cfg.run)  # its imports (when it will fork the workers) run beside ours
     from .supervisor import train
 
     result = train(cfg)

@@ -37,31 +37,12 @@ from .chaos import check_ranks, parse
 from .checkpoint import CheckpointError, meta_of, newest_meta
 from .elastic import CHECKPOINT_FAILED, DIVERGED, INPUT_REFUSED, NODE_LOST, Plan
 from .signals import SIGNALS, StopSignals, exit_code
-from .zygote import Forked, Zygote, ZygoteFailed, fork_supported
+from .zygote import Forked, Zygote, ZygoteFailed, base_env, fork_supported, start_zygote, under_launcher
 
 POLL_S = 0.05  # seconds between supervisor checks
 MAX_RESTARTS = 3  # restarts per worker slot before it is given up
 MAX_FLAPS = 3  # consecutive collective failures without progress before escalating to a full restart
 MAX_ESCALATIONS = 2  # full restarts that do not get past the failing step before the run gives up
-
-
-def under_launcher() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def base_env() -> dict[str, str]:
-    """This process's environment less a launcher's rank variables (a worker's own come from the supervisor)."""
-    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-
-
-def start_zygote() -> Zygote:
-    """The process workers are forked from (zygote.py): this process's one for its environment. A new one starts
-    with SIGTERM/SIGINT blocked, and keeps them so."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-    try:
-        return Zygote.shared(base_env())
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def hb_step(value: str) -> int:

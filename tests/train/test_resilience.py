@@ -588,7 +588,8 @@ def test_stragglers_and_shares_are_reported_by_worker_id_after_a_shrink(tmp_path
 def test_long_evaluations_and_slow_checkpoint_writes_are_not_hangs(tmp_path):
     """Each evaluation (tens of batches, each made to take 30 ms more) and each wait for the previous checkpoint
     write (a disk made slow: every write sleeps 1.5 s) lasts longer than run.hang_timeout = 1 s, but the worker
-    shows progress throughout: nobody is killed. The slowness is injected by a sitecustomize in the workers."""
+    shows progress throughout: nobody is killed. The slowness is injected by a sitecustomize in the workers, which
+    are exec'd (a zygote for this environment would cost its imports twice: for the shim, and after it)."""
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "sitecustomize.py").write_text(
@@ -605,7 +606,8 @@ def test_long_evaluations_and_slow_checkpoint_writes_are_not_hangs(tmp_path):
         "    return _forward(self, *a, **k)\n"
         "checkpoint.CheckpointManager._write, model.GPT.forward = slow_write, slow_eval\n")
     c = cfg(tmp_path, "slow", "run.workers=2", "run.max_steps=4", "run.hang_timeout=1", "run.eval_every=2",
-            "run.ckpt_every=1", "run.ckpt_keep=10", "data.val_fraction=0.5", "run.eval_batches=1000")
+            "run.ckpt_every=1", "run.ckpt_keep=10", "data.val_fraction=0.5", "run.eval_batches=1000",
+            "run.worker_start=exec")
     env = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(shim), str(Path(__file__).resolve().parents[2]), env])
     try:

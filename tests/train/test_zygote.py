@@ -7,7 +7,8 @@ import time
 
 from megacluster import config
 from megacluster.train import zygote
-from megacluster.train.supervisor import start_zygote, train
+from megacluster.train.supervisor import train
+from megacluster.train.zygote import start_zygote
 
 BASE = ["model.d_model=48", "model.n_layer=2", "model.n_head=4", "model.seq_len=32", "model.vocab_size=384",
         "data.max_bytes=200000", "run.batch_size=12", "run.micro_batch=12", "run.log_every=1", "run.eval_batches=1",
@@ -63,3 +64,38 @@ def test_a_zygote_killed_mid_run_hands_over_to_exec_and_the_run_stays_exact(tmp_
     assert "cannot fork workers (the worker zygote exited with code -9); starting them with exec" in err, err
     assert res["recoveries_from_checkpoint"] == 1 and res["restarts"] == 2 and res["steps"] == 40
     assert res["loss_digest"] == clean["loss_digest"]
+
+
+def test_one_zygote_serves_runs_whose_environment_is_the_same(monkeypatch):
+    """Import-time state follows the environment, so a changed one gets a new zygote; pytest's per-test name
+    (PYTEST_CURRENT_TEST) changes nothing a zygote imported, and every test would otherwise pay its imports."""
+    first = start_zygote()
+    monkeypatch.setenv("PYTEST_CURRENT_TEST", "another test (call)")
+    assert start_zygote() is first
+    monkeypatch.setenv("MEGACLUSTER_TEST_ENV", "1")
+    second = start_zygote()
+    assert second is not first and first.proc.wait(timeout=30) is not None  # the old one is closed
+
+
+def test_the_cli_starts_the_zygote_early_only_for_runs_that_fork(monkeypatch):
+    """`megacluster train` starts the zygote before it imports torch, so both import at once; only for a run
+    whose supervisor will fork its workers."""
+    from megacluster.config import RunConfig
+
+    started = []
+    monkeypatch.setattr(zygote, "start_zygote", lambda: started.append(1))
+    monkeypatch.setattr(zygote.os.path, "exists", lambda p: False)  # no GPU device node
+    cases = [(dict(workers=2), True), (dict(workers=1, chaos="kill:rank=0,step=2"), True), (dict(workers=1), False),
+             (dict(workers=2, worker_start="exec"), False), (dict(workers=2, device="cuda"), False),
+             (dict(workers=2, device="cuda", worker_start="fork"), True)]
+    for kw, forks in cases:
+        started.clear()
+        zygote.prestart(RunConfig(**kw))
+        assert started == ([1] if forks else []), kw
+    started.clear()
+    monkeypatch.setattr(zygote.os.path, "exists", lambda p: p == "/dev/nvidiactl")  # a GPU machine: auto is exec
+    zygote.prestart(RunConfig(workers=2))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: no supervisor
+    zygote.prestart(RunConfig(workers=2, worker_start="fork"))
+    assert started == []
