@@ -308,11 +308,10 @@ class Supervisor:
         if self.fork:
             self.zygote = self.zygote or start_zygote()
             try:
-                slot.proc = self.zygote.spawn(env, str(self.run_dir))
-            except ZygoteFailed as e:
+                slot.proc = self.zygote.spawn(env, str(self.run_dir), ready_timeout=self.ready_timeout)
+            except ZygoteFailed as e:  # the zygote keeps watching the workers it forked, if it still can
                 self.log(f"cannot fork workers ({e}); starting them with exec from now on")
-                self.zygote.close()
-                self.zygote, self.fork = None, False
+                self.fork = False
         if slot.proc is None:
             # the child starts with SIGTERM/SIGINT blocked (the mask survives exec) and unblocks them once its
             # handler is set (worker.py): a Ctrl-C while it is still starting Python is recorded, not fatal

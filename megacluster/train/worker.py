@@ -54,8 +54,9 @@ def hard_exit(code: int) -> None:
     """Exit without running C++ static destructors: a process that used gloo can otherwise die at exit with
     'terminate called without an active exception' (SIGABRT), which a supervisor or torchrun would take for
     a failure of a run that finished. Everything of ours is flushed and closed before this."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # None when the process was started with that descriptor closed
+            stream.flush()
     os._exit(code)
 
 

@@ -17,11 +17,15 @@ then starts workers with exec. `run.worker_start` chooses; auto forks for CPU ru
 the parent, fork is not yet measured on a GPU).
 
 Protocol (`Zygote` in the supervisor, `serve` in the zygote; one JSON message per datagram of a SOCK_SEQPACKET
-socket pair):
+socket pair). Workers are named by a spawn id: a pid is reused once reaped.
     first, after the imports        <- {"ready": true} | {"error": "why not"} (and the zygote exits)
-    -> {"op": "spawn", "env": {...}, "cwd": "...", "run_dir": "..."} + fds 0, 1, 2     <- {"pid": 1234}
-    -> {"op": "kill", "pid": 1234, "sig": 9}   (the zygote signals only a child it has not reaped: never a reused pid)
-                                                                     <- {"exited": 1234, "code": -9} (as Popen's)
+    -> {"op": "spawn", "id": 7, "set": {...}, "unset": [...], "cwd": "...", "run_dir": "...", "streams": [0, 1, 2]}
+       + those stdio descriptors (the inheritable ones)     <- {"id": 7, "pid": 1234} | {"id": 7, "error": "..."}
+    -> {"op": "kill", "id": 7, "sig": 9}   (signalled only while not reaped: never a process that reused the pid)
+                                                                     <- {"exited": 7, "code": -9} (as Popen's)
+"set"/"unset" are the worker's environment's differences from the zygote's. A request the zygote does not
+answer in REPLY_S (or its imports in the supervisor's ready timeout) gets it killed, as does its death: either
+way its workers are killed and reported so, and the supervisor uses exec from then on.
 At the end of the socket (the supervisor's process closed it, or died) the zygote SIGKILLs its children and exits.
 It starts with SIGTERM/SIGINT blocked (the supervisor's spawn mask) and keeps them so: a Ctrl-C to the process
 group is for the supervisor and the workers. A child unblocks them once its handlers are set (worker.py), as an
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import json
 import os
 import select
@@ -39,6 +44,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from typing import TYPE_CHECKING
 
@@ -47,7 +53,8 @@ if TYPE_CHECKING:
 
 PRELOAD = ("torch", "torch._dynamo", "safetensors.torch", "megacluster.train.worker", "megacluster.train.loop",
            "megacluster.train.elastic", "megacluster.data")
-MAX_MSG = 1 << 22  # bytes: a datagram (the spawn request holds the whole environment)
+MAX_MSG = 1 << 20  # bytes: a datagram's most (a socket's send buffer, ~208 KiB by default, is the real bound)
+REPLY_S = 30.0  # seconds the zygote may take to answer a request or report a killed worker's exit
 
 
 def fork_supported() -> bool:
@@ -91,14 +98,15 @@ class ZygoteFailed(RuntimeError):
 
 
 class Forked:
-    """A worker forked by the zygote, with the part of subprocess.Popen's interface the supervisor uses."""
+    """A worker forked by the zygote, with the part of subprocess.Popen's interface the supervisor uses. Known by
+    its spawn id, not its pid: a pid is reused once the zygote has reaped it."""
 
-    def __init__(self, zygote: Zygote, pid: int):
-        self.zygote, self.pid = zygote, pid
+    def __init__(self, zygote: Zygote, sid: int, pid: int):
+        self.zygote, self.sid, self.pid = zygote, sid, pid
 
     @property
     def returncode(self) -> int | None:
-        return self.zygote.codes.get(self.pid)
+        return self.zygote.codes.get(self.sid)
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -107,10 +115,13 @@ class Forked:
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:
-            self.zygote.send({"op": "kill", "pid": self.pid, "sig": int(sig)})
+            self.zygote.send({"op": "kill", "id": self.sid, "sig": int(sig)})
 
     def wait(self) -> int:
+        deadline = time.monotonic() + REPLY_S
         while self.poll() is None:
+            if time.monotonic() > deadline:  # the zygote does not report (stopped?): it can watch nothing
+                self.zygote.abandon(f"it reported no exit of worker pid {self.pid} in {REPLY_S:g} s")
             self.zygote.read(timeout=1.0)
         return self.returncode
 
@@ -118,8 +129,9 @@ class Forked:
 class Zygote:
     """The supervisor's end: start the zygote, ask it for workers, learn how they exit.
 
-    If the zygote dies (the OOM killer, say), its workers are SIGKILLed and reported as killed, so the supervisor
-    replaces them as after any failure; `spawn` then raises ZygoteFailed and the supervisor uses exec."""
+    If the zygote dies (the OOM killer, say) or stops answering, its workers are SIGKILLed and reported as killed,
+    so the supervisor replaces them as after any failure; `spawn` then raises ZygoteFailed and the supervisor uses
+    exec."""
 
     _shared: Zygote | None = None
 
@@ -127,7 +139,7 @@ class Zygote:
     def shared(cls, env: dict[str, str]) -> Zygote:
         """This process's zygote for `env` (import-time state depends on it), started if there is none yet."""
         z = cls._shared
-        if z is None or _import_env(z.env) != _import_env(env) or z.gone is not None:
+        if z is None or _import_env(z.env) != _import_env(env) or z.gone is not None or z.proc.poll() is not None:
             if z is not None:
                 z.close()
             z = cls._shared = cls(env)
@@ -136,71 +148,100 @@ class Zygote:
     def __init__(self, env: dict[str, str]):
         self.env = dict(env)
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        # numpy's OpenBLAS starts its thread pool when imported: one thread, so the zygote stays single-threaded
-        # (the workers compute with torch's own BLAS; numpy only slices their token arrays)
         with theirs:
-            self.proc = subprocess.Popen([sys.executable, "-m", "megacluster.train.zygote", str(theirs.fileno())],
-                                         pass_fds=(theirs.fileno(),), env={**env, "OPENBLAS_NUM_THREADS": "1"})
-        self.live: set[int] = set()  # forked and not reported exited
-        self.codes: dict[int, int] = {}  # pid -> exit code, as the zygote reaped them
+            # at 3 or above: were one of our stdin/stdout/stderr closed, the zygote's stream of that number would
+            # be this socket, and a worker's print would land in the protocol
+            fd = fcntl.fcntl(theirs.fileno(), fcntl.F_DUPFD_CLOEXEC, 3)
+            try:
+                # numpy's OpenBLAS starts its thread pool when imported: one thread, so the zygote stays single-
+                # threaded (the workers compute with torch's own BLAS; numpy only slices their token arrays)
+                self.proc = subprocess.Popen([sys.executable, "-m", "megacluster.train.zygote", str(fd)],
+                                             pass_fds=(fd,), env={**env, "OPENBLAS_NUM_THREADS": "1"})
+            finally:
+                os.close(fd)
+        self.next_id = 0
+        self.live: dict[int, int] = {}  # spawn id -> pid, forked and not reported exited
+        self.codes: dict[int, int] = {}  # spawn id -> exit code, as the zygote reaped it
         self.replies: list[dict] = []  # {"ready"} / {"error"} / {"pid"}, in order
         self.ready = False
         self.gone: str | None = None  # why the zygote is no more
         atexit.register(self.close)
 
     def send(self, msg: dict, fds: tuple[int, ...] = ()) -> None:
-        if self.gone is None:
-            try:
-                socket.send_fds(self.sock, [json.dumps(msg).encode()], list(fds))
-            except OSError:  # the zygote died: take in its last words and its end
-                self.read(timeout=1.0)
+        if self.gone is not None:
+            return
+        try:
+            socket.send_fds(self.sock, [json.dumps(msg).encode()], list(fds))
+        except (BrokenPipeError, ConnectionResetError):  # the zygote died: take in its last words and its end
+            self.read(timeout=1.0)
+        except OSError as e:  # e.g. a request too large for a datagram: this one cannot be forked
+            raise ZygoteFailed(f"cannot send the request to the zygote ({e})") from None
 
     def read(self, timeout: float) -> None:
-        """Take in what the zygote has sent within `timeout` seconds."""
+        """Take in what the zygote has sent within `timeout` seconds, in order."""
         while self.gone is None and select.select([self.sock], [], [], timeout)[0]:
             data = self.sock.recv(MAX_MSG)
             if not data:
-                self.lost()
+                self.lost(f"the worker zygote exited with code {self.proc.wait()}")
                 return
             msg = json.loads(data)
             if "exited" in msg:
                 self.codes[msg["exited"]] = msg["code"]
-                self.live.discard(msg["exited"])
+                self.live.pop(msg["exited"], None)
             else:
+                if "pid" in msg:
+                    self.live[msg["id"]] = msg["pid"]
                 self.replies.append(msg)
             timeout = 0
 
-    def lost(self) -> None:
-        """The zygote ended on its own: its workers cannot be watched any more, so they are killed."""
-        self.gone = f"the worker zygote exited with code {self.proc.wait()}"
-        for pid in self.live:
+    def lost(self, why: str) -> None:
+        """The zygote is gone: its workers cannot be watched any more, so they are killed."""
+        self.gone = why
+        for sid, pid in self.live.items():
             with contextlib.suppress(ProcessLookupError):  # not reaped by the zygote: the pid is still its child's
                 os.kill(pid, signal.SIGKILL)
-            self.codes[pid] = -signal.SIGKILL
+            self.codes[sid] = -signal.SIGKILL
         self.live.clear()
 
-    def reply(self) -> dict:
+    def abandon(self, why: str) -> None:
+        """The zygote stopped answering: kill it, and so its workers (reported killed)."""
+        if self.gone is None:
+            self.proc.kill()
+            self.proc.wait()
+            self.lost(f"the worker zygote was killed: {why}")
+
+    def reply(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
         while not self.replies:
             if self.gone is not None:
+                raise ZygoteFailed(self.gone)
+            if time.monotonic() > deadline:
+                self.abandon(f"no answer in {timeout:g} s")
                 raise ZygoteFailed(self.gone)
             self.read(timeout=1.0)
         msg = self.replies.pop(0)
         if "error" in msg:
-            self.read(timeout=5.0)  # the zygote exits after saying why
+            if "id" not in msg:  # the zygote cannot fork at all, and exits
+                self.read(timeout=5.0)
             raise ZygoteFailed(msg["error"])
         return msg
 
-    def spawn(self, env: dict[str, str], run_dir: str) -> Forked:
-        """Fork a worker (the first call waits for the zygote's imports); ZygoteFailed if the zygote cannot."""
+    def spawn(self, env: dict[str, str], run_dir: str, ready_timeout: float = 600.0) -> Forked:
+        """Fork a worker; the first call waits up to `ready_timeout` s for the zygote's imports. ZygoteFailed if the
+        zygote cannot: the caller starts this worker (and the next ones) with exec."""
         if not self.ready:
-            self.reply()
+            self.reply(ready_timeout)
             self.ready = True
-        streams = [fd for fd in (0, 1, 2) if _is_open(fd)]  # a closed one stays closed in the worker too
-        self.send({"op": "spawn", "env": env, "cwd": os.getcwd(), "run_dir": run_dir, "streams": streams},
-                  fds=tuple(streams))
-        pid = self.reply()["pid"]
-        self.live.add(pid)
-        return Forked(self, pid)
+        # the streams this process would pass to an exec'd child: the inheritable ones (a closed one, or a
+        # close-on-exec descriptor of ours that happens to have the number, stays closed in the worker)
+        streams = [fd for fd in (0, 1, 2) if _inheritable(fd)]
+        changed = {k: v for k, v in env.items() if self.env.get(k) != v}  # small, whatever the environment's size
+        unset = [k for k in self.env if k not in env]
+        self.next_id += 1
+        self.send({"op": "spawn", "id": self.next_id, "set": changed, "unset": unset, "cwd": os.getcwd(),
+                   "run_dir": run_dir, "streams": streams}, fds=tuple(streams))
+        msg = self.reply(REPLY_S)
+        return Forked(self, msg["id"], msg["pid"])
 
     def close(self) -> None:
         """End the zygote (it kills any child still running) and wait for it."""
@@ -225,11 +266,10 @@ def _import_env(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST"}
 
 
-def _is_open(fd: int) -> bool:
+def _inheritable(fd: int) -> bool:
     try:
-        os.fstat(fd)
-        return True
-    except OSError:
+        return os.get_inheritable(fd)
+    except OSError:  # not open
         return False
 
 
@@ -247,36 +287,46 @@ def unsafe_to_fork() -> str | None:
 
 
 def child(sock: socket.socket, msg: dict, fds: list[int]) -> None:
-    """In the forked child: become the worker `msg` asks for, exit with its code (never return to the zygote)."""
+    """In the forked child: become the worker `msg` asks for and exit with its code. Never returns (a return would
+    run the zygote's loop in the worker)."""
     code = 1
     try:
         sock.close()
-        for target in (0, 1, 2):  # the supervisor's stdin, stdout, stderr of the moment
-            if target not in msg["streams"]:
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in fds]  # out of 0-2 before any is replaced
+        for fd in fds:
+            os.close(fd)
+        for target in (0, 1, 2):  # the supervisor's streams of the moment; one it had closed stays closed
+            if target in msg["streams"]:
+                os.dup2(high[msg["streams"].index(target)], target)
+            else:
                 with contextlib.suppress(OSError):
                     os.close(target)
-        for target, fd in zip(msg["streams"], fds):
-            os.dup2(fd, target)
+        for fd in high:
             os.close(fd)
         os.chdir(msg["cwd"])
-        os.environ.clear()
-        os.environ.update(msg["env"])
+        for k in msg["unset"]:
+            os.environ.pop(k, None)
+        os.environ.update(msg["set"])
         import torch
 
         # an exec'd worker's thread pool starts with OMP_NUM_THREADS; here the pool has not started yet either
-        torch.set_num_threads(int(msg["env"].get("OMP_NUM_THREADS", torch.get_num_threads())))
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
         sys.argv = ["megacluster.train.worker", msg["run_dir"]]
         from .worker import entry
 
         code = entry(msg["run_dir"])
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+    except SystemExit as e:  # as the interpreter exits on it
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=sys.stderr)
     except BaseException:  # noqa: BLE001 - as an exec'd worker: the traceback, exit 1
-        traceback.print_exc()
+        with contextlib.suppress(BaseException):
+            traceback.print_exc()
     finally:
-        from .worker import hard_exit
-
-        hard_exit(code)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(BaseException):
+                stream.flush()
+        os._exit(code)  # no C++ static destructors (worker.hard_exit says why), no return into the zygote
 
 
 def serve(sock: socket.socket) -> int:
@@ -291,12 +341,12 @@ def serve(sock: socket.socket) -> int:
     if problem:
         sock.send(json.dumps({"error": problem}).encode())
         return 1
-    children: set[int] = set()
+    children: dict[int, int] = {}  # pid -> spawn id
     try:
         sock.send(json.dumps({"ready": True}).encode())
         while _serve_one(sock, children):
             pass
-    except OSError:  # the supervisor's end is gone
+    except (BrokenPipeError, ConnectionResetError):  # the supervisor's end is gone
         pass
     for pid in children:  # the supervisor's process is done (or dead): leave no worker behind
         os.kill(pid, signal.SIGKILL)
@@ -305,7 +355,7 @@ def serve(sock: socket.socket) -> int:
     return 0
 
 
-def _serve_one(sock: socket.socket, children: set[int]) -> bool:
+def _serve_one(sock: socket.socket, children: dict[int, int]) -> bool:
     """Report the children that ended, then carry out one request if there is one; False at the socket's end."""
     # a child's end is seen within 20 ms; with no child, sleep until asked
     readable = select.select([sock], [], [], 0.02 if children else None)[0]
@@ -313,24 +363,30 @@ def _serve_one(sock: socket.socket, children: set[int]) -> bool:
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid == 0:
             break
-        children.discard(pid)
-        sock.send(json.dumps({"exited": pid, "code": os.waitstatus_to_exitcode(status)}).encode())
+        sock.send(json.dumps({"exited": children.pop(pid), "code": os.waitstatus_to_exitcode(status)}).encode())
     if not readable:
         return True
     data, fds, _, _ = socket.recv_fds(sock, MAX_MSG, 3)
     if not data:
         return False
     msg = json.loads(data)
-    if msg["op"] == "kill" and msg["pid"] in children:
-        os.kill(msg["pid"], msg["sig"])
+    if msg["op"] == "kill":
+        pid = next((p for p, sid in children.items() if sid == msg["id"]), None)
+        if pid is not None:  # not reaped yet: the pid is still this child's
+            os.kill(pid, msg["sig"])
     elif msg["op"] == "spawn":
-        pid = os.fork()
-        if pid == 0:
-            child(sock, msg, fds)
+        try:
+            pid = os.fork()
+        except OSError as e:  # out of processes or memory: this spawn fails, the running workers go on
+            reply = {"id": msg["id"], "error": f"fork failed: {e}"}
+        else:
+            if pid == 0:
+                child(sock, msg, fds)
+            children[pid] = msg["id"]
+            reply = {"id": msg["id"], "pid": pid}
         for fd in fds:
             os.close(fd)
-        children.add(pid)
-        sock.send(json.dumps({"pid": pid}).encode())
+        sock.send(json.dumps(reply).encode())
     return True
 
 

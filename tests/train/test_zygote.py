@@ -2,8 +2,12 @@
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+
+import pytest
 
 from megacluster import config
 from megacluster.train import zygote
@@ -99,3 +103,60 @@ def test_the_cli_starts_the_zygote_early_only_for_runs_that_fork(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: no supervisor
     zygote.prestart(RunConfig(workers=2, worker_start="fork"))
     assert started == []
+
+
+def test_a_zygote_that_died_idle_is_not_handed_out_again():
+    z = start_zygote()
+    os.kill(z.proc.pid, signal.SIGKILL)
+    z.proc.wait()
+    assert start_zygote() is not z
+
+
+def test_a_zygote_that_does_not_answer_is_killed_and_the_spawn_fails_over():
+    """A stopped (or endlessly importing) zygote: the spawn gives up after its deadline, kills it, and says so;
+    the supervisor then uses exec."""
+    z = zygote.Zygote(zygote.base_env())  # not the shared one
+    os.kill(z.proc.pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    with pytest.raises(zygote.ZygoteFailed, match="killed: no answer in 1 s"):
+        z.spawn(zygote.base_env(), "unused", ready_timeout=1.0)
+    assert time.monotonic() - t0 < 10 and z.proc.poll() is not None
+    z.close()
+
+
+def test_an_environment_too_large_to_send_fails_over_instead_of_hanging(tmp_path):
+    """Only the differences from the zygote's environment travel, so a large environment forks as usual; a
+    difference too large for a datagram is refused at once (it used to be taken for a dead zygote, and the
+    supervisor waited for an answer forever)."""
+    z = start_zygote()
+    with pytest.raises(zygote.ZygoteFailed, match="cannot send the request"):
+        z.spawn({**zygote.base_env(), "MEGACLUSTER_BIG": "x" * 1_000_000}, str(tmp_path))
+    assert z.gone is None and z.proc.poll() is None  # still serving
+
+
+@pytest.mark.parametrize("how", ["fork", "exec"])
+def test_a_run_started_with_stdin_and_stdout_closed(tmp_path, how):
+    """A closed stream stays closed in the workers, as under exec, and nothing fails on it (an exec'd worker's
+    exit used to flush sys.stdout, which is None then)."""
+    args = [sys.executable, "-m", "megacluster", "train", "--workers", "2", "--max-steps", "3", "--run-dir",
+            str(tmp_path / "run"), "--set", f"run.worker_start={how}", *[a for kv in BASE for a in ("--set", kv)]]
+    r = subprocess.run(args, stderr=subprocess.PIPE, text=True, timeout=300,
+                       preexec_fn=lambda: (os.close(0), os.close(1)))
+    assert r.returncode == 0, r.stderr
+    assert "done: 3 steps on 2 worker(s)" in r.stderr and "cannot fork" not in r.stderr, r.stderr
+
+
+def test_descriptors_received_on_0_to_2_are_moved_before_the_streams_are_set(tmp_path):
+    """Stdin closed, and fd 0 held by a close-on-exec descriptor while the zygote starts: the zygote receives the
+    worker's stdout on fd 0. It used to close that fd as "stdin stays closed" and fail in dup2 before the worker
+    ran; now the worker runs (here: into a run dir without config.json, which it names on its stderr)."""
+    code = ("import os, sys\n"
+            "from megacluster.train.zygote import start_zygote, base_env\n"
+            "os.close(0)\n"
+            "hold = os.open('/dev/null', os.O_RDONLY | os.O_CLOEXEC)\n"
+            "z = start_zygote()\n"
+            "os.close(hold)\n"
+            f"p = z.spawn(base_env(), {str(tmp_path)!r})\n"
+            "print('exit code', p.wait(), file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "exit code 1" in r.stderr and "config.json" in r.stderr and "Bad file descriptor" not in r.stderr, r.stderr
