@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 PRELOAD = ("torch", "torch._dynamo", "safetensors.torch", "megacluster.train.worker", "megacluster.train.loop",
            "megacluster.train.elastic", "megacluster.data")
 MAX_MSG = 1 << 20  # bytes: a datagram's most (a socket's send buffer, ~208 KiB by default, is the real bound)
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 REPLY_S = 30.0  # seconds the zygote may take to answer a request or report a killed worker's exit
 
 
@@ -147,6 +149,7 @@ class Zygote:
 
     def __init__(self, env: dict[str, str]):
         self.env = dict(env)
+        self.own_env = {**env, "OPENBLAS_NUM_THREADS": "1"}  # the zygote's (a worker's differs from this one)
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
             # at 3 or above: were one of our stdin/stdout/stderr closed, the zygote's stream of that number would
@@ -156,7 +159,7 @@ class Zygote:
                 # numpy's OpenBLAS starts its thread pool when imported: one thread, so the zygote stays single-
                 # threaded (the workers compute with torch's own BLAS; numpy only slices their token arrays)
                 self.proc = subprocess.Popen([sys.executable, "-m", "megacluster.train.zygote", str(fd)],
-                                             pass_fds=(fd,), env={**env, "OPENBLAS_NUM_THREADS": "1"})
+                                             pass_fds=(fd,), env=self.own_env)
             finally:
                 os.close(fd)
         self.next_id = 0
@@ -195,11 +198,10 @@ class Zygote:
             timeout = 0
 
     def lost(self, why: str) -> None:
-        """The zygote is gone: its workers cannot be watched any more, so they are killed."""
+        """The zygote is gone, and with it its workers: each is killed by the kernel when its parent dies
+        (PR_SET_PDEATHSIG, set in `child`), so none is left running unwatched; they are reported killed."""
         self.gone = why
-        for sid, pid in self.live.items():
-            with contextlib.suppress(ProcessLookupError):  # not reaped by the zygote: the pid is still its child's
-                os.kill(pid, signal.SIGKILL)
+        for sid in self.live:
             self.codes[sid] = -signal.SIGKILL
         self.live.clear()
 
@@ -235,8 +237,8 @@ class Zygote:
         # the streams this process would pass to an exec'd child: the inheritable ones (a closed one, or a
         # close-on-exec descriptor of ours that happens to have the number, stays closed in the worker)
         streams = [fd for fd in (0, 1, 2) if _inheritable(fd)]
-        changed = {k: v for k, v in env.items() if self.env.get(k) != v}  # small, whatever the environment's size
-        unset = [k for k in self.env if k not in env]
+        changed = {k: v for k, v in env.items() if self.own_env.get(k) != v}  # small, whatever the env's size
+        unset = [k for k in self.own_env if k not in env]
         self.next_id += 1
         self.send({"op": "spawn", "id": self.next_id, "set": changed, "unset": unset, "cwd": os.getcwd(),
                    "run_dir": run_dir, "streams": streams}, fds=tuple(streams))
@@ -255,7 +257,7 @@ class Zygote:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.gone = self.gone or "closed"
+        self.lost(self.gone or "closed")  # it killed any worker still running, on the socket's end
         if Zygote._shared is self:
             Zygote._shared = None
 
@@ -286,11 +288,16 @@ def unsafe_to_fork() -> str | None:
     return None
 
 
-def child(sock: socket.socket, msg: dict, fds: list[int]) -> None:
+def child(sock: socket.socket, msg: dict, fds: list[int], zygote_pid: int) -> None:
     """In the forked child: become the worker `msg` asks for and exit with its code. Never returns (a return would
     run the zygote's loop in the worker)."""
     code = 1
     try:
+        # die with the zygote: a zygote killed (or dead) before its supervisor learned this worker's pid must not
+        # leave it running unwatched beside its replacement
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or \
+                os.getppid() != zygote_pid:
+            os._exit(1)
         sock.close()
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in fds]  # out of 0-2 before any is replaced
         for fd in fds:
@@ -375,13 +382,14 @@ def _serve_one(sock: socket.socket, children: dict[int, int]) -> bool:
         if pid is not None:  # not reaped yet: the pid is still this child's
             os.kill(pid, msg["sig"])
     elif msg["op"] == "spawn":
+        parent = os.getpid()
         try:
             pid = os.fork()
         except OSError as e:  # out of processes or memory: this spawn fails, the running workers go on
             reply = {"id": msg["id"], "error": f"fork failed: {e}"}
         else:
             if pid == 0:
-                child(sock, msg, fds)
+                child(sock, msg, fds, parent)
             children[pid] = msg["id"]
             reply = {"id": msg["id"], "pid": pid}
         for fd in fds:

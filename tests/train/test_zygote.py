@@ -1,5 +1,6 @@
 """Workers forked from a zygote (train/zygote.py): what an exec'd worker would be, and an exec fallback."""
 
+import json
 import os
 import signal
 import subprocess
@@ -52,10 +53,13 @@ def test_a_zygote_killed_mid_run_hands_over_to_exec_and_the_run_stays_exact(tmp_
     clean = train(config.build("tiny", None, base + [f"run.run_dir={tmp_path / 'clean'}"]))
     run_dir = tmp_path / "cut"
 
+    forked = []
+
     def kill_the_zygote():
         deadline = time.time() + 120
         while time.time() < deadline:
             if steps_logged(run_dir) >= 12:
+                forked.extend(json.loads((run_dir / "workers.json").read_text()).values())
                 os.kill(zygote.Zygote._shared.proc.pid, signal.SIGKILL)
                 return
             time.sleep(0.01)
@@ -68,6 +72,16 @@ def test_a_zygote_killed_mid_run_hands_over_to_exec_and_the_run_stays_exact(tmp_
     assert "cannot fork workers (the worker zygote exited with code -9); starting them with exec" in err, err
     assert res["recoveries_from_checkpoint"] == 1 and res["restarts"] == 2 and res["steps"] == 40
     assert res["loss_digest"] == clean["loss_digest"]
+    assert len(forked) == 2 and not any(os.path.exists(f"/proc/{pid}") for pid in forked)  # died with the zygote
+
+
+def test_workers_of_a_closed_zygote_are_reported_killed():
+    """Closing the zygote kills its workers (it does on the socket's end): a caller still holding one sees it
+    killed instead of waiting forever (it used to spin at full CPU in wait)."""
+    z = zygote.Zygote(zygote.base_env())
+    z.live[7] = 2 ** 22 + 1  # a worker it forked (bookkeeping only: no such process is signalled)
+    z.close()
+    assert zygote.Forked(z, 7, 2 ** 22 + 1).wait() == -signal.SIGKILL and z.live == {}
 
 
 def test_one_zygote_serves_runs_whose_environment_is_the_same(monkeypatch):
