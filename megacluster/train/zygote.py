@@ -310,6 +310,13 @@ def child(sock: socket.socket, msg: dict, fds: list[int], zygote_pid: int) -> No
                     os.close(target)
         for fd in high:
             os.close(fd)
+        for target, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+            # Python's stream objects are the zygote's, made at its start: match them to this worker's streams
+            # (None for a closed one, as an exec'd Python has)
+            if target not in msg["streams"]:
+                setattr(sys, name, None)
+            elif getattr(sys, name) is None:
+                setattr(sys, name, open(target, mode, buffering=1 if mode == "w" else -1, closefd=False))
         os.chdir(msg["cwd"])
         for k in msg["unset"]:
             os.environ.pop(k, None)
