@@ -37,7 +37,7 @@ from .chaos import check_ranks, parse
 from .checkpoint import CheckpointError, meta_of, newest_meta
 from .elastic import CHECKPOINT_FAILED, DIVERGED, INPUT_REFUSED, NODE_LOST, Plan
 from .signals import SIGNALS, StopSignals, exit_code
-from .zygote import Forked, Zygote, ZygoteFailed, base_env, fork_supported, start_zygote, under_launcher
+from .zygote import Forked, Zygote, ZygoteFailed, base_env, forks, start_zygote, supervised, under_launcher
 
 POLL_S = 0.05  # seconds between supervisor checks
 MAX_RESTARTS = 3  # restarts per worker slot before it is given up
@@ -96,9 +96,9 @@ def train(cfg: Config) -> dict | None:
     check_data(cfg, corpus)
     if not cfg.run.resume:  # after every input check: a refused run moves nothing
         set_aside_earlier_run(run_dir)
-    if cfg.run.workers == 1 and not cfg.run.chaos:
+    if not supervised(cfg.run):
         return Worker(cfg, init_place(cfg.run.device), corpus=corpus).run()
-    return Supervisor(cfg, corpus).run()
+    return Supervisor(cfg, corpus, device).run()
 
 
 def check_fatal(wid: int, code: int | None) -> None:
@@ -250,10 +250,9 @@ class Stats:
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, corpus: Corpus):
+    def __init__(self, cfg: Config, corpus: Corpus, device: str):
+        """device: the run's, resolved ("cpu" or "cuda")."""
         import torch.distributed as dist
-
-        from .loop import resolve_device
 
         self.cfg = cfg
         self.run_dir = Path(cfg.run.run_dir)
@@ -281,8 +280,7 @@ class Supervisor:
         self.escalation_mark = -1  # the newest step completed before the last full restart
         self.stop = StopSignals()  # SIGTERM/SIGINT received: the workers checkpoint and stop (signals.py)
         self.stop_sent_gen = -1  # the generation the stop request was posted in
-        self.fork = fork_supported() and (cfg.run.worker_start == "fork" or (
-            cfg.run.worker_start == "auto" and resolve_device(cfg.run.device) == "cpu"))  # zygote.py
+        self.fork = forks(cfg.run, device)  # workers forked from the zygote (zygote.py), else exec'd
         self.zygote: Zygote | None = None  # started at the first spawn
 
     # ---- processes ----

@@ -84,14 +84,24 @@ def start_zygote() -> Zygote:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
+def supervised(run: RunConfig) -> bool:
+    """Whether a supervisor starts this run's workers: more than one, or faults to inject, and no launcher."""
+    return (run.workers > 1 or bool(run.chaos)) and not under_launcher()
+
+
+def forks(run: RunConfig, device: str) -> bool:
+    """Whether a supervised run's workers are forked from the zygote (run.worker_start; auto: on CPU)."""
+    return fork_supported() and (run.worker_start == "fork" or (run.worker_start == "auto" and device == "cpu"))
+
+
 def prestart(run: RunConfig) -> None:
-    """Start the zygote now when the run will surely fork its workers (supervised, on a machine without a GPU
-    device node), so that its imports overlap the caller's: `megacluster train` imports torch next (3 s of the
-    2-core test machine's 6.5 s). Torch-free; the supervisor decides for itself when it starts workers."""
-    supervised = (run.workers > 1 or bool(run.chaos)) and not under_launcher()
-    no_gpu = run.device == "cpu" or (run.device == "auto" and not any(
-        os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd")))  # NVIDIA's driver, AMD's ROCm
-    if supervised and fork_supported() and (run.worker_start == "fork" or (run.worker_start == "auto" and no_gpu)):
+    """Start the zygote now when the run will surely fork its workers, so that its imports overlap the caller's:
+    `megacluster train` imports torch next (3 s of the 2-core test machine's 6.5 s). Torch-free, so device auto is
+    guessed from the GPU device nodes; the supervisor decides for itself, on the resolved device, when it starts
+    workers."""
+    gpu_node = any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd"))  # NVIDIA's driver, AMD's ROCm
+    device = run.device if run.device != "auto" else "cuda" if gpu_node else "cpu"
+    if supervised(run) and forks(run, device):
         start_zygote()
 
 
@@ -163,7 +173,7 @@ class Zygote:
             finally:
                 os.close(fd)
         self.next_id = 0
-        self.live: dict[int, int] = {}  # spawn id -> pid, forked and not reported exited
+        self.live: set[int] = set()  # spawn ids forked and not reported exited
         self.codes: dict[int, int] = {}  # spawn id -> exit code, as the zygote reaped it
         self.replies: list[dict] = []  # {"ready"} / {"error"} / {"pid"}, in order
         self.ready = False
@@ -190,10 +200,10 @@ class Zygote:
             msg = json.loads(data)
             if "exited" in msg:
                 self.codes[msg["exited"]] = msg["code"]
-                self.live.pop(msg["exited"], None)
+                self.live.discard(msg["exited"])
             else:
                 if "pid" in msg:
-                    self.live[msg["id"]] = msg["pid"]
+                    self.live.add(msg["id"])
                 self.replies.append(msg)
             timeout = 0
 

@@ -222,7 +222,7 @@ def test_restart_is_the_one_place_that_gives_a_slot_up(tmp_path, monkeypatch):
     from megacluster.data import Corpus
 
     corpus = Corpus(train=[], val=[], vocab_size=384, directory=tmp_path, tokenizer_path=tmp_path / "tok.json")
-    sup = Supervisor(cfg(tmp_path, "decide", "run.workers=2"), corpus)
+    sup = Supervisor(cfg(tmp_path, "decide", "run.workers=2"), corpus, "cpu")
     started = []
     monkeypatch.setattr(sup, "spawn", lambda s, init: started.append((s.wid, init)))  # no real processes here
     flaky, gone = sup.slots

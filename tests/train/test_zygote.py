@@ -79,9 +79,9 @@ def test_workers_of_a_closed_zygote_are_reported_killed():
     """Closing the zygote kills its workers (it does on the socket's end): a caller still holding one sees it
     killed instead of waiting forever (it used to spin at full CPU in wait)."""
     z = zygote.Zygote(zygote.base_env())
-    z.live[7] = 2 ** 22 + 1  # a worker it forked (bookkeeping only: no such process is signalled)
+    z.live.add(7)  # a worker it forked (bookkeeping only: no such process is signalled)
     z.close()
-    assert zygote.Forked(z, 7, 2 ** 22 + 1).wait() == -signal.SIGKILL and z.live == {}
+    assert zygote.Forked(z, 7, 2 ** 22 + 1).wait() == -signal.SIGKILL and z.live == set()
 
 
 def test_one_zygote_serves_runs_whose_environment_is_the_same(monkeypatch):
