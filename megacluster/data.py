@@ -257,6 +257,28 @@ def reopen(ref: dict, cfg: DataConfig, vocab_size: int) -> Corpus:
     return _pretokenized(files, cfg, vocab_size)
 
 
+def check_inputs(cfg: DataConfig, vocab_size: int) -> list[Path]:
+    """The input files (`resolve`), refused when missing or, for text, when the vocabulary cannot hold its byte
+    tokens or the cache directory cannot be made. Reads no file's content: the CLI runs this before it imports
+    torch."""
+    files = resolve(cfg.paths)
+    if files[0].suffix in PRETOKENIZED:
+        return files  # (their cache only saves a scan: one that cannot be written costs the scan again)
+    if vocab_size < MIN_TEXT_VOCAB:  # else token ids past the embedding table: an IndexError deep in the forward
+        raise InputError(f"model.vocab_size: text data needs at least {MIN_TEXT_VOCAB} (the 256 byte tokens and "
+                         f"end-of-text), got {vocab_size}")
+    _make_cache_dir(cache_root(cfg))  # text is tokenized into it
+    return files
+
+
+def _make_cache_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"data.cache_dir: cannot create {directory} ({e.strerror}); set data.cache_dir or "
+                         "$MEGACLUSTER_CACHE to a writable directory") from None
+
+
 def prepare(cfg: DataConfig, vocab_size: int) -> Corpus:
     """Tokenize the inputs once (cached, process-safe under a file lock) and memmap the shards.
 
@@ -265,20 +287,13 @@ def prepare(cfg: DataConfig, vocab_size: int) -> Corpus:
     memmaps, reading no input's content. The
     cache key covers each file's path, size and mtime (`_fingerprint`) and the options, so an edited, added or
     removed file makes a new key and a rebuild."""
-    files = resolve(cfg.paths)
+    files = check_inputs(cfg, vocab_size)
     if files[0].suffix in PRETOKENIZED:
         return _pretokenized(files, cfg, vocab_size)
-    if vocab_size < MIN_TEXT_VOCAB:  # else token ids past the embedding table: an IndexError deep in the forward
-        raise InputError(f"model.vocab_size: text data needs at least {MIN_TEXT_VOCAB} (the 256 byte tokens and "
-                         f"end-of-text), got {vocab_size}")
     key = _fingerprint(files, {"v": FORMAT_VERSION, "vocab": vocab_size, "max_bytes": cfg.max_bytes,
                                "val": cfg.val_fraction})
     directory = cache_root(cfg) / f"corpus-{key}"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"data.cache_dir: cannot create {directory.parent} ({e.strerror}); set "
-                         "data.cache_dir or $MEGACLUSTER_CACHE to a writable directory") from None
+    _make_cache_dir(directory)
     with open(directory / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process tokenizes; the others wait, then reuse
         if not (directory / "meta.json").exists():

@@ -109,6 +109,11 @@ def test_roundtrip_dict():
     assert config.from_dict(cfg.to_dict()) == cfg
 
 
+# `megacluster` that says at exit whether it imported torch
+TELLS_TORCH = ("import atexit, sys; atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, "
+               "file=sys.stderr)); from megacluster.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--set", "model.nope=1"], "unknown config key 'model.nope'"),
     (["--preset", "huge"], "unknown preset"),
@@ -124,11 +129,11 @@ def test_roundtrip_dict():
     (["--set", "model.n_layer=1000000000"], "parameters need at least"),  # it built layers until out of memory
 ])
 def test_cli_bad_input_exits_2(argv, needle, tmp_path):
-    """Refused (exit 2) before a worker starts or any text is tokenized."""
-    r = subprocess.run([sys.executable, "-m", "megacluster", "train", "--run-dir", str(tmp_path), *argv],
+    """Refused (exit 2) at once: before torch is imported (3 s), a worker starts or any text is tokenized."""
+    r = subprocess.run([sys.executable, "-c", TELLS_TORCH, "train", "--run-dir", str(tmp_path), *argv],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
-    assert needle in r.stderr
+    assert needle in r.stderr and "torch imported: False" in r.stderr
 
 
 @pytest.mark.parametrize("flag, needle", [("--run-dir", "run.run_dir (--run-dir): cannot create"),
@@ -138,6 +143,6 @@ def test_cli_refuses_a_directory_it_cannot_create(flag, needle, tmp_path):
     where = str(tmp_path / "file" / "sub")  # under a regular file: mkdir fails (as root too)
     argv = ["--run-dir", where] if flag == "--run-dir" else ["--run-dir", str(tmp_path / "run"), "--set",
                                                              f"data.cache_dir={where}"]
-    r = subprocess.run([sys.executable, "-m", "megacluster", "train", *argv], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", TELLS_TORCH, "train", *argv], capture_output=True, text=True,
                        timeout=120)
-    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    assert r.returncode == 2 and needle in r.stderr and "torch imported: False" in r.stderr, r.stderr

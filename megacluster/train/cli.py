@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .. import config
-from . import zygote
+from . import inputs, zygote
 
 # flag dest -> config key it sets (applied after preset, --config and --set, so flags win)
 FLAGS = {
@@ -52,7 +52,8 @@ def build_config(args: argparse.Namespace) -> config.Config:
 
 
 def run(args: argparse.Namespace) -> dict | None:
-    cfg = build_config(args)  # bad input fails here, before torch is imported
+    cfg = build_config(args)  # bad input fails here and in inputs.check, before torch is imported
+    inputs.check(cfg)
     zygote.prestart(cfg.run)  # its imports (when it will fork the workers) run beside ours
     from .supervisor import train
 

@@ -29,13 +29,13 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..config import Config, ModelConfig, ffn_hidden, n_params
+from ..config import Config, ModelConfig, ffn_hidden
 from ..data import Corpus, prepare
 from ..errors import InputError
 from ..files import fsync_dir, write_json
-from .chaos import check_ranks, parse
 from .checkpoint import CheckpointError, meta_of, newest_meta
 from .elastic import CHECKPOINT_FAILED, DIVERGED, INPUT_REFUSED, NODE_LOST, Plan
+from .inputs import check, check_fits
 from .signals import SIGNALS, StopSignals, exit_code
 from .zygote import Forked, Zygote, ZygoteFailed, base_env, forks, start_zygote, supervised, under_launcher
 
@@ -52,22 +52,12 @@ def hb_step(value: str) -> int:
 
 def train(cfg: Config) -> dict | None:
     """Train per `cfg`; returns rank 0's result dict (None on other ranks under a launcher)."""
+    check(cfg)  # the torch-free checks (the CLI ran them already, before importing torch)
     from .loop import Worker, init_place, resolve_device  # torch is imported only when training
 
-    world = int(os.environ["WORLD_SIZE"]) if under_launcher() else cfg.run.workers
-    check_ranks(parse(cfg.run.chaos), world)  # a bad spec is refused before any process starts
     if under_launcher() and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         cfg.run.resume = True  # restarted by torchrun: continue exactly from the newest good checkpoint
     run_dir = Path(cfg.run.run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise InputError(f"run.run_dir (--run-dir): {run_dir} exists and is not a directory")
-    try:  # here, not after tokenizing the data
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"run.run_dir (--run-dir): cannot create {run_dir} ({e.strerror})") from None
-    if not under_launcher() and cfg.run.workers > max_local_workers():
-        raise InputError(f"run.workers={cfg.run.workers}: at most {max_local_workers()} local worker processes on this "
-                         f"machine ({os.cpu_count()} cores); for more, run on several machines under torchrun")
     device = resolve_device(cfg.run.device)  # refuses cuda without a GPU
     check_fits(cfg, device)
     if cfg.run.resume:
@@ -110,38 +100,6 @@ def check_fatal(wid: int, code: int | None) -> None:
         raise InputError(f"worker {wid} refused its input (its message above)")
     if code == DIVERGED:
         raise RuntimeError(f"worker {wid}: training diverged (its message above names the step)")
-
-
-TRAIN_BYTES_PER_PARAM = 16  # the least any of our optimizers holds: fp32 weights, gradients, AdamW's two moments
-# (or bf16 weights and gradients with an fp32 master copy); activations come on top
-
-
-def check_fits(cfg: Config, device: str) -> None:
-    """Refuse a model whose training state alone exceeds this machine's memory (per GPU, or the RAM shared by the
-    local CPU workers), before the data is tokenized: a typo such as n_layer=1000000000 would otherwise build
-    layers until the machine gives out."""
-    params = n_params(cfg.model)
-    if device == "cuda":
-        import torch
-
-        have = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
-        where, replicas = "this GPU", 1
-    else:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        replicas = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if under_launcher() else cfg.run.workers
-        where = "this machine's memory" + (f", shared by {replicas} local workers" if replicas > 1 else "")
-    need = TRAIN_BYTES_PER_PARAM * params * replicas
-    if need > have:
-        raise InputError(f"model: {params:,} parameters need at least {need / 2**30:,.1f} GiB to train "
-                         f"({TRAIN_BYTES_PER_PARAM} bytes each{' per worker' if replicas > 1 else ''}, before "
-                         f"activations) and {where} is {have / 2**30:,.1f} GiB; check model.n_layer, model.d_model, "
-                         "model.vocab_size and model.ffn_hidden")
-
-
-def max_local_workers() -> int:
-    """Worker processes one machine may start: 4 per core (at least 8; tests run 3 on 2 cores). Beyond that a
-    typo (--workers 10000) would fork until the machine gives out instead of being refused."""
-    return max(8, 4 * (os.cpu_count() or 1))
 
 
 def check_resume(cfg: Config) -> None:

@@ -99,10 +99,15 @@ def prestart(run: RunConfig) -> None:
     `megacluster train` imports torch next (3 s of the 2-core test machine's 6.5 s). Torch-free, so device auto is
     guessed from the GPU device nodes; the supervisor decides for itself, on the resolved device, when it starts
     workers."""
-    gpu_node = any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd"))  # NVIDIA's driver, AMD's ROCm
-    device = run.device if run.device != "auto" else "cuda" if gpu_node else "cpu"
-    if supervised(run) and forks(run, device):
+    if supervised(run) and forks(run, guess_device(run)):
         start_zygote()
+
+
+def guess_device(run: RunConfig) -> str:
+    """run.device without importing torch: auto is guessed from the GPU device nodes (torch may still find no
+    usable GPU there, and the run then goes to the CPU)."""
+    gpu_node = any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd"))  # NVIDIA's driver, AMD's ROCm
+    return run.device if run.device != "auto" else "cuda" if gpu_node else "cpu"
 
 
 class ZygoteFailed(RuntimeError):

@@ -1,0 +1,66 @@
+"""Refuse a run's bad input before anything heavy starts: the checks here import no torch (3 s of a 2-core
+machine) and tokenize nothing, so a typo is answered at once (`megacluster train` runs them before it imports
+torch or starts the zygote). `supervisor.train` runs them again for callers of the Python API, then the checks
+that need torch: the device, and memory on a GPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..config import Config, n_params
+from ..data import check_inputs
+from ..errors import InputError
+from .chaos import check_ranks, parse
+from .zygote import guess_device, under_launcher
+
+TRAIN_BYTES_PER_PARAM = 16  # the least any of our optimizers holds: fp32 weights, gradients, AdamW's two moments
+# (or bf16 weights and gradients with an fp32 master copy); activations come on top
+
+
+def check(cfg: Config) -> None:
+    """Every torch-free check of `cfg` against this machine; InputError naming the key on the first that fails.
+    Creates the run dir (a run dir that cannot be made is refused here, not after tokenizing)."""
+    world = int(os.environ["WORLD_SIZE"]) if under_launcher() else cfg.run.workers
+    check_ranks(parse(cfg.run.chaos), world)  # a bad spec is refused before any process starts
+    run_dir = Path(cfg.run.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"run.run_dir (--run-dir): {run_dir} exists and is not a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"run.run_dir (--run-dir): cannot create {run_dir} ({e.strerror})") from None
+    if not under_launcher() and cfg.run.workers > max_local_workers():
+        raise InputError(f"run.workers={cfg.run.workers}: at most {max_local_workers()} local worker processes on this "
+                         f"machine ({os.cpu_count()} cores); for more, run on several machines under torchrun")
+    check_inputs(cfg.data, cfg.model.vocab_size)
+    if guess_device(cfg.run) == "cpu":  # on a GPU, train() checks the GPU's memory once torch is imported
+        check_fits(cfg, "cpu")
+
+
+def max_local_workers() -> int:
+    """Worker processes one machine may start: 4 per core (at least 8; tests run 3 on 2 cores). Beyond that a
+    typo (--workers 10000) would fork until the machine gives out instead of being refused."""
+    return max(8, 4 * (os.cpu_count() or 1))
+
+
+def check_fits(cfg: Config, device: str) -> None:
+    """Refuse a model whose training state alone exceeds this machine's memory (per GPU, or the RAM shared by the
+    local CPU workers), before the data is tokenized: a typo such as n_layer=1000000000 would otherwise build
+    layers until the machine gives out."""
+    params = n_params(cfg.model)
+    if device == "cuda":
+        import torch
+
+        have = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
+        where, replicas = "this GPU", 1
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        replicas = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if under_launcher() else cfg.run.workers
+        where = "this machine's memory" + (f", shared by {replicas} local workers" if replicas > 1 else "")
+    need = TRAIN_BYTES_PER_PARAM * params * replicas
+    if need > have:
+        raise InputError(f"model: {params:,} parameters need at least {need / 2**30:,.1f} GiB to train "
+                         f"({TRAIN_BYTES_PER_PARAM} bytes each{' per worker' if replicas > 1 else ''}, before "
+                         f"activations) and {where} is {have / 2**30:,.1f} GiB; check model.n_layer, model.d_model, "
+                         "model.vocab_size and model.ffn_hidden")
