@@ -122,6 +122,7 @@ TELLS_TORCH = ("import atexit, sys; atexit.register(lambda: print('torch importe
     (["--data", "/no/such/file.txt"], "--data: no such file"),
     (["--chaos", "bogus"], "--chaos (run.chaos): bad fault 'bogus'"),  # refused before a worker starts
     (["--workers", "2", "--chaos", "kill:rank=2,step=3"], "names rank 2, but the run has 2 worker(s)"),
+    (["--chaos", "flap:step=2"], "a flap needs --workers 2 or more"),  # one worker: no link to break
     (["--set", "optim.lr=inf"], "optim.lr: expected a finite number"),
     (["--set", "model.vocab_size=100"], "model.vocab_size: text data needs at least 257"),  # before tokenizing
     (["--workers", "100000"], "run.workers=100000: at most"),

@@ -181,8 +181,12 @@ def _bad(part: str, why: str):
 
 
 def check_ranks(faults: list[Fault], world: int) -> None:
-    """Refuse a fault aimed at a rank the run does not have: it would silently never fire."""
+    """Refuse a fault aimed at a rank the run does not have, or a flap in a run of one worker (no link to break):
+    either would silently never fire."""
     for f in faults:
+        if f.kind == "flap" and world < 2:
+            raise InputError(f"--chaos (run.chaos): fault {f.id!r} breaks the links between workers, and the run has "
+                             f"{world}: a flap needs --workers 2 or more")
         if f.rank is not None and f.rank >= world:
             raise InputError(f"--chaos (run.chaos): fault {f.id!r} names rank {f.rank}, but the run has {world} "
                              f"worker(s): ranks 0-{world - 1}")

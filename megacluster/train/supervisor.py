@@ -140,16 +140,17 @@ def check_data(cfg: Config, corpus: Corpus) -> None:
 
 
 def set_aside_earlier_run(run_dir: Path) -> None:
-    """A fresh run in a run dir that holds an earlier run's checkpoints or metrics: move them into
-    RUN_DIR/earlier-<UTC time>/ (nothing is deleted). Left in place, a later --resume of this run could pick the
-    earlier run's newer checkpoint, and metrics.jsonl would mix two runs."""
+    """A fresh run in a run dir that holds any of the files a run writes: move them into RUN_DIR/earlier-<UTC
+    time>/ (nothing is deleted). Left in place, a later --resume of this run could pick the earlier run's newer
+    checkpoint, metrics.jsonl would mix two runs, and the run would overwrite a config.json or result.json that
+    may not even be a run's (a project directory given as --run-dir)."""
     # tb: TensorBoard (metrics.py); chaos: the one-shot faults' markers (chaos.py; left, a fresh run under torchrun,
     # which has no supervisor to clear them, would not fire its faults again)
     names = ("checkpoints", "metrics.jsonl", "result.json", "tb", "config.json", "corpus.json", "chaos")
-    found = [run_dir / n for n in names if (run_dir / n).exists()]
-    if not any(p.name in ("checkpoints", "metrics.jsonl") and not (p.is_dir() and not any(p.iterdir()))
-               for p in found):
-        return  # nothing of a run that trained
+    found = [run_dir / n for n in names if (run_dir / n).exists() or (run_dir / n).is_symlink()]
+    found = [p for p in found if not (p.is_dir() and not p.is_symlink() and not any(p.iterdir()))]  # empty: no loss
+    if not found:
+        return
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
     dest = run_dir / f"earlier-{stamp}"
     n = 1

@@ -193,3 +193,13 @@ def test_a_fault_at_a_step_the_run_never_completes_is_refused(spec, ok):
     else:
         with pytest.raises(InputError, match=r"run.chaos.*never completes: steps are 1 to run.max_steps=10"):
             config.build("tiny", None, ["run.max_steps=10", f"run.chaos={spec}"])
+
+
+def test_a_flap_in_a_run_of_one_worker_is_refused():
+    """A flap breaks the links between workers: with one there is none, and the fault would never fire."""
+    from megacluster.train.chaos import check_ranks
+
+    with pytest.raises(InputError, match="fault 'flap-s2' breaks the links between workers, and the run has 1: a flap "
+                                         "needs --workers 2 or more"):
+        check_ranks(parse("flap:step=2"), 1)
+    check_ranks(parse("flap:step=2; kill:rank=1,step=3"), 2)

@@ -185,6 +185,23 @@ def test_a_fresh_run_sets_the_earlier_run_aside(tmp_path, capfd):
     assert res["steps"] == 3 and sorted(losses(tmp_path / "r")) == [1, 2, 3]
 
 
+def test_a_fresh_run_moves_files_of_the_names_it_writes_even_where_nothing_trained(tmp_path, capfd):
+    """A project directory given as --run-dir, holding a config.json, a result.json and a chaos/ of its own: a
+    supervised run (which writes config.json, corpus.json and result.json, and clears chaos/) moves them aside."""
+    d = tmp_path / "proj"
+    (d / "chaos").mkdir(parents=True)
+    (d / "chaos" / "notes.txt").write_text("notes")
+    (d / "config.json").write_text("precious")
+    (d / "result.json").write_text('{"mine": 1}')
+    (d / "checkpoints").mkdir()  # empty: left where it is
+    train(small_cfg(tmp_path, "proj", "run.max_steps=1", "run.workers=2"))
+    assert "the earlier run's result.json, config.json, chaos moved to" in capfd.readouterr().err
+    (earlier,) = d.glob("earlier-*")
+    assert (earlier / "config.json").read_text() == "precious" and (earlier / "chaos" / "notes.txt").exists()
+    assert (earlier / "result.json").read_text() == '{"mine": 1}' and not (earlier / "checkpoints").exists()
+    assert json.loads((d / "result.json").read_text())["steps"] == 1
+
+
 def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("not a directory")
     with pytest.raises(InputError, match="exists and is not a directory"):
