@@ -568,7 +568,7 @@ class Worker:
         """Rank 0 of the current generation (alone) logs and checkpoints; a former rank 0 stops doing so."""
         if self.place.is_main:
             self.ckpt = self.ckpt or CheckpointManager(self.run_dir / "checkpoints", keep=self.cfg.run.ckpt_keep)
-            self.metrics = self.metrics or MetricsLog(self.run_dir)
+            self.metrics = self.metrics or MetricsLog(self.run_dir, self.step)
             return
         for closable in (self.ckpt, self.metrics):
             if closable is not None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
+
+from ..files import atomic_write
 
 
 class StepTimer:
@@ -40,15 +43,21 @@ class StepTimer:
 
 
 class MetricsLog:
-    """RUN_DIR/metrics.jsonl (one JSON object per line), and TensorBoard scalars if tensorboard is installed."""
+    """RUN_DIR/metrics.jsonl (one JSON object per line), and TensorBoard scalars if tensorboard is installed.
 
-    def __init__(self, run_dir: Path):
-        self.file = open(run_dir / "metrics.jsonl", "a")
+    `step` is the step the run continues from here. Lines of later steps were logged before a failure that sent
+    the run back to an earlier checkpoint: they are dropped (TensorBoard purges them too), and the redone steps
+    logged again, so the file reads as the one run that made the model, one line per logged step."""
+
+    def __init__(self, run_dir: Path, step: int = 0):
+        path = run_dir / "metrics.jsonl"
+        drop_lines_after(path, step)
+        self.file = open(path, "a")
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=step + 1 if step else None)
         except ImportError:  # tensorboard is optional
             pass
 
@@ -64,6 +73,27 @@ class MetricsLog:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def drop_lines_after(path: Path, step: int) -> None:
+    """Rewrite the metrics file `path` (atomically, only if anything goes) without its lines of steps after
+    `step`, and without a torn line (a process killed as it wrote)."""
+    try:
+        lines = path.read_bytes().splitlines(keepends=True)
+    except FileNotFoundError:
+        return
+    keep = [line for line in lines if _logged_step(line) <= step]
+    if len(keep) < len(lines):
+        atomic_write(path, b"".join(keep))
+
+
+def _logged_step(line: bytes) -> float:
+    """The step of a metrics line; infinity for a line that is not a whole record."""
+    try:
+        rec = json.loads(line)
+        return rec["step"] if line.endswith(b"\n") and isinstance(rec["step"], int) else math.inf
+    except (ValueError, TypeError, KeyError):
+        return math.inf
 
 
 class Progress:

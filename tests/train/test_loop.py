@@ -350,3 +350,22 @@ def test_cli_config_file_and_resume(tmp_path):
     assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3]
     whole = train_cli(tmp_path / "whole", "--config", str(toml), "--max-steps", "3")
     assert resumed["loss_digest"] == whole["loss_digest"]
+
+
+def test_metrics_lines_after_the_restored_step_and_a_torn_line_are_dropped(tmp_path):
+    from megacluster.train.metrics import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)] + ['{"step": 3, "val_loss": 2.0}\n']
+    path.write_text("".join(lines) + '{"step": 4, "loss": 1.0}\n{"step": 5, "lo')  # killed as it wrote step 5
+    before = path.stat().st_ino
+    log = MetricsLog(tmp_path, 5)  # nothing after step 5, only the torn line goes
+    log.close()
+    assert path.read_text() == "".join(lines) + '{"step": 4, "loss": 1.0}\n' and path.stat().st_ino != before
+    log = MetricsLog(tmp_path, 3)  # resumed from the step-3 checkpoint: step 4 is redone
+    log.write({"step": 4, "loss": 0.5})
+    log.close()
+    assert path.read_text() == "".join(lines) + '{"step": 4, "loss": 0.5}\n'
+    unchanged = path.stat().st_ino
+    MetricsLog(tmp_path, 4).close()
+    assert path.stat().st_ino == unchanged  # nothing to drop: not rewritten
