@@ -11,15 +11,17 @@ import tomllib
 from pathlib import Path
 
 from .predict import predict
-from .scenario import ScenarioError, from_dict, load_preset, load_scenario
+from .scenario import SECTIONS, ScenarioError, from_dict, load_preset, load_scenario
 
 DEFAULT_PRESET = "colossus-1"
+TABLE_SECTIONS = tuple(s for s in SECTIONS if s not in ("name", "description"))  # the ones --sweep can reach into
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scenario", nargs="?", help="scenario TOML/JSON file or preset name (default: colossus-1)")
     parser.add_argument("--preset", help="embedded preset: colossus-1, colossus-2, 1m-gpu, llama3-405b, orbital-1gw")
-    parser.add_argument("--report", metavar="DIR", help="write DIR/report.html with PNG plots")
+    parser.add_argument("--report", metavar="DIR", help="write DIR/report.html with PNG plots (needs matplotlib: "
+                        "pip install 'megacluster[plot]')")
     parser.add_argument("--sweep", metavar="KEY=V1,V2,...", help="vary one scenario key, e.g. fleet.count=8192,16384")
     parser.add_argument("--no-mc", action="store_true", help="skip the Monte Carlo (analytic reliability only)")
 
@@ -29,6 +31,14 @@ def run(args) -> dict:
         raise ScenarioError("give a SCENARIO file or --preset NAME, not both")
     if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
         raise ScenarioError(f"--report {args.report}: exists and is not a directory")
+    if args.report:  # refuse before computing: the plots need matplotlib, an optional extra (pyproject.toml)
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            raise ScenarioError(f"--report {args.report}: needs matplotlib, which cannot be imported ({e}); "
+                                "install it with: pip install 'megacluster[plot]'") from None
+    if args.sweep:
+        _sweep_key(args.sweep)  # a malformed --sweep is refused before the (slow) prediction, not after it
     sc = load_preset(args.preset) if args.preset is not None else load_scenario(
         DEFAULT_PRESET if args.scenario is None else args.scenario)
     pred = predict(sc, mc=not args.no_mc)
@@ -63,10 +73,8 @@ def finite(x):
 
 def sweep_rows(raw: dict, spec: str) -> list[dict]:
     """Predict the scenario once per value of a dotted key (`section.key=v1,v2`)."""
-    if "=" not in spec or "." not in spec.split("=")[0]:
-        raise ScenarioError(f"--sweep {spec!r}: expected SECTION.KEY=V1,V2,... (e.g. fleet.count=8192,16384)")
+    section, name = _sweep_key(spec)
     key, values = spec.split("=", 1)
-    section, name = key.split(".", 1)
     rows = []
     for text in values.split(","):
         value = _parse_value(text.strip())
@@ -81,6 +89,20 @@ def sweep_rows(raw: dict, spec: str) -> list[dict]:
                      "ettr": p.ettr, "goodput": p.goodput, "facility_mw": p.facility_mw,
                      "fits_in_memory": p.fits_in_memory})
     return rows
+
+
+def _sweep_key(spec: str) -> tuple[str, str]:
+    """(section, key) of a `--sweep SECTION.KEY=V1,...`; `ScenarioError` unless SECTION is a table section
+    (`name` and `description` are strings: there is no key inside them to vary)."""
+    if "=" not in spec or "." not in spec.split("=")[0]:
+        raise ScenarioError(f"--sweep {spec!r}: expected SECTION.KEY=V1,V2,... (e.g. fleet.count=8192,16384)")
+    key = spec.split("=", 1)[0]
+    section, name = key.split(".", 1)
+    if section not in TABLE_SECTIONS:
+        what = "a string, not a table of keys" if section in SECTIONS else "not a section"
+        raise ScenarioError(f"--sweep {key}: {section!r} is {what}; a sweep varies SECTION.KEY with SECTION one "
+                            f"of {', '.join(TABLE_SECTIONS)} (e.g. fleet.count=8192,16384)")
+    return section, name
 
 
 def _parse_value(text: str):

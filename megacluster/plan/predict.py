@@ -79,7 +79,11 @@ def assemble(sc: Scenario, best: Ranked, n_configs: int, *, mc: bool = True) -> 
     gpn = n / nodes
     r0 = rel.analyse(sc.reliability, nodes, 1.0, mc=False, gpus_per_node=gpn)  # ETTR does not depend on the horizon
     tps = tokens / step
-    train_days = sc.train.total_tokens / (tps * r0.ettr) / 86400 if sc.train.total_tokens else None
+    train_days = None
+    if sc.train.total_tokens:
+        kept_tps = tps * r0.ettr  # tokens/s that survive failures
+        # ETTR 0 to double precision (e.g. a day-long restart against a 2-minute job MTTF): it never finishes
+        train_days = sc.train.total_tokens / kept_tps / 86400 if kept_tps > 0 else math.inf
     horizon = sc.reliability.duration_days or train_days or DEFAULT_DURATION_DAYS
     r = rel.analyse(sc.reliability, nodes, horizon, mc=mc, gpus_per_node=gpn)
 

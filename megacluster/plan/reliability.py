@@ -26,6 +26,11 @@ SOFT_CAUSES = frozenset({"software_bug", "nccl_watchdog_timeout", "dependency", 
 GPU_CAUSES = frozenset({"faulty_gpu", "gpu_hbm3", "gpu_sram", "gpu_system_processor", "gpu_thermal",
                         "silent_data_corruption"})
 CALIBRATION_GPUS_PER_NODE = 8  # Llama 3: 8 x H100 per node
+# Expected interruptions per Monte Carlo trial above which trials are not drawn (`_long_run`). A real run has
+# far fewer: 1M GPUs at a 2-minute job MTTF for a century is ~3e7. Only a run that never finishes (its
+# horizon, train_days, is astronomical because the ETTR is ~0) goes past it.
+MC_MAX_EVENTS = 1e12
+Z95 = 1.6448536269514722  # standard normal quantile at 0.95 (p5/p95 of a normal limit)
 
 
 def daly_interval(delta: float, mttf: float) -> float:
@@ -39,11 +44,19 @@ def daly_interval(delta: float, mttf: float) -> float:
 
 def daly_ettr(tau: float, delta: float, restart: float, mttf: float) -> float:
     """Fraction of wall-clock time spent on useful work for exponential failures (Daly 2006, eq. 13):
-    T_wall / T_solve = (M / tau) e^(R/M) (e^((tau + delta)/M) - 1)."""
+    T_wall / T_solve = (M / tau) e^(R/M) (e^((tau + delta)/M) - 1).
+
+    Summed in logs: e^(R/M) overflows a float once R > ~710 M (a day-long restart against a 2-minute job MTTF),
+    where the ETTR is simply 0 to double precision; the ratio is >= 1, so its log is >= 0 and exp(-log) cannot
+    overflow."""
     if not math.isfinite(mttf):
         return tau / (tau + delta)
-    ratio = mttf / tau * math.exp(restart / mttf) * math.expm1((tau + delta) / mttf)
-    return 1.0 / ratio
+    if mttf <= 0:  # a job that is always failing does no work
+        return 0.0
+    x = (tau + delta) / mttf
+    # log(e^x - 1) = x + log(1 - e^-x): finite for every x > 0
+    log_ratio = math.log(mttf / tau) + restart / mttf + x + math.log(-math.expm1(-x))
+    return math.exp(-log_ratio)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -113,14 +126,19 @@ def analyse(spec: ReliabilitySpec, nodes: int, duration_days: float, *, mc: bool
     tau = max(tau, 1.0)
     planned_rate = spec.planned_per_day / DAY
     ettr = daly_ettr(tau, delta, restart, mttf) * (1 - min(planned_rate * (spec.restart_s + delta), 1.0))
-    dur = duration_days * DAY
+    dur = duration_days * DAY  # infinite for a run that never finishes (predict: ETTR 0 -> train_days inf)
     res = ReliabilityResult(nodes=nodes, duration_days=duration_days, job_mttf_h=mttf / 3600,
-                            unexpected=lam * dur, planned=planned_rate * dur,
-                            by_cause={c: r * dur for c, r in rates.items()}, checkpoint_interval_s=tau, ettr=ettr,
-                            spare_wait_s=wait, mc={})
+                            unexpected=_events(lam, dur), planned=_events(planned_rate, dur),
+                            by_cause={c: _events(r, dur) for c, r in rates.items()}, checkpoint_interval_s=tau,
+                            ettr=ettr, spare_wait_s=wait, mc={})
     if mc:
         res.mc = monte_carlo(spec, rates, planned_rate, dur, tau, restart)
     return res
+
+
+def _events(rate: float, dur: float) -> float:
+    """Expected events in `dur` s at `rate` per s; 0 for a zero rate also over an infinite run (not 0 x inf = nan)."""
+    return rate * dur if rate > 0 else 0.0
 
 
 def monte_carlo(spec: ReliabilitySpec, rates: dict[str, float], planned_rate: float, dur: float, tau: float,
@@ -130,7 +148,11 @@ def monte_carlo(spec: ReliabilitySpec, rates: dict[str, float], planned_rate: fl
     with a recovery of `restart` s; a failure inside a recovery only restarts it (the window grows by the
     time already spent, no work is lost twice), otherwise work runs in periods of tau compute + delta write
     and the failure loses the unfinished period. Segments are simulated exactly for <= 256 failures per
-    trial and by their normal limit above (renewal-reward moments of the per-segment useful work)."""
+    trial and by their normal limit above (renewal-reward moments of the per-segment useful work). Above
+    MC_MAX_EVENTS interruptions per trial the run effectively never finishes and `_long_run` answers instead."""
+    expected = sum(_events(r, dur) for r in rates.values()) + _events(planned_rate, dur)
+    if not (expected <= MC_MAX_EVENTS and math.isfinite(dur)):
+        return _long_run(spec, rates, planned_rate, dur, tau, restart)
     rng = np.random.default_rng(spec.seed)
     trials = spec.trials
     lam = np.fromiter(rates.values(), float, len(rates))
@@ -147,7 +169,35 @@ def monte_carlo(spec: ReliabilitySpec, rates: dict[str, float], planned_rate: fl
             "interruptions_p5_p50_p95": np.percentile(n + planned, pct).tolist(),
             "unexpected_p5_p50_p95": np.percentile(n, pct).tolist(),
             "ettr_mean": float(ettr.mean()), "ettr_p5_p50_p95": np.percentile(ettr, pct).tolist(),
-            "by_cause_mean": dict(zip(rates, counts.mean(axis=0).tolist()))}
+            "by_cause_mean": dict(zip(rates, counts.mean(axis=0).tolist())), "regime": "simulated"}
+
+
+def _long_run(spec: ReliabilitySpec, rates: dict[str, float], planned_rate: float, dur: float, tau: float,
+              restart: float) -> dict:
+    """The Monte Carlo's answer for a run with more than MC_MAX_EVENTS expected interruptions per trial (or an
+    infinite run): one whose ETTR is so small (~1e-17 with a 5,000 s restart against a 2-minute job MTTF) that
+    train_days, the horizon, is astronomical. Its trials cannot be drawn (numpy's Poisson sampler refuses
+    means above ~9e18, int64) and need not be: a trial's counts and kept work are sums over >= 1e12 segments,
+    so their relative spread is <= 1/sqrt(1e12) = 1e-6 and every trial equals the renewal-reward limit. That
+    limit of the simulated model is Daly's closed form (see `segment_moments`) times the planned-interruption
+    loss, i.e. the analytic ETTR; counts are Poisson's normal limit, mean +- 1.645 sd for p5/p95."""
+    lam = sum(rates.values())
+    ettr = daly_ettr(tau, spec.checkpoint_write_s, restart, 1 / lam if lam > 0 else math.inf)
+    ettr *= max(1 - planned_rate * (spec.restart_s + spec.checkpoint_write_s), 0.0)
+    unexpected, planned = _events(lam, dur), _events(planned_rate, dur)
+    return {"trials": spec.trials,
+            "interruptions_p5_p50_p95": _normal_pcts(unexpected + planned),
+            "unexpected_p5_p50_p95": _normal_pcts(unexpected),
+            "ettr_mean": ettr, "ettr_p5_p50_p95": [ettr] * 3,
+            "by_cause_mean": {c: _events(r, dur) for c, r in rates.items()}, "regime": "long-run limit"}
+
+
+def _normal_pcts(mean: float) -> list[float]:
+    """p5, p50, p95 of Poisson(mean) by its normal limit (mean >= 1e12 here); an infinite mean stays infinite."""
+    if math.isinf(mean):
+        return [mean] * 3
+    sd = math.sqrt(mean)
+    return [mean - Z95 * sd, mean, mean + Z95 * sd]
 
 
 def _useful_work(rng: np.random.Generator, n: np.ndarray, dur: float, restart: float, tau: float, period: float,

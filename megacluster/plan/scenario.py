@@ -150,9 +150,17 @@ class TrainSpec:
     overlap_grad_reduce: bool | None = None
 
 
+# Upper bounds where a larger value is physically meaningless (and only turns into inf/overflow downstream).
+# Generous on purpose: no real scenario comes within orders of magnitude of them.
+# tokens: ~3e5 x the ~3e14 tokens of public human-written text (Epoch AI, 2024); Llama 3 trained on 15.6e12
+MAX_TOTAL_TOKENS = 1e20
+MAX_DURATION_DAYS = 100_000  # days (~274 years): training runs last months, and no hardware lasts decades
+MAX_RESTART_S = 365 * 86400  # s (one year): a recovery longer than that is a new cluster, not a restart
+
 TRAIN_RULES = {"global_batch": _int(1), "micro_batch": _int(1, auto=True), "dtype": _choice("fp16", "bf16", "fp8"),
                "recompute": _choice("none", "selective", "full", auto=True), "sequence_parallel": _Rule("bool"),
-               "zero": _int(0, 3), "total_tokens": _num(1), "attention": _choice("flash", "unfused", auto=True),
+               "zero": _int(0, 3), "total_tokens": _num(1, MAX_TOTAL_TOKENS),
+               "attention": _choice("flash", "unfused", auto=True),
                "overlap_grad_reduce": _Rule("bool", auto=True)}
 
 
@@ -235,9 +243,9 @@ class ReliabilitySpec:
 
 
 RELIABILITY_RULES = {"node_failures_per_1000_node_days": _num(0), "causes": _Rule("dict"),
-                     "planned_per_day": _num(0), "checkpoint_write_s": _num(0), "restart_s": _num(0),
+                     "planned_per_day": _num(0), "checkpoint_write_s": _num(0), "restart_s": _num(0, MAX_RESTART_S),
                      "checkpoint_interval_s": _num(1e-3, auto=True), "spare_nodes": _int(0), "repair_h": _num(0),
-                     "duration_days": _num(1e-6), "trials": _int(1, MAX_TRIALS), "seed": _int(0)}
+                     "duration_days": _num(1e-6, MAX_DURATION_DAYS), "trials": _int(1, MAX_TRIALS), "seed": _int(0)}
 
 
 @dataclass(kw_only=True, slots=True)

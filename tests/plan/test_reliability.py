@@ -1,5 +1,7 @@
 """Monte Carlo of failures and recoveries against Daly's closed form, from 1k to 1M GPUs."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -51,3 +53,46 @@ def test_normal_limit_matches_exact_percentiles():
     exact, normal = (rel._useful_work(np.random.default_rng(1), n, dur, 60, tau, tau + 5, exact_max=m) / dur
                      for m in (10**9, 0))
     assert np.percentile(normal, [5, 50, 95]) == pytest.approx(np.percentile(exact, [5, 50, 95]), abs=0.005)
+
+
+def _daly_direct(tau, delta, restart, mttf):
+    """Daly's eq. 13 as written (overflows for R >> M): the reference in the range where it does not."""
+    return 1 / (mttf / tau * np.exp(restart / mttf) * np.expm1((tau + delta) / mttf))
+
+
+@pytest.mark.parametrize("tau, delta, restart, mttf", [(1800, 30, 240, 11_000), (33, 5, 60, 128), (1, 5, 3600, 128),
+                                                       (5e4, 30, 600, 1e6)])
+def test_daly_ettr_in_logs_is_the_closed_form(tau, delta, restart, mttf):
+    assert rel.daly_ettr(tau, delta, restart, mttf) == pytest.approx(_daly_direct(tau, delta, restart, mttf), rel=1e-12)
+
+
+@pytest.mark.parametrize("tau, delta, restart, mttf", [(33, 5, 2 * 86400, 128), (1e6, 5, 60, 128), (1, 1e300, 0, 1)])
+def test_daly_ettr_is_zero_where_the_closed_form_overflows(tau, delta, restart, mttf):
+    """e^(R/M) or e^((tau+delta)/M) past ~e^710 overflows a float; the ETTR there is 0 to double precision."""
+    assert rel.daly_ettr(tau, delta, restart, mttf) == 0.0
+
+
+def test_monte_carlo_continues_across_the_long_run_switch():
+    """Either side of MC_MAX_EVENTS interruptions per trial the simulated trials and the long-run limit agree
+    with each other and with Daly (restart 2,000 s against a ~2-minute job MTTF: ETTR ~1e-7)."""
+    spec = ReliabilitySpec(checkpoint_write_s=5, restart_s=2000)
+    nodes = (1 << 20) // 4
+    lam = sum(rel.cause_rates(spec, nodes, 4).values()) + spec.planned_per_day / rel.DAY
+    below, above = (rel.analyse(spec, nodes, f * rel.MC_MAX_EVENTS / lam / rel.DAY, gpus_per_node=4) for f in (0.5, 2))
+    assert below.mc["regime"] == "simulated" and above.mc["regime"] == "long-run limit"
+    assert below.ettr < 1e-6
+    assert below.mc["ettr_mean"] == pytest.approx(below.ettr, rel=0.02)
+    assert above.mc["ettr_mean"] == pytest.approx(above.ettr, rel=1e-9) == pytest.approx(below.ettr, rel=1e-9)
+    assert above.mc["unexpected_p5_p50_p95"][1] == pytest.approx(above.unexpected, rel=1e-9)
+    lo, mid, hi = above.mc["interruptions_p5_p50_p95"]
+    assert lo < mid < hi and (hi - lo) / mid < 1e-5  # Poisson: sd / mean = 1 / sqrt(mean)
+
+
+def test_an_infinite_run_with_no_failures_counts_none():
+    """A run that never finishes because planned restarts (1 a day, each a day long) take all its time: zero
+    failures over an infinite horizon is 0, not 0 x inf = nan, and the Monte Carlo says ETTR 0 too."""
+    spec = ReliabilitySpec(node_failures_per_1000_node_days=0, planned_per_day=1, restart_s=86400)
+    r = rel.analyse(spec, 1024, math.inf)
+    assert r.ettr == 0 and r.unexpected == 0 and r.planned == math.inf and set(r.by_cause.values()) == {0.0}
+    assert r.mc["ettr_mean"] == 0 and r.mc["unexpected_p5_p50_p95"] == [0, 0, 0]
+    assert r.mc["interruptions_p5_p50_p95"] == [math.inf] * 3

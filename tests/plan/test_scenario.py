@@ -1,6 +1,7 @@
 """Bad scenarios: one clear error naming the key; exit 2 from the CLI."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +178,76 @@ def test_monte_carlo_trials_are_capped_at_what_fits_in_memory():
     with pytest.raises(ScenarioError, match=r"reliability.trials = 100001 is invalid: must be an integer >= 1 "
                                             r"and <= 100000"):
         load_scenario({**BASE, "reliability": {"trials": 100_001}})
+
+
+@pytest.mark.parametrize("section, key, hi, shown", [("reliability", "restart_s", 365 * 86400, "3.1536e+07"),
+                                                     ("reliability", "duration_days", 100_000, "100000"),
+                                                     ("train", "total_tokens", 1e20, "1e+20")])
+def test_time_and_token_keys_have_an_upper_bound(section, key, hi, shown):
+    """Past a year of restart, ~274 years of run or 1e20 tokens a value means nothing (and 1e300 used to end
+    in an OverflowError / numpy ValueError traceback); the bound itself is a valid scenario."""
+    def given(value):
+        return {**BASE, section: {**BASE.get(section, {}), key: value}}
+    assert getattr(getattr(load_scenario(given(hi)), section), key) == hi
+    for bad in (hi * 1.01, 1e300):
+        with pytest.raises(ScenarioError, match=rf"^{section}\.{key} = {re.escape(repr(float(bad)))} is invalid: "
+                                                rf"must be a number >= \S+ and <= {re.escape(shown)}$"):
+            load_scenario(given(bad))
+
+
+def _1m_gpu(tmp_path, **reliability) -> Path:
+    from megacluster.plan.scenario import load_preset
+    raw = load_preset("1m-gpu").raw
+    raw["reliability"] = {**raw["reliability"], **reliability}
+    p = tmp_path / "s.json"
+    p.write_text(json.dumps(raw))
+    return p
+
+
+def test_cli_restart_far_above_the_mttf_gets_a_prediction_not_a_traceback(tmp_path):
+    """1M GPUs (job MTTF ~2 min) with a 10,000 s restart: ETTR ~1e-34, so train_days (the horizon) is ~1e35 and
+    each Monte Carlo trial would hold ~1e38 failures, past numpy's Poisson sampler. It answers with the long-run
+    limit, which is the analytic ETTR."""
+    r = _cli(str(_1m_gpu(tmp_path, restart_s=10_000)), "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout.splitlines()[-1])
+    mc = d["reliability"]["monte_carlo"]
+    assert mc["regime"] == "long-run limit" and 0 < d["ettr"] < 1e-30 and d["goodput"] < 1e-30
+    assert mc["ettr_mean"] == pytest.approx(d["ettr"], rel=1e-9)
+    assert d["reliability"]["unexpected"] > 1e30
+    assert mc["unexpected_p5_p50_p95"][1] == pytest.approx(d["reliability"]["unexpected"], rel=1e-9)
+    r = _cli(str(_1m_gpu(tmp_path, restart_s=1e300)), "--json")
+    assert r.returncode == 2 and r.stdout == "" and "reliability.restart_s = 1e+300 is invalid" in r.stderr
+
+
+def test_a_run_that_never_finishes_reports_infinite_days_as_null(tmp_path):
+    """A year-long restart at ~2-min MTTF: ETTR is 0 to double precision (used to divide by it, or overflow)."""
+    r = _cli(str(_1m_gpu(tmp_path, restart_s=365 * 86400)), "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout.splitlines()[-1])
+    assert d["ettr"] == 0 and d["goodput"] == 0 and d["train_days"] is None and d["energy_mwh"] is None
+    assert d["reliability"]["monte_carlo"]["ettr_mean"] == 0
+
+
+def test_cli_report_without_matplotlib_exits_2_before_computing(tmp_path):
+    """matplotlib is only in the `plot` (and `test`) extra: a plain install must refuse --report with the
+    install command, not end in ModuleNotFoundError after the prediction. `None` in sys.modules makes the
+    import fail as if it were not installed."""
+    import tomllib
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(d.startswith("matplotlib") for d in extras["plot"])  # the extra the message names
+    out = tmp_path / "rep"
+    code = ("import sys; sys.modules['matplotlib'] = None; from megacluster.cli import main; "
+            f"sys.exit(main(['plan', '--preset', 'llama3-405b', '--json', '--report', {str(out)!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert f"--report {out}: needs matplotlib" in r.stderr and "pip install 'megacluster[plot]'" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("key", ["name.x", "description.x", "nosuch.x"])
+def test_cli_sweep_of_a_key_that_is_not_in_a_table_exits_2(key):
+    r = _cli("--preset", "llama3-405b", "--no-mc", "--json", "--sweep", f"{key}=1,2")
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert f"--sweep {key}:" in r.stderr and "model, train, parallel, fleet, reliability, power, site" in r.stderr
+    assert "Traceback" not in r.stderr
