@@ -110,7 +110,12 @@ def check_resume(cfg: Config) -> None:
     if directory.exists() and not directory.is_dir():
         raise InputError(f"--resume: {directory} is not a directory of checkpoints; give the run dir of the run "
                          "to resume (run.run_dir, --run-dir)")
-    saved = ((newest_meta(directory) or {}).get("config") or {}).get("model")
+    meta = newest_meta(directory) or {}
+    step = meta.get("step")
+    if isinstance(step, int) and step > cfg.run.max_steps:  # it would train nothing and report the old run
+        raise InputError(f"--resume: the newest checkpoint in {directory} is at step {step}, past run.max_steps "
+                         f"(--max-steps) = {cfg.run.max_steps}; give --max-steps {step} or more")
+    saved = (meta.get("config") or {}).get("model")
     if not saved:
         return
     try:

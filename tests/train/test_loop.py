@@ -78,6 +78,9 @@ def test_resume_refuses_another_model_before_starting(tmp_path):
     same = ["model.ffn_hidden=256"]  # the width SMALL derives (8/3 x 64, to a multiple of 128): the same model
     res = train(small_cfg(tmp_path, "r", "run.max_steps=4", "run.resume=true", "optim.lr=1e-4", *same))
     assert res["steps"] == 4 and sorted(losses(tmp_path / "r")) == [1, 2, 3, 4]
+    with pytest.raises(InputError, match=r"is at step 4, past run.max_steps \(--max-steps\) = 3; give --max-steps 4"):
+        train(small_cfg(tmp_path, "r", "run.max_steps=3", "run.resume=true", *same))  # it would train nothing
+    assert sorted(losses(tmp_path / "r")) == [1, 2, 3, 4]
 
 
 def test_micro_batching_does_not_change_the_gradient(tmp_path):
