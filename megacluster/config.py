@@ -170,7 +170,13 @@ def _coerce(key: str, tp, value):
     """Check/convert `value` to the field type `tp`; raise InputError naming `key`."""
     origin = typing.get_origin(tp)
     if origin is list:
-        if isinstance(value, str):
+        if isinstance(value, str) and value.lstrip().startswith("["):  # TOML's list, as a --config file writes it
+            try:
+                value = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                raise InputError(f"{key}: expected a TOML list of strings (['a', 'b']) or a comma-separated list "
+                                 f"(a,b), got {value!r}") from None
+        elif isinstance(value, str):
             value = [v for v in value.split(",") if v]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise InputError(f"{key}: expected a list of strings, got {value!r}")

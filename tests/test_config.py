@@ -23,6 +23,12 @@ def test_toml_then_set_then_validate(tmp_path):
     cfg = config.build("tiny", str(f), ["optim.lr=1e-3", "run.resume=true", "data.paths=x.txt,y.txt"])
     assert (cfg.model.d_model, cfg.model.n_head, cfg.optim.schedule) == (64, 2, "wsd")
     assert cfg.optim.lr == 1e-3 and cfg.run.resume is True and cfg.data.paths == ["x.txt", "y.txt"]
+    as_toml = config.build("tiny", None, ["data.paths=['x,1.txt', \"y.txt\"]"]).data.paths  # as the file writes it
+    assert as_toml == ["x,1.txt", "y.txt"]
+    with pytest.raises(InputError, match=r"data.paths: expected a TOML list of strings \(\['a', 'b'\]\) or a comma"):
+        config.build("tiny", None, ["data.paths=['x.txt'"])
+    with pytest.raises(InputError, match="data.paths: expected a list of strings, got \\[1\\]"):
+        config.build("tiny", None, ["data.paths=[1]"])
 
 
 @pytest.mark.parametrize("override, needle", [
