@@ -1,7 +1,7 @@
 """Corpus -> token shards (np.memmap), and the global sample order.
 
 Inputs (`--data`, any mix): text files, directories (all files below, sorted; hidden files and directories,
-such as `.git`, and `__pycache__` skipped), globs (a path that exists is taken as it is, even with `[` in its
+such as `.git`, and `__pycache__` skipped; symlinked directories followed), globs (a path that exists is taken as it is, even with `[` in its
 name), `.jsonl` files with a `text` field per line, and pre-tokenized shards (`.npy` arrays of token ids, or
 `.bin` raw uint16 as nanoGPT writes them). With no input the corpus is the Python standard library source of
 the running interpreter. A literal `<|endoftext|>` inside a document is text, not the document separator.
@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import sysconfig
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,8 @@ def resolve(paths: list[str]) -> list[Path]:
         if not item.strip():  # Path("") is the working directory: never what an empty entry meant
             raise InputError("--data (data.paths): an empty path; give files, directories or globs")
         matches = [Path(item)] if os.path.exists(item) else [Path(m) for m in sorted(glob.glob(item, recursive=True))]
+        if "__pycache__" not in Path(item).parts:  # skipped below a glob as below a directory (glob skips hidden)
+            matches = [m for m in matches if "__pycache__" not in m.parts]
         for p in matches or [Path(item)]:
             if p.is_dir():
                 out.extend(_files_below(p))
@@ -77,17 +80,32 @@ def resolve(paths: list[str]) -> list[Path]:
     files = [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
     if not files:
         raise InputError(f"--data: no files found under {paths}")
-    kinds = {p.suffix in PRETOKENIZED for p in files}
+    kinds = {_kind(p) in PRETOKENIZED for p in files}
     if len(kinds) > 1:
         raise InputError("--data: mix of pre-tokenized shards (.npy/.bin) and text; give one kind per run")
     return files
 
 
+def _kind(p: Path) -> str:
+    """The input kind a file's suffix names, whatever its case (SHARD.NPY is a shard, not text)."""
+    return p.suffix.lower()
+
+
 def _files_below(root: Path) -> list[Path]:
     """The files under a directory, sorted, without hidden ones or any under a hidden directory (`.git` holds
-    compressed objects that would be read as text and, sorting first, fill data.max_bytes) or `__pycache__`."""
-    files = []
-    for top, dirs, names in os.walk(root):
+    compressed objects that would be read as text and, sorting first, fill data.max_bytes) or `__pycache__`.
+    A symlinked directory is followed (once: a link back up the tree is not walked again); one that cannot be
+    listed is refused, not silently left out."""
+    def refuse(e: OSError):
+        raise InputError(f"--data {root}: cannot list {e.filename} ({e.strerror})")
+
+    files, seen = [], set()
+    for top, dirs, names in os.walk(root, onerror=refuse, followlinks=True):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in seen:  # reached again through a link
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
         files.extend(Path(top, n) for n in names if not n.startswith(".") and Path(top, n).is_file())
     return sorted(files)
@@ -103,7 +121,7 @@ def _documents(files: list[Path], max_bytes: int):
     document is whole, as before; format 1 kept the crossing document whole too, which needed reading it whole."""
     left = max_bytes or None  # bytes the cap still allows; None = no cap
     for path in files:
-        texts = _jsonl_texts(path) if path.suffix == ".jsonl" else [_read_text(path, left)]
+        texts = _jsonl_texts(path) if _kind(path) == ".jsonl" else [_read_text(path, left)]
         for text in texts:
             if left is not None:
                 data = text.encode("utf-8")
@@ -118,30 +136,43 @@ def _documents(files: list[Path], max_bytes: int):
 def _read_text(path: Path, limit: int | None) -> str:
     """The file as text (undecodable bytes replaced, universal newlines), or its first `limit` characters:
     at least `limit` bytes of UTF-8 unless the file is shorter, so the caller can cut it at the cap."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read(-1 if limit is None else limit)
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(-1 if limit is None else limit)
+    except OSError as e:
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: Path, e: OSError) -> InputError:
+    return InputError(f"--data {path}: cannot read it ({e.strerror or e})")
 
 
 def _jsonl_texts(path: Path):
     """Yield the `text` field of each non-empty line, reading the file one line at a time. Undecodable bytes
     are replaced, as in text files, and so is a lone surrogate escape (`"\\ud800"`: valid JSON, not encodable
     as UTF-8, so neither the tokenizer nor the byte cap could take it)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"--data {path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise InputError(f"--data {path}:{n}: each .jsonl line needs a string field 'text'")
-            text = obj["text"]
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-            yield text
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    yield _jsonl_text(path, n, line)
+    except OSError as e:  # opening it, or an I/O error midway
+        raise _unreadable(path, e) from None
+
+
+def _jsonl_text(path: Path, n: int, line: str) -> str:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"--data {path}:{n}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        raise InputError(f"--data {path}:{n}: each .jsonl line needs a string field 'text'")
+    text = obj["text"]
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
 
 
 def _fingerprint(files: list[Path], extra: dict, *, inode: bool = True) -> str:
@@ -215,6 +246,8 @@ class Corpus:
     directory: Path
     tokenizer_path: Path | None
     shards: list[Path] | None = None  # the input files, for a pre-tokenized corpus
+    key: str | None = None  # the shards' path, size and mtime when they were opened (`_fingerprint`)
+    checked_at: float = 0.0  # time.monotonic() of the last check_unchanged that stat'ed them
 
     def check(self, seq_len: int, val_fraction: float) -> None:
         """InputError unless both splits hold one sequence of seq_len + 1 tokens, naming the short one (checked
@@ -237,7 +270,18 @@ class Corpus:
         """JSON-able: how another process opens this same corpus without preparing it again (`reopen`)."""
         if self.shards is None:
             return {"text": str(self.directory)}
-        return {"shards": [str(p) for p in self.shards], "key": _fingerprint(self.shards, {}, inode=False)}
+        return {"shards": [str(p) for p in self.shards], "key": self.key}
+
+    def check_unchanged(self, every_s: float = 1.0) -> None:
+        """Shards are the inputs themselves, memmapped: one rewritten during the run would be read as other
+        tokens (or, cut shorter, end the process on SIGBUS as it reads past the end). InputError if one changed
+        since it was opened; the trainer calls this before each step, and it stats the shards at most once
+        per `every_s` seconds (thousands of shards cost milliseconds, a step may take less). A text corpus is the
+        cache's, never rewritten once complete: nothing to check."""
+        if self.shards is None or time.monotonic() - self.checked_at < every_s:
+            return
+        _check_shards(self.shards, self.key)
+        self.checked_at = time.monotonic()
 
 
 def reopen(ref: dict, cfg: DataConfig, vocab_size: int) -> Corpus:
@@ -247,14 +291,18 @@ def reopen(ref: dict, cfg: DataConfig, vocab_size: int) -> Corpus:
     if "text" in ref:
         return _open_text(Path(ref["text"]))
     files = [Path(p) for p in ref["shards"]]
+    _check_shards(files, ref["key"])
+    return _pretokenized(files, cfg, vocab_size)
+
+
+def _check_shards(files: list[Path], key: str | None) -> None:
     try:
-        same = _fingerprint(files, {}, inode=False) == ref["key"]
+        same = _fingerprint(files, {}, inode=False) == key
     except OSError:
         same = False
     if not same:
         raise InputError("--data: a token shard changed (or went) after the run started; every worker must "
-                         "read the same shards")
-    return _pretokenized(files, cfg, vocab_size)
+                         "read the same shards, unchanged, to the end of the run")
 
 
 def check_inputs(cfg: DataConfig, vocab_size: int) -> list[Path]:
@@ -262,7 +310,7 @@ def check_inputs(cfg: DataConfig, vocab_size: int) -> list[Path]:
     tokens or the cache directory cannot be made. Reads no file's content: the CLI runs this before it imports
     torch."""
     files = resolve(cfg.paths)
-    if files[0].suffix in PRETOKENIZED:
+    if _kind(files[0]) in PRETOKENIZED:
         return files  # (their cache only saves a scan: one that cannot be written costs the scan again)
     if vocab_size < MIN_TEXT_VOCAB:  # else token ids past the embedding table: an IndexError deep in the forward
         raise InputError(f"model.vocab_size: text data needs at least {MIN_TEXT_VOCAB} (the 256 byte tokens and "
@@ -288,7 +336,7 @@ def prepare(cfg: DataConfig, vocab_size: int) -> Corpus:
     cache key covers each file's path, size and mtime (`_fingerprint`) and the options, so an edited, added or
     removed file makes a new key and a rebuild."""
     files = check_inputs(cfg, vocab_size)
-    if files[0].suffix in PRETOKENIZED:
+    if _kind(files[0]) in PRETOKENIZED:
         return _pretokenized(files, cfg, vocab_size)
     key = _fingerprint(files, {"v": FORMAT_VERSION, "vocab": vocab_size, "max_bytes": cfg.max_bytes,
                                "val": cfg.val_fraction})
@@ -296,18 +344,35 @@ def prepare(cfg: DataConfig, vocab_size: int) -> Corpus:
     _make_cache_dir(directory)
     with open(directory / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process tokenizes; the others wait, then reuse
-        if not (directory / "meta.json").exists():
+        if not _complete(directory):
             _build(files, cfg, vocab_size, directory)
     return _open_text(directory)
 
 
+def _complete(directory: Path) -> bool:
+    """Whether a cache entry holds all it should: meta.json (written last) and the files of the sizes it lists.
+    A file deleted since (a tmp cleaner, a user) makes the entry rebuilt, not a crash on every later run."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        size = np.dtype(meta["dtype"]).itemsize
+        return ((directory / "train.bin").stat().st_size == meta["train_tokens"] * size
+                and (directory / "val.bin").stat().st_size == meta["val_tokens"] * size
+                and (directory / "tokenizer.json").is_file())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def _open_text(directory: Path) -> Corpus:
-    meta = json.loads((directory / "meta.json").read_text())
-    dtype = np.dtype(meta["dtype"])
-    return Corpus(train=np.memmap(directory / "train.bin", dtype=dtype, mode="r"),
-                  val=np.memmap(directory / "val.bin", dtype=dtype, mode="r"),
-                  vocab_size=meta["vocab_size"], directory=directory,
-                  tokenizer_path=directory / "tokenizer.json")
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        dtype = np.dtype(meta["dtype"])
+        return Corpus(train=np.memmap(directory / "train.bin", dtype=dtype, mode="r"),
+                      val=np.memmap(directory / "val.bin", dtype=dtype, mode="r"),
+                      vocab_size=meta["vocab_size"], directory=directory,
+                      tokenizer_path=directory / "tokenizer.json")
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a worker opening its supervisor's cache: deleted?
+        raise InputError(f"data.cache_dir: the tokenized corpus in {directory} cannot be opened ({e}); was the "
+                         "cache deleted while the run was starting?") from None
 
 
 def _build(files: list[Path], cfg: DataConfig, vocab_size: int, directory: Path) -> None:
@@ -341,7 +406,7 @@ def _n_val(tokens: int, val_fraction: float) -> int:
 def _open_shard(p: Path) -> np.ndarray:
     """A shard memmapped; InputError naming it if it cannot be (empty, a .bin of odd size, not a .npy array)."""
     try:
-        if p.suffix == ".bin":
+        if _kind(p) == ".bin":
             size = p.stat().st_size
             if size % 2:
                 raise ValueError(f"its size, {size} bytes, is not a multiple of 2 (raw uint16 token ids)")
@@ -354,6 +419,7 @@ def _open_shard(p: Path) -> np.ndarray:
 
 
 def _pretokenized(files: list[Path], cfg: DataConfig, vocab_size: int) -> Corpus:
+    key = _fingerprint(files, {}, inode=False)  # before reading them: a change from here on is caught
     arrays = [_open_shard(p) for p in files]
     for p, a in zip(files, arrays):
         if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
@@ -368,7 +434,7 @@ def _pretokenized(files: list[Path], cfg: DataConfig, vocab_size: int) -> Corpus
     else:  # split shard by shard at the cut: views of the memmaps, nothing copied
         train, val = Shards(arrays).split(cut)
     return Corpus(train=train, val=val, vocab_size=vocab_size, directory=files[0].parent, tokenizer_path=None,
-                  shards=list(files))
+                  shards=list(files), key=key, checked_at=time.monotonic())
 
 
 def _max_ids(files: list[Path], arrays: list[np.ndarray], cfg: DataConfig) -> list[int]:

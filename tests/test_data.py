@@ -300,3 +300,68 @@ def test_a_cache_missing_its_tokenizer_has_no_tokenizer_identity(tmp_path):
     c = prepare(DataConfig(paths=[str(tmp_path / "docs")], cache_dir=str(tmp_path / "c"), val_fraction=0.1), 300)
     c.tokenizer_path.unlink()
     assert c.identity()["tokenizer_sha256"] is None and c.identity()["train_tokens"] == len(c.train)
+
+
+def test_an_unreadable_input_is_refused_naming_it(tmp_path):
+    """/proc/self/mem is a regular file whose first bytes fail to read (EIO), as root too: a real I/O error."""
+    _write_corpus(tmp_path)
+    for name in ("bad.txt", "bad.jsonl"):
+        (tmp_path / "docs" / name).symlink_to("/proc/self/mem")
+        with pytest.raises(InputError, match=rf"--data .*{name}: cannot read it \(Input/output error\)"):
+            prepare(DataConfig(paths=[str(tmp_path / "docs")], cache_dir=str(tmp_path / "c")), 300)
+        (tmp_path / "docs" / name).unlink()
+
+
+def test_symlinked_directories_are_followed_once_and_an_unlistable_one_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "r.txt").write_text("r")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "own.txt").write_text("o")
+    (tmp_path / "d" / "linked").symlink_to(tmp_path / "real")
+    (tmp_path / "real" / "up").symlink_to(tmp_path / "d")  # a loop: d/linked/up is d again
+    assert [p.relative_to(tmp_path).as_posix() for p in resolve([str(tmp_path / "d")])] == \
+        ["d/linked/r.txt", "d/own.txt"]
+    (tmp_path / "d" / "locked").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # a directory this user may not list (root may list any, so the OS is told to refuse)
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(InputError, match=r"--data .*/d: cannot list .*/d/locked \(Permission denied\)"):
+        resolve([str(tmp_path / "d")])
+
+
+def test_a_cache_entry_missing_a_file_is_rebuilt(tmp_path):
+    _write_corpus(tmp_path)
+    cfg = DataConfig(paths=[str(tmp_path / "docs")], cache_dir=str(tmp_path / "c"), val_fraction=0.1)
+    c = prepare(cfg, 300)
+    train = np.array(c.train)
+    (c.directory / "train.bin").unlink()  # a tmp cleaner
+    again = prepare(cfg, 300)
+    assert again.directory == c.directory and np.array_equal(np.asarray(again.train), train)
+
+
+def test_globs_skip_pycache_and_suffixes_are_read_in_any_case(tmp_path):
+    (tmp_path / "d" / "__pycache__").mkdir(parents=True)
+    (tmp_path / "d" / "__pycache__" / "c.pyc").write_bytes(b"\x00")
+    (tmp_path / "d" / "x.txt").write_text("x")
+    for pattern in ("d/*", "d/**", "d/**/*"):
+        assert resolve([str(tmp_path / pattern)]) == [tmp_path / "d" / "x.txt"], pattern
+    assert resolve([str(tmp_path / "d/__pycache__/*")]) == [tmp_path / "d" / "__pycache__" / "c.pyc"]  # asked for
+    with open(tmp_path / "UP.NPY", "wb") as f:  # (np.save to a name would add ".npy")
+        np.save(f, np.arange(100, dtype=np.uint16))
+    c = prepare(DataConfig(paths=[str(tmp_path / "UP.NPY")], cache_dir=str(tmp_path / "c")), 128)
+    assert c.shards == [tmp_path / "UP.NPY"] and np.array_equal(np.asarray(c.train), np.arange(98))
+
+
+def test_a_shard_rewritten_during_the_run_is_refused_by_the_next_check(tmp_path):
+    np.save(tmp_path / "a.npy", np.arange(1000, dtype=np.uint16) % 50)
+    c = prepare(DataConfig(paths=[str(tmp_path / "a.npy")], cache_dir=str(tmp_path / "c")), 64)
+    c.check_unchanged(every_s=0)
+    np.save(tmp_path / "a.npy", np.arange(1000, dtype=np.uint16) % 40)  # the same size
+    c.check_unchanged()  # checked less than a second ago: not stat'ed again yet
+    with pytest.raises(InputError, match="token shard changed"):
+        c.check_unchanged(every_s=0)

@@ -323,6 +323,7 @@ class Worker:
         Raises CollectiveError if the all-reduce fails; the model and optimizer are then untouched (still the
         state after step-1), so the step can be redone in the next generation.
         """
+        self.corpus.check_unchanged()  # shards are memmapped inputs: one rewritten mid-run ends it (exit 2)
         shares = self.balancer.shares()
         rank, world = self.place.rank, self.place.world
         start = balance_mod.offsets(shares)[rank]

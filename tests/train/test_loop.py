@@ -171,7 +171,8 @@ def test_clipping_inside_fused_adamw_equals_explicit_clipping(tmp_path):
 
 def test_a_fresh_run_sets_the_earlier_run_aside(tmp_path, capfd):
     train(small_cfg(tmp_path, "r", "run.max_steps=4", "run.ckpt_every=2"))
-    with pytest.raises(InputError, match="no such file"):  # a fresh run refused on its input moves nothing
+    with pytest.raises(InputError, match=r"no such file, directory or glob match: /.*/missing.txt$"):  # a fresh run
+        # refused on its input moves nothing
         train(small_cfg(tmp_path, "r", "run.max_steps=2", f"data.paths=['{tmp_path / 'missing.txt'}']"))
     assert not list((tmp_path / "r").glob("earlier-*"))
     (tmp_path / "r" / "chaos").mkdir(exist_ok=True)
@@ -372,3 +373,18 @@ def test_metrics_lines_after_the_restored_step_and_a_torn_line_are_dropped(tmp_p
     unchanged = path.stat().st_ino
     MetricsLog(tmp_path, 4).close()
     assert path.stat().st_ino == unchanged  # nothing to drop: not rewritten
+
+
+def test_a_shard_rewritten_mid_run_ends_the_run_with_input_error(tmp_path):
+    """Shards are memmapped inputs: a rewrite (here the same size, so nothing else would notice) ends the run at
+    the next step's check instead of training on other tokens."""
+    import numpy as np
+
+    shard = tmp_path / "a.npy"
+    np.save(shard, np.arange(20_000, dtype=np.uint16) % 500)
+    w = Worker(small_cfg(tmp_path, "r", f"data.paths=['{shard}']", "run.eval_every=0"), init_place("cpu"))
+    w.train_step(1)
+    np.save(shard, np.arange(20_000, dtype=np.uint16) % 400)
+    w.corpus.checked_at = 0.0  # as if a second had passed since the last check
+    with pytest.raises(InputError, match="token shard changed"):
+        w.train_step(2)
