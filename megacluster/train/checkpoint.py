@@ -86,8 +86,11 @@ class CheckpointManager:
     """
 
     def __init__(
-        self, directory: str | os.PathLike, *, keep: int = 3, log: Callable[[str], None] = _stderr
+        self, directory: str | os.PathLike, *, keep: int = 3, log: Callable[[str], None] = _stderr,
+        rejected: set[int] | None = None,
     ) -> None:
+        """rejected: steps whose checkpoints a loader found broken (`latest` records its own in `self.rejected`):
+        pruning does not count them among the `keep` good ones."""
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise InputError(f"checkpoint keep must be an integer >= 1, got {keep!r}")
         self.directory = Path(directory)
@@ -97,6 +100,7 @@ class CheckpointManager:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
         self._pending: Future | None = None  # the write in flight (or finished, result not yet collected)
         self._ids = itertools.count(1)  # unique suffixes for hidden directory names (thread-safe next())
+        self.rejected = set(rejected or ())
 
     # ---- saving -------------------------------------------------------------------------------------------
 
@@ -170,17 +174,29 @@ class CheckpointManager:
             fsync_dir(self.directory)
 
     def _prune(self, just_written: int) -> None:
-        """Delete the oldest checkpoints below the one just written so that keep-1 of them remain.
+        """Delete the checkpoints below the one just written that are older than the keep-1 newest good ones
+        below it. Good: complete (a manifest) and not rejected by a loader, so a corrupt checkpoint never takes
+        a good one's place; a broken one goes once it is older than those kept.
 
         Checkpoints with a higher step (a timeline rolled back from, or a corrupt newer one) are not counted and
-        never deleted here: one of them may be the newest good checkpoint.
+        never deleted here: one of them may be the newest good checkpoint. A checkpoint that cannot be deleted
+        (a read-only or busy directory) is left, and said so: the one just written stands, and training goes on.
         """
-        older = [s for s in self.steps() if s < just_written]
-        for step in older[: max(0, len(older) - (self.keep - 1))]:
+        below = [(s, p) for s, p in self._step_dirs() if s < just_written]
+        good = [s for s, p in below if s not in self.rejected and (p / MANIFEST_FILE).is_file()]
+        kept = good[max(0, len(good) - (self.keep - 1)):] if self.keep > 1 else []
+        oldest_kept = kept[0] if kept else just_written
+        for step, path in below:
+            if step >= oldest_kept:
+                break
             doomed = self._hidden(step, "del")
-            os.replace(self.directory / step_dir_name(step), doomed)  # gone from steps() atomically
+            try:
+                os.replace(path, doomed)  # gone from steps() atomically
+            except OSError as e:
+                self.log(f"checkpoint: could not remove {path.name} ({e.strerror or e}); it stays")
+                continue
             shutil.rmtree(doomed, ignore_errors=True)
-            self.log(f"checkpoint: removed {step_dir_name(step)} (keep={self.keep})")
+            self.log(f"checkpoint: removed {path.name} (keep={self.keep})")
 
     def _remove_leftovers(self) -> None:
         """Remove hidden tmp/del/old directories left by writers that are gone (killed, or this process). One
@@ -221,6 +237,7 @@ class CheckpointManager:
                 return _load_dir(path, step)
             except CheckpointError as e:
                 self.log(f"checkpoint: skipping {e}")  # each reason starts with the directory's name
+                self.rejected.add(step)
         return None
 
     def load(self, step: int) -> Loaded:

@@ -245,6 +245,7 @@ class Worker:
         self._pinned: list[list] = []  # CUDA: [pinned host buffer, event after the copy from it] (to_device)
         self._pinned_turn = 0
         self.metrics: MetricsLog | None = None
+        self.rejected_ckpts: set[int] = set()  # steps whose checkpoints restore() found broken
         self.grad_norm = torch.zeros(())
 
     # ---- set-up helpers ----
@@ -465,7 +466,9 @@ class Worker:
     def restore(self) -> bool:
         """Load the newest good checkpoint of this run dir, if any. Every rank reads the same files."""
         directory = self.run_dir / "checkpoints"
-        loaded = CheckpointManager(directory, keep=self.cfg.run.ckpt_keep).latest()
+        reader = CheckpointManager(directory, keep=self.cfg.run.ckpt_keep)
+        loaded = reader.latest()
+        self.rejected_ckpts |= reader.rejected  # the writer's pruning must not count them as good
         if loaded is None:
             if self.wid == 0:  # say it once: a resume that silently starts over would look like a resume
                 print(f"resume: no good checkpoint in {directory}; starting from step 0", file=sys.stderr, flush=True)
@@ -568,7 +571,8 @@ class Worker:
     def _set_main(self) -> None:
         """Rank 0 of the current generation (alone) logs and checkpoints; a former rank 0 stops doing so."""
         if self.place.is_main:
-            self.ckpt = self.ckpt or CheckpointManager(self.run_dir / "checkpoints", keep=self.cfg.run.ckpt_keep)
+            self.ckpt = self.ckpt or CheckpointManager(self.run_dir / "checkpoints", keep=self.cfg.run.ckpt_keep,
+                                                       rejected=self.rejected_ckpts)
             self.metrics = self.metrics or MetricsLog(self.run_dir, self.step)
             return
         for closable in (self.ckpt, self.metrics):

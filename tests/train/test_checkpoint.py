@@ -136,6 +136,47 @@ def test_rolled_back_run_never_deletes_newer_checkpoints(tmp_path):
     m.close()
 
 
+def test_broken_checkpoints_never_count_among_the_kept_ones(tmp_path):
+    """Resumed from 10 past a corrupt 12 (and a 11 with no manifest), keep=2: saving 15 keeps 10, the good one
+    below it, not the broken 12; both broken ones go once they are older than the kept ones."""
+    m = CheckpointManager(tmp_path, keep=3, log=Log())
+    for step in (5, 10, 11, 12):
+        m.save(step, _model(step), {}, {}, blocking=True)
+    m.close()
+    (tmp_path / "step_00000011" / "manifest.json").unlink()
+    _flip_byte(tmp_path / "step_00000012" / "model.safetensors", (tmp_path / "step_00000012" / "model.safetensors")
+               .stat().st_size - 5)
+    reader = CheckpointManager(tmp_path, keep=2, log=Log())
+    assert reader.latest().step == 10 and reader.rejected == {11, 12}
+    m = CheckpointManager(tmp_path, keep=2, log=Log(), rejected=reader.rejected)
+    m.save(15, _model(15), {}, {}, blocking=True)
+    assert [s for s, _ in m._step_dirs()] == [10, 11, 12, 15]  # 5 went; 10 is the one good checkpoint kept
+    m.save(20, _model(20), {}, {}, blocking=True)
+    assert [s for s, _ in m._step_dirs()] == [15, 20]
+    m.close()
+
+
+def test_a_checkpoint_that_cannot_be_deleted_stays_and_training_goes_on(tmp_path, monkeypatch):
+    log = Log()
+    m = CheckpointManager(tmp_path, keep=1, log=log)
+    m.save(1, _model(1), {}, {}, blocking=True)
+    real_replace = os.replace
+
+    def replace(src, dst):  # the kernel's answer for a busy (mounted) or read-only directory; root can't be refused
+        if Path(src).name == "step_00000001":
+            raise OSError(16, "Device or resource busy", str(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    m.save(2, _model(2), {}, {}, blocking=True)  # no error: the new checkpoint stands
+    assert m.steps() == [1, 2] and "checkpoint: could not remove step_00000001 (Device or resource busy); it stays" \
+        in log
+    monkeypatch.undo()
+    m.save(3, _model(3), {}, {}, blocking=True)
+    assert m.steps() == [3]
+    m.close()
+
+
 def test_same_step_saved_again_replaces_it(mgr):
     mgr.save(5, _model(1.0), {}, {"v": 1}, blocking=True)
     mgr.save(5, _model(2.0), {}, {"v": 2}, blocking=True)
