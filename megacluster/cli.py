@@ -2,7 +2,8 @@
 
 Each verb module exposes ``add_arguments(parser)`` and ``run(args) -> dict``. The dict is the run's
 result; with ``--json`` it is printed as one JSON object on the last line of stdout (the contract other
-tools parse). Human output goes to stderr. Exit codes: 0 ok, 2 bad input (`InputError`), 1 runtime failure,
+tools parse). Human output goes to stderr. Exit codes: 0 ok, 2 bad input (`InputError`), 1 runtime failure
+(one line: a worker that died, a full disk, ...),
 128 + N stopped by signal N after saving what resumes it (a result with "stopped": "SIGTERM", as a shell
 reports a process ended by that signal).
 """
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megacluster {verb}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # a run that failed (a worker died, ...): say why, exit 1
+        print(f"megacluster {verb}: failed: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the machine refused a file operation (a full disk, a read-only mount): say which
         print(f"megacluster {verb}: failed: {e}", file=sys.stderr)
         return 1
     except MemoryError as e:  # host memory ran out (CUDA's OutOfMemoryError is a RuntimeError, above)

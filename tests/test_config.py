@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -153,3 +154,35 @@ def test_cli_refuses_a_directory_it_cannot_create(flag, needle, tmp_path):
     r = subprocess.run([sys.executable, "-c", TELLS_TORCH, "train", *argv], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and needle in r.stderr and "torch imported: False" in r.stderr, r.stderr
+
+
+def test_cli_refuses_a_run_dir_it_cannot_write_in():
+    """sysfs takes no new files, as root too: the run dir exists but a run could write nothing there."""
+    if not os.path.isdir("/sys/kernel"):
+        pytest.skip("no sysfs here")
+    r = subprocess.run([sys.executable, "-c", TELLS_TORCH, "train", "--run-dir", "/sys/kernel"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "run.run_dir (--run-dir): cannot write in /sys/kernel (" in r.stderr, r.stderr
+    assert "torch imported: False" in r.stderr
+
+
+def test_a_file_operation_the_machine_refuses_is_one_line_and_exit_1(monkeypatch, capsys, tmp_path):
+    """A full disk mid-run is not bad input (exit 1, not 2), and no traceback: the message names the file."""
+    from megacluster import cli, files
+    from megacluster.train import cli as train_cli
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        files.atomic_write(tmp_path / "config.json", b"{}")
+    assert list(tmp_path.iterdir()) == []  # no temp file left behind
+
+    def run(args):
+        raise OSError(28, "No space left on device", "runs/x/config.json")
+
+    monkeypatch.setattr(train_cli, "run", run)
+    assert cli.main(["train"]) == 1
+    assert capsys.readouterr().err == ("megacluster train: failed: [Errno 28] No space left on device: "
+                                       "'runs/x/config.json'\n")

@@ -6,6 +6,7 @@ that need torch: the device, and memory on a GPU."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from ..config import Config, n_params
@@ -30,6 +31,12 @@ def check(cfg: Config) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"run.run_dir (--run-dir): cannot create {run_dir} ({e.strerror})") from None
+    try:  # a read-only mount or another user's directory: refused now, not by a traceback at the first write
+        fd, probe = tempfile.mkstemp(dir=run_dir, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"run.run_dir (--run-dir): cannot write in {run_dir} ({e.strerror})") from None
     if not under_launcher() and cfg.run.workers > max_local_workers():
         raise InputError(f"run.workers={cfg.run.workers}: at most {max_local_workers()} local worker processes on this "
                          f"machine ({os.cpu_count()} cores); for more, run on several machines under torchrun")
