@@ -166,18 +166,23 @@ def _sections(cfg: Config) -> dict[str, object]:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
+def _toml_list(text: str) -> list | None:
+    """`text` as a TOML array (['a', 'b']), or None if it is not one."""
+    if not text.lstrip().startswith("["):
+        return None
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return None
+    return value if isinstance(value, list) else None
+
+
 def _coerce(key: str, tp, value):
     """Check/convert `value` to the field type `tp`; raise InputError naming `key`."""
     origin = typing.get_origin(tp)
     if origin is list:
-        if isinstance(value, str) and value.lstrip().startswith("["):  # TOML's list, as a --config file writes it
-            try:
-                value = tomllib.loads(f"v = {value}")["v"]
-            except tomllib.TOMLDecodeError:
-                raise InputError(f"{key}: expected a TOML list of strings (['a', 'b']) or a comma-separated list "
-                                 f"(a,b), got {value!r}") from None
-        elif isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+        if isinstance(value, str):  # TOML's list, as a --config file writes it, or comma-separated (a path
+            value = _toml_list(value) or [v for v in value.split(",") if v]  # may start with "[": [draft].txt)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise InputError(f"{key}: expected a list of strings, got {value!r}")
         return list(value)

@@ -26,8 +26,7 @@ def test_toml_then_set_then_validate(tmp_path):
     assert cfg.optim.lr == 1e-3 and cfg.run.resume is True and cfg.data.paths == ["x.txt", "y.txt"]
     as_toml = config.build("tiny", None, ["data.paths=['x,1.txt', \"y.txt\"]"]).data.paths  # as the file writes it
     assert as_toml == ["x,1.txt", "y.txt"]
-    with pytest.raises(InputError, match=r"data.paths: expected a TOML list of strings \(\['a', 'b'\]\) or a comma"):
-        config.build("tiny", None, ["data.paths=['x.txt'"])
+    assert config.build("tiny", None, ["data.paths=[draft].txt,b"]).data.paths == ["[draft].txt", "b"]  # not TOML
     with pytest.raises(InputError, match="data.paths: expected a list of strings, got \\[1\\]"):
         config.build("tiny", None, ["data.paths=[1]"])
 
@@ -154,6 +153,16 @@ def test_cli_refuses_a_directory_it_cannot_create(flag, needle, tmp_path):
     r = subprocess.run([sys.executable, "-c", TELLS_TORCH, "train", *argv], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and needle in r.stderr and "torch imported: False" in r.stderr, r.stderr
+
+
+def test_a_refused_run_makes_no_cache_directory(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("x = 1\n")
+    r = subprocess.run([sys.executable, "-m", "megacluster", "train", "--run-dir", str(tmp_path / "run"), "--data",
+                        str(text), "--set", f"data.cache_dir={tmp_path / 'pc' / 'cache'}", "--set",
+                        "model.n_layer=1000000000"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "parameters need at least" in r.stderr, r.stderr
+    assert not (tmp_path / "pc").exists()
 
 
 def test_cli_refuses_a_run_dir_it_cannot_write_in():

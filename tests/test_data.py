@@ -1,6 +1,7 @@
 import json
 import os
 import sysconfig
+import time
 from pathlib import Path
 
 import numpy as np
@@ -363,5 +364,8 @@ def test_a_shard_rewritten_during_the_run_is_refused_by_the_next_check(tmp_path)
     c.check_unchanged(every_s=0)
     np.save(tmp_path / "a.npy", np.arange(1000, dtype=np.uint16) % 40)  # the same size
     c.check_unchanged()  # checked less than a second ago: not stat'ed again yet
+    c.checked_at, c.check_cost = time.monotonic() - 2, 0.05  # 2 s ago, but a stat of all shards took 50 ms:
+    c.check_unchanged()  # at most 1% of the time goes to it, so not before 5 s
+    c.checked_at = 0.0
     with pytest.raises(InputError, match="token shard changed"):
-        c.check_unchanged(every_s=0)
+        c.check_unchanged()

@@ -100,7 +100,7 @@ class CheckpointManager:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
         self._pending: Future | None = None  # the write in flight (or finished, result not yet collected)
         self._ids = itertools.count(1)  # unique suffixes for hidden directory names (thread-safe next())
-        self.rejected = set(rejected or ())
+        self.rejected = rejected if rejected is not None else set()  # shared: the owner may add to it later
 
     # ---- saving -------------------------------------------------------------------------------------------
 

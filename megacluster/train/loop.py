@@ -30,6 +30,7 @@ import torch.distributed as dist
 from .. import hardware
 from ..config import Config, OptimConfig
 from ..data import Corpus, SampleOrder, prepare
+from ..errors import InputError
 from ..model import GPT, flops_per_token
 from . import balance as balance_mod
 from . import chaos as chaos_mod
@@ -58,8 +59,6 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        from ..errors import InputError
-
         raise InputError("--device cuda: no CUDA device is available here; use --device cpu")
     return name
 
@@ -473,6 +472,14 @@ class Worker:
             if self.wid == 0:  # say it once: a resume that silently starts over would look like a resume
                 print(f"resume: no good checkpoint in {directory}; starting from step 0", file=sys.stderr, flush=True)
             return False
+        last = self.cfg.run.max_steps
+        if loaded.step > last:  # it would train nothing and report the old run as this one
+            raise InputError(f"--resume: the newest good checkpoint in {directory} is at step {loaded.step}, past "
+                             f"run.max_steps (--max-steps) = {last}; give --max-steps {loaded.step + 1} or more to "
+                             "train further")
+        if loaded.step == last and self.wid == 0:
+            print(f"resume: {loaded.path.name} is at run.max_steps = {last} already: nothing to train (a larger "
+                  "--max-steps trains further)", file=sys.stderr, flush=True)
         self.opt.load_weights(loaded.model)
         self.opt.load_state_dict(loaded.state["optimizer"])
         set_rng_state(loaded.state["rng"])
@@ -543,7 +550,7 @@ class Worker:
     def sync_state(self, src: int) -> None:
         """Everyone adopts rank `src`'s model, optimizer state and history (broadcast in a fixed order)."""
         meta = [{**self.history(), "balancer": self.balancer.state_dict(),
-                 "after_step_pending": self.after_step_pending,
+                 "after_step_pending": self.after_step_pending, "rejected_ckpts": sorted(self.rejected_ckpts),
                  "grad_norm": float(self.grad_norm)}]  # a pending after_step logs it (a replacement has none)
         dist.broadcast_object_list(meta, src=src)
         m = meta[0]
@@ -552,6 +559,7 @@ class Worker:
         self.opt.broadcast(src)
         self.step, self.losses, self.costs, self.val_loss = m["step"], m["losses"], m["costs"], m["val_loss"]
         self.after_step_pending = m["after_step_pending"]
+        self.rejected_ckpts |= set(m["rejected_ckpts"])  # in place: our CheckpointManager holds this set
         self.grad_norm = torch.tensor(m["grad_norm"])
         self.balancer.load_state_dict(m["balancer"])
         self.valid = True
@@ -573,7 +581,11 @@ class Worker:
         if self.place.is_main:
             self.ckpt = self.ckpt or CheckpointManager(self.run_dir / "checkpoints", keep=self.cfg.run.ckpt_keep,
                                                        rejected=self.rejected_ckpts)
-            self.metrics = self.metrics or MetricsLog(self.run_dir, self.step)
+            logged = self.step - 1 if self.after_step_pending else self.step  # a pending after_step logs again
+            if self.metrics is None:
+                self.metrics = MetricsLog(self.run_dir, logged)
+            else:  # main through a generation change that took us back (a failed evaluation is redone)
+                self.metrics.rewind(logged)
             return
         for closable in (self.ckpt, self.metrics):
             if closable is not None:

@@ -50,16 +50,25 @@ class MetricsLog:
     logged again, so the file reads as the one run that made the model, one line per logged step."""
 
     def __init__(self, run_dir: Path, step: int = 0):
-        path = run_dir / "metrics.jsonl"
+        self.run_dir = run_dir
+        self._open(step)
+
+    def _open(self, step: int) -> None:
+        path = self.run_dir / "metrics.jsonl"
         drop_lines_after(path, step)
         self.file = open(path, "a")
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=step + 1 if step else None)
+            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=step + 1 if step else None)
         except ImportError:  # tensorboard is optional
             pass
+
+    def rewind(self, step: int) -> None:
+        """Continue from `step`: the lines of later steps go (as when opened at `step`)."""
+        self.close()
+        self._open(step)
 
     def write(self, rec: dict) -> None:
         self.file.write(json.dumps(rec) + "\n")

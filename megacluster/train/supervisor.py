@@ -55,7 +55,8 @@ def train(cfg: Config) -> dict | None:
     check(cfg)  # the torch-free checks (the CLI ran them already, before importing torch)
     from .loop import Worker, init_place, resolve_device  # torch is imported only when training
 
-    if under_launcher() and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+    restarted = under_launcher() and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if restarted:
         cfg.run.resume = True  # restarted by torchrun: continue exactly from the newest good checkpoint
     run_dir = Path(cfg.run.run_dir)
     device = resolve_device(cfg.run.device)  # refuses cuda without a GPU
@@ -64,7 +65,7 @@ def train(cfg: Config) -> dict | None:
         check_resume(cfg)
     if under_launcher():
         corpus = prepare(cfg.data, cfg.model.vocab_size)  # each rank (a shared cache: one tokenizes)
-        check_data(cfg, corpus)
+        check_data(cfg, corpus, restarted=restarted)
         if not cfg.run.resume and int(os.environ["RANK"]) == 0:
             set_aside_earlier_run(run_dir)
         place = init_place(cfg.run.device, timeout_s=max(60.0, cfg.run.hang_timeout))
@@ -110,12 +111,7 @@ def check_resume(cfg: Config) -> None:
     if directory.exists() and not directory.is_dir():
         raise InputError(f"--resume: {directory} is not a directory of checkpoints; give the run dir of the run "
                          "to resume (run.run_dir, --run-dir)")
-    meta = newest_meta(directory) or {}
-    step = meta.get("step")
-    if isinstance(step, int) and step > cfg.run.max_steps:  # it would train nothing and report the old run
-        raise InputError(f"--resume: the newest checkpoint in {directory} is at step {step}, past run.max_steps "
-                         f"(--max-steps) = {cfg.run.max_steps}; give --max-steps {step} or more")
-    saved = (meta.get("config") or {}).get("model")
+    saved = ((newest_meta(directory) or {}).get("config") or {}).get("model")
     if not saved:
         return
     try:
@@ -129,15 +125,22 @@ def check_resume(cfg: Config) -> None:
                          "resume with the same model keys (and preset), or start in a new --run-dir")
 
 
-def check_data(cfg: Config, corpus: Corpus) -> None:
+def check_data(cfg: Config, corpus: Corpus, *, restarted: bool = False) -> None:
     """Before any worker starts: both splits hold a sequence, and a resumed run reads its checkpoint's tokens.
     An input edited since the checkpoint gives a text corpus another tokenizer, whose ids mean other text to the
     model's embeddings: refused. (Changed split sizes with the same tokenizer, data added, only make the run no
-    longer exact, as other changed sections do.)"""
+    longer exact, as other changed sections do.) A torchrun restart (`restarted`) continues the same run: a
+    token shard changed since the checkpoint is refused there (a shard changed mid-run is what ended the
+    previous attempt), where a user's --resume may give other shards."""
     corpus.check(cfg.model.seq_len, cfg.data.val_fraction)
     if not cfg.run.resume:
         return
-    saved = ((newest_meta(Path(cfg.run.run_dir) / "checkpoints") or {}).get("data") or {}).get("tokenizer_sha256")
+    data = (newest_meta(Path(cfg.run.run_dir) / "checkpoints") or {}).get("data") or {}
+    if restarted and data.get("shards_key") and data["shards_key"] != corpus.identity()["shards_key"]:
+        raise InputError("--data: a token shard changed since the checkpoint this torchrun restart resumes; every "
+                         "attempt of a run must read the same shards, unchanged (--resume in a new command may "
+                         "give other ones)")
+    saved = data.get("tokenizer_sha256")
     if saved and saved != corpus.identity()["tokenizer_sha256"]:
         raise InputError(f"--resume: the tokenizer built from --data now differs from the one the checkpoint in "
                          f"{cfg.run.run_dir} was trained with (an input, data.max_bytes or the file list changed): "

@@ -68,7 +68,7 @@ def test_resume_without_a_checkpoint_says_so_and_starts_at_step_1(tmp_path, capf
     assert res["steps"] == 2 and sorted(losses(tmp_path / "empty")) == [1, 2]
 
 
-def test_resume_refuses_another_model_before_starting(tmp_path):
+def test_resume_refuses_another_model_before_starting(tmp_path, capfd):
     train(small_cfg(tmp_path, "r", "run.max_steps=2", "run.ckpt_every=2"))
     for workers in ("1", "2"):
         differ = r"model.d_model = 64 there, 32 here; model.ffn_hidden = 256 there, 128 here; model.n_head = 4 "
@@ -78,9 +78,17 @@ def test_resume_refuses_another_model_before_starting(tmp_path):
     same = ["model.ffn_hidden=256"]  # the width SMALL derives (8/3 x 64, to a multiple of 128): the same model
     res = train(small_cfg(tmp_path, "r", "run.max_steps=4", "run.resume=true", "optim.lr=1e-4", *same))
     assert res["steps"] == 4 and sorted(losses(tmp_path / "r")) == [1, 2, 3, 4]
-    with pytest.raises(InputError, match=r"is at step 4, past run.max_steps \(--max-steps\) = 3; give --max-steps 4"):
+    with pytest.raises(InputError, match=r"is at step 4, past run.max_steps \(--max-steps\) = 3; give --max-steps 5"):
         train(small_cfg(tmp_path, "r", "run.max_steps=3", "run.resume=true", *same))  # it would train nothing
     assert sorted(losses(tmp_path / "r")) == [1, 2, 3, 4]
+    capfd.readouterr()
+    res = train(small_cfg(tmp_path, "r", "run.max_steps=4", "run.resume=true", *same))  # a re-run of a finished job
+    assert res["steps"] == 4 and "step_00000004 is at run.max_steps = 4 already: nothing to train" in \
+        capfd.readouterr().err
+    model = tmp_path / "r" / "checkpoints" / "step_00000004" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:-1] + bytes([model.read_bytes()[-1] ^ 1]))  # same size: only the loader
+    res = train(small_cfg(tmp_path, "r", "run.max_steps=3", "run.resume=true", *same))  # sees it: resumes from 2
+    assert res["steps"] == 3
 
 
 def test_micro_batching_does_not_change_the_gradient(tmp_path):

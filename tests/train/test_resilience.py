@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from megacluster import config
@@ -393,6 +394,8 @@ def test_a_worker_killed_during_the_evaluation_loses_no_step(tmp_path):
     assert res["lost_steps"] == 0 and res["recoveries_from_peer"] == 1 and res["steps"] == 6
     evals = [json.loads(line)["step"] for line in open(tmp_path / "eval" / "metrics.jsonl") if "val_loss" in line]
     assert evals == [5, 6]  # step 5's evaluation done once, after the recovery
+    logged = [json.loads(line)["step"] for line in open(tmp_path / "eval" / "metrics.jsonl") if '"loss"' in line]
+    assert logged == [1, 2, 3, 4, 5, 6]  # rank 0 survived, kept its log and redid step 5's record: once in the file
 
 
 def _kill_during_the_step_5_evaluation(tmp_path, name, wid):
@@ -406,13 +409,14 @@ def _kill_during_the_step_5_evaluation(tmp_path, name, wid):
 
 def test_a_replacement_that_redoes_the_logging_logs_the_transferred_grad_norm(tmp_path):
     """Worker 0 (rank 0, which logs) killed during step 5's evaluation: its replacement redoes step 5's record
-    from worker 1's state, and the gradient norm in it is that step's, not the replacement's initial 0.0."""
+    from worker 1's state (the killed worker's record of it dropped: one line a step), and the gradient norm in it
+    is that step's, not the replacement's initial 0.0."""
     code, res, err = _kill_during_the_step_5_evaluation(tmp_path, "eval0", 0)
     assert code == 0, err
     assert "resuming after step 5 with the state of worker 1" in err, err
-    fives = [json.loads(line) for line in open(tmp_path / "eval0" / "metrics.jsonl")
-             if '"grad_norm"' in line and json.loads(line)["step"] == 5]
-    assert len(fives) == 2 and fives[0]["grad_norm"] == fives[1]["grad_norm"] > 0, fives
+    records = [json.loads(line) for line in open(tmp_path / "eval0" / "metrics.jsonl") if '"grad_norm"' in line]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[4]["grad_norm"] > 0 and records[4]["grad_norm"] != records[3]["grad_norm"], records
 
 
 def test_a_link_that_keeps_flapping_escalates_to_the_checkpoint_then_gives_up(tmp_path, monkeypatch):
@@ -622,3 +626,31 @@ def test_long_evaluations_and_slow_checkpoint_writes_are_not_hangs(tmp_path):
     assert sorted(p.name for p in (tmp_path / "slow" / "checkpoints").iterdir()) == [
         f"step_0000000{s}" for s in range(1, 5)]
     assert time.monotonic() - t0 > 4 * 1.5  # the slow writes did happen (each save waits for the one before)
+
+
+def test_a_replacement_rank_0_knows_the_checkpoints_the_resume_rejected(tmp_path):
+    """Resumed past a corrupt step 6 (from 4, keep=2), then rank 0 is killed: its replacement takes its state from
+    worker 1, with the steps worker 1's loader rejected, so its saves keep 4, the one good older checkpoint."""
+    keys = ["run.workers=2", "run.ckpt_every=4", "run.ckpt_keep=2"]
+    train(cfg(tmp_path, "r", *keys, "run.max_steps=6", "run.ckpt_every=2"))
+    ckpts = tmp_path / "r" / "checkpoints"
+    model = ckpts / "step_00000006" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:-1] + bytes([model.read_bytes()[-1] ^ 1]))
+    res = train(cfg(tmp_path, "r", *keys, "run.max_steps=8", "run.resume=true", "run.chaos=kill:rank=0,step=7"))
+    assert res["recoveries_from_peer"] == 1 and res["steps"] == 8
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000004", "step_00000006", "step_00000008"]
+
+
+def test_a_torchrun_restart_refuses_shards_changed_since_its_checkpoint(tmp_path):
+    from megacluster.data import prepare
+    from megacluster.train.supervisor import check_data
+
+    shard = tmp_path / "a.npy"
+    np.save(shard, np.arange(20_000, dtype=np.uint16) % 300)
+    run = cfg(tmp_path, "r", f"data.paths=['{shard}']", "run.max_steps=2", "run.ckpt_every=2", "run.resume=true")
+    train(run)
+    np.save(shard, np.arange(20_000, dtype=np.uint16) % 200)  # the same size
+    corpus = prepare(run.data, run.model.vocab_size)
+    check_data(run, corpus)  # a user's --resume may give other shards
+    with pytest.raises(InputError, match="a token shard changed since the checkpoint this torchrun restart"):
+        check_data(run, corpus, restarted=True)
