@@ -50,20 +50,9 @@ def test_mfu_variants_keeps_each_finished_shape(tmp_path):
     assert failing.returncode == 1 and "== default gpt2-124m (exit 2)" in failing.stdout  # a failure fails it
 
 
-def test_mfu_variants_parallel_times_one_job_at_a_time(tmp_path):
-    """--parallel: every job warms up beside the others, then times alone (train_mfu's Gate)."""
-    jobs = ["swap@gpt2-124m", "master@gpt2-350m"]  # two: both wait at the gate for the other
-    r = run(sys.executable, "benchmarks/mfu_variants.py", "--parallel", "--out", str(tmp_path), "--args",
-            " ".join(SMOKE), *jobs)
-    assert r.returncode == 0, r.stderr
-    rows = [json.loads(x) for x in (tmp_path / "mfu.jsonl").read_text().splitlines()]
-    assert sorted(f"{x['variant']}@{x['shape']}" for x in rows) == sorted(jobs)
-    gate = next(tmp_path.glob("mfu-gate-*"))
-    assert {f.name for f in gate.glob("ready.*")} == {"ready.swap_gpt2-124m", "ready.master_gpt2-350m"}
-
-
-def test_mfu_variants_memory_cuts_waves(tmp_path):
-    """--memory: jobs in order, in waves whose memory estimates fit; each wave compiles and times on its own."""
+def test_mfu_variants_memory_cuts_waves_and_each_times_one_job_at_a_time(tmp_path):
+    """--parallel --memory: jobs in order, in waves whose memory estimates fit; every job of a wave warms up
+    beside the others, then times alone (train_mfu's Gate); each wave has its own gate."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import mfu_variants as mv
@@ -74,13 +63,15 @@ def test_mfu_variants_memory_cuts_waves(tmp_path):
     assert [[f"{j.variant}@{j.shapes[0]}" for j in w] for w in cut] == [
         ["default@gpt2-1.5b", "plain@gpt2-1.5b", "default@gpt2-124m"], ["plain@gpt2-124m"]]
     assert [len(w) for w in mv.waves(jobs, 40)] == [1, 1, 1, 1] and mv.waves(jobs, 0) == [jobs]
-    r = run(sys.executable, "benchmarks/mfu_variants.py", "--parallel", "--memory", "30", "--out", str(tmp_path),
-            "--args", " ".join(SMOKE), "default@gpt2-124m", "plain@gpt2-124m")
+    jobs = ["swap@gpt2-124m", "master@gpt2-350m", "default@gpt2-124m"]  # 23 + 27 GiB fit 50, then 23
+    r = run(sys.executable, "benchmarks/mfu_variants.py", "--parallel", "--memory", "50", "--out", str(tmp_path),
+            "--args", " ".join(SMOKE), *jobs)
     assert r.returncode == 0, r.stderr
-    assert "== wave 1/2: default@gpt2-124m" in r.stdout and "== wave 2/2: plain@gpt2-124m" in r.stdout
+    assert "== wave 1/2: swap@gpt2-124m master@gpt2-350m" in r.stdout and "== wave 2/2: default@gpt2-124m" in r.stdout
     rows = [json.loads(x) for x in (tmp_path / "mfu.jsonl").read_text().splitlines()]
-    assert sorted(x["variant"] for x in rows) == ["default", "plain"]
-    assert len(list(tmp_path.glob("mfu-gate-*"))) == 2
+    assert sorted(f"{x['variant']}@{x['shape']}" for x in rows) == sorted(jobs)
+    gates = sorted((sorted(f.name for f in g.glob("ready.*")) for g in tmp_path.glob("mfu-gate-*")), key=len)
+    assert gates == [["ready.default_gpt2-124m"], ["ready.master_gpt2-350m", "ready.swap_gpt2-124m"]]  # both waited
 
 
 def test_device_call_brings_back_rows_summary_and_profiles(tmp_path):
