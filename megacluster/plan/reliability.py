@@ -125,7 +125,7 @@ def analyse(spec: ReliabilitySpec, nodes: int, duration_days: float, *, mc: bool
     tau = spec.checkpoint_interval_s or (daly_interval(delta, mttf) if math.isfinite(mttf) else 86400.0)
     tau = max(tau, 1.0)
     planned_rate = spec.planned_per_day / DAY
-    ettr = daly_ettr(tau, delta, restart, mttf) * (1 - min(planned_rate * (spec.restart_s + delta), 1.0))
+    ettr = analytic_ettr(spec, tau, restart, mttf, planned_rate)
     dur = duration_days * DAY  # infinite for a run that never finishes (predict: ETTR 0 -> train_days inf)
     res = ReliabilityResult(nodes=nodes, duration_days=duration_days, job_mttf_h=mttf / 3600,
                             unexpected=_events(lam, dur), planned=_events(planned_rate, dur),
@@ -134,6 +134,13 @@ def analyse(spec: ReliabilitySpec, nodes: int, duration_days: float, *, mc: bool
     if mc:
         res.mc = monte_carlo(spec, rates, planned_rate, dur, tau, restart)
     return res
+
+
+def analytic_ettr(spec: ReliabilitySpec, tau: float, restart: float, mttf: float, planned_rate: float) -> float:
+    """Daly's ETTR for the unexpected failures times the share of time the planned interruptions leave (each
+    a fresh checkpoint, then a restart)."""
+    delta = spec.checkpoint_write_s
+    return daly_ettr(tau, delta, restart, mttf) * (1 - min(planned_rate * (spec.restart_s + delta), 1.0))
 
 
 def _events(rate: float, dur: float) -> float:
@@ -182,8 +189,7 @@ def _long_run(spec: ReliabilitySpec, rates: dict[str, float], planned_rate: floa
     limit of the simulated model is Daly's closed form (see `segment_moments`) times the planned-interruption
     loss, i.e. the analytic ETTR; counts are Poisson's normal limit, mean +- 1.645 sd for p5/p95."""
     lam = sum(rates.values())
-    ettr = daly_ettr(tau, spec.checkpoint_write_s, restart, 1 / lam if lam > 0 else math.inf)
-    ettr *= max(1 - planned_rate * (spec.restart_s + spec.checkpoint_write_s), 0.0)
+    ettr = analytic_ettr(spec, tau, restart, 1 / lam if lam > 0 else math.inf, planned_rate)
     unexpected, planned = _events(lam, dur), _events(planned_rate, dur)
     return {"trials": spec.trials,
             "interruptions_p5_p50_p95": _normal_pcts(unexpected + planned),
