@@ -1,10 +1,11 @@
 """Corpus -> token shards (np.memmap), and the global sample order.
 
 Inputs (`--data`, any mix): text files, directories (all files below, sorted; hidden files and directories,
-such as `.git`, and `__pycache__` skipped; symlinked directories followed), globs (a path that exists is taken as it is, even with `[` in its
-name), `.jsonl` files with a `text` field per line, and pre-tokenized shards (`.npy` arrays of token ids, or
-`.bin` raw uint16 as nanoGPT writes them). With no input the corpus is the Python standard library source of
-the running interpreter. A literal `<|endoftext|>` inside a document is text, not the document separator.
+such as `.git`, and `__pycache__` skipped; symlinked directories followed), globs (a path that exists is taken as
+it is, even with `[` in its name), `.jsonl` files with a `text` field per line, and pre-tokenized shards (`.npy`
+arrays of token ids, or `.bin` raw uint16 as nanoGPT writes them). With no input the corpus is the Python
+standard library source of the running interpreter. A literal `<|endoftext|>` inside a document is text, not the
+document separator.
 
 Text is tokenized once with a BPE trained on it and cached under a key of (each file's path, size and mtime,
 vocab size, options); the token stream's last `val_fraction` is the held-out validation split. Shards are
@@ -302,18 +303,7 @@ def reopen(ref: dict, cfg: DataConfig, vocab_size: int) -> Corpus:
     themselves, and one changed since is refused rather than read as another corpus."""
     if "text" in ref:
         return _open_text(Path(ref["text"]))
-    files = [Path(p) for p in ref["shards"]]
-    _check_shards(files, ref["key"])
-    return _pretokenized(files, cfg, vocab_size)
-
-
-def _check_shards(files: list[Path], key: str | None) -> None:
-    try:
-        same = _fingerprint(files, {}, inode=False) == key
-    except OSError:
-        same = False
-    if not same:
-        raise _shard_changed()
+    return _pretokenized([Path(p) for p in ref["shards"]], cfg, vocab_size, expect_key=ref["key"])
 
 
 def _shard_changed() -> InputError:
@@ -454,9 +444,15 @@ def _open_shard(p: Path) -> np.ndarray:
         raise InputError(f"--data {p}: not a usable token shard ({e})") from None
 
 
-def _pretokenized(files: list[Path], cfg: DataConfig, vocab_size: int) -> Corpus:
-    # taken before reading them: a change from here on is caught
-    key, stamps = _fingerprint(files, {}, inode=False), _stamps(files)
+def _pretokenized(files: list[Path], cfg: DataConfig, vocab_size: int, expect_key: str | None = None) -> Corpus:
+    """The shards as a Corpus; with `expect_key` (a worker reopening its run's corpus), refused unless they are
+    still the ones of that key."""
+    try:  # taken before reading them: a change from here on is caught
+        key, stamps = _fingerprint(files, {}, inode=False), _stamps(files)
+    except OSError:  # one went
+        key = stamps = None
+    if expect_key is not None and key != expect_key:
+        raise _shard_changed()
     arrays = [_open_shard(p) for p in files]
     for p, a in zip(files, arrays):
         if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
