@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> dict | None:
     zygote.prestart(cfg.run)  # its imports (when it will fork the workers) run beside ours
     from .supervisor import train
 
-    result = train(cfg)
+    result = train(cfg, checked=True)
     if result is not None:
         print(summary(result), file=sys.stderr)
     return result

@@ -1,7 +1,7 @@
 """Refuse a run's bad input before anything heavy starts: the checks here import no torch (3 s of a 2-core
 machine) and tokenize nothing, so a typo is answered at once (`megacluster train` runs them before it imports
-torch or starts the zygote). `supervisor.train` runs them again for callers of the Python API, then the checks
-that need torch: the device, and memory on a GPU."""
+torch or starts the zygote). `supervisor.train` runs them for callers of the Python API, then the checks that
+need torch: the device, and memory on a GPU."""
 
 from __future__ import annotations
 

@@ -50,9 +50,11 @@ def hb_step(value: str) -> int:
     return int(value.split()[0]) if value else 0
 
 
-def train(cfg: Config) -> dict | None:
-    """Train per `cfg`; returns rank 0's result dict (None on other ranks under a launcher)."""
-    check(cfg)  # the torch-free checks (the CLI ran them already, before importing torch)
+def train(cfg: Config, *, checked: bool = False) -> dict | None:
+    """Train per `cfg`; returns rank 0's result dict (None on other ranks under a launcher). checked: the caller
+    ran `inputs.check(cfg)` already (the CLI does, before importing torch)."""
+    if not checked:
+        check(cfg)  # the torch-free checks: the run dir, the data paths, ...
     from .loop import Worker, init_place, resolve_device  # torch is imported only when training
 
     restarted = under_launcher() and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -136,12 +138,13 @@ def check_data(cfg: Config, corpus: Corpus, *, restarted: bool = False) -> None:
     if not cfg.run.resume:
         return
     data = (newest_meta(Path(cfg.run.run_dir) / "checkpoints") or {}).get("data") or {}
-    if restarted and data.get("shards_key") and data["shards_key"] != corpus.identity()["shards_key"]:
+    ours = corpus.identity()  # (hashes the tokenizer file)
+    if restarted and data.get("shards_key") and data["shards_key"] != ours["shards_key"]:
         raise InputError("--data: a token shard changed since the checkpoint this torchrun restart resumes; every "
                          "attempt of a run must read the same shards, unchanged (--resume in a new command may "
                          "give other ones)")
     saved = data.get("tokenizer_sha256")
-    if saved and saved != corpus.identity()["tokenizer_sha256"]:
+    if saved and saved != ours["tokenizer_sha256"]:
         raise InputError(f"--resume: the tokenizer built from --data now differs from the one the checkpoint in "
                          f"{cfg.run.run_dir} was trained with (an input, data.max_bytes or the file list changed): "
                          "token ids would mean other text; resume with the same inputs, or start in a new --run-dir")
