@@ -15,6 +15,10 @@ from megacluster.train import zygote
 from megacluster.train.supervisor import train
 from megacluster.train.zygote import start_zygote
 
+# Multi-process runs watched by the clock (hang limits, replacement waits): under pytest-xdist they run one at a
+# time on one xdist worker (--dist loadgroup, pyproject.toml), beside the single-process tests on the other.
+pytestmark = pytest.mark.xdist_group("supervised")
+
 BASE = ["model.d_model=48", "model.n_layer=2", "model.n_head=4", "model.seq_len=32", "model.vocab_size=384",
         "data.max_bytes=200000", "run.batch_size=12", "run.micro_batch=12", "run.log_every=1", "run.eval_batches=1",
         "run.eval_every=0", "run.progress=false", "optim.warmup_steps=2", "run.hang_timeout=8"]
