@@ -9,6 +9,7 @@ A key that is left out and has no default is *chosen by the planner* (e.g. ``par
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -38,13 +39,13 @@ class _Rule:
         if self.kind == "choice":
             return "one of " + ", ".join(repr(c) for c in self.choices + (("auto",) if self.auto else ()))
         if self.kind in ("int", "float"):
-            rng = f"{'an integer' if self.kind == 'int' else 'a number'}"
+            rng = f"{'an integer' if self.kind == 'int' else 'a finite number'}"
             if self.lo is not None:
                 rng += f" >= {self.lo:g}"
             if self.hi is not None:
                 rng += f" and <= {self.hi:g}"
         else:
-            rng = {"bool": "true or false", "str": "a string", "dict": "a table of name = number"}[self.kind]
+            rng = {"bool": "true or false", "str": "a string", "dict": "a table of name = finite number >= 0"}[self.kind]
         return rng + (' or "auto"' if self.auto else "")
 
 
@@ -79,7 +80,8 @@ def _check(section: str, key: str, value: Any, rule: _Rule) -> Any:
         return value
     if rule.kind == "dict":
         if not isinstance(value, dict) or not value or any(
-                not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 for v in value.values()):
+                not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < math.inf
+                for v in value.values()):
             raise bad
         return {str(k): float(v) for k, v in value.items()}
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -90,6 +92,8 @@ def _check(section: str, key: str, value: Any, rule: _Rule) -> Any:
         value = int(value)
     else:
         value = float(value)
+        if not math.isfinite(value):  # TOML and JSON spell nan and inf; nan passes every comparison below
+            raise bad
     if (rule.lo is not None and value < rule.lo) or (rule.hi is not None and value > rule.hi):
         raise bad
     return value

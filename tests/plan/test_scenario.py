@@ -191,7 +191,7 @@ def test_time_and_token_keys_have_an_upper_bound(section, key, hi, shown):
     assert getattr(getattr(load_scenario(given(hi)), section), key) == hi
     for bad in (hi * 1.01, 1e300):
         with pytest.raises(ScenarioError, match=rf"^{section}\.{key} = {re.escape(repr(float(bad)))} is invalid: "
-                                                rf"must be a number >= \S+ and <= {re.escape(shown)}$"):
+                                                rf"must be a finite number >= \S+ and <= {re.escape(shown)}$"):
             load_scenario(given(bad))
 
 
@@ -202,6 +202,26 @@ def _1m_gpu(tmp_path, **reliability) -> Path:
     p = tmp_path / "s.json"
     p.write_text(json.dumps(raw))
     return p
+
+
+@pytest.mark.parametrize("section, key, value", [("reliability", "repair_h", "nan"), ("reliability", "repair_h", "inf"),
+                                                ("power", "pue", "nan"), ("fleet", "count", "inf"),
+                                                ("reliability", "causes", "{ gpu = nan }"),
+                                                ("reliability", "causes", "{ gpu = inf }")])
+def test_nan_and_inf_are_refused(tmp_path, section, key, value):
+    """TOML spells nan and inf: nan passed every bound (`nan < 0` is false) and came out as a silent prediction;
+    no key means anything at infinity (a causes weight of inf gave every cause a rate of inf / inf = nan)."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(f"[{section}]\n{key} = {value}\n")
+    raw = __import__("tomllib").loads(scenario.read_text())
+    with pytest.raises(ScenarioError, match=rf"^{section}\.{key} = .* is invalid: must be .*(finite|integer)"):
+        load_scenario({**BASE, section: {**BASE.get(section, {}), **raw[section]}})
+
+
+def test_cli_sweep_to_nan_exits_2():
+    r = _cli("--preset", "llama3-405b", "--no-mc", "--json", "--sweep", "reliability.repair_h=24,nan")
+    assert r.returncode == 2 and r.stdout == ""
+    assert "reliability.repair_h = nan is invalid: must be a finite number >= 0" in r.stderr
 
 
 def test_cli_restart_far_above_the_mttf_gets_a_prediction_not_a_traceback(tmp_path):
