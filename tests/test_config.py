@@ -162,7 +162,7 @@ def test_a_refused_run_makes_no_cache_directory(tmp_path):
                         str(text), "--set", f"data.cache_dir={tmp_path / 'pc' / 'cache'}", "--set",
                         "model.n_layer=1000000000"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "parameters need at least" in r.stderr, r.stderr
-    assert not (tmp_path / "pc").exists()
+    assert not (tmp_path / "pc").exists() and not (tmp_path / "run").exists()
 
 
 def test_cli_refuses_a_run_dir_it_cannot_write_in():

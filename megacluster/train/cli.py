@@ -53,11 +53,12 @@ def build_config(args: argparse.Namespace) -> config.Config:
 
 def run(args: argparse.Namespace) -> dict | None:
     cfg = build_config(args)  # bad input fails here and in inputs.check, before torch is imported
-    inputs.check(cfg)
-    zygote.prestart(cfg.run)  # its imports (when it will fork the workers) run beside ours
-    from .supervisor import train
+    with inputs.refused_runs_leave_no_dir(cfg.run.run_dir):
+        inputs.check(cfg)
+        zygote.prestart(cfg.run)  # its imports (when it will fork the workers) run beside ours
+        from .supervisor import train
 
-    result = train(cfg, checked=True)
+        result = train(cfg, checked=True)
     if result is not None:
         print(summary(result), file=sys.stderr)
     return result

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..config import Config, n_params
@@ -21,7 +23,8 @@ TRAIN_BYTES_PER_PARAM = 16  # the least any of our optimizers holds: fp32 weight
 
 def check(cfg: Config) -> None:
     """Every torch-free check of `cfg` against this machine; InputError naming the key on the first that fails.
-    Creates the run dir (a run dir that cannot be made is refused here, not after tokenizing)."""
+    Creates the run dir (a run dir that cannot be made is refused here, not after tokenizing); callers run it
+    inside `refused_runs_leave_no_dir`, which removes it again if this or a later check refuses the run."""
     world = int(os.environ["WORLD_SIZE"]) if under_launcher() else cfg.run.workers
     check_ranks(parse(cfg.run.chaos), world)  # a bad spec is refused before any process starts
     run_dir = Path(cfg.run.run_dir)
@@ -43,6 +46,27 @@ def check(cfg: Config) -> None:
     check_inputs(cfg.data, cfg.model.vocab_size)
     if guess_device(cfg.run) == "cpu":  # on a GPU, train() checks the GPU's memory once torch is imported
         check_fits(cfg, "cpu")
+
+
+@contextmanager
+def refused_runs_leave_no_dir(run_dir: str | Path) -> Iterator[None]:
+    """A run refused for its input (InputError, here or in `supervisor.train` once torch is up: --device cuda
+    without a GPU, a model too big for the GPU, --data that tokenizes to nothing) leaves behind no directory that
+    `check` made for it: those of `run_dir` and its parents that did not exist before are removed again while
+    empty. Not under a launcher: there another rank may be about to write into the directory."""
+    if under_launcher():
+        yield
+        return
+    made = [p for p in (Path(run_dir), *Path(run_dir).parents) if not p.exists()]  # deepest first
+    try:
+        yield
+    except InputError:
+        for p in made:
+            try:
+                p.rmdir()  # only an empty directory: a run that wrote anything keeps what it wrote
+            except OSError:
+                break
+        raise
 
 
 def max_local_workers() -> int:

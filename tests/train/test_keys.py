@@ -110,11 +110,12 @@ def test_wsd_decay_fraction_moves_the_decay_start():
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_device_cuda_without_cuda_exits_2(tmp_path, workers):
     r = subprocess.run([sys.executable, "-m", "megacluster", "train", "--device", "cuda", "--max-steps", "1",
-                        "--workers", workers, "--run-dir", str(tmp_path / "d"),
+                        "--workers", workers, "--run-dir", str(tmp_path / "runs" / "d"),
                         *[a for kv in MICRO for a in ("--set", kv)]],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert "--device cuda" in r.stderr
+    assert not (tmp_path / "runs").exists()  # refused once torch was up: the directories made for it are gone
 
 
 @pytest.mark.parametrize("choice, device, compiled, on", [

@@ -220,6 +220,18 @@ def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
         train(small_cfg(tmp_path, "f", "run.max_steps=1"))
 
 
+def test_a_refused_run_leaves_no_directory_made_for_it(tmp_path):
+    """inputs.check makes the run dir (to probe that it can write there) before later checks refuse the run:
+    what it made goes again; a directory that was there stays, with what it held."""
+    with pytest.raises(InputError, match="tokens, too few for one sequence"):
+        train(small_cfg(tmp_path, "runs/new", "data.max_bytes=10"))
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(InputError, match="tokens, too few for one sequence"):
+        train(small_cfg(tmp_path, "mine/new", "data.max_bytes=10"))
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "mine"] and not any((tmp_path / "mine").iterdir())
+
+
 def test_master_weights_one_vs_two_workers_and_exact_resume(tmp_path):
     on = ["optim.master_weights=on", "run.max_steps=6", "run.ckpt_every=3", "run.eval_every=0"]
     off = train(small_cfg(tmp_path, "off", *on[1:]))
