@@ -41,6 +41,9 @@ def run(args) -> dict:
         _sweep_key(args.sweep)  # a malformed --sweep is refused before the (slow) prediction, not after it
     sc = load_preset(args.preset) if args.preset is not None else load_scenario(
         DEFAULT_PRESET if args.scenario is None else args.scenario)
+    if args.report:
+        from .report import prepare_dir
+        prepare_dir(Path(args.report))  # a directory that cannot be made or written: refused before computing
     pred = predict(sc, mc=not args.no_mc)
     result = pred.to_dict()
     options = None

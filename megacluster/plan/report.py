@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import html
 import math
+import os
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -80,6 +82,22 @@ def _print_options(con, options: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- html
+def prepare_dir(out: Path) -> None:
+    """Make the report directory `out` and check that a file can be written in it; `ScenarioError` naming it
+    (exit 2) if not. The CLI calls it before the prediction, so a bad --report costs no computing."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise _cannot_write(out, e) from None
+
+
+def _cannot_write(out: Path, e: OSError) -> ScenarioError:
+    return ScenarioError(f"--report {out}: cannot write the report there: {e.strerror} ({e.filename or out})")
+
+
 def write_report(out: Path, sc: Scenario, pred: Prediction, sweep: list | None = None,
                  sweep_key: str | None = None) -> Path:
     """Write report.html and PNG plots into `out`; returns the HTML path. A directory that cannot be made or
@@ -87,8 +105,7 @@ def write_report(out: Path, sc: Scenario, pred: Prediction, sweep: list | None =
     try:
         return _write_report(out, sc, pred, sweep, sweep_key)
     except OSError as e:
-        raise ScenarioError(f"--report {out}: cannot write the report there: {e.strerror} "
-                            f"({e.filename or out})") from None
+        raise _cannot_write(out, e) from None
 
 
 def _write_report(out: Path, sc: Scenario, pred: Prediction, sweep: list | None, sweep_key: str | None) -> Path:

@@ -169,6 +169,7 @@ def test_cli_scenario_directory_and_report_on_a_file_exit_2(tmp_path):
     assert r.returncode == 2 and r.stdout == "" and f"--report {afile}: exists and is not a directory" in r.stderr
     r = _cli("--preset", "llama3-405b", "--no-mc", "--json", "--report", str(afile / "sub"))
     assert r.returncode == 2 and r.stdout == "" and f"--report {afile / 'sub'}: cannot write" in r.stderr
+    assert "MFU" not in r.stderr  # refused before the prediction: no summary printed
     assert afile.read_text() == "not a directory"
 
 
