@@ -160,6 +160,8 @@ class TrainSpec:
 MAX_TOTAL_TOKENS = 1e20
 MAX_DURATION_DAYS = 100_000  # days (~274 years): training runs last months, and no hardware lasts decades
 MAX_RESTART_S = 365 * 86400  # s (one year): a recovery longer than that is a new cluster, not a restart
+# (and the bound of a checkpoint's write and a node's repair too: 1e308 overflowed or gave a NaN ETTR)
+MAX_CHECKPOINT_INTERVAL_S = MAX_DURATION_DAYS * 86400  # s: an interval longer than the longest run = never
 
 TRAIN_RULES = {"global_batch": _int(1), "micro_batch": _int(1, auto=True), "dtype": _choice("fp16", "bf16", "fp8"),
                "recompute": _choice("none", "selective", "full", auto=True), "sequence_parallel": _Rule("bool"),
@@ -247,8 +249,10 @@ class ReliabilitySpec:
 
 
 RELIABILITY_RULES = {"node_failures_per_1000_node_days": _num(0), "causes": _Rule("dict"),
-                     "planned_per_day": _num(0), "checkpoint_write_s": _num(0), "restart_s": _num(0, MAX_RESTART_S),
-                     "checkpoint_interval_s": _num(1e-3, auto=True), "spare_nodes": _int(0), "repair_h": _num(0),
+                     "planned_per_day": _num(0), "checkpoint_write_s": _num(0, MAX_RESTART_S),
+                     "restart_s": _num(0, MAX_RESTART_S),
+                     "checkpoint_interval_s": _num(1e-3, MAX_CHECKPOINT_INTERVAL_S, auto=True),
+                     "spare_nodes": _int(0), "repair_h": _num(0, MAX_RESTART_S / 3600),
                      "duration_days": _num(1e-6, MAX_DURATION_DAYS), "trials": _int(1, MAX_TRIALS), "seed": _int(0)}
 
 

@@ -182,6 +182,9 @@ def test_monte_carlo_trials_are_capped_at_what_fits_in_memory():
 
 
 @pytest.mark.parametrize("section, key, hi, shown", [("reliability", "restart_s", 365 * 86400, "3.1536e+07"),
+                                                     ("reliability", "checkpoint_write_s", 365 * 86400, "3.1536e+07"),
+                                                     ("reliability", "repair_h", 365 * 24, "8760"),
+                                                     ("reliability", "checkpoint_interval_s", 8.64e9, "8.64e+09"),
                                                      ("reliability", "duration_days", 100_000, "100000"),
                                                      ("train", "total_tokens", 1e20, "1e+20")])
 def test_time_and_token_keys_have_an_upper_bound(section, key, hi, shown):
@@ -192,7 +195,7 @@ def test_time_and_token_keys_have_an_upper_bound(section, key, hi, shown):
     assert getattr(getattr(load_scenario(given(hi)), section), key) == hi
     for bad in (hi * 1.01, 1e300):
         with pytest.raises(ScenarioError, match=rf"^{section}\.{key} = {re.escape(repr(float(bad)))} is invalid: "
-                                                rf"must be a finite number >= \S+ and <= {re.escape(shown)}$"):
+                                                rf"must be a finite number >= \S+ and <= {re.escape(shown)}( or \"auto\")?$"):
             load_scenario(given(bad))
 
 
