@@ -108,6 +108,8 @@ def _poisson_cdf(k: int, mu: float) -> float:
     for i in range(1, k + 1):
         term *= mu / i
         total += term
+        if i > 2 * mu and term < 1e-17 * total:  # the terms now shrink by > 2x: the rest is below double precision
+            break  # (without it reliability.spare_nodes = 1e18 looped 1e18 times)
     return min(total, 1.0)
 
 

@@ -96,3 +96,27 @@ def test_an_infinite_run_with_no_failures_counts_none():
     assert r.ettr == 0 and r.unexpected == 0 and r.planned == math.inf and set(r.by_cause.values()) == {0.0}
     assert r.mc["ettr_mean"] == 0 and r.mc["unexpected_p5_p50_p95"] == [0, 0, 0]
     assert r.mc["interruptions_p5_p50_p95"] == [math.inf] * 3
+
+
+def _poisson_tail(s: int, mu: float) -> float:
+    """P(X >= s), X ~ Poisson(mu), summed from the pmf in logs (an independent reference)."""
+    return 1.0 - sum(math.exp(i * math.log(mu) - mu - math.lgamma(i + 1)) for i in range(s))
+
+
+@pytest.mark.parametrize("spares, mu", [(1, 0.5), (3, 2.0), (10, 4.0), (40, 30.0)])
+def test_spare_wait_is_the_chance_of_no_free_spare_times_the_first_repair(spares, mu):
+    """Nodes in repair ~ Poisson(hw_rate x repair): a failure that finds all S spares out waits repair / (S + 1)."""
+    spec = ReliabilitySpec(spare_nodes=spares, repair_h=24.0)
+    rate = mu / (24.0 * 3600)  # hardware failures per s
+    want = _poisson_tail(spares, mu) * 24.0 * 3600 / (spares + 1)
+    assert rel.spare_wait(spec, rate) == pytest.approx(want, rel=1e-9)
+    assert rel.spare_wait(ReliabilitySpec(spare_nodes=0, repair_h=24.0), rate) == 24.0 * 3600  # never a spare
+    assert rel.spare_wait(ReliabilitySpec(spare_nodes=None), rate) == 0.0  # enough hot spares
+
+
+def test_a_huge_spare_pool_never_waits_and_costs_no_loop():
+    """The Poisson sum stops once its terms are below double precision: spare_nodes = 1e18 used to loop 1e18
+    times (the plan never answered)."""
+    spec = ReliabilitySpec(spare_nodes=10**18, repair_h=24.0)
+    assert 0.0 <= rel.spare_wait(spec, 10 / (24.0 * 3600)) < 1e-20  # s: 1 - P(X < S) is 0 up to rounding
+    assert 0.0 <= rel.spare_wait(ReliabilitySpec(spare_nodes=1000, repair_h=24.0), 40 / (24.0 * 3600)) < 1e-12
