@@ -271,7 +271,12 @@ class PowerSpec:
 
 
 OFF_EARTH_PUE = 1.05  # orbit / Mars: radiators reject heat to space, only pumps add to the IT load
-POWER_RULES = {"pue": _num(1.0, 5.0), "node_overhead_w": _num(0), "network_w_per_gpu": _num(0),
+# W: a DGX H100 node draws ~10.2 kW all in (NVIDIA's spec), a GB200 GPU ~1.2 kW; 100x that means nothing (and
+# 1e308 W gave inf - inf = NaN energy, cost and battery figures)
+MAX_NODE_OVERHEAD_W = 1e6
+MAX_NETWORK_W_PER_GPU = 1e5
+POWER_RULES = {"pue": _num(1.0, 5.0), "node_overhead_w": _num(0, MAX_NODE_OVERHEAD_W),
+               "network_w_per_gpu": _num(0, MAX_NETWORK_W_PER_GPU),
                "gpu_compute_power_frac": _num(0, 1.5), "gpu_comm_power_frac": _num(0, 1.5), "grid_mw": _num(0),
                "battery_mwh": _num(0), "battery_mw": _num(0), "usd_per_mwh": _num(0), "usd_per_gpu_hour": _num(0)}
 
@@ -288,9 +293,10 @@ class SiteSpec:
     light_time_s: float | None = None  # one-way light time to Earth; None -> 0.002 (LEO), 750 (Mars mean)
 
 
+MAX_TEMP_K = 6000  # K: above the Sun's surface (5,772 K) no radiator or sink exists (1e308 ** 4 overflowed)
 SITE_RULES = {"kind": _choice("earth", "orbit", "mars"), "solar_w_m2": _num(0), "panel_efficiency": _num(0.01, 1),
-              "sunlit_fraction": _num(0.01, 1), "radiator_temp_k": _num(1), "emissivity": _num(0.01, 1),
-              "sink_temp_k": _num(0), "light_time_s": _num(0)}
+              "sunlit_fraction": _num(0.01, 1), "radiator_temp_k": _num(1, MAX_TEMP_K), "emissivity": _num(0.01, 1),
+              "sink_temp_k": _num(0, MAX_TEMP_K), "light_time_s": _num(0)}
 
 
 @dataclass(kw_only=True, slots=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from megacluster.errors import InputError
-from megacluster.plan import ScenarioError, load_scenario
+from megacluster.plan import ScenarioError, load_scenario, predict
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -186,13 +186,21 @@ def test_monte_carlo_trials_are_capped_at_what_fits_in_memory():
                                                      ("reliability", "repair_h", 365 * 24, "8760"),
                                                      ("reliability", "checkpoint_interval_s", 8.64e9, "8.64e+09"),
                                                      ("reliability", "duration_days", 100_000, "100000"),
+                                                     ("power", "node_overhead_w", 1e6, "1e+06"),
+                                                     ("power", "network_w_per_gpu", 1e5, "100000"),
+                                                     ("site", "radiator_temp_k", 6000, "6000"),
+                                                     ("site", "sink_temp_k", 6000, "6000"),
                                                      ("train", "total_tokens", 1e20, "1e+20")])
 def test_time_and_token_keys_have_an_upper_bound(section, key, hi, shown):
     """Past a year of restart, ~274 years of run or 1e20 tokens a value means nothing (and 1e300 used to end
-    in an OverflowError / numpy ValueError traceback); the bound itself is a valid scenario."""
+    in an OverflowError / numpy ValueError traceback, or NaN figures); the bound itself is a valid scenario and
+    gets a prediction without NaN (the Monte Carlo included)."""
     def given(value):
-        return {**BASE, section: {**BASE.get(section, {}), key: value}}
-    assert getattr(getattr(load_scenario(given(hi)), section), key) == hi
+        near = {"site": {"kind": "orbit"}, "reliability": {"spare_nodes": 1}}.get(section, {})  # where it acts
+        return {**BASE, section: {**BASE.get(section, {}), **near, key: value}}
+    sc = load_scenario(given(hi))
+    assert getattr(getattr(sc, section), key) == hi
+    assert "NaN" not in json.dumps(predict(sc).to_dict())
     for bad in (hi * 1.01, 1e300):
         with pytest.raises(ScenarioError, match=rf"^{section}\.{key} = {re.escape(repr(float(bad)))} is invalid: "
                                                 rf"must be a finite number >= \S+ and <= {re.escape(shown)}( or \"auto\")?$"):
