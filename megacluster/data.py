@@ -134,12 +134,22 @@ def _documents(files: list[Path], max_bytes: int):
             yield text
 
 
+READ_CHUNK_CHARS = 1 << 24  # a capped read goes in chunks: f.read(n) sizes its buffer by n up front, so a
+# cap of 1e18 (data.max_bytes meaning "no cap") was a MemoryError on a 6-byte file
+
+
 def _read_text(path: Path, limit: int | None) -> str:
     """The file as text (undecodable bytes replaced, universal newlines), or its first `limit` characters:
     at least `limit` bytes of UTF-8 unless the file is shorter, so the caller can cut it at the cap."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read(-1 if limit is None else limit)
+            if limit is None:
+                return f.read()
+            parts = []
+            while limit > 0 and (chunk := f.read(min(limit, READ_CHUNK_CHARS))):
+                parts.append(chunk)
+                limit -= len(chunk)
+            return "".join(parts)
     except OSError as e:
         raise _unreadable(path, e) from None
 

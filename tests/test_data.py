@@ -116,6 +116,17 @@ def test_max_bytes_reads_at_most_the_cap(tmp_path, monkeypatch):
     assert list(data._documents(files, a)) == [whole[0]]  # a cap on a file's end: the next is not opened
 
 
+def test_a_cap_far_above_the_data_reads_it_whole(tmp_path, monkeypatch):
+    """data.max_bytes = 1e18 means no cap in effect: f.read(1e18) sized its buffer by the cap (MemoryError on
+    a 6-byte file); the capped read now goes in chunks, and chunking cuts no character or newline."""
+    (tmp_path / "a.txt").write_bytes(b"first\r\nline \xff\n" + "\u00e9x".encode() * 7)
+    whole = (tmp_path / "a.txt").read_text(encoding="utf-8", errors="replace")
+    assert list(data._documents([tmp_path / "a.txt"], 10**18)) == [whole]
+    monkeypatch.setattr(data, "READ_CHUNK_CHARS", 3)  # many chunks, boundaries inside \r\n and after \xe9
+    assert data._read_text(tmp_path / "a.txt", 10**18) == whole
+    assert data._read_text(tmp_path / "a.txt", 8) == whole[:8] and len(whole) > 8
+
+
 def test_prepare_applies_data_max_bytes(tmp_path):
     """The key itself (not only the helper): prepare() tokenizes at most max_bytes of text, 0 = everything."""
     _write_corpus(tmp_path)
