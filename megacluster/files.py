@@ -1,9 +1,11 @@
-"""Durable file writes, shared by the data cache, the run directory's JSON files, chaos markers and checkpoints."""
+"""Durable file writes, shared by the data cache, the run directory's JSON files, chaos markers and checkpoints;
+and the write probe that refuses an unwritable output directory before any work."""
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -14,6 +16,14 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def probe_writable(directory: Path) -> None:
+    """Create and remove a file in `directory`; OSError if it cannot (a read-only mount, another user's
+    directory), so a caller refuses the run before its work instead of failing at the first write."""
+    fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-probe-")
+    os.close(fd)
+    os.unlink(probe)
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import html
 import math
-import os
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from ..files import probe_writable
 from ..hardware import get_gpu
 from . import reliability as rel
 from .perf import Plan, fleet_step, model_flops_per_token
@@ -87,9 +86,7 @@ def prepare_dir(out: Path) -> None:
     (exit 2) if not. The CLI calls it before the prediction, so a bad --report costs no computing."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-probe-")
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(out)
     except OSError as e:
         raise _cannot_write(out, e) from None
 

@@ -6,7 +6,6 @@ need torch: the device, and memory on a GPU."""
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 from ..config import Config, n_params
 from ..data import check_inputs
 from ..errors import InputError
+from ..files import probe_writable
 from .chaos import check_ranks, parse
 from .zygote import guess_device, under_launcher
 
@@ -35,9 +35,7 @@ def check(cfg: Config) -> None:
     except OSError as e:
         raise InputError(f"run.run_dir (--run-dir): cannot create {run_dir} ({e.strerror})") from None
     try:  # a read-only mount or another user's directory: refused now, not by a traceback at the first write
-        fd, probe = tempfile.mkstemp(dir=run_dir, prefix=".write-probe-")
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(run_dir)
     except OSError as e:
         raise InputError(f"run.run_dir (--run-dir): cannot write in {run_dir} ({e.strerror})") from None
     if not under_launcher() and cfg.run.workers > max_local_workers():
