@@ -21,7 +21,10 @@ def fsync_dir(path: Path) -> None:
 def probe_writable(directory: Path) -> None:
     """Create and remove a file in `directory`; OSError if it cannot (a read-only mount, another user's
     directory), so a caller refuses the run before its work instead of failing at the first write."""
-    fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-probe-")
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-probe-")
+    except OSError as e:  # its filename is the random probe's, which no user made: name the directory
+        raise OSError(e.errno, e.strerror, str(directory)) from None
     os.close(fd)
     os.unlink(probe)
 

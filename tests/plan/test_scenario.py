@@ -1,6 +1,7 @@
 """Bad scenarios: one clear error naming the key; exit 2 from the CLI."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -172,6 +173,17 @@ def test_cli_scenario_directory_and_report_on_a_file_exit_2(tmp_path):
     assert r.returncode == 2 and r.stdout == "" and f"--report {afile / 'sub'}: cannot write" in r.stderr
     assert "MFU" not in r.stderr  # refused before the prediction: no summary printed
     assert afile.read_text() == "not a directory"
+
+
+def test_cli_report_in_a_directory_that_takes_no_files_names_the_directory():
+    """sysfs takes no new files, as root too. The message names the directory the user gave, not the random
+    name of the probe file that could not be made there."""
+    if not os.path.isdir("/sys/kernel"):
+        pytest.skip("no sysfs here")
+    r = _cli("--preset", "llama3-405b", "--no-mc", "--json", "--report", "/sys/kernel")
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert "--report /sys/kernel: cannot write the report there: " in r.stderr, r.stderr
+    assert r.stderr.rstrip().endswith(" (/sys/kernel)") and "write-probe" not in r.stderr, r.stderr
 
 
 def test_monte_carlo_trials_are_capped_at_what_fits_in_memory():
