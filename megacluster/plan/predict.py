@@ -19,6 +19,7 @@ DEFAULT_DURATION_DAYS = 30.0  # reliability/energy horizon when the scenario giv
 class Prediction:
     """What the planner predicts for a scenario. `to_dict()` is the `--json` contract (issue 4)."""
     name: str
+    description: str
     step_time_s: float
     tokens_per_s: float
     model_tflops_per_gpu: float
@@ -100,7 +101,7 @@ def assemble(sc: Scenario, best: Ranked, n_configs: int, *, mc: bool = True) -> 
                                  ("vpp", sc.parallel.vpp), ("micro_batch", sc.train.micro_batch),
                                  ("recompute", sc.train.recompute)) if given is None]
     return Prediction(
-        name=sc.name, step_time_s=step, tokens_per_s=tps, model_tflops_per_gpu=tflops, mfu=mfu,
+        name=sc.name, description=sc.description, step_time_s=step, tokens_per_s=tps, model_tflops_per_gpu=tflops, mfu=mfu,
         memory_gb_per_gpu=mem_gb, fits_in_memory=fs.fits_in_memory,
         bubble_fraction=crit.bubble_s / step, exposed_comm_fraction=crit.exposed_comm_s / step,
         job_mttf_h=r.job_mttf_h, interruptions=r.interruptions, checkpoint_interval_s=r.checkpoint_interval_s,

@@ -43,7 +43,8 @@ def print_summary(pred: Prediction, options: dict | None = None, sweep: list | N
     con = Console(file=file or sys.stderr, width=110)
     d = pred.to_dict()
     plan = ", ".join(f"{k}={v}" for k, v in d["plan"].items())
-    t = Table(title=f"megacluster plan: {pred.name} ({pred.gpus:,} GPUs)", show_header=False)
+    t = Table(title=f"megacluster plan: {pred.name} ({pred.gpus:,} GPUs)", caption=pred.description or None,
+              show_header=False)
     for key, label, fmt in ROWS:
         t.add_row(label, _fmt(fmt, d[key], d))
     t.add_row("parallel plan", plan + (f"  (chosen: {', '.join(d['chosen'])})" if d["chosen"] else ""))
@@ -118,8 +119,9 @@ def _write_report(out: Path, sc: Scenario, pred: Prediction, sweep: list | None,
     rows = "".join(f"<tr><td>{html.escape(label)}</td><td>{html.escape(_fmt(fmt, d[k], d))}</td></tr>"
                    for k, label, fmt in ROWS)
     imgs = "".join(f'<p><img src="{p.name}" width="640"></p>' for p in pngs)
+    about = f"<p><em>{html.escape(pred.description)}</em></p>" if pred.description else ""
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>megacluster plan: {html.escape(pred.name)}"
-            f"</title></head><body><h1>megacluster plan: {html.escape(pred.name)}</h1>"
+            f"</title></head><body><h1>megacluster plan: {html.escape(pred.name)}</h1>{about}"
             f"<p>{pred.gpus:,} GPUs; plan {html.escape(str(d['plan']))}</p><table border=1>{rows}</table>"
             f"<ul>{''.join(f'<li>{html.escape(x)}</li>' for x in pred.limits)}</ul>{imgs}"
             "</body></html>")

@@ -144,7 +144,7 @@ class TrainSpec:
     dtype: str = "bf16"
     recompute: str | None = None  # None -> chosen by the planner
     sequence_parallel: bool = True
-    zero: int = 1  # ZeRO stage 0-3 (sharding over data-parallel ranks)
+    zero: int = 1  # ZeRO stage 0-3 (sharding over the dp x cp ranks that hold the same weights)
     total_tokens: float | None = None  # tokens for the whole run (-> train_days)
     # "flash" (fused, IO-aware, 2022+) | "unfused" (bmm + softmax through HBM) | None = auto: "unfused" for fp16
     # runs (the fp16 mixed-precision era, e.g. Megatron-LM 2021, predates fused attention), "flash" for bf16/fp8
@@ -290,7 +290,8 @@ class SiteSpec:
     radiator_temp_k: float = 300.0  # K, radiator surface temperature
     emissivity: float = 0.90
     sink_temp_k: float | None = None  # K, effective sink; None -> 4 (deep space, orbit), 210 (Mars)
-    light_time_s: float | None = None  # one-way light time to Earth; None -> 0.002 (LEO), 750 (Mars mean)
+    light_time_s: float | None = None  # s, one-way light time to Earth; None -> 0.002 (LEO), 750 (Mars mean).
+    # Reported as given: no figure of the plan depends on it (it is for the link to Earth, `sync`, later)
 
 
 MAX_TEMP_K = 6000  # K: above the Sun's surface (5,772 K) no radiator or sink exists (1e308 ** 4 overflowed)
@@ -302,6 +303,7 @@ SITE_RULES = {"kind": _choice("earth", "orbit", "mars"), "solar_w_m2": _num(0), 
 @dataclass(kw_only=True, slots=True)
 class Scenario:
     name: str = "scenario"
+    description: str = ""  # free text shown with the prediction (summary, --json, report)
     model: ModelSpec
     train: TrainSpec
     parallel: ParallelSpec
@@ -372,8 +374,11 @@ def from_dict(raw: dict) -> Scenario:
     for sec in ("model", "train", "fleet"):
         if sec not in raw:
             raise ScenarioError(f"[{sec}] is required")
+    for key in ("name", "description"):
+        if key in raw and not isinstance(raw[key], str):
+            raise ScenarioError(f"{key} = {raw[key]!r} is invalid: must be a string")
     sc = Scenario(
-        name=str(raw.get("name", "scenario")),
+        name=raw.get("name", "scenario"), description=raw.get("description", ""),
         model=_build(ModelSpec, "model", raw["model"], MODEL_RULES),
         train=_build(TrainSpec, "train", raw["train"], TRAIN_RULES),
         parallel=_build(ParallelSpec, "parallel", raw.get("parallel"), PARALLEL_RULES),
