@@ -121,17 +121,18 @@ class Balancer:
     weight `ema` on the newest measurement. A step where a rank processed 0 samples or reported 0 s leaves its
     estimate as it was.
 
-    Stragglers, checked at every estimate (both modes):
-      - slower than it was: throughput < straggler_ratio x the rank's baseline, where the baseline is its EMA at
+    Stragglers, checked at every estimate: a rank slower than it was, i.e. throughput < straggler_ratio x the
+    rank's baseline, where the baseline is its EMA at
         the last estimate at which it was not low (so a rank that halves its speed stays low, it does not become
         its own new normal). Samples/s depend on the share (a step has fixed costs, which a smaller share spreads
         over fewer samples), so when the rank's share changed since the last estimate, its baseline is scaled by
         the ratio of its throughput now to then, as far as a share change explains it: by a factor between 1 (no
         fixed cost) and the ratio of the shares (all fixed cost). So a share cut alone makes no straggler, a rank
-        that was low stays low, and one that slowed while its share moved is still found;
-      - in "equal" mode also slower than its peers: throughput < straggler_ratio x the median of all ranks
-        (in "auto" mode a slow GPU is expected and simply gets a smaller share).
+        that was low stays low, and one that slowed while its share moved is still found. A GPU slower than its
+        peers from the start is not a straggler: it simply gets a smaller share.
     A rank low at `patience` consecutive estimates is flagged; one estimate at normal speed clears the flag.
+    The trainer measures (and calls `observe`) only in "auto" mode: timing the compute needs a device sync per
+    step on a GPU, which the default "equal" mode does not pay, so there no rank is measured or named.
     """
 
     world: int  # ranks
@@ -218,8 +219,6 @@ class Balancer:
 
     def _update_stragglers(self) -> None:
         """One straggler check per estimate (see the class docstring)."""
-        known = [t for t in self._throughput if t is not None]
-        median = statistics.median(known) if known else None
         for rank, now in enumerate(self._throughput):
             if now is None:
                 continue
@@ -231,8 +230,6 @@ class Balancer:
                 base = self._baseline[rank] = base * min(max(now / judged[1], lo), hi)
             self._judged[rank] = (share, now)
             low = base is not None and now < self.straggler_ratio * base
-            if self.mode == "equal" and median is not None:
-                low = low or now < self.straggler_ratio * median
             self._low[rank] = self._low[rank] + 1 if low else 0
             if not low:
                 self._baseline[rank] = now

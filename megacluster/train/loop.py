@@ -689,7 +689,7 @@ class Worker:
             rec["tokens_per_s"] = self.timer.interval(step, self.tokens_per_step)
             rec["mfu"] = self.mfu(rec["tokens_per_s"])
             rec["world"] = self.place.world
-            if cfg.balance == "auto" or self.balancer.stragglers():
+            if cfg.balance == "auto":  # the only mode that measures (balance.Balancer)
                 rec["workers"] = self.members  # whose shares and throughputs these are, in that order
                 rec["shares"] = self.balancer.shares()
                 rec["throughputs"] = [round(t, 2) if t else t for t in self.balancer.throughputs()]  # samples/s
