@@ -165,6 +165,28 @@ def test_a_refused_run_makes_no_cache_directory(tmp_path):
     assert not (tmp_path / "pc").exists() and not (tmp_path / "run").exists()
 
 
+def test_a_cpu_run_whose_activations_cannot_fit_is_refused(monkeypatch):
+    """llama-1b's training state (16.5 GiB) fits a 24 GiB machine, but a micro-batch of 4 x 2048 tokens does not:
+    the kernel's OOM killer ended that run after ~3 minutes. Activations are now counted (a lower bound)."""
+    from megacluster.train.inputs import activation_bytes, check_fits
+
+    ram = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 24 * 2**30 // 4096}
+    monkeypatch.setattr(os, "sysconf", lambda name: ram[name])
+    cfg = config.build("llama-1b")
+    m = cfg.model
+    per_token = m.n_layer * (8 * 2048 + 4 * 8192) + 32000  # elements: 8 d + 4 f per layer, the logits gradient
+    assert activation_bytes(cfg, 1) == 4 * 2048 * per_token * 4  # micro_batch 4 of the batch of 16
+    assert activation_bytes(cfg, 8) == 2 * 2048 * per_token * 4  # 8 workers: a share of 2 sequences each
+    with pytest.raises(InputError, match=r"parameters need at least 41\.4 GiB .* activations of a micro-batch of "
+                                         r"4 x 2048 tokens 25\.0 GiB.* check run\.micro_batch"):
+        check_fits(cfg, "cpu")
+    cfg.run.micro_batch = 1  # 16.5 + 6.2 GiB
+    check_fits(cfg, "cpu")
+    cfg.run.workers = 2  # two workers share the RAM: twice (16.5 + 6.2) GiB
+    with pytest.raises(InputError, match=r"45\.4 GiB .* memory \(shared by 2 local workers\) is 24\.0 GiB"):
+        check_fits(cfg, "cpu")
+
+
 def test_cli_refuses_a_run_dir_it_cannot_write_in():
     """sysfs takes no new files, as root too: the run dir exists but a run could write nothing there."""
     if not os.path.isdir("/sys/kernel"):
