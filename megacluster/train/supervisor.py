@@ -162,8 +162,10 @@ def set_aside_earlier_run(run_dir: Path) -> None:
     checkpoint, metrics.jsonl would mix two runs, and the run would overwrite a config.json or result.json that
     may not even be a run's (a project directory given as --run-dir)."""
     # tb: TensorBoard (metrics.py); chaos: the one-shot faults' markers (chaos.py; left, a fresh run under torchrun,
-    # which has no supervisor to clear them, would not fire its faults again)
-    names = ("checkpoints", "metrics.jsonl", "result.json", "tb", "config.json", "corpus.json", "chaos")
+    # which has no supervisor to clear them, would not fire its faults again); workers.json: the supervised
+    # workers' pids (a fresh run's would otherwise name the earlier run's processes until its own start)
+    names = ("checkpoints", "metrics.jsonl", "result.json", "tb", "config.json", "corpus.json", "chaos",
+             "workers.json")
     found = [run_dir / n for n in names if (run_dir / n).exists() or (run_dir / n).is_symlink()]
     found = [p for p in found if not (p.is_dir() and not p.is_symlink() and not any(p.iterdir()))]  # empty: no loss
     if not found:

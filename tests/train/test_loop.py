@@ -205,10 +205,14 @@ def test_a_fresh_run_moves_files_of_the_names_it_writes_even_where_nothing_train
     (d / "chaos" / "notes.txt").write_text("notes")
     (d / "config.json").write_text("precious")
     (d / "result.json").write_text('{"mine": 1}')
+    (d / "workers.json").write_text('{"0": 1, "1": 2}')  # an earlier supervised run's pids
     (d / "checkpoints").mkdir()  # empty: left where it is
     train(small_cfg(tmp_path, "proj", "run.max_steps=1", "run.workers=2"))
-    assert "the earlier run's result.json, config.json, chaos moved to" in capfd.readouterr().err
+    assert "the earlier run's result.json, config.json, chaos, workers.json moved to" in capfd.readouterr().err
     (earlier,) = d.glob("earlier-*")
+    assert (earlier / "workers.json").read_text() == '{"0": 1, "1": 2}'
+    assert json.loads((d / "workers.json").read_text()).keys() == {"0", "1"}
+    assert json.loads((d / "workers.json").read_text()) != {"0": 1, "1": 2}
     assert (earlier / "config.json").read_text() == "precious" and (earlier / "chaos" / "notes.txt").exists()
     assert (earlier / "result.json").read_text() == '{"mine": 1}' and not (earlier / "checkpoints").exists()
     assert json.loads((d / "result.json").read_text())["steps"] == 1
@@ -393,6 +397,31 @@ def test_metrics_lines_after_the_restored_step_and_a_torn_line_are_dropped(tmp_p
     unchanged = path.stat().st_ino
     MetricsLog(tmp_path, 4).close()
     assert path.stat().st_ino == unchanged  # nothing to drop: not rewritten
+
+
+def test_tensorboard_scalars_follow_the_metrics_file_through_a_rewind(tmp_path):
+    """With tensorboard installed (the test extra), every numeric field of a metrics line is a scalar at its step,
+    and the steps a rewind drops from metrics.jsonl are purged from the event files too."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megacluster.train.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path, 0)
+    for step in (1, 2, 3, 4):
+        log.write({"step": step, "loss": 10.0 - step, "lr": 0.1, "stragglers": []})
+    log.rewind(2)  # back to the step-2 checkpoint: steps 3 and 4 are redone
+    for step in (3, 4):
+        log.write({"step": step, "loss": 1.0 / step, "lr": 0.1, "stragglers": []})
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["loss", "lr"]  # the list is not a scalar
+    scalars = events.Scalars("loss")
+    assert [e.step for e in scalars] == [1, 2, 3, 4]
+    assert [e.value for e in scalars] == pytest.approx([9.0, 8.0, 1 / 3, 0.25])  # float32 in the event file
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4] and [r["loss"] for r in lines] == [9.0, 8.0, 1 / 3, 0.25]
 
 
 def test_a_shard_rewritten_mid_run_ends_the_run_with_input_error(tmp_path):
