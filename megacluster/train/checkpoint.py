@@ -4,7 +4,8 @@ Layout (one directory per checkpoint; see docs/checkpoint.md for why):
 
     DIR/step_00000042/model.safetensors   weights (safetensors)
                       state.pt            torch.save of `state`: optimizer, RNG, data position, ... (weights_only)
-                      manifest.json       written LAST: {"format": 1, "step", "files": {name: {bytes, sha256}}, "meta"}
+                      manifest.json       written LAST: {"format": 2, "step", "files": {name: {bytes, sha256}},
+                                          "meta", "sha256" (of the rest of the manifest)}
 
 A checkpoint is written into a hidden `DIR/.step_00000042.tmp-<pid>-<n>/`, every file fsync'd, then the directory
 is renamed into place and DIR fsync'd, so a checkpoint either exists complete or not at all, even if the process
