@@ -646,9 +646,14 @@ class Worker:
                 "device": str(self.place.device), "params": self.model.num_params(),
                 "loss_digest": loss_digest(self.losses), "workers": self.members, "shares": self.balancer.shares(),
                 "stragglers": self.stragglers(), "kept_worker_s": sum(self.costs),
-                "elapsed_s": t_end - t_start,
+                "elapsed_s": t_end - t_start, **self.resolved(),
                 "stopped": signal.Signals(self.stopped_by).name  # the last step done: finished, not stopped
                 if self.stopped_by is not None and self.step < cfg.max_steps else None}
+
+    def resolved(self) -> dict:
+        """What the "auto" keys came to on this worker's device (in the result: a user sees what ran)."""
+        return {"compiled": self.compiled, "dtype": str(self.dtype).removeprefix("torch."),
+                "master_weights": isinstance(self.opt, optim.MasterAdamW), "fused_loss": self.model.fused_loss}
 
     def flush(self) -> None:
         """Copy the losses of completed steps to the host history (one device sync)."""

@@ -249,6 +249,8 @@ def test_master_weights_one_vs_two_workers_and_exact_resume(tmp_path):
     shutil.copytree(tmp_path / "one" / "checkpoints" / "step_00000003", tmp_path / "cut" / "checkpoints" / "step_00000003")
     resumed = train(small_cfg(tmp_path, "cut", *on, "run.resume=true"))
     assert resumed["loss_digest"] == one["loss_digest"] and off["steps"] == two["steps"] == 6
+    # torch's AdamW gives the same losses: that each run used the optimizer it was asked for is shown here
+    assert not off["master_weights"] and one["master_weights"] and two["master_weights"]
     # a checkpoint of the torch optimizer resumes under the master one (same weights and state dict forms)
     shutil.copytree(tmp_path / "off" / "checkpoints" / "step_00000003", tmp_path / "cross" / "checkpoints" / "step_00000003")
     train(small_cfg(tmp_path, "cross", *on, "run.resume=true"))
@@ -271,7 +273,8 @@ def test_master_weights_with_bf16_compute(tmp_path):
     assert all(b[s] == pytest.approx(a[s], rel=2e-2) for s in a)
     loaded = CheckpointManager(tmp_path / "one" / "checkpoints").latest()
     assert loaded.meta["step"] == 6 and all(t.dtype == torch.float32 for t in loaded.model.values())
-    assert one["steps"] == two["steps"] == 6
+    assert one["steps"] == two["steps"] == 6 and one["master_weights"] and two["master_weights"]
+    assert one["dtype"] == two["dtype"] == "bfloat16"
 
 
 def test_master_weights_state_transfer_to_a_replacement_worker(tmp_path):
@@ -281,7 +284,7 @@ def test_master_weights_state_transfer_to_a_replacement_worker(tmp_path):
     clean = train(small_cfg(tmp_path, "clean", *on))
     chaos = train(small_cfg(tmp_path, "chaos", *on, "run.chaos=kill:rank=1,step=3"))
     assert chaos["recoveries_from_peer"] == 1 and chaos["steps"] == 6
-    assert chaos["loss_digest"] == clean["loss_digest"]
+    assert chaos["loss_digest"] == clean["loss_digest"] and chaos["master_weights"] and clean["master_weights"]
 
 
 def test_master_weights_trainer_sums_micro_batches_in_fp32(tmp_path):
@@ -315,12 +318,14 @@ def test_master_weights_flap_with_micro_batches_matches_a_clean_run(tmp_path):
     clean = train(small_cfg(tmp_path, "clean", *on))
     flap = train(small_cfg(tmp_path, "flap", *on, "run.chaos=flap:step=3"))
     assert flap["flaps_survived"] == 1 and flap["loss_digest"] == clean["loss_digest"]
+    assert flap["master_weights"] and clean["master_weights"] and flap["dtype"] == "bfloat16"
 
 
 def test_fused_loss_trains_like_the_plain_loss(tmp_path, monkeypatch):
     """run.fused_loss=on routes every training micro-batch through model.HeadLoss, and the run is the plain
     run's (fp32: to rounding), with 1 worker and with 2 (micro-batches of 2, so gradient accumulation too).
-    The calls are counted in this process only: the 2-worker run's workers are subprocesses."""
+    The calls are counted in this process only: the 2-worker run's workers are subprocesses, whose result says
+    whether they used it."""
     from megacluster import model
 
     calls = []
@@ -339,6 +344,7 @@ def test_fused_loss_trains_like_the_plain_loss(tmp_path, monkeypatch):
              for n in ("off", "one", "two")]  # AdamW would hide a gradient off by a constant factor: the norm not
     assert len(norms[0]) == 4 and all(x == pytest.approx(y, rel=1e-5) for n in norms[1:] for x, y in zip(n, norms[0]))
     assert one["val_loss"] == pytest.approx(off["val_loss"], rel=1e-5) and two["steps"] == 4
+    assert not off["fused_loss"] and one["fused_loss"] and two["fused_loss"]
 
 
 def test_every_train_flag_sets_its_key_and_flags_win():
