@@ -78,3 +78,22 @@ def test_when_nothing_fits_the_plan_needing_least_memory_comes_first():
     overs = [_over(r) for r in ranked]
     assert overs == sorted(overs) and overs[0] > 1.05
     assert max(r.tokens_per_s for r in ranked) > ranked[0].tokens_per_s  # not the fastest: the least over
+
+
+@pytest.mark.parametrize("gain, chosen", [(0.05, "fits"), (0.15, "over")])
+def test_an_over_capacity_plan_within_tolerance_wins_only_by_more_than_the_min_gain(monkeypatch, gain, chosen):
+    """The rule alone, on made-up plans: one that fits (100 tok/s), one 2% over capacity (within the 5% memory
+    tolerance) and `gain` faster, one 6% over (beyond the tolerance) and twice as fast. The over-capacity plan
+    must be more than 10% faster to be ranked first; the one beyond the tolerance comes last however fast."""
+    from types import SimpleNamespace
+
+    from megacluster.plan import search
+
+    assert OVER_CAPACITY_MIN_GAIN == 0.10 and MEMORY_MODEL_TOL == 0.05
+    made = {"fits": (100.0, 0.90), "over": (100.0 * (1 + gain), 1.02), "far": (200.0, 1.06)}  # (tok/s, memory ratio)
+    monkeypatch.setattr(search, "candidates", lambda sc: list(made))
+    monkeypatch.setattr(search, "evaluate", lambda sc, name: SimpleNamespace(
+        plan=name, tokens_per_s=made[name][0], fleet=SimpleNamespace(fits_in_memory=made[name][1] <= 1)))
+    monkeypatch.setattr(search, "_over", lambda r: made[r.plan][1])
+    order = [r.plan for r in rank(load_scenario(EIGHT_B))]
+    assert order[0] == chosen and order[-1] == "far"

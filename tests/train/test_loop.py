@@ -144,10 +144,12 @@ def test_throughput_counts_every_step_and_intervals_leave_out_evaluation(tmp_pat
 def test_evaluation_reads_each_validation_window_at_most_once(tmp_path):
     w = Worker(small_cfg(tmp_path, "v", "run.eval_batches=100000"), init_place("cpu"))
     assert 1 <= w.eval_batches() == w.val_order.n // 6 < 100000  # whole batches of B=6 the split holds
-    calls = []
-    w.model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    calls, rows = [], []
+    w.model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]) or rows.extend(
+        tuple(r) for r in args[0].tolist()))
     assert w.evaluate() > 0
-    assert sum(calls) == 6 * w.eval_batches() and max(calls) == 2  # each window once, in micro-batches of 2
+    assert sum(calls) == 6 * w.eval_batches() and max(calls) == 2  # in micro-batches of 2
+    assert len(set(rows)) == len(rows) == 6 * w.eval_batches()  # each window once: no window read twice
 
 
 def test_cli_json_contract(tmp_path):

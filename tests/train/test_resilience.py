@@ -1,5 +1,6 @@
 """Training through failures (issue 3), on real processes with gloo: kills, hangs, flaps, shrink, resume."""
 
+import collections
 import contextlib
 import json
 import os
@@ -603,16 +604,22 @@ def test_long_evaluations_and_slow_checkpoint_writes_are_not_hangs(tmp_path):
     are exec'd (a zygote for this environment would cost its imports twice: for the shim, and after it)."""
     shim = tmp_path / "shim"
     shim.mkdir()
+    marks = tmp_path / "marks"  # one line per slowed call, so the test knows the shim took effect
     (shim / "sitecustomize.py").write_text(
-        "import time, torch\n"
+        "import os, time, torch\n"
         "from megacluster import model\n"
         "from megacluster.train import checkpoint\n"
         "_write, _forward = checkpoint.CheckpointManager._write, model.GPT.forward\n"
+        "def mark(what):\n"
+        f"    with open({str(marks)!r}, 'a') as f:\n"
+        "        f.write(f'{what} {os.getpid()}\\n')\n"
         "def slow_write(self, *a, **k):\n"
+        "    mark('write')\n"
         "    time.sleep(1.5)\n"
         "    return _write(self, *a, **k)\n"
         "def slow_eval(self, *a, **k):\n"
         "    if not torch.is_grad_enabled():\n"
+        "        mark('eval')\n"
         "        time.sleep(0.03)\n"
         "    return _forward(self, *a, **k)\n"
         "checkpoint.CheckpointManager._write, model.GPT.forward = slow_write, slow_eval\n")
@@ -630,6 +637,10 @@ def test_long_evaluations_and_slow_checkpoint_writes_are_not_hangs(tmp_path):
     assert sorted(p.name for p in (tmp_path / "slow" / "checkpoints").iterdir()) == [
         f"step_0000000{s}" for s in range(1, 5)]
     assert time.monotonic() - t0 > 4 * 1.5  # the slow writes did happen (each save waits for the one before)
+    calls = [line.split() for line in marks.read_text().splitlines()]
+    assert [what for what, _ in calls].count("write") == 4  # rank 0's four saves
+    evals = collections.Counter(pid for what, pid in calls if what == "eval")  # batches per worker process
+    assert len(evals) == 2 and all(n * 0.03 > 2 * 1.0 for n in evals.values())  # two evaluations, each > 1 s
 
 
 def test_a_replacement_rank_0_knows_the_checkpoints_the_resume_rejected(tmp_path):
