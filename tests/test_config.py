@@ -168,23 +168,43 @@ def test_a_refused_run_makes_no_cache_directory(tmp_path):
 def test_a_cpu_run_whose_activations_cannot_fit_is_refused(monkeypatch):
     """llama-1b's training state (16.5 GiB) fits a 24 GiB machine, but a micro-batch of 4 x 2048 tokens does not:
     the kernel's OOM killer ended that run after ~3 minutes. Activations are now counted (a lower bound)."""
-    from megacluster.train.inputs import activation_bytes, check_fits
+    from megacluster.train.inputs import check_fits, local_micro_sequences, sequence_bytes
 
     ram = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 24 * 2**30 // 4096}
     monkeypatch.setattr(os, "sysconf", lambda name: ram[name])
-    cfg = config.build("llama-1b")
-    m = cfg.model
-    per_token = m.n_layer * (8 * 2048 + 4 * 8192) + 32000  # elements: 8 d + 4 f per layer, the logits gradient
-    assert activation_bytes(cfg, 1) == 4 * 2048 * per_token * 4  # micro_batch 4 of the batch of 16
-    assert activation_bytes(cfg, 8) == 2 * 2048 * per_token * 4  # 8 workers: a share of 2 sequences each
-    with pytest.raises(InputError, match=r"parameters need at least 41\.4 GiB .* activations of a micro-batch of "
-                                         r"4 x 2048 tokens 25\.0 GiB.* check run\.micro_batch"):
+    cfg = config.build("llama-1b")  # batch 16, micro-batch 4
+    per_token = 16 * (8 * 2048 + 4 * 8192) + 32000  # elements: 8 d + 4 f per layer, the logits gradient
+    assert sequence_bytes(cfg) == 2048 * per_token * 4
+    with pytest.raises(InputError, match=r"parameters need at least 41\.4 GiB to train \(training state 16\.5 GiB "
+                                         r"at 16 bytes a parameter; activations 25\.0 GiB for micro-batches of up to "
+                                         r"4 x 2048 tokens.* check run\.micro_batch, model\.seq_len or the model"):
         check_fits(cfg, "cpu")
     cfg.run.micro_batch = 1  # 16.5 + 6.2 GiB
     check_fits(cfg, "cpu")
-    cfg.run.workers = 2  # two workers share the RAM: twice (16.5 + 6.2) GiB
-    with pytest.raises(InputError, match=r"45\.4 GiB .* memory \(shared by 2 local workers\) is 24\.0 GiB"):
+    cfg.run.workers = 2  # two copies of the state (33 GiB) do not fit, whatever the micro-batch
+    with pytest.raises(InputError, match=r"45\.4 GiB to train with 2 workers on this machine .* check run\.workers "
+                                         r"\(torchrun: --nproc-per-node\) or the model"):
         check_fits(cfg, "cpu")
+    cfg.run.compile = "on"  # Inductor keeps less: 2 d + 2 f a layer, no (N, V) tensor
+    assert sequence_bytes(cfg) == 2048 * 16 * (2 * 2048 + 2 * 8192) * 4
+
+
+@pytest.mark.parametrize("batch, workers, env, seqs", [
+    (16, 1, {}, [4]),  # the micro-batch caps the share
+    (9, 8, {}, [2, 1, 1, 1, 1, 1, 1, 1]),  # shares differ by one: 9 sequences in flight, not 8 x 2
+    (2, 8, {}, [1, 1, 0, 0, 0, 0, 0, 0]),  # batch < workers: the rest hold the state, no activations
+    (9, 1, {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "2", "RANK": "3", "LOCAL_RANK": "1"}, [1, 1]),  # torchrun node 2
+    (9, 1, {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, [2, 1]),
+])
+def test_activations_are_counted_for_the_workers_on_this_machine(monkeypatch, batch, workers, env, seqs):
+    from megacluster.train.inputs import local_micro_sequences
+
+    for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cfg = config.build("llama-1b", overrides=[f"run.batch_size={batch}", f"run.workers={workers}"])
+    assert local_micro_sequences(cfg) == seqs
 
 
 def test_cli_refuses_a_run_dir_it_cannot_write_in():

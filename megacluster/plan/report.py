@@ -39,18 +39,20 @@ def print_summary(pred: Prediction, options: dict | None = None, sweep: list | N
     """Readable summary on stderr (rich when available)."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     con = Console(file=file or sys.stderr, width=110)
     d = pred.to_dict()
     plan = ", ".join(f"{k}={v}" for k, v in d["plan"].items())
-    t = Table(title=f"megacluster plan: {pred.name} ({pred.gpus:,} GPUs)", caption=pred.description or None,
-              show_header=False)
+    # Text, not markup: a name or description of the user's such as "see [fleet]" is printed as written
+    t = Table(title=Text(f"megacluster plan: {pred.name} ({pred.gpus:,} GPUs)"),
+              caption=Text(pred.description) if pred.description else None, show_header=False)
     for key, label, fmt in ROWS:
         t.add_row(label, _fmt(fmt, d[key], d))
     t.add_row("parallel plan", plan + (f"  (chosen: {', '.join(d['chosen'])})" if d["chosen"] else ""))
     con.print(t)
     for line in pred.limits:
-        con.print(f"  - {line}")
+        con.print(f"  - {line}", markup=False)
     if options:
         _print_options(con, options)
     if sweep:

@@ -182,7 +182,10 @@ class Balancer:
         return [t or 0.0 for t in self._throughput]
 
     def stragglers(self) -> list[int]:
-        """Ranks currently flagged as stragglers, ascending."""
+        """Ranks currently flagged as stragglers, ascending; none in "equal" mode, which measures nothing (flags
+        restored from an "auto" run's checkpoint would otherwise stand for good, never re-checked)."""
+        if self.mode != "auto":
+            return []
         return [r for r, n in enumerate(self._low) if n >= self.patience]
 
     def observe(self, compute_s: Sequence[float], samples: Sequence[int]) -> bool:

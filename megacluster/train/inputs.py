@@ -14,6 +14,7 @@ from ..config import Config, ffn_hidden, n_params
 from ..data import check_inputs
 from ..errors import InputError
 from ..files import probe_writable
+from .balance import split
 from .chaos import check_ranks, parse
 from .zygote import guess_device, under_launcher
 
@@ -78,50 +79,67 @@ def check_fits(cfg: Config, device: str) -> None:
     before the data is tokenized: a typo such as n_layer=1000000000 would otherwise build layers until the
     machine gives out, and a CPU run of a model whose state fits but whose activations do not (llama-1b on a
     24 GB machine) was killed by the kernel's OOM killer minutes later. On a CPU both terms are lower bounds
-    (see activation_bytes), so nothing that fits is refused; on a GPU only the training state is counted."""
+    (see sequence_bytes), so nothing that fits is refused; on a GPU only the training state is counted."""
     params = n_params(cfg.model)
-    act = 0
+    state = TRAIN_BYTES_PER_PARAM * params  # bytes, each worker
     if device == "cuda":
         import torch
 
         have = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
-        where, replicas = "this GPU", 1
-    else:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        replicas = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if under_launcher() else cfg.run.workers
-        where = "this machine's memory" + (f" (shared by {replicas} local workers)" if replicas > 1 else "")
-        world = int(os.environ["WORLD_SIZE"]) if under_launcher() else cfg.run.workers
-        act = activation_bytes(cfg, world)
-    state = TRAIN_BYTES_PER_PARAM * params
-    need = (state + act) * replicas
+        if state > have:
+            raise InputError(f"model: {params:,} parameters need at least {state / 2**30:,.1f} GiB to train "
+                             f"({TRAIN_BYTES_PER_PARAM} bytes each, before activations) and this GPU has "
+                             f"{have / 2**30:,.1f} GiB; check model.n_layer, model.d_model, model.vocab_size and "
+                             "model.ffn_hidden")
+        return
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    seqs = local_micro_sequences(cfg)  # per worker on this machine
+    act = sum(seqs) * sequence_bytes(cfg)
+    need = state * len(seqs) + act
     if need <= have:
         return
-    each = " per worker" if replicas > 1 else ""
-    if act:
-        seqs = micro_sequences(cfg, world)
-        what = (f"training state {state / 2**30:,.1f} GiB at {TRAIN_BYTES_PER_PARAM} bytes a parameter, activations of "
-                f"a micro-batch of {seqs} x {cfg.model.seq_len} tokens {act / 2**30:,.1f} GiB{each}, both at the least")
-        fix = "run.micro_batch, model.seq_len, or the model (model.n_layer, model.d_model, model.vocab_size)"
+    n = len(seqs)
+    workers = f" with {n} workers on this machine" if n > 1 else ""
+    each = " each" if n > 1 else ""
+    fixes = ["run.micro_batch", "model.seq_len"] if state * n <= have else []  # the state alone fits
+    fixes += ["run.workers (torchrun: --nproc-per-node)"] if n > 1 else []
+    fixes += ["the model (model.n_layer, model.d_model, model.vocab_size, model.ffn_hidden)"]
+    raise InputError(
+        f"model: {params:,} parameters need at least {need / 2**30:,.1f} GiB to train{workers} (training state "
+        f"{state / 2**30:,.1f} GiB{each} at {TRAIN_BYTES_PER_PARAM} bytes a parameter; activations "
+        f"{act / 2**30:,.1f} GiB for micro-batches of up to {max(seqs)} x {cfg.model.seq_len} tokens; both counted "
+        f"low) and this machine's memory is {have / 2**30:,.1f} GiB; check {', '.join(fixes[:-1])}"
+        f"{' or ' if len(fixes) > 1 else ''}{fixes[-1]}")
+
+
+def local_micro_sequences(cfg: Config) -> list[int]:
+    """Sequences in one forward/backward of each worker on this machine: its share of the global batch (the
+    equal split the run starts with: shares differ by one, or are 0 where batch < workers), at most
+    run.micro_batch. Under torchrun, this node's LOCAL_WORLD_SIZE ranks from RANK - LOCAL_RANK (contiguous)."""
+    if under_launcher():
+        world, n = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        first = int(os.environ.get("RANK", "0")) - int(os.environ.get("LOCAL_RANK", "0"))
     else:
-        what = f"{TRAIN_BYTES_PER_PARAM} bytes each{each}, before activations"
-        fix = "model.n_layer, model.d_model, model.vocab_size and model.ffn_hidden"
-    raise InputError(f"model: {params:,} parameters need at least {need / 2**30:,.1f} GiB to train ({what}) and "
-                     f"{where} is {have / 2**30:,.1f} GiB; check {fix}")
+        world, n, first = cfg.run.workers, cfg.run.workers, 0
+    shares = split(cfg.run.batch_size, [1] * world)
+    return [min(cfg.run.micro_batch, shares[r]) for r in range(first, min(first + n, world))]
 
 
-def micro_sequences(cfg: Config, world: int) -> int:
-    """Sequences in one forward/backward of one worker: its share of the global batch, at most run.micro_batch."""
-    return min(cfg.run.micro_batch, -(-cfg.run.batch_size // world))
+def sequence_bytes(cfg: Config) -> int:
+    """A lower bound on what a CPU worker's forward keeps for its backward, per sequence (bytes).
 
-
-def activation_bytes(cfg: Config, world: int) -> int:
-    """A lower bound on what one CPU worker's eager forward keeps for its backward (bytes). Per token and layer:
-    the block's input and the normed input, for attention and again for the MLP (4 d); q, k, v and the output
-    as SDPA saves them (4 d, k and v repeated to every query head); the output projection's input (d, less one d
-    of slack); SwiGLU's gate|up, silu(gate) and their product (4 f). Per token once: the (N, V) logits gradient.
-    Measured (gpt2-124m, fp32, one process, 2026-12-07): peak RSS 4.06 GB at 2 sequences of 1,024 tokens and
-    7.30 GB at 4, so 1.62 GB a sequence, against the 0.91 GB counted here."""
+    Eager, per token and layer: the block's input and the normed input, for attention and again for the MLP
+    (4 d); q, k, v and the output as SDPA saves them (4 d, k and v repeated to every query head); the output
+    projection's input (d, less one d of slack); SwiGLU's gate|up, silu(gate) and their product (4 f); per token
+    once, the (N, V) logits gradient. Measured (gpt2-124m, fp32, one process, 2026-12-07): peak RSS 4.06 GB at 2
+    sequences of 1,024 tokens and 7.30 GB at 4, so 1.62 GB a sequence, against the 0.91 GB counted here.
+    Compiled (run.compile=on), Inductor recomputes the norms, RoPE, silu and the product in the backward, and
+    the fused loss keeps no (N, V) tensor: only q|k|v's projection and the attention output (2 d) and gate|up
+    (2 f) are counted (d 512, 4 layers, f 4096, seq 1024: 304 MB a sequence measured, 151 MB counted)."""
     m = cfg.model
-    per_token = m.n_layer * (8 * m.d_model + 4 * ffn_hidden(m)) + m.vocab_size  # elements
+    if cfg.run.compile == "on":
+        per_token = m.n_layer * (2 * m.d_model + 2 * ffn_hidden(m))  # elements
+    else:
+        per_token = m.n_layer * (8 * m.d_model + 4 * ffn_hidden(m)) + m.vocab_size
     elem = 2 if cfg.run.dtype == "bf16" else 4  # auto is fp32 on a CPU
-    return micro_sequences(cfg, world) * m.seq_len * per_token * elem
+    return m.seq_len * per_token * elem

@@ -652,7 +652,7 @@ class Worker:
 
     def resolved(self) -> dict:
         """What the "auto" keys came to on this worker's device (in the result: a user sees what ran)."""
-        return {"compiled": self.compiled, "dtype": str(self.dtype).removeprefix("torch."),
+        return {"compiled": self.compiled, "dtype": "bf16" if self.dtype == torch.bfloat16 else "fp32",  # run.dtype's
                 "master_weights": isinstance(self.opt, optim.MasterAdamW), "fused_loss": self.model.fused_loss}
 
     def flush(self) -> None:

@@ -154,11 +154,24 @@ def test_kv_heads_and_sequence_parallel_move_memory():
     assert no_sp["memory"]["activations"] > base["memory"]["activations"]
 
 
-def test_name_and_description_are_shown():
+def test_name_and_description_are_shown(tmp_path):
+    """In --json, the summary (as written: brackets are not rich markup) and the report."""
+    import io
+
+    from megacluster.plan.report import print_summary, write_report
+
     raw = _raw("llama3-405b")
-    raw.update(name="mine", description="what if the A100s went")
-    d = predict(raw, mc=False).to_dict()
-    assert d["name"] == "mine" and d["description"] == "what if the A100s went"
+    raw.update(name="run[1]", description="what if [fleet] went [/fleet]")
+    pred = predict(raw, mc=False)
+    d = pred.to_dict()
+    assert d["name"] == "run[1]" and d["description"] == "what if [fleet] went [/fleet]"
+    out = io.StringIO()
+    print_summary(pred, file=out)
+    assert "megacluster plan: run[1] (16,384 GPUs)" in out.getvalue()
+    assert "what if [fleet] went [/fleet]" in out.getvalue()
+    pytest.importorskip("matplotlib")
+    html = write_report(tmp_path, load_scenario(raw), pred).read_text()
+    assert "<em>what if [fleet] went [/fleet]</em>" in html and "megacluster plan: run[1]</h1>" in html
     for key, bad in (("name", 123), ("description", {"a": [1, 2]})):
         with pytest.raises(ScenarioError, match=f"{key} = .* is invalid: must be a string"):
             load_scenario({**raw, key: bad})

@@ -159,6 +159,9 @@ def test_a_rank_slower_than_its_peers_from_the_start_is_no_straggler():
     assert auto.stragglers() == [] and auto.shares()[3] < auto.shares()[0]
     _run(auto, 2, [100.0, 100.0, 100.0, 20.0])  # now it slows down
     assert auto.stragglers() == [3]
+    equal = Balancer(world=4, global_batch=64, mode="equal", every=1, ema=1.0, patience=2)
+    equal.load_state_dict(auto.state_dict())  # resumed with --balance equal: nothing measured, nobody named
+    assert equal.stragglers() == [] and equal.shares() == [16] * 4
 
 
 def test_resize_keeps_estimates_by_index_or_resets():

@@ -276,7 +276,7 @@ def test_master_weights_with_bf16_compute(tmp_path):
     loaded = CheckpointManager(tmp_path / "one" / "checkpoints").latest()
     assert loaded.meta["step"] == 6 and all(t.dtype == torch.float32 for t in loaded.model.values())
     assert one["steps"] == two["steps"] == 6 and one["master_weights"] and two["master_weights"]
-    assert one["dtype"] == two["dtype"] == "bfloat16"
+    assert one["dtype"] == two["dtype"] == "bf16"
 
 
 def test_master_weights_state_transfer_to_a_replacement_worker(tmp_path):
@@ -320,7 +320,7 @@ def test_master_weights_flap_with_micro_batches_matches_a_clean_run(tmp_path):
     clean = train(small_cfg(tmp_path, "clean", *on))
     flap = train(small_cfg(tmp_path, "flap", *on, "run.chaos=flap:step=3"))
     assert flap["flaps_survived"] == 1 and flap["loss_digest"] == clean["loss_digest"]
-    assert flap["master_weights"] and clean["master_weights"] and flap["dtype"] == "bfloat16"
+    assert flap["master_weights"] and clean["master_weights"] and flap["dtype"] == "bf16"
 
 
 def test_fused_loss_trains_like_the_plain_loss(tmp_path, monkeypatch):
