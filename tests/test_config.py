@@ -189,6 +189,28 @@ def test_a_cpu_run_whose_activations_cannot_fit_is_refused(monkeypatch):
     assert sequence_bytes(cfg) == 2048 * 16 * (2 * 2048 + 2 * 8192) * 4
 
 
+@pytest.mark.parametrize("gib, fits", [(40, True), (32, False)])
+def test_a_gpu_run_counts_the_compiled_activations_of_its_own_share(monkeypatch, gib, fits):
+    """gpt2-1.5b at nanoGPT's batch of 8 on one GPU: 23.5 GiB of state and 8.7 GiB of compiled bf16 activations
+    counted (the H200 measured 46.9 GB at peak); an A100-40GB fits, a 32 GiB card does not. (A GPU that is not
+    here: torch.cuda's device properties are replaced.)"""
+    import types
+
+    import torch
+
+    from megacluster.train.inputs import check_fits, sequence_bytes
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=gib * 2**30))
+    cfg = config.build("gpt2-1.5b")
+    assert sequence_bytes(cfg, "cuda") == 1024 * 48 * (2 * 1600 + 2 * 4352) * 2  # bf16, compiled: 2 d + 2 f
+    if fits:
+        check_fits(cfg, "cuda")
+    else:
+        with pytest.raises(InputError, match=r"need at least 32\.2 GiB to train .* activations 8\.7 GiB for "
+                                             r"micro-batches of up to 8 x 1024 tokens.* this GPU has 32\.0 GiB"):
+            check_fits(cfg, "cuda")
+
+
 @pytest.mark.parametrize("batch, workers, env, seqs", [
     (16, 1, {}, [4]),  # the micro-batch caps the share
     (9, 8, {}, [2, 1, 1, 1, 1, 1, 1, 1]),  # shares differ by one: 9 sequences in flight, not 8 x 2

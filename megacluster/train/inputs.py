@@ -75,26 +75,23 @@ def max_local_workers() -> int:
 
 
 def check_fits(cfg: Config, device: str) -> None:
-    """Refuse a run that cannot fit this machine's memory (per GPU, or the RAM shared by the local CPU workers),
-    before the data is tokenized: a typo such as n_layer=1000000000 would otherwise build layers until the
-    machine gives out, and a CPU run of a model whose state fits but whose activations do not (llama-1b on a
-    24 GB machine) was killed by the kernel's OOM killer minutes later. On a CPU both terms are lower bounds
-    (see sequence_bytes), so nothing that fits is refused; on a GPU only the training state is counted."""
+    """Refuse a run that cannot fit this machine's memory (one GPU's, or the RAM shared by the local CPU workers)
+    before the data is tokenized or anything compiles: a typo such as n_layer=1000000000 would otherwise build
+    layers until the machine gives out, and a CPU run of a model whose state fits but whose activations do not
+    (llama-1b on a 24 GB machine) was killed by the kernel's OOM killer minutes later. Both terms are lower
+    bounds (see sequence_bytes), so nothing that fits is refused."""
     params = n_params(cfg.model)
     state = TRAIN_BYTES_PER_PARAM * params  # bytes, each worker
-    if device == "cuda":
+    seqs = local_micro_sequences(cfg)  # per worker on this machine
+    if device == "cuda":  # one GPU per worker: the largest share is the one that must fit
         import torch
 
         have = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
-        if state > have:
-            raise InputError(f"model: {params:,} parameters need at least {state / 2**30:,.1f} GiB to train "
-                             f"({TRAIN_BYTES_PER_PARAM} bytes each, before activations) and this GPU has "
-                             f"{have / 2**30:,.1f} GiB; check model.n_layer, model.d_model, model.vocab_size and "
-                             "model.ffn_hidden")
-        return
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    seqs = local_micro_sequences(cfg)  # per worker on this machine
-    act = sum(seqs) * sequence_bytes(cfg)
+        seqs, where = [max(seqs)], "this GPU has"
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        where = "this machine's memory is"
+    act = sum(seqs) * sequence_bytes(cfg, device)
     need = state * len(seqs) + act
     if need <= have:
         return
@@ -108,7 +105,7 @@ def check_fits(cfg: Config, device: str) -> None:
         f"model: {params:,} parameters need at least {need / 2**30:,.1f} GiB to train{workers} (training state "
         f"{state / 2**30:,.1f} GiB{each} at {TRAIN_BYTES_PER_PARAM} bytes a parameter; activations "
         f"{act / 2**30:,.1f} GiB for micro-batches of up to {max(seqs)} x {cfg.model.seq_len} tokens; both counted "
-        f"low) and this machine's memory is {have / 2**30:,.1f} GiB; check {', '.join(fixes[:-1])}"
+        f"low) and {where} {have / 2**30:,.1f} GiB; check {', '.join(fixes[:-1])}"
         f"{' or ' if len(fixes) > 1 else ''}{fixes[-1]}")
 
 
@@ -125,22 +122,25 @@ def local_micro_sequences(cfg: Config) -> list[int]:
     return [min(cfg.run.micro_batch, shares[r]) for r in range(first, min(first + n, world))]
 
 
-def sequence_bytes(cfg: Config) -> int:
-    """A lower bound on what a CPU worker's forward keeps for its backward, per sequence (bytes).
+def sequence_bytes(cfg: Config, device: str = "cpu") -> int:
+    """A lower bound on what a worker's forward keeps for its backward, per sequence (bytes).
 
     Eager, per token and layer: the block's input and the normed input, for attention and again for the MLP
     (4 d); q, k, v and the output as SDPA saves them (4 d, k and v repeated to every query head); the output
     projection's input (d, less one d of slack); SwiGLU's gate|up, silu(gate) and their product (4 f); per token
-    once, the (N, V) logits gradient. Measured (gpt2-124m, fp32, one process, 2026-12-07): peak RSS 4.06 GB at 2
-    sequences of 1,024 tokens and 7.30 GB at 4, so 1.62 GB a sequence, against the 0.91 GB counted here.
-    Compiled (run.compile=on), Inductor recomputes the norms, RoPE, silu and the product in the backward, and
-    the fused loss keeps no (N, V) tensor: only q|k|v's projection and the attention output (2 d) and gate|up
-    (2 f) are counted (d 512, 4 layers, f 4096, seq 1024, compiled, 2026-12-07: peak RSS 1.37 GB at 1 sequence
-    and 2.46 GB at 5, so 0.27 GB a sequence, against the 0.15 GB counted here)."""
+    once, the (N, V) logits gradient. Measured (gpt2-124m, fp32, CPU, one process, 2026-12-07): peak RSS 4.06 GB
+    at 2 sequences of 1,024 tokens and 7.30 GB at 4, so 1.62 GB a sequence, against the 0.91 GB counted here.
+    Compiled (run.compile=on, and auto on a GPU), Inductor recomputes the norms, RoPE, silu and the product in
+    the backward, and the fused loss keeps no (N, V) tensor: only q|k|v's projection and the attention output
+    (2 d) and gate|up (2 f) are counted. Measured on a CPU (d 512, 4 layers, f 4096, seq 1024, 2026-12-07): peak
+    RSS 1.37 GB at 1 sequence and 2.46 GB at 5, so 0.27 GB a sequence, against 0.15 GB counted; on the GPUs
+    (benchmarks/RESULTS.md, peak memory less 16 bytes a parameter, bf16): gpt2-1.5b at 8 sequences 21.7 GB against
+    9.4 GB counted, gpt2-124m at 32 (H100, 2026-11-23) 14.2 GB against 4.4 GB."""
     m = cfg.model
-    if cfg.run.compile == "on":
+    compiled = cfg.run.compile == "on" or (cfg.run.compile == "auto" and device == "cuda")
+    if compiled:
         per_token = m.n_layer * (2 * m.d_model + 2 * ffn_hidden(m))  # elements
     else:
         per_token = m.n_layer * (8 * m.d_model + 4 * ffn_hidden(m)) + m.vocab_size
-    elem = 2 if cfg.run.dtype == "bf16" else 4  # auto is fp32 on a CPU
-    return m.seq_len * per_token * elem
+    bf16 = cfg.run.dtype == "bf16" or (cfg.run.dtype == "auto" and device == "cuda")
+    return m.seq_len * per_token * (2 if bf16 else 4)
