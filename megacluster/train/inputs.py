@@ -128,12 +128,12 @@ def sequence_bytes(cfg: Config, device: str = "cpu") -> int:
     Eager, per token and layer: the block's input and the normed input, for attention and again for the MLP
     (4 d); q, k, v and the output as SDPA saves them (4 d, k and v repeated to every query head); the output
     projection's input (d, less one d of slack); SwiGLU's gate|up, silu(gate) and their product (4 f); per token
-    once, the (N, V) logits gradient. Measured (gpt2-124m, fp32, CPU, one process, 2026-12-07): peak RSS 4.06 GB
-    at 2 sequences of 1,024 tokens and 7.30 GB at 4, so 1.62 GB a sequence, against the 0.91 GB counted here.
+    once, the (N, V) logits gradient. Measured (gpt2-124m, fp32, CPU, one process, 2026-12-07): peak RSS 4.16 GB
+    at 2 sequences of 1,024 tokens and 7.48 GB at 4, so 1.66 GB a sequence, against the 0.91 GB counted here.
     Compiled (run.compile=on, and auto on a GPU), Inductor recomputes the norms, RoPE, silu and the product in
     the backward, and the fused loss keeps no (N, V) tensor: only q|k|v's projection and the attention output
     (2 d) and gate|up (2 f) are counted. Measured on a CPU (d 512, 4 layers, f 4096, seq 1024, 2026-12-07): peak
-    RSS 1.37 GB at 1 sequence and 2.46 GB at 5, so 0.27 GB a sequence, against 0.15 GB counted; on the GPUs
+    RSS 1.40 GB at 1 sequence and 2.52 GB at 5, so 0.28 GB a sequence, against 0.15 GB counted; on the GPUs
     (benchmarks/RESULTS.md, peak memory less 16 bytes a parameter, bf16): gpt2-1.5b at 8 sequences 21.7 GB against
     9.4 GB counted, gpt2-124m at 32 (H100, 2026-11-23) 14.2 GB against 4.4 GB."""
     m = cfg.model
