@@ -101,8 +101,8 @@ def assemble(sc: Scenario, best: Ranked, n_configs: int, *, mc: bool = True) -> 
                                  ("vpp", sc.parallel.vpp), ("micro_batch", sc.train.micro_batch),
                                  ("recompute", sc.train.recompute)) if given is None]
     return Prediction(
-        name=sc.name, description=sc.description, step_time_s=step, tokens_per_s=tps, model_tflops_per_gpu=tflops, mfu=mfu,
-        memory_gb_per_gpu=mem_gb, fits_in_memory=fs.fits_in_memory,
+        name=sc.name, description=sc.description, step_time_s=step, tokens_per_s=tps,
+        model_tflops_per_gpu=tflops, mfu=mfu, memory_gb_per_gpu=mem_gb, fits_in_memory=fs.fits_in_memory,
         bubble_fraction=crit.bubble_s / step, exposed_comm_fraction=crit.exposed_comm_s / step,
         job_mttf_h=r.job_mttf_h, interruptions=r.interruptions, checkpoint_interval_s=r.checkpoint_interval_s,
         ettr=r.ettr, goodput=mfu * r.ettr, train_days=train_days, energy_mwh=energy, energy_days=billed_days,

@@ -122,14 +122,13 @@ class Balancer:
     estimate as it was.
 
     Stragglers, checked at every estimate: a rank slower than it was, i.e. throughput < straggler_ratio x the
-    rank's baseline, where the baseline is its EMA at
-        the last estimate at which it was not low (so a rank that halves its speed stays low, it does not become
-        its own new normal). Samples/s depend on the share (a step has fixed costs, which a smaller share spreads
-        over fewer samples), so when the rank's share changed since the last estimate, its baseline is scaled by
-        the ratio of its throughput now to then, as far as a share change explains it: by a factor between 1 (no
-        fixed cost) and the ratio of the shares (all fixed cost). So a share cut alone makes no straggler, a rank
-        that was low stays low, and one that slowed while its share moved is still found. A GPU slower than its
-        peers from the start is not a straggler: it simply gets a smaller share.
+    rank's baseline, where the baseline is its EMA at the last estimate at which it was not low (so a rank that
+    halves its speed stays low, it does not become its own new normal). Samples/s depend on the share (a step has
+    fixed costs, which a smaller share spreads over fewer samples), so when the rank's share changed since the
+    last estimate, its baseline is scaled by the ratio of its throughput now to then, as far as a share change
+    explains it: by a factor between 1 (no fixed cost) and the ratio of the shares (all fixed cost). So a share
+    cut alone makes no straggler, a rank that was low stays low, and one that slowed while its share moved is
+    still found. A GPU slower than its peers from the start is not a straggler: it simply gets a smaller share.
     A rank low at `patience` consecutive estimates is flagged; one estimate at normal speed clears the flag.
     The trainer measures (and calls `observe`) only in "auto" mode: timing the compute needs a device sync per
     step on a GPU, which the default "equal" mode does not pay, so there no rank is measured or named.

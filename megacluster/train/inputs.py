@@ -26,8 +26,7 @@ def check(cfg: Config) -> None:
     """Every torch-free check of `cfg` against this machine; InputError naming the key on the first that fails.
     Creates the run dir (a run dir that cannot be made is refused here, not after tokenizing); callers run it
     inside `refused_runs_leave_no_dir`, which removes it again if this or a later check refuses the run."""
-    world = int(os.environ["WORLD_SIZE"]) if under_launcher() else cfg.run.workers
-    check_ranks(parse(cfg.run.chaos), world)  # a bad spec is refused before any process starts
+    check_ranks(parse(cfg.run.chaos), world_size(cfg))  # a bad spec is refused before any process starts
     run_dir = Path(cfg.run.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"run.run_dir (--run-dir): {run_dir} exists and is not a directory")
@@ -66,6 +65,11 @@ def refused_runs_leave_no_dir(run_dir: str | Path) -> Iterator[None]:
             except OSError:
                 break
         raise
+
+
+def world_size(cfg: Config) -> int:
+    """Ranks in the run: torchrun's WORLD_SIZE under a launcher, else run.workers."""
+    return int(os.environ["WORLD_SIZE"]) if under_launcher() else cfg.run.workers
 
 
 def max_local_workers() -> int:
@@ -113,11 +117,12 @@ def local_micro_sequences(cfg: Config) -> list[int]:
     """Sequences in one forward/backward of each worker on this machine: its share of the global batch (the
     equal split the run starts with: shares differ by one, or are 0 where batch < workers), at most
     run.micro_batch. Under torchrun, this node's LOCAL_WORLD_SIZE ranks from RANK - LOCAL_RANK (contiguous)."""
+    world = world_size(cfg)
     if under_launcher():
-        world, n = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        n = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         first = int(os.environ.get("RANK", "0")) - int(os.environ.get("LOCAL_RANK", "0"))
     else:
-        world, n, first = cfg.run.workers, cfg.run.workers, 0
+        n, first = world, 0
     shares = split(cfg.run.batch_size, [1] * world)
     return [min(cfg.run.micro_batch, shares[r]) for r in range(first, min(first + n, world))]
 

@@ -100,15 +100,15 @@ def test_orbit_site_sizing_is_inverse_in_each_key(key, value, figure, factor):
 
 
 def test_radiator_area_follows_stefan_boltzmann_in_both_temperatures():
-    sc = load_scenario("orbital-1gw")
-    base = predict(sc, mc=False).site["radiator_m2_per_mw"]
+    sc, raw = load_scenario("orbital-1gw"), _raw("orbital-1gw")
+    base = predict(sc, mc=False).site
     eps, t_rad = sc.site.emissivity, sc.site.radiator_temp_k
-    assert base == pytest.approx(1e6 / (2 * eps * SIGMA * (t_rad ** 4 - 4.0 ** 4)))  # sink default 4 K in orbit
+    assert base["radiator_m2_per_mw"] == pytest.approx(1e6 / (2 * eps * SIGMA * (t_rad ** 4 - 4.0 ** 4)))  # sink: 4 K
     for key, value, t, sink in (("radiator_temp_k", 350.0, 350.0, 4.0), ("sink_temp_k", 250.0, t_rad, 250.0)):
-        _, new = _pair("orbital-1gw", f"site.{key}", value)
-        assert new["site"]["radiator_m2_per_mw"] == pytest.approx(1e6 / (2 * eps * SIGMA * (t ** 4 - sink ** 4))), key
-    assert _pair("orbital-1gw", "site.sunlit_fraction", 0.6)[1]["site"]["eclipse_battery_mwh"] > \
-        predict(sc, mc=False).site["eclipse_battery_mwh"]
+        new = predict(_set(raw, f"site.{key}", value), mc=False).site
+        assert new["radiator_m2_per_mw"] == pytest.approx(1e6 / (2 * eps * SIGMA * (t ** 4 - sink ** 4))), key
+    shorter_sun = predict(_set(raw, "site.sunlit_fraction", 0.6), mc=False).site
+    assert shorter_sun["eclipse_battery_mwh"] > base["eclipse_battery_mwh"]
 
 
 def test_light_time_is_reported_as_given_and_moves_no_other_figure():
