@@ -36,6 +36,16 @@ def test_optim_step_times_both_implementations():
     assert rows[0]["params"] == rows[1]["params"] and not any(x["in_place"] for x in rows)  # no Triton kernels on CPU
 
 
+def test_stragglers_names_a_fast_slowdown_of_one_rank_and_never_a_common_one():
+    r = run(sys.executable, "benchmarks/stragglers.py", "--steps", "100", "--seeds", "1", "--sigmas", "0.05",
+            "--drift", "0.3", "--drift-steps", "60")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in r.stdout.splitlines()]
+    noise, drift = [x for x in rows if x["case"] == "noise"], [x for x in rows if x["case"] == "drift"]
+    assert len(noise) == 5 and all(len(x["flagged_steps"]) == 1 for x in noise)
+    assert len(drift) == 12 and all((x["first_flag"] is None) == x["common"] for x in drift)
+
+
 def test_mfu_variants_keeps_each_finished_shape(tmp_path):
     args = ["--out", str(tmp_path), "--shapes", "gpt2-124m", "--args", " ".join(SMOKE)]
     r = run(sys.executable, "benchmarks/mfu_variants.py", *args, "default", "plain")

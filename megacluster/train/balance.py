@@ -121,14 +121,17 @@ class Balancer:
     weight `ema` on the newest measurement. A step where a rank processed 0 samples or reported 0 s leaves its
     estimate as it was.
 
-    Stragglers, checked at every estimate: a rank slower than it was, i.e. throughput < straggler_ratio x the
-    rank's baseline, where the baseline is its EMA at the last estimate at which it was not low (so a rank that
-    halves its speed stays low, it does not become its own new normal). Samples/s depend on the share (a step has
-    fixed costs, which a smaller share spreads over fewer samples), so when the rank's share changed since the
-    last estimate, its baseline is scaled by the ratio of its throughput now to then, as far as a share change
-    explains it: by a factor between 1 (no fixed cost) and the ratio of the shares (all fixed cost). So a share
-    cut alone makes no straggler, a rank that was low stays low, and one that slowed while its share moved is
-    still found. A GPU slower than its peers from the start is not a straggler: it simply gets a smaller share.
+    Stragglers, checked at every estimate: a rank slower than it was, by more than its peers slowed. Its ratio is
+    throughput / the rank's baseline, where the baseline is its EMA at the last estimate at which it was not low (so
+    a rank that halves its speed stays low, it does not become its own new normal). It is low when the ratio is <
+    straggler_ratio x the median ratio of the other measured ranks (capped at 1; with no other rank, 1): when every
+    rank slows together (a loaded host, a slow shared file system) none holds the others back, and none is named. A
+    slowdown of most of the ranks at once reads the same way. Samples/s depend on the share (a step has fixed costs,
+    which a smaller share spreads over fewer samples), so when the rank's share changed since the last estimate, its
+    baseline is scaled by the ratio of its throughput now to then, as far as a share change explains it: by a factor
+    between 1 (no fixed cost) and the ratio of the shares (all fixed cost). So a share cut alone makes no straggler,
+    a rank that was low stays low, and one that slowed while its share moved is still found. A GPU slower than its
+    peers from the start is not a straggler: it simply gets a smaller share.
     A rank low at `patience` consecutive estimates is flagged; one estimate at normal speed clears the flag.
     The trainer measures (and calls `observe`) only in "auto" mode: timing the compute needs a device sync per
     step on a GPU, which the default "equal" mode does not pay, so there no rank is measured or named.
@@ -221,6 +224,7 @@ class Balancer:
 
     def _update_stragglers(self) -> None:
         """One straggler check per estimate (see the class docstring)."""
+        ratios: dict[int, float] = {}  # rank -> throughput now / its baseline
         for rank, now in enumerate(self._throughput):
             if now is None:
                 continue
@@ -231,10 +235,15 @@ class Balancer:
                 lo, hi = sorted((1.0, share / judged[0]))
                 base = self._baseline[rank] = base * min(max(now / judged[1], lo), hi)
             self._judged[rank] = (share, now)
-            low = base is not None and now < self.straggler_ratio * base
+            ratios[rank] = 1.0 if base is None else now / base
+        for rank, ratio in ratios.items():
+            # slower than it was by more than its peers slowed: when all slow together, none holds the others back
+            peers = [r for other, r in ratios.items() if other != rank]
+            norm = min(statistics.median(peers), 1.0) if peers else 1.0
+            low = ratio < self.straggler_ratio * norm
             self._low[rank] = self._low[rank] + 1 if low else 0
             if not low:
-                self._baseline[rank] = now
+                self._baseline[rank] = self._throughput[rank]
 
     def _proportional_shares(self) -> list[int]:
         """Shares proportional to throughput; unmeasured ranks count as the median; >= 1 each if possible."""

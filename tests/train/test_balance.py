@@ -164,6 +164,21 @@ def test_a_rank_slower_than_its_peers_from_the_start_is_no_straggler():
     assert equal.stragglers() == [] and equal.shares() == [16] * 4
 
 
+def test_when_every_rank_slows_together_nobody_is_named():
+    """A loaded host or a slow shared file system slows every rank: nobody holds the others back. Judged each
+    against its own past alone, all four were named, and stayed named (a low rank keeps its old baseline)."""
+    bal = Balancer(world=4, global_batch=64, every=1, ema=1.0, patience=2)
+    _run(bal, 3, [100.0, 100.0, 50.0, 100.0])
+    _run(bal, 5, [50.0, 50.0, 25.0, 50.0])  # all at half speed
+    assert bal.stragglers() == []
+    _run(bal, 2, [50.0, 50.0, 10.0, 50.0])  # then one of them slows again, by more than the others did
+    assert bal.stragglers() == [2]
+    single = Balancer(world=1, global_batch=8, every=1, ema=1.0, patience=2)  # no peers: its own past decides
+    _run(single, 3, [100.0])
+    _run(single, 2, [50.0])
+    assert single.stragglers() == [0]
+
+
 def test_resize_keeps_estimates_by_index_or_resets():
     bal = Balancer(world=4, global_batch=100, every=1, ema=1.0)
     _run(bal, 1, [100.0, 200.0, 300.0, 400.0])
