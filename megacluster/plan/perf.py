@@ -320,10 +320,13 @@ def _dp_time(m: ModelSpec, tr: TrainSpec, plan: Plan, dev: Device, net: Net, ful
 
 
 def _memory(m: ModelSpec, tr: TrainSpec, plan: Plan, layers: tuple[int, int, int]) -> Callable[[int], dict]:
-    """Memory GB by kind on the fuller of the first and the last stage, as a function of the micro-batch count.
-    Activations: sum over a stage's model chunks of layers x micro-batches in flight x bytes per layer; the
-    last stage also holds one micro-batch's fp32 logits (vocab-parallel)."""
-    first, _, last = layers
+    """Memory GB by kind on the fullest stage, as a function of the micro-batch count: the first stage (the
+    most micro-batches in flight, the embedding), the second (when the first was trimmed, it keeps all its
+    layers with almost as many in flight: Llama 3 405B's 16K-GPU plan puts it 9 GB above the first) and the
+    last (the LM head and logits); later middle stages hold fewer micro-batches than the second. Activations:
+    sum over a stage's model chunks of layers x micro-batches in flight x bytes per layer; the last stage also
+    holds one micro-batch's fp32 logits (vocab-parallel)."""
+    first, full, last = layers
     emb = m.hidden * m.vocab / plan.tp  # embedding (first stage) or LM head (last stage), vocab-parallel
     per_chunk = math.ceil(m.layers / (plan.pp * plan.vpp))
     per_layer = layer_activation_bytes(m, tr, plan)
@@ -331,6 +334,8 @@ def _memory(m: ModelSpec, tr: TrainSpec, plan: Plan, layers: tuple[int, int, int
     live = layer_activation_bytes(m, tr, replace(plan, recompute="none")) if plan.recompute == "full" else 0.0
     logits = plan.micro_batch * m.seq_len / plan.cp * m.vocab / plan.tp * 4
     stages = [(0, first, emb * (2 if plan.pp == 1 else 1), True)]  # pp = 1: embedding and head on one stage
+    if plan.pp > 2:
+        stages.append((1, full, 0.0, True))
     if plan.pp > 1:
         stages.append((plan.pp - 1, last, emb, False))
     # per stage: (index, parameters on this GPU, layers per model chunk)

@@ -9,7 +9,7 @@ from ..hardware import get_gpu
 from . import power as pw
 from . import reliability as rel
 from .perf import model_flops_per_token
-from .search import Ranked, rank
+from .search import Ranked, _over, memory_tolerance, rank
 from .scenario import Scenario, load_scenario
 
 DEFAULT_DURATION_DAYS = 30.0  # reliability/energy horizon when the scenario gives neither tokens nor days
@@ -116,7 +116,7 @@ def assemble(sc: Scenario, best: Ranked, n_configs: int, *, mc: bool = True) -> 
                      "by_cause": r.by_cause, "spare_wait_s": r.spare_wait_s, "monte_carlo": r.mc},
         power=asdict(p),
         site=pw.site(sc.site, p.facility_avg_mw),
-        limits=_limits(sc, plan, crit, step, mfu, r.job_mttf_h, sc.reliability.restart_s, fs.fits_in_memory,
+        limits=_limits(sc, plan, crit, step, mfu, r.job_mttf_h, sc.reliability.restart_s, _over(best),
                        mem_gb) + _pool_limits(sc, fs),
         software={"attention": sc.train.attention, "overlap_grad_reduce": sc.train.overlap_grad_reduce,
                   "balance": sc.fleet.balance})
@@ -141,7 +141,7 @@ def _breakdown(b) -> dict:
     return {k: getattr(b, k) for k in keys} | {"microbatches": b.microbatches}
 
 
-def _limits(sc: Scenario, plan, crit, step: float, mfu: float, mttf_h: float, restart_s: float, fits: bool,
+def _limits(sc: Scenario, plan, crit, step: float, mfu: float, mttf_h: float, restart_s: float, over: float,
             mem_gb: float) -> list[str]:
     """Why MFU and goodput are what they are: the step's largest losses, with the numbers that cause them."""
     tokens_per_gpu = sc.train.global_batch * sc.model.seq_len / sc.fleet.count
@@ -159,6 +159,9 @@ def _limits(sc: Scenario, plan, crit, step: float, mfu: float, mttf_h: float, re
     if mttf_h * 3600 < 10 * restart_s:
         out.append(f"job MTTF {mttf_h * 60:.1f} min vs {restart_s:.0f} s restart: failures cost a large share of "
                    "wall time (ETTR)")
-    if not fits:
-        out.append(f"memory {mem_gb:.0f} GB per GPU is over the usable HBM by the memory model")
+    if over > 1:
+        margin = memory_tolerance(plan)
+        why = (f"within the model's {margin:.0%} margin{' for interleaved schedules' if plan.vpp > 1 else ''}: "
+               "docs/plan.md" if over <= 1 + margin else f"beyond its {margin:.0%} margin: the least over")
+        out.append(f"memory {mem_gb:.0f} GB per GPU is {over - 1:.0%} over the usable HBM by the memory model ({why})")
     return out

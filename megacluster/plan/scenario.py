@@ -499,6 +499,16 @@ def check_parallel(sc: Scenario, tp, pp, cp, dp, vpp, *, complete: bool) -> None
                             "(interleaving splits pipeline stages; give parallel.pp > 1 to interleave)")
     if vpp is not None and pp is not None and pp * vpp > m.layers:
         raise ScenarioError(f"parallel.pp x parallel.vpp = {pp * vpp} exceeds model.layers = {m.layers}")
+    if vpp is not None and pp is not None and pp > 1:
+        # model chunks of c = ceil(L / (pp vpp)) layers; the empty slots come off the first stage's first chunk
+        # and the last stage's last chunk, at most c - 1 each (Llama 3: 126 layers = 7 + 14 x 8 + 7)
+        per_chunk = -(-m.layers // (pp * vpp))
+        spare = pp * vpp * per_chunk - m.layers
+        if spare > 2 * (per_chunk - 1):
+            raise ScenarioError(
+                f"parallel.pp = {pp}, parallel.vpp = {vpp}: model.layers = {m.layers} in {pp * vpp} chunks of "
+                f"{per_chunk} layers leave {spare} empty; at most {2 * (per_chunk - 1)} can come off the first and "
+                "the last stage (one short chunk each); choose pp x vpp that (nearly) divides model.layers")
     if cp is not None and m.seq_len % (2 * cp) and cp > 1:
         raise ScenarioError(f"model.seq_len = {m.seq_len} is not divisible by 2 x parallel.cp = {2 * cp}")
     if not complete:

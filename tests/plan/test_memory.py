@@ -59,6 +59,31 @@ def test_llama3_126_layers_trim_first_and_last_stage():
     assert stage_layers(105, 35, 1) == (3, 3, 3)
 
 
+def test_memory_is_the_fullest_stage_even_when_it_is_a_middle_one():
+    """10 layers on pp = 4: 2 + 3 + 3 + 2. 1F1B holds 4, 3, 2, 1 micro-batches: 8 layer-micro-batches on stage 0
+    against 9 on stage 1. Stage 1 is the fullest (21.5 MB against 19.7: the embedding does not make up the extra
+    layer's activations), and it used to be left out: only the first and the last stage were counted."""
+    raw = {**TINY, "model": {**TINY["model"], "layers": 10, "seq_len": 1024},
+           "train": {**TINY["train"], "global_batch": 8},
+           "parallel": {"tp": 1, "pp": 4, "cp": 1, "dp": 1}}
+    mem = predict(raw, mc=False).memory
+    per_layer = 32 * 1024 * 64  # bytes a layer keeps per micro-batch (as above)
+    assert stage_layers(10, 4, 1) == (2, 3, 2)
+    assert mem["activations"] == pytest.approx(9 * per_layer / 1e9)  # stage 1: 3 layers x 3 micro-batches
+    assert mem["weights"] == pytest.approx(3 * 49_152 * 2 / 1e9)  # no embedding there
+
+
+def test_a_layout_the_first_and_last_stage_cannot_absorb_is_refused():
+    """126 layers on pp 16 x vpp 6 = 96 chunks of 2 leave 66 slots empty: the first and last stage can give up one
+    layer each. It was planned as 11 + 14 x 12 + 0 = 179 layers, 50% more compute than the model has."""
+    from megacluster.plan.scenario import ScenarioError
+    raw = {**TINY, "model": {**TINY["model"], "layers": 126}, "train": {**TINY["train"], "global_batch": 32},
+           "parallel": {"tp": 1, "pp": 16, "cp": 1, "dp": 1, "vpp": 6}, "fleet": {**TINY["fleet"], "count": 16}}
+    with pytest.raises(ScenarioError, match="parallel.vpp = 6: model.layers = 126 in 96 chunks of 2 layers leave 66"):
+        predict(raw, mc=False)
+    assert predict({**raw, "parallel": {**raw["parallel"], "vpp": 4}}, mc=False).step_time_s > 0  # 7 + 14 x 8 + 7
+
+
 def test_zero_shards_over_dp_times_cp():
     """Context-parallel ranks hold the same weights: Megatron's distributed optimizer shards over dp x cp."""
     cp2 = {**TINY, "parallel": {"tp": 1, "pp": 1, "cp": 2, "dp": 2}}

