@@ -2,7 +2,8 @@
 ops, NCCL-style collectives. Parameters come from `data/kernels.json` (vidur-style: measure once, plan on CPU).
 
 A GPU entry may carry a ``measured`` grid written by ``benchmarks/matmul_curve.py``; then GEMM efficiency is
-interpolated from it (log-space, trilinear) instead of the physical model.
+interpolated from it (log-space, trilinear) instead of the physical model. ``measured_like`` names a measured GPU
+with the same die (the H200: the H100's), whose grid it uses.
 """
 
 from __future__ import annotations
@@ -98,10 +99,12 @@ def _interp(gpu_name: str, m: float, n: float, k: float) -> float:
 @lru_cache(maxsize=16)
 def _measured_grid(gpu_name: str) -> tuple | None:
     """(log2 m grid, log2 n grid, log2 k grid, efficiency[m][n][k] as fractions of the bf16 peak), or None."""
-    g = kernel_data()["gpus"][gpu_name].get("measured")
+    gpus = kernel_data()["gpus"]
+    source = gpus[gpu_name].get("measured_like", gpu_name)  # the same die as a measured GPU: its grid
+    g = gpus[source].get("measured")
     if g is None:
         return None
-    eff = [t * 1e12 / get_gpu(gpu_name).peak("bf16") for t in g["tflops"]]  # flat, m-major
+    eff = [t * 1e12 / get_gpu(source).peak("bf16") for t in g["tflops"]]  # flat, m-major
     nn_, nk = len(g["n"]), len(g["k"])
     grid = tuple(tuple(tuple(eff[(i * nn_ + j) * nk:(i * nn_ + j + 1) * nk]) for j in range(nn_))
                  for i in range(len(g["m"])))
