@@ -117,7 +117,7 @@ def assemble(sc: Scenario, best: Ranked, n_configs: int, *, mc: bool = True) -> 
         power=asdict(p),
         site=pw.site(sc.site, p.facility_avg_mw),
         limits=_limits(sc, plan, crit, step, mfu, r.job_mttf_h, sc.reliability.restart_s, _over(best),
-                       mem_gb) + _pool_limits(sc, fs),
+                       mem_gb) + _pool_limits(sc, fs) + _power_limits(sc, p),
         software={"attention": sc.train.attention, "overlap_grad_reduce": sc.train.overlap_grad_reduce,
                   "balance": sc.fleet.balance})
 
@@ -134,6 +134,18 @@ def _pool_limits(sc: Scenario, fs) -> list[str]:
     return [f"equal shares: {slow.pool.gpu} replicas take {slow.step.step_time_s:.2f} s per step vs "
             f"{fast.step.step_time_s:.2f} s on {fast.pool.gpu}, which wait {wait:.0%} of every step "
             "(balance = \"throughput\" or training without the slow pool removes it)"]
+
+
+def _power_limits(sc: Scenario, p: pw.PowerResult) -> list[str]:
+    """A grid or battery smaller than the plan needs: the figures assume the power is there, so say it is not."""
+    out = []
+    if not p.grid_ok:
+        out.append(f"average draw {p.facility_avg_mw:,.1f} MW is above power.grid_mw = {sc.power.grid_mw:,.1f} MW: "
+                   "the site cannot feed this plan (train days, energy and cost assume it can)")
+    if not p.battery_ok and (sc.power.battery_mw or sc.power.battery_mwh):  # none given: "battery to flatten" sizes it
+        out.append(f"the battery ({sc.power.battery_mw:,.1f} MW, {sc.power.battery_mwh:,.2f} MWh) cannot flatten the "
+                   f"load: it needs {p.battery_mw_needed:,.1f} MW and {p.battery_mwh_needed:,.2f} MWh")
+    return out
 
 
 def _breakdown(b) -> dict:

@@ -67,10 +67,23 @@ def test_the_installed_battery_must_cover_both_power_and_energy():
     mw, mwh = need["battery_mw_needed"] * 1.01, need["battery_mwh_needed"] * 1.01
     enough = {**raw, "power": {**raw.get("power", {}), "battery_mw": mw, "battery_mwh": mwh}}
     assert predict(enough, mc=False).power["battery_ok"]
-    for key in ("battery_mw", "battery_mwh"):  # either one short: not ok
+    assert not any("battery" in x for x in predict(enough, mc=False).limits)
+    assert not any("battery" in x for x in predict(raw, mc=False).limits)  # none installed: the need is a size
+    for key in ("battery_mw", "battery_mwh"):  # either one short: not ok, and said
         short = copy.deepcopy(enough)
         short["power"][key] *= 0.5
-        assert not predict(short, mc=False).power["battery_ok"], key
+        p = predict(short, mc=False)
+        assert not p.power["battery_ok"], key
+        assert any(x.startswith("the battery (") and "cannot flatten the load" in x for x in p.limits), key
+
+
+def test_a_grid_below_the_average_draw_is_said_in_limits():
+    raw = _raw("llama3-405b")
+    avg = predict(raw, mc=False).power["facility_avg_mw"]
+    for grid, ok in ((avg * 1.01, True), (avg * 0.5, False)):
+        p = predict({**raw, "power": {**raw.get("power", {}), "grid_mw": grid}}, mc=False)
+        assert p.power["grid_ok"] is ok
+        assert any(x.startswith(f"average draw {avg:,.1f} MW is above power.grid_mw") for x in p.limits) is not ok
 
 
 def test_a_pools_lease_rate_is_what_leasing_it_earns():
