@@ -164,7 +164,10 @@ def links(pool: PoolSpec, plan: Plan, scale_out_gbps: float, oversub: float, rai
     reach = rail_nodes * pool.gpus_per_node  # ranks (GPUs) under one rail switch
 
     def far(stride: int, size: int) -> Link:  # `size` members `stride` ranks apart
-        on_rail = rail and stride % pool.gpus_per_node == 0 and reach % (stride * size) == 0
+        # under one switch: the groups tile the switch's block, or one switch reaches the whole pool (a reach that
+        # does not tile them, short of that, leaves some group straddling two switches: the slowest sets the pace)
+        under_one = reach % (stride * size) == 0 or reach >= pool.count
+        on_rail = rail and stride % pool.gpus_per_node == 0 and under_one
         return so if on_rail else so_far
 
     def inside(group: int) -> bool:  # groups tile the domain: tp = 16 in a 72-GPU NVL72 rack would straddle racks

@@ -465,8 +465,17 @@ def _cross_check(sc: Scenario) -> None:
         raise ScenarioError(f"model.heads = {m.heads} is not divisible by model.kv_heads = {m.kv_heads}")
     if t.micro_batch is not None and t.micro_batch > t.global_batch:
         raise ScenarioError(f"train.micro_batch = {t.micro_batch} exceeds train.global_batch = {t.global_batch}")
+    pw = sc.power
+    if pw.gpu_comm_power_frac > pw.gpu_compute_power_frac:
+        raise ScenarioError(f"power.gpu_comm_power_frac = {pw.gpu_comm_power_frac:g} exceeds "
+                            f"power.gpu_compute_power_frac = {pw.gpu_compute_power_frac:g}: a GPU waiting in a "
+                            "collective draws less than one computing")
     for pool in sc.fleet.pools:
         gpu = GPUS[pool.gpu]
+        if gpu.tdp_w * pw.gpu_compute_power_frac < gpu.idle_w:
+            raise ScenarioError(f"power.gpu_compute_power_frac = {pw.gpu_compute_power_frac:g} puts a computing "
+                                f"{pool.gpu} at {gpu.tdp_w * pw.gpu_compute_power_frac:.0f} W, below its idle "
+                                f"{gpu.idle_w:.0f} W: must be >= {gpu.idle_w / gpu.tdp_w:.2f}")
         if t.dtype not in gpu.peak_tflops:
             raise ScenarioError(f"train.dtype = {t.dtype!r} is not supported on {pool.gpu}; "
                                 f"allowed there: {', '.join(k for k in ('fp16', 'bf16', 'fp8') if k in gpu.peak_tflops)}")

@@ -77,6 +77,18 @@ def test_the_installed_battery_must_cover_both_power_and_energy():
         assert any(x.startswith("the battery (") and "cannot flatten the load" in x for x in p.limits), key
 
 
+@pytest.mark.parametrize("power, match", [
+    ({"gpu_compute_power_frac": 0.3, "gpu_comm_power_frac": 0.9}, "power.gpu_comm_power_frac = 0.9 exceeds"),
+    ({"gpu_compute_power_frac": 0.05, "gpu_comm_power_frac": 0.0}, "below its idle"),
+])
+def test_power_fractions_that_contradict_each_other_are_refused(power, match):
+    """Waiting drawing more than computing made the full-load figure lower than the low phase and the battery
+    need negative (-1.9 MW for llama3-405b at 0.3 / 0.9)."""
+    raw = _raw("llama3-405b")
+    with pytest.raises(ScenarioError, match=match):
+        predict({**raw, "power": {**raw.get("power", {}), **power}}, mc=False)
+
+
 def test_a_grid_below_the_average_draw_is_said_in_limits():
     raw = _raw("llama3-405b")
     avg = predict(raw, mc=False).power["facility_avg_mw"]

@@ -108,6 +108,8 @@ def test_rail_optimized_fabric_spares_traffic_under_one_rail_switch_from_oversub
     assert rail.breakdown["dp_comm_s"] > 0 == flat.breakdown["dp_comm_s"]  # dp crosses the spine
     wide = plan(topology="rail-optimized", rail_switch_nodes=128)  # one switch reaches every node
     assert wide.step_time_s == pytest.approx(flat.step_time_s)  # all on-rail: as if not oversubscribed
+    wider = plan(topology="rail-optimized", rail_switch_nodes=192)  # more than every node, not a multiple of 128:
+    assert wider.step_time_s == wide.step_time_s  # was priced as crossing the spine (a switch reaching more was slower)
     # the plan's own p2p: pp pairs under one rail switch are not oversubscribed on rails, 4x slower on the tree
     pinned = {"tp": 8, "pp": 2, "cp": 1, "vpp": 4}
     p2p = {t: predict({**d, "parallel": pinned, "train": {**SMALL["train"], "micro_batch": 8},
