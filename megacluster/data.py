@@ -1,7 +1,8 @@
 """Corpus -> token shards (np.memmap), and the global sample order.
 
 Inputs (`--data`, any mix): text files, directories (all files below, sorted; hidden files and directories,
-such as `.git`, and `__pycache__` skipped; symlinked directories followed), globs (a path that exists is taken as
+such as `.git`, and `__pycache__` skipped, as are the run's own outputs and the token cache below a --data
+directory; symlinked directories followed), globs (a path that exists is taken as
 it is, even with `[` in its name), `.jsonl` files with a `text` field per line, and pre-tokenized shards (`.npy`
 arrays of token ids, or `.bin` raw uint16 as nanoGPT writes them). With no input the corpus is the Python
 standard library source of the running interpreter. A literal `<|endoftext|>` inside a document is text, not the
@@ -58,11 +59,14 @@ def default_corpus() -> list[Path]:
     return sorted(files)
 
 
-def resolve(paths: list[str]) -> list[Path]:
+def resolve(paths: list[str], exclude: list[Path] | tuple = ()) -> list[Path]:
     """Expand files, directories and globs into a de-duplicated file list, in the order given (each directory's
-    or glob's files sorted); InputError if empty."""
+    or glob's files sorted); InputError if empty. Nothing at or below an `exclude` path is taken (the run dir's
+    outputs and the token cache: a run dir inside a --data directory would otherwise train on its own
+    checkpoints, and a second run would see other data than the first)."""
     if not paths:
         return default_corpus()
+    skip = {Path(os.path.realpath(p)) for p in exclude}
     out: list[Path] = []
     for item in paths:
         if not item.strip():  # Path("") is the working directory: never what an empty entry meant
@@ -72,15 +76,17 @@ def resolve(paths: list[str]) -> list[Path]:
             matches = [m for m in matches if "__pycache__" not in m.parts]
         for p in matches or [Path(item)]:
             if p.is_dir():
-                out.extend(_files_below(p))
+                out.extend(_files_below(p, skip))
             elif p.is_file():
                 out.append(p)
             else:
                 raise InputError(f"--data: no such file, directory or glob match: {item}")
     seen: set[Path] = set()
     files = [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
+    files = [p for p in files if not _below(p.resolve(), skip)]
     if not files:
-        raise InputError(f"--data: no files found under {paths}")
+        raise InputError(f"--data: no files found under {paths}" + (
+            " (a run's own outputs and the token cache are never read as data)" if out else ""))
     kinds = {_kind(p) in PRETOKENIZED for p in files}
     if len(kinds) > 1:
         raise InputError("--data: mix of pre-tokenized shards (.npy/.bin) and text; give one kind per run")
@@ -92,7 +98,12 @@ def _kind(p: Path) -> str:
     return p.suffix.lower()
 
 
-def _files_below(root: Path) -> list[Path]:
+def _below(path: Path, roots: set[Path]) -> bool:
+    """Whether `path` (resolved) is one of `roots` or inside one."""
+    return any(path == r or r in path.parents for r in roots)
+
+
+def _files_below(root: Path, skip: set[Path] = frozenset()) -> list[Path]:
     """The files under a directory, sorted, without hidden ones or any under a hidden directory (`.git` holds
     compressed objects that would be read as text and, sorting first, fill data.max_bytes) or `__pycache__`.
     A symlinked directory is followed (once: a link back up the tree is not walked again); one that cannot be
@@ -107,7 +118,8 @@ def _files_below(root: Path) -> list[Path]:
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"
+                   and Path(os.path.realpath(Path(top, d))) not in skip]
         files.extend(Path(top, n) for n in names if not n.startswith(".") and Path(top, n).is_file())
     return sorted(files)
 
@@ -325,11 +337,11 @@ def _stamps(files: list[Path]) -> list[tuple[int, int]]:
     return [(st.st_size, st.st_mtime_ns) for st in map(os.stat, files)]
 
 
-def check_inputs(cfg: DataConfig, vocab_size: int) -> list[Path]:
-    """The input files (`resolve`), refused when missing or, for text, when the vocabulary cannot hold its byte
-    tokens or the cache directory cannot be made. Reads no file's content: the CLI runs this before it imports
-    torch."""
-    files = resolve(cfg.paths)
+def check_inputs(cfg: DataConfig, vocab_size: int, exclude: list[Path] | tuple = ()) -> list[Path]:
+    """The input files (`resolve`, leaving out `exclude` and the token cache), refused when missing or, for text,
+    when the vocabulary cannot hold its byte tokens or the cache directory cannot be made. Reads no file's
+    content: the CLI runs this before it imports torch."""
+    files = resolve(cfg.paths, [*exclude, cache_root(cfg)])
     if _kind(files[0]) in PRETOKENIZED:
         return files  # (their cache only saves a scan: one that cannot be written costs the scan again)
     if vocab_size < MIN_TEXT_VOCAB:  # else token ids past the embedding table: an IndexError deep in the forward
@@ -363,15 +375,15 @@ def _no_cache_dir(directory: Path, why: str | None) -> InputError:
                       "$MEGACLUSTER_CACHE to a writable directory")
 
 
-def prepare(cfg: DataConfig, vocab_size: int) -> Corpus:
+def prepare(cfg: DataConfig, vocab_size: int, exclude: list[Path] | tuple = ()) -> Corpus:
     """Tokenize the inputs once (cached, process-safe under a file lock) and memmap the shards.
 
     The supervisor calls this before starting workers, which open what it prepared (`reopen`); under torchrun
     every rank calls it: a call that finds the cache of unchanged inputs lists the inputs, stats each file and
-    memmaps, reading no input's content. The
+    memmaps, reading no input's content. `exclude`: the run dir's outputs (`files.run_outputs`). The
     cache key covers each file's path, size and mtime (`_fingerprint`) and the options, so an edited, added or
     removed file makes a new key and a rebuild."""
-    files = check_inputs(cfg, vocab_size)
+    files = check_inputs(cfg, vocab_size, exclude)
     if _kind(files[0]) in PRETOKENIZED:
         return _pretokenized(files, cfg, vocab_size)
     key = _fingerprint(files, {"v": FORMAT_VERSION, "vocab": vocab_size, "max_bytes": cfg.max_bytes,

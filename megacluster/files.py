@@ -9,6 +9,20 @@ import tempfile
 from pathlib import Path
 
 
+# What a run writes in its run dir: a fresh run sets these aside (supervisor.set_aside_earlier_run), and none is
+# ever read as --data (a run dir inside a --data directory would otherwise train on its own checkpoints).
+# tb: TensorBoard (metrics.py); chaos: the one-shot faults' markers (chaos.py); workers.json: the supervised
+# workers' pids; earlier-*: runs set aside.
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "result.json", "tb", "config.json", "corpus.json", "chaos",
+               "workers.json")
+
+
+def run_outputs(run_dir: str | Path) -> list[Path]:
+    """The paths a run writes (or set aside) in `run_dir`, whether or not they exist yet."""
+    d = Path(run_dir)
+    return [d / n for n in RUN_OUTPUTS] + sorted(d.glob("earlier-*"))
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new entry in directory `path` survive a crash."""
     fd = os.open(path, os.O_RDONLY)

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..config import Config, ffn_hidden, n_params
 from ..data import check_inputs
 from ..errors import InputError
-from ..files import probe_writable
+from ..files import probe_writable, run_outputs
 from .balance import split
 from .chaos import check_ranks, parse
 from .zygote import guess_device, under_launcher
@@ -41,7 +41,7 @@ def check(cfg: Config) -> None:
     if not under_launcher() and cfg.run.workers > max_local_workers():
         raise InputError(f"run.workers={cfg.run.workers}: at most {max_local_workers()} local worker processes on this "
                          f"machine ({os.cpu_count()} cores); for more, run on several machines under torchrun")
-    check_inputs(cfg.data, cfg.model.vocab_size)
+    check_inputs(cfg.data, cfg.model.vocab_size, run_outputs(run_dir))
     if guess_device(cfg.run) == "cpu":  # on a GPU, train() checks the GPU's memory once torch is imported
         check_fits(cfg, "cpu")
 

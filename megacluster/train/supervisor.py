@@ -32,7 +32,7 @@ from pathlib import Path
 from ..config import Config, ModelConfig, ffn_hidden
 from ..data import Corpus, prepare
 from ..errors import InputError
-from ..files import fsync_dir, write_json
+from ..files import RUN_OUTPUTS, fsync_dir, run_outputs, write_json
 from .checkpoint import CheckpointError, meta_of, newest_meta
 from .elastic import CHECKPOINT_FAILED, DIVERGED, INPUT_REFUSED, NODE_LOST, Plan
 from .inputs import check, check_fits, refused_runs_leave_no_dir
@@ -72,7 +72,7 @@ def _train(cfg: Config) -> dict | None:
     if cfg.run.resume:
         check_resume(cfg)
     if under_launcher():
-        corpus = prepare(cfg.data, cfg.model.vocab_size)  # each rank (a shared cache: one tokenizes)
+        corpus = prepare(cfg.data, cfg.model.vocab_size, run_outputs(run_dir))  # each rank (one tokenizes)
         check_data(cfg, corpus, restarted=restarted)
         if not cfg.run.resume and int(os.environ["RANK"]) == 0:
             set_aside_earlier_run(run_dir)
@@ -91,7 +91,7 @@ def _train(cfg: Config) -> dict | None:
         if cfg.run.workers > torch.cuda.device_count():
             raise InputError(f"run.workers={cfg.run.workers}: one GPU per worker, and this machine has "
                              f"{torch.cuda.device_count()}; use --device cpu for more workers than GPUs")
-    corpus = prepare(cfg.data, cfg.model.vocab_size)  # once, before any worker starts; they open this one
+    corpus = prepare(cfg.data, cfg.model.vocab_size, run_outputs(run_dir))  # once, before any worker starts
     check_data(cfg, corpus)
     if not cfg.run.resume:  # after every input check: a refused run moves nothing
         set_aside_earlier_run(run_dir)
@@ -161,12 +161,9 @@ def set_aside_earlier_run(run_dir: Path) -> None:
     time>/ (nothing is deleted). Left in place, a later --resume of this run could pick the earlier run's newer
     checkpoint, metrics.jsonl would mix two runs, and the run would overwrite a config.json or result.json that
     may not even be a run's (a project directory given as --run-dir)."""
-    # tb: TensorBoard (metrics.py); chaos: the one-shot faults' markers (chaos.py; left, a fresh run under torchrun,
-    # which has no supervisor to clear them, would not fire its faults again); workers.json: the supervised
-    # workers' pids (a fresh run's would otherwise name the earlier run's processes until its own start)
-    names = ("checkpoints", "metrics.jsonl", "result.json", "tb", "config.json", "corpus.json", "chaos",
-             "workers.json")
-    found = [run_dir / n for n in names if (run_dir / n).exists() or (run_dir / n).is_symlink()]
+    # chaos markers left in place: a fresh run under torchrun, which has no supervisor to clear them, would not fire
+    # its faults again; workers.json: a fresh run's would otherwise name the earlier run's processes until its start
+    found = [run_dir / n for n in RUN_OUTPUTS if (run_dir / n).exists() or (run_dir / n).is_symlink()]
     found = [p for p in found if not (p.is_dir() and not p.is_symlink() and not any(p.iterdir()))]  # empty: no loss
     if not found:
         return

@@ -4,6 +4,8 @@ import json
 import shutil
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 
@@ -218,6 +220,21 @@ def test_a_fresh_run_moves_files_of_the_names_it_writes_even_where_nothing_train
     assert (earlier / "config.json").read_text() == "precious" and (earlier / "chaos" / "notes.txt").exists()
     assert (earlier / "result.json").read_text() == '{"mine": 1}' and not (earlier / "checkpoints").exists()
     assert json.loads((d / "result.json").read_text())["steps"] == 1
+
+
+def test_a_run_dir_and_a_cache_inside_the_data_directory_are_never_read_as_data(tmp_path):
+    """`--data . --run-dir runs/x` (or the token cache under --data): the second run used to tokenize the first
+    run's checkpoints and metrics as text (then a --resume refused its own run: "the tokenizer ... differs")."""
+    corpus = tmp_path / "corpus"
+    shutil.copytree(Path(sysconfig.get_paths()["stdlib"]) / "json", corpus,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    keys = [f"data.paths=['{corpus}']", f"data.cache_dir={corpus / 'cache'}", "run.max_steps=2", "run.ckpt_every=2"]
+    first = train(small_cfg(corpus, "run", *keys))
+    assert (corpus / "run" / "checkpoints").is_dir() and (corpus / "cache").is_dir()
+    again = train(small_cfg(corpus, "run", *keys))  # fresh: the first run is set aside inside the data directory
+    assert again["loss_digest"] == first["loss_digest"] and list((corpus / "run").glob("earlier-*"))
+    resumed = train(small_cfg(corpus, "run", *keys[:2], "run.max_steps=3", "run.resume=true"))
+    assert resumed["steps"] == 3
 
 
 def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
