@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
+from .files import read_config
 
 
 @dataclass(kw_only=True, slots=True)
@@ -258,15 +259,16 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> None:
 
 def load_toml(path: str | Path) -> dict:
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(read_config(path).decode("utf-8"))
     except FileNotFoundError:
         raise InputError(f"--config: file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"--config {path}: invalid TOML: {e}") from None
     except UnicodeDecodeError as e:
         raise InputError(f"--config {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:  # a directory, no permission
+    except ValueError as e:  # a directory, a FIFO, a device, a huge file (files.read_config)
+        raise InputError(f"--config {path}: {e}; give a TOML file") from None
+    except OSError as e:  # no permission
         raise InputError(f"--config {path}: cannot read it ({e.strerror})") from None
 
 

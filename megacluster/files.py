@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -21,6 +22,24 @@ def run_outputs(run_dir: str | Path) -> list[Path]:
     """The paths a run writes (or set aside) in `run_dir`, whether or not they exist yet."""
     d = Path(run_dir)
     return [d / n for n in RUN_OUTPUTS] + sorted(d.glob("earlier-*"))
+
+
+CONFIG_MAX_BYTES = 1 << 20  # a config or scenario file is a few KB; more is not one
+
+
+def read_config(path: str | Path, limit: int = CONFIG_MAX_BYTES) -> bytes:
+    """The bytes of a small regular file. ValueError (the reason) for anything else: a FIFO would block the
+    reader forever and /dev/zero would fill the memory; OSError as open/read raise it (missing, no permission)."""
+    st = os.stat(path)
+    if stat.S_ISDIR(st.st_mode):
+        raise ValueError("is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError("is not a regular file")
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"is larger than {limit // 1024} KiB: not a config")
+    return data
 
 
 def fsync_dir(path: Path) -> None:

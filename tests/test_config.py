@@ -106,8 +106,15 @@ def test_bad_toml_and_preset(tmp_path):
     f.write_bytes(b"\xff\xfe[run]\n")
     with pytest.raises(InputError, match="not UTF-8 text"):
         config.build("tiny", str(f))
-    with pytest.raises(InputError, match="cannot read it"):
-        config.build("tiny", str(tmp_path))  # a directory
+    with pytest.raises(InputError, match="is a directory; give a TOML file"):
+        config.build("tiny", str(tmp_path))
+    os.mkfifo(tmp_path / "fifo.toml")  # read, it would block until a writer came: forever
+    for special in (tmp_path / "fifo.toml", "/dev/zero"):  # /dev/zero read whole filled the memory (OOM-killed)
+        with pytest.raises(InputError, match=f"--config {special}: is not a regular file"):
+            config.build("tiny", str(special))
+    f.write_text("# " + "x" * (1 << 20) + "\n")
+    with pytest.raises(InputError, match="is larger than 1024 KiB"):
+        config.build("tiny", str(f))
 
 
 def test_roundtrip_dict():

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..files import read_config
 from ..hardware import GPUS
 
 RAIL_SWITCH_NODES = 32  # nodes under one rail (leaf) switch: a DGX SuperPOD scalable unit (FleetSpec)
@@ -331,12 +332,12 @@ def load_scenario(src: str | Path | dict) -> Scenario:
         if str(src) in preset_names():
             return load_preset(str(src))
         raise ScenarioError(f"scenario {str(src)!r}: no such file and not a preset; presets: {', '.join(preset_names())}")
-    if path.is_dir():
-        raise ScenarioError(f"scenario {path}: is a directory; give a TOML or JSON file")
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = read_config(path).decode("utf-8")
     except UnicodeDecodeError as e:
         raise ScenarioError(f"scenario {path}: is not UTF-8 text (byte {e.start}); give a TOML or JSON file") from None
+    except ValueError as e:  # a directory, a FIFO, a device, a huge file (files.read_config)
+        raise ScenarioError(f"scenario {path}: {e}; give a TOML or JSON file") from None
     except OSError as e:
         raise ScenarioError(f"scenario {path}: cannot be read: {e.strerror}") from None
     try:

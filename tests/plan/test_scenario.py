@@ -150,11 +150,15 @@ def test_search_with_a_given_vpp_only_tries_pipelines_it_can_interleave():
     ("text.json", b'"model"', "got a str"),
     ("latin1.toml", "[model]\nname = 'caf\u00e9'\n".encode("latin-1"), "is not UTF-8 text"),
     ("dir.toml", None, "is a directory"),
+    ("fifo.toml", "fifo", "is not a regular file"),  # a reader would block forever
+    ("big.toml", b"# " + b"x" * (1 << 20), "is larger than 1024 KiB"),
 ])
 def test_unreadable_scenario_files_name_the_path(tmp_path, name, content, needle):
     path = tmp_path / name
     if content is None:
         path.mkdir()
+    elif content == "fifo":
+        os.mkfifo(path)
     else:
         path.write_bytes(content)
     with pytest.raises(ScenarioError, match=needle) as e:
