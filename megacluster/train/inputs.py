@@ -5,6 +5,7 @@ need torch: the device, and memory on a GPU."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,6 +66,36 @@ def refused_runs_leave_no_dir(run_dir: str | Path) -> Iterator[None]:
             except OSError:
                 break
         raise
+
+
+@contextmanager
+def run_dir_lock(cfg: Config) -> Iterator[None]:
+    """One run at a time in a run dir: a fresh run started beside a live one would set the live run's checkpoints
+    aside while it writes them, and two runs would interleave metrics.jsonl. An flock on RUN_DIR/.lock (hidden:
+    never read as --data), held for the whole run and released by the kernel however the process ends; under
+    torchrun rank 0 takes it for all ranks. A run refused for its input removes the file again (the run dir it
+    made is then empty, and removed)."""
+    if under_launcher() and os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    path = Path(cfg.run.run_dir) / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise InputError(f"run.run_dir (--run-dir): {cfg.run.run_dir} is in use by another run (pid {holder}); "
+                             "wait for it to end, or give another --run-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        except InputError:
+            path.unlink(missing_ok=True)  # held by us: no other run waits on it (they do not block)
+            raise
+    finally:
+        os.close(fd)
 
 
 def world_size(cfg: Config) -> int:

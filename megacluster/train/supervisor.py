@@ -35,7 +35,7 @@ from ..errors import InputError
 from ..files import RUN_OUTPUTS, fsync_dir, run_outputs, write_json
 from .checkpoint import CheckpointError, meta_of, newest_meta
 from .elastic import CHECKPOINT_FAILED, DIVERGED, INPUT_REFUSED, NODE_LOST, Plan
-from .inputs import check, check_fits, refused_runs_leave_no_dir
+from .inputs import check, check_fits, refused_runs_leave_no_dir, run_dir_lock
 from .signals import SIGNALS, StopSignals, exit_code
 from .zygote import Forked, Zygote, ZygoteFailed, base_env, forks, start_zygote, supervised, under_launcher
 
@@ -54,10 +54,12 @@ def train(cfg: Config, *, checked: bool = False) -> dict | None:
     """Train per `cfg`; returns rank 0's result dict (None on other ranks under a launcher). checked: the caller
     ran `inputs.check(cfg)` already (the CLI does, before importing torch, inside `refused_runs_leave_no_dir`)."""
     if checked:
-        return _train(cfg)
+        with run_dir_lock(cfg):
+            return _train(cfg)
     with refused_runs_leave_no_dir(cfg.run.run_dir):
         check(cfg)  # the torch-free checks: the run dir, the data paths, ...
-        return _train(cfg)
+        with run_dir_lock(cfg):
+            return _train(cfg)
 
 
 def _train(cfg: Config) -> dict | None:

@@ -237,6 +237,26 @@ def test_a_run_dir_and_a_cache_inside_the_data_directory_are_never_read_as_data(
     assert resumed["steps"] == 3
 
 
+def test_a_run_dir_in_use_by_a_live_run_is_refused_and_left_alone(tmp_path):
+    """A second fresh run in the same dir would have set the live run's checkpoints aside under it."""
+    import fcntl
+    import os
+
+    first = train(small_cfg(tmp_path, "r", "run.max_steps=2", "run.ckpt_every=2"))
+    lock = tmp_path / "r" / ".lock"
+    assert lock.read_text() != "" and first["steps"] == 2
+    with open(lock, "r+") as held:  # as a live run holds it (another open file: the flock conflicts)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242")
+        held.flush()
+        with pytest.raises(InputError, match=r"r is in use by another run \(pid 4242\); wait for it to end"):
+            train(small_cfg(tmp_path, "r", "run.max_steps=2"))
+        assert lock.exists() and not list((tmp_path / "r").glob("earlier-*"))  # nothing moved, lock kept
+        assert sorted(losses(tmp_path / "r")) == [1, 2]
+    again = train(small_cfg(tmp_path, "r", "run.max_steps=3", "run.resume=true"))  # released: runs
+    assert again["steps"] == 3 and lock.read_text() == str(os.getpid())
+
+
 def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("not a directory")
     with pytest.raises(InputError, match="exists and is not a directory"):
