@@ -41,10 +41,11 @@ class _Rule:
             return "one of " + ", ".join(repr(c) for c in self.choices + (("auto",) if self.auto else ()))
         if self.kind in ("int", "float"):
             rng = f"{'an integer' if self.kind == 'int' else 'a finite number'}"
+            shown = (lambda v: f"{v:,}") if self.kind == "int" else (lambda v: f"{v:g}")
             if self.lo is not None:
-                rng += f" >= {self.lo:g}"
+                rng += f" >= {shown(self.lo)}"
             if self.hi is not None:
-                rng += f" and <= {self.hi:g}"
+                rng += f" and <= {shown(self.hi)}"
         else:
             rng = {"bool": "true or false", "str": "a string", "dict": "a table of name = finite number >= 0"}[self.kind]
         return rng + (' or "auto"' if self.auto else "")
@@ -134,8 +135,12 @@ class ModelSpec:
     seq_len: int  # tokens per sequence
 
 
-MODEL_RULES = {"layers": _int(1), "hidden": _int(1), "ffn_hidden": _int(1), "mlp": _choice("swiglu", "gelu"),
-               "heads": _int(1), "kv_heads": _int(1), "vocab": _int(1), "seq_len": _int(1)}
+# Model sizes: ~100x past the largest published dense shapes (128 layers, h 25,600, a 256K vocabulary, 10M
+# tokens of context); 1e308 overflowed the FLOP and byte counts into a traceback.
+MAX_LAYERS, MAX_HIDDEN, MAX_VOCAB, MAX_SEQ_LEN = 10_000, 1 << 22, 1 << 26, 1 << 30
+MODEL_RULES = {"layers": _int(1, MAX_LAYERS), "hidden": _int(1, MAX_HIDDEN), "ffn_hidden": _int(1, 4 * MAX_HIDDEN),
+               "mlp": _choice("swiglu", "gelu"), "heads": _int(1, MAX_HIDDEN), "kv_heads": _int(1, MAX_HIDDEN),
+               "vocab": _int(1, MAX_VOCAB), "seq_len": _int(1, MAX_SEQ_LEN)}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -164,7 +169,9 @@ MAX_RESTART_S = 365 * 86400  # s (one year): a recovery longer than that is a ne
 # (and the bound of a checkpoint's write and a node's repair too: 1e308 overflowed or gave a NaN ETTR)
 MAX_CHECKPOINT_INTERVAL_S = MAX_DURATION_DAYS * 86400  # s: an interval longer than the longest run = never
 
-TRAIN_RULES = {"global_batch": _int(1), "micro_batch": _int(1, auto=True), "dtype": _choice("fp16", "bf16", "fp8"),
+MAX_GLOBAL_BATCH = 1 << 30  # sequences per step (published: ~2K-16K)
+TRAIN_RULES = {"global_batch": _int(1, MAX_GLOBAL_BATCH), "micro_batch": _int(1, MAX_GLOBAL_BATCH, auto=True),
+               "dtype": _choice("fp16", "bf16", "fp8"),
                "recompute": _choice("none", "selective", "full", auto=True), "sequence_parallel": _Rule("bool"),
                "zero": _int(0, 3), "total_tokens": _num(1, MAX_TOTAL_TOKENS),
                "attention": _choice("flash", "unfused", auto=True),
@@ -193,7 +200,11 @@ class PoolSpec:
     lease_usd_per_gpu_hour: float | None = None  # revenue if leased to inference instead of training
 
 
-POOL_RULES = {"gpu": _Rule("str"), "count": _int(1), "gpus_per_node": _int(1), "lease_usd_per_gpu_hour": _num(0)}
+# Fleet: 100x the 1M-GPU preset; a node (an NVLink domain) of at most 1,024 GPUs (the largest announced rack-scale
+# domain is 576); 1e308 GPUs per node gave inf and NaN power, energy and cost.
+MAX_GPUS, MAX_GPUS_PER_NODE, MAX_USD = 100_000_000, 1024, 1e6
+POOL_RULES = {"gpu": _Rule("str"), "count": _int(1, MAX_GPUS), "gpus_per_node": _int(1, MAX_GPUS_PER_NODE),
+              "lease_usd_per_gpu_hour": _num(0, MAX_USD)}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -213,9 +224,9 @@ class FleetSpec:
         return sum(p.count for p in self.pools)
 
 
-FLEET_RULES = {"gpu": _Rule("str"), "count": _int(1), "gpus_per_node": _int(1), "scale_out_gbps": _num(1e-3),
-               "topology": _choice("rail-optimized", "fat-tree"), "oversubscription": _num(1),
-               "rail_switch_nodes": _int(1),
+FLEET_RULES = {"gpu": _Rule("str"), "count": _int(1, MAX_GPUS), "gpus_per_node": _int(1, MAX_GPUS_PER_NODE),
+               "scale_out_gbps": _num(1e-3, 1e6), "topology": _choice("rail-optimized", "fat-tree"),
+               "oversubscription": _num(1, 1000), "rail_switch_nodes": _int(1, MAX_GPUS),
                "balance": _choice("equal", "throughput"), "pools": _Rule("str")}
 
 # Llama 3 405B pre-training, 54 days on 16,384 H100 (2,048 nodes): 419 unexpected interruptions by root cause
@@ -249,11 +260,13 @@ class ReliabilitySpec:
     seed: int = 0
 
 
-RELIABILITY_RULES = {"node_failures_per_1000_node_days": _num(0), "causes": _Rule("dict"),
-                     "planned_per_day": _num(0), "checkpoint_write_s": _num(0, MAX_RESTART_S),
+# failure rates: 1e6 per 1000 node-days is a failure every 1.4 minutes on every node (Llama 3: 3.8)
+MAX_FAILURE_RATE = 1e6
+RELIABILITY_RULES = {"node_failures_per_1000_node_days": _num(0, MAX_FAILURE_RATE), "causes": _Rule("dict"),
+                     "planned_per_day": _num(0, MAX_FAILURE_RATE), "checkpoint_write_s": _num(0, MAX_RESTART_S),
                      "restart_s": _num(0, MAX_RESTART_S),
                      "checkpoint_interval_s": _num(1e-3, MAX_CHECKPOINT_INTERVAL_S, auto=True),
-                     "spare_nodes": _int(0), "repair_h": _num(0, MAX_RESTART_S / 3600),
+                     "spare_nodes": _int(0, MAX_GPUS), "repair_h": _num(0, MAX_RESTART_S / 3600),
                      "duration_days": _num(1e-6, MAX_DURATION_DAYS), "trials": _int(1, MAX_TRIALS), "seed": _int(0)}
 
 
@@ -278,8 +291,9 @@ MAX_NODE_OVERHEAD_W = 1e6
 MAX_NETWORK_W_PER_GPU = 1e5
 POWER_RULES = {"pue": _num(1.0, 5.0), "node_overhead_w": _num(0, MAX_NODE_OVERHEAD_W),
                "network_w_per_gpu": _num(0, MAX_NETWORK_W_PER_GPU),
-               "gpu_compute_power_frac": _num(0, 1.5), "gpu_comm_power_frac": _num(0, 1.5), "grid_mw": _num(0),
-               "battery_mwh": _num(0), "battery_mw": _num(0), "usd_per_mwh": _num(0), "usd_per_gpu_hour": _num(0)}
+               "gpu_compute_power_frac": _num(0, 1.5), "gpu_comm_power_frac": _num(0, 1.5), "grid_mw": _num(0, 1e6),
+               "battery_mwh": _num(0, 1e9), "battery_mw": _num(0, 1e6), "usd_per_mwh": _num(0, MAX_USD),
+               "usd_per_gpu_hour": _num(0, MAX_USD)}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -296,7 +310,7 @@ class SiteSpec:
 
 
 MAX_TEMP_K = 6000  # K: above the Sun's surface (5,772 K) no radiator or sink exists (1e308 ** 4 overflowed)
-SITE_RULES = {"kind": _choice("earth", "orbit", "mars"), "solar_w_m2": _num(0), "panel_efficiency": _num(0.01, 1),
+SITE_RULES = {"kind": _choice("earth", "orbit", "mars"), "solar_w_m2": _num(0, 1e5), "panel_efficiency": _num(0.01, 1),
               "sunlit_fraction": _num(0.01, 1), "radiator_temp_k": _num(1, MAX_TEMP_K), "emissivity": _num(0.01, 1),
               "sink_temp_k": _num(0, MAX_TEMP_K), "light_time_s": _num(0)}
 
@@ -466,6 +480,16 @@ def _cross_check(sc: Scenario) -> None:
         raise ScenarioError(f"model.heads = {m.heads} is not divisible by model.kv_heads = {m.kv_heads}")
     if t.micro_batch is not None and t.micro_batch > t.global_batch:
         raise ScenarioError(f"train.micro_batch = {t.micro_batch} exceeds train.global_batch = {t.global_batch}")
+    if sc.site.kind != "earth":  # off Earth the array feeds the site and the radiator rejects all of it
+        from .power import site_defaults  # (power imports this module)
+        d = site_defaults(sc.site)
+        if d["solar_w_m2"] <= 0:
+            raise ScenarioError(f"site.solar_w_m2 = 0 with site.kind = {sc.site.kind!r}: the site runs on its solar "
+                                "array; must be > 0")
+        if sc.site.radiator_temp_k <= d["sink_temp_k"]:
+            raise ScenarioError(f"site.radiator_temp_k = {sc.site.radiator_temp_k:g} must be above the sink "
+                                f"(site.sink_temp_k = {d['sink_temp_k']:g}): a radiator no warmer than its "
+                                "surroundings rejects no heat")
     pw = sc.power
     if pw.gpu_comm_power_frac > pw.gpu_compute_power_frac:
         raise ScenarioError(f"power.gpu_comm_power_frac = {pw.gpu_comm_power_frac:g} exceeds "

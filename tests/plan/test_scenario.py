@@ -194,7 +194,7 @@ def test_monte_carlo_trials_are_capped_at_what_fits_in_memory():
     """~15 KB per trial: 100,000 trials take ~1.5 GB and ~5 s; 10**6 (the old cap) would take ~15 GB."""
     assert load_scenario({**BASE, "reliability": {"trials": 100_000}}).reliability.trials == 100_000
     with pytest.raises(ScenarioError, match=r"reliability.trials = 100001 is invalid: must be an integer >= 1 "
-                                            r"and <= 100000"):
+                                            r"and <= 100,000"):
         load_scenario({**BASE, "reliability": {"trials": 100_001}})
 
 
@@ -213,7 +213,9 @@ def test_time_and_token_keys_have_an_upper_bound(section, key, hi, shown):
     in an OverflowError / numpy ValueError traceback, or NaN figures); the bound itself is a valid scenario and
     gets a prediction without NaN (the Monte Carlo included)."""
     def given(value):
-        near = {"site": {"kind": "orbit"}, "reliability": {"spare_nodes": 1}}.get(section, {})  # where it acts
+        # where it acts (a sink at the bound is above any radiator: that is refused off Earth, test below)
+        near = {"site": {"kind": "earth" if key == "sink_temp_k" else "orbit"},
+                "reliability": {"spare_nodes": 1}}.get(section, {})
         return {**BASE, section: {**BASE.get(section, {}), **near, key: value}}
     sc = load_scenario(given(hi))
     assert getattr(getattr(sc, section), key) == hi
@@ -298,3 +300,28 @@ def test_cli_sweep_of_a_key_that_is_not_in_a_table_exits_2(key):
     assert r.returncode == 2 and r.stdout == "", r.stderr
     assert f"--sweep {key}:" in r.stderr and "model, train, parallel, fleet, reliability, power, site" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("site, match", [
+    ({"kind": "orbit", "solar_w_m2": 0}, "site.solar_w_m2 = 0 with site.kind = 'orbit'"),
+    ({"kind": "orbit", "radiator_temp_k": 3}, r"site.radiator_temp_k = 3 must be above the sink \(site.sink_temp_k = 4\)"),
+    ({"kind": "mars", "radiator_temp_k": 300, "sink_temp_k": 300}, "must be above the sink"),
+])
+def test_a_site_off_earth_needs_sunlight_and_a_radiator_warmer_than_its_sink(site, match):
+    """Both used to pass and print null array or radiator areas."""
+    with pytest.raises(ScenarioError, match=match):
+        load_scenario({**BASE, "site": site})
+    assert load_scenario({**BASE, "site": {**site, "kind": "earth"}}).site.kind == "earth"  # there neither acts
+
+
+@pytest.mark.parametrize("section, key, bad", [
+    ("model", "layers", 1e308), ("model", "vocab", 10 ** 400), ("model", "hidden", 1e308),
+    ("model", "seq_len", 1e308), ("train", "global_batch", 1e308), ("fleet", "gpus_per_node", 100_000),
+    ("fleet", "oversubscription", 1e308), ("reliability", "node_failures_per_1000_node_days", 1e308),
+    ("reliability", "planned_per_day", 1e308), ("power", "grid_mw", 1e308), ("site", "solar_w_m2", 1e308),
+])
+def test_sizes_and_rates_past_any_real_one_are_refused_naming_the_key(section, key, bad):
+    """1e308 layers or a 400-digit vocabulary ended in an OverflowError traceback; 1e308 GPUs per node, an
+    oversubscription of 1e308 or such failure rates printed inf and nan figures."""
+    with pytest.raises(ScenarioError, match=rf"^{section}\.{key} = .* is invalid: must be .* and <= "):
+        load_scenario({**BASE, section: {**BASE.get(section, {}), key: bad}})
