@@ -26,6 +26,18 @@ VERBS = {
 }
 
 
+class Once(argparse.Action):
+    """A flag that takes one value. Given twice, argparse's usage error (exit 2) names it: the last one silently
+    winning dropped the first (an invalid --chaos given first was never checked)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_given", set())
+        if self.dest in given:
+            parser.error(f"{option_string} given more than once; give it once")
+        given.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verb = argv[0] if argv and argv[0] in VERBS else None

@@ -141,6 +141,10 @@ TELLS_TORCH = ("import atexit, sys; atexit.register(lambda: print('torch importe
     (["--workers", "100000"], "run.workers=100000: at most"),
     (["--data", ""], "--data (data.paths): an empty path"),  # Path("") is the working directory
     (["--set", "model.n_layer=1000000000"], "parameters need at least"),  # it built layers until out of memory
+    # a single-value flag given twice: the last one won, and an invalid first --chaos was never checked
+    (["--chaos", "kill:rank=5,step=1", "--chaos", ""], "--chaos given more than once"),
+    (["--config", "a.toml", "--config", "b.toml"], "--config given more than once"),
+    (["--max-steps", "3", "--max-steps", "4"], "--max-steps given more than once"),
 ])
 def test_cli_bad_input_exits_2(argv, needle, tmp_path):
     """Refused (exit 2) at once: before torch is imported (3 s), a worker starts or any text is tokenized."""
@@ -266,3 +270,13 @@ def test_a_file_operation_the_machine_refuses_is_one_line_and_exit_1(monkeypatch
     assert cli.main(["train"]) == 1
     assert capsys.readouterr().err == ("megacluster train: failed: [Errno 28] No space left on device: "
                                        "'runs/x/config.json'\n")
+
+
+def test_repeated_data_flags_add_up():
+    """`--data a --data b c` trains on all three: the last --data used to replace the earlier ones."""
+    import argparse
+
+    from megacluster.train import cli as train_cli
+    p = argparse.ArgumentParser()
+    train_cli.add_arguments(p)
+    assert train_cli.build_config(p.parse_args(["--data", "a", "--data", "b", "c"])).data.paths == ["a", "b", "c"]

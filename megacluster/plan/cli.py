@@ -10,6 +10,7 @@ import math
 import tomllib
 from pathlib import Path
 
+from ..cli import Once
 from .predict import predict
 from .scenario import SECTIONS, ScenarioError, from_dict, load_preset, load_scenario
 
@@ -19,16 +20,20 @@ TABLE_SECTIONS = tuple(s for s in SECTIONS if s not in ("name", "description")) 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scenario", nargs="?", help="scenario TOML/JSON file or preset name (default: colossus-1)")
-    parser.add_argument("--preset", help="embedded preset: colossus-1, colossus-2, 1m-gpu, llama3-405b, orbital-1gw")
-    parser.add_argument("--report", metavar="DIR", help="write DIR/report.html with PNG plots (needs matplotlib: "
-                        "pip install 'megacluster[plot]')")
-    parser.add_argument("--sweep", metavar="KEY=V1,V2,...", help="vary one scenario key, e.g. fleet.count=8192,16384")
+    parser.add_argument("--preset", action=Once,
+                        help="embedded preset: colossus-1, colossus-2, 1m-gpu, llama3-405b, orbital-1gw")
+    parser.add_argument("--report", metavar="DIR", action=Once, help="write DIR/report.html with PNG plots (needs "
+                        "matplotlib: pip install 'megacluster[plot]')")
+    parser.add_argument("--sweep", metavar="KEY=V1,V2,...", action=Once,
+                        help="vary one scenario key, e.g. fleet.count=8192,16384 (one --sweep per run)")
     parser.add_argument("--no-mc", action="store_true", help="skip the Monte Carlo (analytic reliability only)")
 
 
 def run(args) -> dict:
     if args.scenario is not None and args.preset is not None:
         raise ScenarioError("give a SCENARIO file or --preset NAME, not both")
+    if args.report is not None and not args.report.strip():  # "" is no directory (it used to write no report)
+        raise ScenarioError("--report: an empty path; give the directory to write report.html in")
     if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
         raise ScenarioError(f"--report {args.report}: exists and is not a directory")
     if args.report:  # refuse before computing: the plots need matplotlib, an optional extra (pyproject.toml)

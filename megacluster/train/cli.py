@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .. import config
+from ..cli import Once
 from . import inputs, zygote
 
 # flag dest -> config key it sets (applied after preset, --config and --set, so flags win)
@@ -20,21 +21,25 @@ FLAGS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help=f"named config: {', '.join(config.PRESETS)} (default tiny)")
-    p.add_argument("--config", metavar="FILE.toml", help="TOML file with [model] [data] [optim] [run] tables")
+    once = {"action": Once}  # a single-value flag given twice is refused, not overwritten
+    p.add_argument("--preset", default="tiny", help=f"named config: {', '.join(config.PRESETS)} (default tiny)",
+                   **once)
+    p.add_argument("--config", metavar="FILE.toml", help="TOML file with [model] [data] [optim] [run] tables", **once)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config key (repeatable), e.g. --set optim.lr=1e-3")
-    p.add_argument("--data", nargs="+", metavar="PATH",
+    p.add_argument("--data", nargs="+", action="extend", metavar="PATH",
                    help="text files, directories (hidden ones skipped), globs, .jsonl (field 'text') or .npy/.bin "
-                        "token shards "
-                        "(default: the Python standard library source)")
-    p.add_argument("--workers", type=int, help="local worker processes (data parallel: gloo on CPU, NCCL on GPU)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="compute device (default auto)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps to train")
-    p.add_argument("--run-dir", help="where checkpoints, metrics.jsonl and result.json go")
+                        "token shards (repeatable; default: the Python standard library source)")
+    p.add_argument("--workers", type=int, help="local worker processes (data parallel: gloo on CPU, NCCL on GPU)",
+                   **once)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="compute device (default auto)", **once)
+    p.add_argument("--max-steps", type=int, help="optimizer steps to train", **once)
+    p.add_argument("--run-dir", help="where checkpoints, metrics.jsonl and result.json go", **once)
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --run-dir")
-    p.add_argument("--balance", choices=("equal", "auto"), help="batch shares: equal, or by measured throughput")
-    p.add_argument("--chaos", metavar="SPEC", help='fault injection, e.g. "kill:rank=1,step=60; flap:step=90"')
+    p.add_argument("--balance", choices=("equal", "auto"), help="batch shares: equal, or by measured throughput",
+                   **once)
+    p.add_argument("--chaos", metavar="SPEC", help='fault injection, e.g. "kill:rank=1,step=60; flap:step=90"',
+                   **once)
 
 
 def build_config(args: argparse.Namespace) -> config.Config:

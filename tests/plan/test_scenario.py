@@ -325,3 +325,14 @@ def test_sizes_and_rates_past_any_real_one_are_refused_naming_the_key(section, k
     oversubscription of 1e308 or such failure rates printed inf and nan figures."""
     with pytest.raises(ScenarioError, match=rf"^{section}\.{key} = .* is invalid: must be .* and <= "):
         load_scenario({**BASE, section: {**BASE.get(section, {}), key: bad}})
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--preset", "llama3-405b", "--preset", "colossus-1"], "--preset given more than once"),
+    (["--preset", "llama3-405b", "--sweep", "fleet.count=8192", "--sweep", "train.global_batch=4096"],
+     "--sweep given more than once"),  # only the last sweep ran
+    (["--preset", "llama3-405b", "--report", ""], "--report: an empty path"),  # wrote no report, said nothing
+])
+def test_cli_flags_given_twice_or_empty_exit_2(argv, needle):
+    r = _cli(*argv, "--no-mc")
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
