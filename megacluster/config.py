@@ -135,6 +135,12 @@ MAXIMUM = {  # beyond these a value is a typo that would fail deep inside, not a
     "model.vocab_size": 2 ** 24,  # real vocabularies are <= ~256k; the BPE trainer aborts the process near 1e11
     "run.batch_size": 2 ** 24,  # sequences per step
     "run.hang_timeout": 1e6,  # seconds (~11.6 days); 5x it is a process-group timeout (a C int of seconds)
+    # weights drawn at std 1e30 diverged at step 2 (the message blamed lr and warm-up); at 1 a 768-wide layer's
+    # outputs are already ~28x its inputs, so no working initialisation is above it
+    "model.init_std": 1.0,
+    # an epsilon of 1e30 swamps every mean square: each norm outputs ~0 and the model trained at exactly ln V for
+    # ever; real models use 1e-6 to 1e-5
+    "model.norm_eps": 1.0,
 }
 FLOAT32_MAX = 3.4028234663852886e38
 

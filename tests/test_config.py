@@ -59,6 +59,8 @@ def test_toml_then_set_then_validate(tmp_path):
     ("model.vocab_size=100000000000", "model.vocab_size: must be <= 16,777,216, got 100000000000"),
     ("run.batch_size=100000000000", "run.batch_size: must be <= 16,777,216"),
     ("run.hang_timeout=1e12", "run.hang_timeout: must be <= 1,000,000.0"),
+    ("model.init_std=1e30", "model.init_std: must be <= 1.0"),  # diverged at step 2, blaming the lr
+    ("model.norm_eps=1e30", "model.norm_eps: must be <= 1.0"),  # trained at exactly ln V, exit 0
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(InputError, match=None) as e:

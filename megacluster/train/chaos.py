@@ -162,8 +162,8 @@ def _parse_fault(part: str) -> Fault:
 def _int(part: str, key: str, text: str | None, default: int | None = None) -> int | None:
     if text is None:
         return default
-    if not re.fullmatch(r"\d+", text):
-        _bad(part, f"{key} must be an integer >= 0, got {text!r}")
+    if not re.fullmatch(r"[0-9]+", text):  # ASCII digits: \d took a full-width "０" as 0
+        _bad(part, f"{key} must be an integer >= {1 if key == 'times' else 0}, got {text!r}")
     return int(text)
 
 
@@ -190,6 +190,10 @@ def check_ranks(faults: list[Fault], world: int) -> None:
         if f.rank is not None and f.rank >= world:
             raise InputError(f"--chaos (run.chaos): fault {f.id!r} names rank {f.rank}, but the run has {world} "
                              f"worker(s): ranks 0-{world - 1}")
+    gone = {f.rank for f in faults if f.permanent}
+    if len(gone) >= world:
+        raise InputError(f"--chaos (run.chaos): permanent kills of rank(s) {', '.join(map(str, sorted(gone)))} leave "
+                         f"none of the run's {world} worker(s): at least one must survive")
 
 
 def format(faults: list[Fault]) -> str:  # noqa: A001 - the inverse of parse, named as in the interface

@@ -203,3 +203,21 @@ def test_a_flap_in_a_run_of_one_worker_is_refused():
                                          "needs --workers 2 or more"):
         check_ranks(parse("flap:step=2"), 1)
     check_ranks(parse("flap:step=2; kill:rank=1,step=3"), 2)
+
+
+def test_permanent_kills_of_every_rank_are_refused():
+    """With no worker left the run ended in exit 1, pointing at worker errors that were never printed."""
+    from megacluster.train.chaos import check_ranks
+
+    with pytest.raises(InputError, match=r"permanent kills of rank\(s\) 0 leave none of the run's 1 worker"):
+        check_ranks(parse("kill:rank=0,step=1,permanent"), 1)
+    with pytest.raises(InputError, match=r"rank\(s\) 0, 1 leave none of the run's 2"):
+        check_ranks(parse("kill:rank=0,step=1,permanent; kill:rank=1,step=3,permanent"), 2)
+    check_ranks(parse("kill:rank=0,step=1,permanent"), 2)  # one survives
+
+
+@pytest.mark.parametrize("spec, needle", [("flap:step=1,times=x", "times must be an integer >= 1, got 'x'"),
+                                          ("kill:rank=\uff10,step=1", "rank must be an integer >= 0")])
+def test_counts_are_ascii_integers_and_the_message_says_the_real_minimum(spec, needle):
+    with pytest.raises(InputError, match=needle):
+        parse(spec)
