@@ -282,3 +282,17 @@ def test_repeated_data_flags_add_up():
     p = argparse.ArgumentParser()
     train_cli.add_arguments(p)
     assert train_cli.build_config(p.parse_args(["--data", "a", "--data", "b", "c"])).data.paths == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"RANK": "0", "WORLD_SIZE": "abc"}, "WORLD_SIZE='abc': a launcher's rank variables must be integers"),
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR and MASTER_PORT not set"),  # torch's traceback before
+    ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK=2 must be below"),
+    ({"OMP_NUM_THREADS": "abc"}, "OMP_NUM_THREADS='abc': must be a positive integer"),  # every worker's traceback
+])
+def test_stale_launcher_and_thread_variables_exit_2_naming_them(env, needle, tmp_path):
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                               "MASTER_PORT", "OMP_NUM_THREADS")}
+    r = subprocess.run([sys.executable, "-c", TELLS_TORCH, "train", "--run-dir", str(tmp_path / "run"), "--workers",
+                        "2"], capture_output=True, text=True, timeout=120, env={**clean, **env})
+    assert r.returncode == 2 and needle in r.stderr and "torch imported: False" in r.stderr, r.stderr

@@ -27,6 +27,7 @@ def check(cfg: Config) -> None:
     """Every torch-free check of `cfg` against this machine; InputError naming the key on the first that fails.
     Creates the run dir (a run dir that cannot be made is refused here, not after tokenizing); callers run it
     inside `refused_runs_leave_no_dir`, which removes it again if this or a later check refuses the run."""
+    check_environment()
     check_ranks(parse(cfg.run.chaos), world_size(cfg))  # a bad spec is refused before any process starts
     run_dir = Path(cfg.run.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -96,6 +97,32 @@ def run_dir_lock(cfg: Config) -> Iterator[None]:
             raise
     finally:
         os.close(fd)
+
+
+def check_environment() -> None:
+    """The launcher's variables (torchrun's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and
+    OMP_NUM_THREADS, refused naming the variable: a stale or mistyped one ended in a traceback (int() of "abc",
+    torch's "MASTER_ADDR expected", or every worker's thread setup)."""
+    env = os.environ
+    threads = env.get("OMP_NUM_THREADS")
+    if threads is not None and not (threads.strip().isascii() and threads.strip().isdigit() and int(threads) > 0):
+        raise InputError(f"OMP_NUM_THREADS={threads!r}: must be a positive integer (threads per process), or unset")
+    if not under_launcher():
+        return
+    ints = {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        value = env.get(name)
+        if value is not None:
+            if not (value.isascii() and value.isdigit()):
+                raise InputError(f"{name}={value!r}: a launcher's rank variables must be integers >= 0 (RANK and "
+                                 "WORLD_SIZE set make this a torchrun worker; unset them to run here)")
+            ints[name] = int(value)
+    if not ints["RANK"] < ints["WORLD_SIZE"]:
+        raise InputError(f"RANK={ints['RANK']} must be below WORLD_SIZE={ints['WORLD_SIZE']}")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
+    if missing:
+        raise InputError(f"{' and '.join(missing)} not set: RANK and WORLD_SIZE make this a torchrun worker, which "
+                         "rendezvouses there; start it with torchrun, or unset RANK and WORLD_SIZE to run here")
 
 
 def world_size(cfg: Config) -> int:
