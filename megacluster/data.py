@@ -79,6 +79,8 @@ def resolve(paths: list[str], exclude: list[Path] | tuple = ()) -> list[Path]:
                 out.extend(_files_below(p, skip))
             elif p.is_file():
                 out.append(p)
+            elif os.path.exists(p):  # /dev/null, a FIFO, a socket: nothing to tokenize (a FIFO would block)
+                raise InputError(f"--data {p}: is not a regular file or a directory")
             else:
                 raise InputError(f"--data: no such file, directory or glob match: {item}")
     seen: set[Path] = set()

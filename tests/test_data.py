@@ -381,3 +381,11 @@ def test_a_shard_rewritten_during_the_run_is_refused_by_the_next_check(tmp_path)
     c.checked_at = 0.0
     with pytest.raises(InputError, match="token shard changed"):
         c.check_unchanged()
+
+
+def test_a_device_or_a_fifo_given_as_data_is_named_as_such(tmp_path):
+    """`--data /dev/null` was reported as "no such file"."""
+    os.mkfifo(tmp_path / "pipe")
+    for special in ("/dev/null", str(tmp_path / "pipe")):
+        with pytest.raises(InputError, match=f"--data {special}: is not a regular file or a directory"):
+            resolve([special])
