@@ -28,6 +28,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sysconfig
 import time
 from dataclasses import dataclass
@@ -84,8 +85,12 @@ def resolve(paths: list[str], exclude: list[Path] | tuple = ()) -> list[Path]:
             else:
                 raise InputError(f"--data: no such file, directory or glob match: {item}")
     seen: set[Path] = set()
-    files = [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
-    files = [p for p in files if not _below(p.resolve(), skip)]
+    files = []
+    for p in out:
+        real = p.resolve()
+        if real not in seen and not _below(real, skip):
+            files.append(p)
+        seen.add(real)
     if not files:
         raise InputError(f"--data: no files found under {paths}" + (
             " (a run's own outputs and the token cache are never read as data)" if out else ""))
@@ -214,6 +219,15 @@ def _fingerprint(files: list[Path], extra: dict, *, inode: bool = True) -> str:
     return h.hexdigest()[:16]
 
 
+def cache_entries(cfg: DataConfig) -> list[Path]:
+    """What the token cache writes in its root (token shards and tokenizers, shard manifests): never data. Not
+    the root itself, which may hold the inputs (MEGACLUSTER_CACHE=$SCRATCH, data in $SCRATCH/corpus)."""
+    root = cache_root(cfg)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if re.fullmatch(r"corpus-[0-9a-f]{16}|shards-[0-9a-f]{16}\.json", p.name))
+
+
 def cache_root(cfg: DataConfig) -> Path:
     root = cfg.cache_dir or os.environ.get("MEGACLUSTER_CACHE") or Path.home() / ".cache" / "megacluster"
     return Path(root).expanduser()
@@ -340,10 +354,10 @@ def _stamps(files: list[Path]) -> list[tuple[int, int]]:
 
 
 def check_inputs(cfg: DataConfig, vocab_size: int, exclude: list[Path] | tuple = ()) -> list[Path]:
-    """The input files (`resolve`, leaving out `exclude` and the token cache), refused when missing or, for text,
-    when the vocabulary cannot hold its byte tokens or the cache directory cannot be made. Reads no file's
-    content: the CLI runs this before it imports torch."""
-    files = resolve(cfg.paths, [*exclude, cache_root(cfg)])
+    """The input files (`resolve`, leaving out `exclude` and the token cache's entries), refused when missing
+    or, for text, when the vocabulary cannot hold its byte tokens or the cache directory cannot be made. Reads
+    no file's content: the CLI runs this before it imports torch."""
+    files = resolve(cfg.paths, [*exclude, *cache_entries(cfg)])
     if _kind(files[0]) in PRETOKENIZED:
         return files  # (their cache only saves a scan: one that cannot be written costs the scan again)
     if vocab_size < MIN_TEXT_VOCAB:  # else token ids past the embedding table: an IndexError deep in the forward

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -21,7 +22,9 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "result.json", "tb", "config.json
 def run_outputs(run_dir: str | Path) -> list[Path]:
     """The paths a run writes (or set aside) in `run_dir`, whether or not they exist yet."""
     d = Path(run_dir)
-    return [d / n for n in RUN_OUTPUTS] + sorted(d.glob("earlier-*"))
+    aside = [p for p in d.glob("earlier-*") if re.fullmatch(r"earlier-[0-9]{8}T[0-9]{6}(-[0-9]+)?", p.name)
+             and p.is_dir()]  # set_aside_earlier_run's names only: a user's earlier-notes.txt is data
+    return [d / n for n in RUN_OUTPUTS] + sorted(aside)
 
 
 CONFIG_MAX_BYTES = 1 << 20  # a config or scenario file is a few KB; more is not one

@@ -42,7 +42,7 @@ def test_stragglers_names_a_fast_slowdown_of_one_rank_and_never_a_common_one():
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in r.stdout.splitlines()]
     noise, drift = [x for x in rows if x["case"] == "noise"], [x for x in rows if x["case"] == "drift"]
-    assert len(noise) == 5 and all(len(x["flagged_steps"]) == 1 for x in noise)
+    assert len(noise) == 5 and all(x["flagged_steps"] == [0] for x in noise)  # 5% noise, seeded: no false flag
     assert len(drift) == 12 and all((x["first_flag"] is None) == x["common"] for x in drift)
 
 

@@ -289,6 +289,8 @@ def test_repeated_data_flags_add_up():
     ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR and MASTER_PORT not set"),  # torch's traceback before
     ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK=2 must be below"),
     ({"OMP_NUM_THREADS": "abc"}, "OMP_NUM_THREADS='abc': must be a positive integer"),  # every worker's traceback
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "abc"},
+     "MASTER_PORT='abc': must be a TCP port"),
 ])
 def test_stale_launcher_and_thread_variables_exit_2_naming_them(env, needle, tmp_path):
     clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
@@ -296,3 +298,18 @@ def test_stale_launcher_and_thread_variables_exit_2_naming_them(env, needle, tmp
     r = subprocess.run([sys.executable, "-c", TELLS_TORCH, "train", "--run-dir", str(tmp_path / "run"), "--workers",
                         "2"], capture_output=True, text=True, timeout=120, env={**clean, **env})
     assert r.returncode == 2 and needle in r.stderr and "torch imported: False" in r.stderr, r.stderr
+
+
+def test_valid_launcher_and_thread_variables_pass():
+    """One rank forms no process group (no MASTER_ADDR needed); OpenMP's per-level list is a valid thread count."""
+    from megacluster.train.inputs import check_environment
+    env = {"RANK": "0", "WORLD_SIZE": "1", "OMP_NUM_THREADS": "4,2"}
+    saved = {k: os.environ.pop(k, None) for k in ("MASTER_ADDR", "MASTER_PORT", *env)}
+    os.environ.update(env)
+    try:
+        check_environment()
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v

@@ -164,9 +164,10 @@ def links(pool: PoolSpec, plan: Plan, scale_out_gbps: float, oversub: float, rai
     reach = rail_nodes * pool.gpus_per_node  # ranks (GPUs) under one rail switch
 
     def far(stride: int, size: int) -> Link:  # `size` members `stride` ranks apart
-        # under one switch: the groups tile the switch's block, or one switch reaches the whole pool (a reach that
-        # does not tile them, short of that, leaves some group straddling two switches: the slowest sets the pace)
-        under_one = reach % (stride * size) == 0 or reach >= pool.count
+        # under one switch: the groups tile the switch's block, or one switch reaches all of them (the pool, and a
+        # group spanning pools: a dp group spans the fleet). A reach that does not tile them, short of that, leaves
+        # some group straddling two switches, and the slowest group sets the pace
+        under_one = reach % (stride * size) == 0 or reach >= max(pool.count, stride * size)
         on_rail = rail and stride % pool.gpus_per_node == 0 and under_one
         return so if on_rail else so_far
 
@@ -179,14 +180,21 @@ def links(pool: PoolSpec, plan: Plan, scale_out_gbps: float, oversub: float, rai
 
 
 # ----------------------------------------------------------------------------------------- stage
+def empty_slots(layers: int, pp: int, vpp: int) -> tuple[int, int]:
+    """(chunk size c = ceil(L / (pp vpp)), slots left empty: pp vpp c - L). The layout `stage_layers` assumes
+    takes them off the first stage's first chunk and the last stage's last chunk, at most c - 1 each (a stage
+    keeps at least one layer per chunk); `scenario.check_parallel` refuses more."""
+    per_chunk = math.ceil(layers / (pp * vpp))
+    return per_chunk, pp * vpp * per_chunk - layers
+
+
 def stage_layers(layers: int, pp: int, vpp: int) -> tuple[int, int, int]:
     """(layers on the first stage, on a full stage, on the last stage). Chunks hold c = ceil(L / (pp vpp))
     layers; when pp vpp c > L the spare slots are taken off the first stage (the one holding the most
     micro-batches in flight, plus the embedding) and the last stage (the LM head), as Llama 3 balanced its
     126-layer model on 16 stages (7 + 14 x 8 + 7 layers)."""
-    per_chunk = math.ceil(layers / (pp * vpp))
+    per_chunk, spare = empty_slots(layers, pp, vpp)
     full = per_chunk * vpp
-    spare = pp * full - layers
     first = full - min(spare // 2, per_chunk - 1)  # the trim comes out of the first stage's first chunk
     last = min(max(layers - (pp - 2) * full - first, 0), full)
     return first, full, last

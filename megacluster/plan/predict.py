@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from ..hardware import get_gpu
 from . import power as pw
 from . import reliability as rel
-from .perf import model_flops_per_token
+from .perf import capacity_gb, model_flops_per_token
 from .search import Ranked, _over, memory_tolerance, rank
 from .scenario import Scenario, load_scenario
 
@@ -117,7 +117,7 @@ def assemble(sc: Scenario, best: Ranked, n_configs: int, *, mc: bool = True) -> 
         power=asdict(p),
         site=pw.site(sc.site, p.facility_avg_mw),
         limits=_limits(sc, plan, crit, step, mfu, r.job_mttf_h, sc.reliability.restart_s, _over(best),
-                       mem_gb) + _pool_limits(sc, fs) + _power_limits(sc, p),
+                       _worst_pool_gb(fs)) + _pool_limits(sc, fs) + _power_limits(sc, p),
         software={"attention": sc.train.attention, "overlap_grad_reduce": sc.train.overlap_grad_reduce,
                   "balance": sc.fleet.balance})
 
@@ -134,6 +134,11 @@ def _pool_limits(sc: Scenario, fs) -> list[str]:
     return [f"equal shares: {slow.pool.gpu} replicas take {slow.step.step_time_s:.2f} s per step vs "
             f"{fast.step.step_time_s:.2f} s on {fast.pool.gpu}, which wait {wait:.0%} of every step "
             "(balance = \"throughput\" or training without the slow pool removes it)"]
+
+
+def _worst_pool_gb(fs) -> float:
+    """Memory per GPU of the pool furthest over its capacity (the one `_over` reports), GB."""
+    return max(fs.pools, key=lambda ps: ps.step.memory_gb / capacity_gb(ps.pool.gpu)).step.memory_gb
 
 
 def _power_limits(sc: Scenario, p: pw.PowerResult) -> list[str]:

@@ -536,8 +536,8 @@ def check_parallel(sc: Scenario, tp, pp, cp, dp, vpp, *, complete: bool) -> None
     if vpp is not None and pp is not None and pp > 1:
         # model chunks of c = ceil(L / (pp vpp)) layers; the empty slots come off the first stage's first chunk
         # and the last stage's last chunk, at most c - 1 each (Llama 3: 126 layers = 7 + 14 x 8 + 7)
-        per_chunk = -(-m.layers // (pp * vpp))
-        spare = pp * vpp * per_chunk - m.layers
+        from .perf import empty_slots  # (perf imports this module)
+        per_chunk, spare = empty_slots(m.layers, pp, vpp)
         if spare > 2 * (per_chunk - 1):
             raise ScenarioError(
                 f"parallel.pp = {pp}, parallel.vpp = {vpp}: model.layers = {m.layers} in {pp * vpp} chunks of "

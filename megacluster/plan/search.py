@@ -108,6 +108,8 @@ def rank(sc: Scenario) -> list[Ranked]:
     when it is more than `OVER_CAPACITY_MIN_GAIN` faster than the best plan that fits, or when none fits;
     it is then reported with fits_in_memory = false. Plans further over come last, the least over first."""
     plans = candidates(sc)
+    if not plans and sc.parallel.pp and not sc.parallel.vpp:  # the given pp's own reason, e.g. its layout
+        check_parallel(sc, sc.parallel.tp, sc.parallel.pp, sc.parallel.cp, None, 1, complete=False)
     if not plans:
         raise ScenarioError("parallel: no valid plan for this model, batch and fleet (check parallel.tp/pp/cp/dp/vpp "
                             "and train.micro_batch against heads, layers, global_batch and GPU counts)")

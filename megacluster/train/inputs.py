@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ..config import Config, ffn_hidden, n_params
@@ -61,6 +62,9 @@ def refused_runs_leave_no_dir(run_dir: str | Path) -> Iterator[None]:
     try:
         yield
     except InputError:
+        with suppress(OSError):  # run_dir_lock's, released by now (or never made: no run dir)
+            if made:
+                (made[0] / ".lock").unlink(missing_ok=True)
         for p in made:
             try:
                 p.rmdir()  # only an empty directory: a run that wrote anything keeps what it wrote
@@ -74,9 +78,9 @@ def run_dir_lock(cfg: Config) -> Iterator[None]:
     """One run at a time in a run dir: a fresh run started beside a live one would set the live run's checkpoints
     aside while it writes them, and two runs would interleave metrics.jsonl. An flock on RUN_DIR/.lock (hidden:
     never read as --data), held for the whole run and released by the kernel however the process ends; under
-    torchrun rank 0 takes it for all ranks. A run refused for its input removes the file again (the run dir it
-    made is then empty, and removed)."""
-    if under_launcher() and os.environ.get("RANK", "0") != "0":
+    torchrun rank 0 takes it for all ranks. The file stays (unlinked while held, a second run could lock a new
+    file beside a third one holding the old); `refused_runs_leave_no_dir` removes it with a run dir it made."""
+    if under_launcher() and int(os.environ["RANK"]) != 0:  # (check_environment: an integer)
         yield
         return
     path = Path(cfg.run.run_dir) / ".lock"
@@ -90,11 +94,7 @@ def run_dir_lock(cfg: Config) -> Iterator[None]:
                              "wait for it to end, or give another --run-dir") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        try:
-            yield
-        except InputError:
-            path.unlink(missing_ok=True)  # held by us: no other run waits on it (they do not block)
-            raise
+        yield
     finally:
         os.close(fd)
 
@@ -105,8 +105,9 @@ def check_environment() -> None:
     torch's "MASTER_ADDR expected", or every worker's thread setup)."""
     env = os.environ
     threads = env.get("OMP_NUM_THREADS")
-    if threads is not None and not (threads.strip().isascii() and threads.strip().isdigit() and int(threads) > 0):
-        raise InputError(f"OMP_NUM_THREADS={threads!r}: must be a positive integer (threads per process), or unset")
+    if threads is not None and not (re.fullmatch(r"[0-9]+(,[0-9]+)*", threads) and int(threads.split(",")[0]) > 0):
+        raise InputError(f"OMP_NUM_THREADS={threads!r}: must be a positive integer (threads per process; OpenMP's "
+                         "per-level list such as 4,2 also), or unset")
     if not under_launcher():
         return
     ints = {}
@@ -119,6 +120,11 @@ def check_environment() -> None:
             ints[name] = int(value)
     if not ints["RANK"] < ints["WORLD_SIZE"]:
         raise InputError(f"RANK={ints['RANK']} must be below WORLD_SIZE={ints['WORLD_SIZE']}")
+    if ints["WORLD_SIZE"] == 1:
+        return  # one rank forms no process group: nothing to rendezvous at
+    port = env.get("MASTER_PORT", "")
+    if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise InputError(f"MASTER_PORT={port!r}: must be a TCP port, 1-65535")
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
     if missing:
         raise InputError(f"{' and '.join(missing)} not set: RANK and WORLD_SIZE make this a torchrun worker, which "

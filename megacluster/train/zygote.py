@@ -339,7 +339,8 @@ def child(sock: socket.socket, msg: dict, fds: list[int], zygote_pid: int) -> No
         import torch
 
         # an exec'd worker's thread pool starts with OMP_NUM_THREADS; here the pool has not started yet either
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+        threads = os.environ.get("OMP_NUM_THREADS", "").split(",")[0]  # OpenMP's list: the outer level's count
+        torch.set_num_threads(int(threads) if threads else torch.get_num_threads())
         sys.argv = ["megacluster.train.worker", msg["run_dir"]]
         from .worker import entry
 

@@ -82,6 +82,10 @@ def test_a_layout_the_first_and_last_stage_cannot_absorb_is_refused():
     with pytest.raises(ScenarioError, match="parallel.vpp = 6: model.layers = 126 in 96 chunks of 2 layers leave 66"):
         predict(raw, mc=False)
     assert predict({**raw, "parallel": {**raw["parallel"], "vpp": 4}}, mc=False).step_time_s > 0  # 7 + 14 x 8 + 7
+    searched = {**raw, "parallel": {"pp": 24, "search": True}, "model": {**raw["model"], "layers": 32},
+                "fleet": {**raw["fleet"], "count": 24}}  # vpp left to the search: the reason, not "no valid plan"
+    with pytest.raises(ScenarioError, match="parallel.pp = 24, parallel.vpp = 1: model.layers = 32 in 24 chunks"):
+        predict(searched, mc=False)
 
 
 def test_zero_shards_over_dp_times_cp():

@@ -304,7 +304,8 @@ def test_cli_sweep_of_a_key_that_is_not_in_a_table_exits_2(key):
 
 @pytest.mark.parametrize("site, match", [
     ({"kind": "orbit", "solar_w_m2": 0}, "site.solar_w_m2 = 0 with site.kind = 'orbit'"),
-    ({"kind": "orbit", "radiator_temp_k": 3}, r"site.radiator_temp_k = 3 must be above the sink \(site.sink_temp_k = 4\)"),
+    ({"kind": "orbit", "radiator_temp_k": 3},
+     r"site.radiator_temp_k = 3 must be above the sink \(site.sink_temp_k = 4\)"),
     ({"kind": "mars", "radiator_temp_k": 300, "sink_temp_k": 300}, "must be above the sink"),
 ])
 def test_a_site_off_earth_needs_sunlight_and_a_radiator_warmer_than_its_sink(site, match):

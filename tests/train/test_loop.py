@@ -237,6 +237,22 @@ def test_a_run_dir_and_a_cache_inside_the_data_directory_are_never_read_as_data(
     assert resumed["steps"] == 3
 
 
+def test_data_inside_the_cache_root_and_a_users_earlier_file_are_data(tmp_path):
+    """Only what the cache and the runs write is left out: the cache root itself may hold the inputs
+    (MEGACLUSTER_CACHE=$SCRATCH, data in $SCRATCH/corpus), and a file named earlier-notes.txt is the user's."""
+    from megacluster.data import check_inputs
+    from megacluster.files import run_outputs
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.py").write_text("x = 1\n")
+    (tmp_path / "corpus" / "earlier-notes.txt").write_text("notes\n")
+    (tmp_path / "corpus-0123456789abcdef").mkdir()  # a cache entry beside the data
+    (tmp_path / "corpus-0123456789abcdef" / "train.bin").write_bytes(b"\0" * 8)
+    cfg = small_cfg(tmp_path, "run", f"data.paths=['{tmp_path}']", f"data.cache_dir={tmp_path}")
+    files = check_inputs(cfg.data, cfg.model.vocab_size, run_outputs(tmp_path / "corpus"))
+    assert [p.relative_to(tmp_path).as_posix() for p in files] == ["corpus/a.py", "corpus/earlier-notes.txt"]
+
+
 def test_a_run_dir_in_use_by_a_live_run_is_refused_and_left_alone(tmp_path):
     """A second fresh run in the same dir would have set the live run's checkpoints aside under it."""
     import fcntl
@@ -247,6 +263,7 @@ def test_a_run_dir_in_use_by_a_live_run_is_refused_and_left_alone(tmp_path):
     assert lock.read_text() != "" and first["steps"] == 2
     with open(lock, "r+") as held:  # as a live run holds it (another open file: the flock conflicts)
         fcntl.flock(held, fcntl.LOCK_EX)
+        held.truncate(0)
         held.write("4242")
         held.flush()
         with pytest.raises(InputError, match=r"r is in use by another run \(pid 4242\); wait for it to end"):
