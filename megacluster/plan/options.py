@@ -5,6 +5,7 @@ part and lease the rest to inference. Compared by net cost per million useful tr
 from __future__ import annotations
 
 import copy
+import math
 
 from ..hardware import get_gpu
 from .predict import Prediction, predict
@@ -48,8 +49,7 @@ def compare(sc: Scenario, as_is: Prediction | None = None) -> dict:
             continue
         lease_day = sum(q["count"] * q.get("lease_usd_per_gpu_hour", DEFAULT_LEASE_USD_PER_GPU_HOUR) * 24
                         for q in leased)
-        cost_day = (sc.fleet.count * sc.power.usd_per_gpu_hour * 24 + p.power["facility_avg_mw"] * 24
-                    * sc.power.usd_per_mwh)
+        cost_day = sc.fleet.count * sc.power.usd_per_gpu_hour * 24 + _mean_mw(p) * 24 * sc.power.usd_per_mwh
         useful_tok_day = p.tokens_per_s * p.ettr * 86400 if p.fits_in_memory else 0.0
         net = (cost_day - lease_day) / useful_tok_day * 1e6 if useful_tok_day else float("inf")
         out.append({"option": label, "available": True, "training_gpus": p.gpus, "tokens_per_s": p.tokens_per_s,
@@ -63,3 +63,10 @@ def compare(sc: Scenario, as_is: Prediction | None = None) -> dict:
     rec = (f"{best['option']}: ${best['net_usd_per_mtok']:.2f} net per 1M useful tokens "
            f"({best['tokens_per_s']:,.0f} tok/s), vs ${worst['net_usd_per_mtok']:.2f} for {worst['option']}")
     return {"options": out, "recommendation": rec, "best": best["option"]}
+
+
+def _mean_mw(p) -> float:
+    """The run's mean draw, MW: a step's average while training, the low draw through recoveries and checkpoint
+    writes (as its energy is counted); the step's average where the run never ends (energy infinite)."""
+    hours = p.energy_days * 24
+    return p.energy_mwh / hours if 0 < hours < math.inf else p.power["facility_avg_mw"]

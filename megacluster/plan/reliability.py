@@ -69,6 +69,7 @@ class ReliabilityResult:
     by_cause: dict[str, float]  # expected unexpected interruptions per cause
     checkpoint_interval_s: float
     ettr: float  # effective training time ratio (analytic)
+    idle_fraction: float  # share of wall time with every GPU idle: recoveries and checkpoint writes (analytic)
     spare_wait_s: float  # mean extra wait per hardware failure for a spare node
     mc: dict  # Monte Carlo: trials, percentiles of interruptions and ETTR
 
@@ -132,7 +133,8 @@ def analyse(spec: ReliabilitySpec, nodes: int, duration_days: float, *, mc: bool
     res = ReliabilityResult(nodes=nodes, duration_days=duration_days, job_mttf_h=mttf / 3600,
                             unexpected=_events(lam, dur), planned=_events(planned_rate, dur),
                             by_cause={c: _events(r, dur) for c, r in rates.items()}, checkpoint_interval_s=tau,
-                            ettr=ettr, spare_wait_s=wait, mc={})
+                            ettr=ettr, idle_fraction=idle_fraction(spec, tau, restart, lam, planned_rate),
+                            spare_wait_s=wait, mc={})
     if mc:
         res.mc = monte_carlo(spec, rates, planned_rate, dur, tau, restart)
     return res
@@ -143,6 +145,16 @@ def analytic_ettr(spec: ReliabilitySpec, tau: float, restart: float, mttf: float
     a fresh checkpoint, then a restart)."""
     delta = spec.checkpoint_write_s
     return daly_ettr(tau, delta, restart, mttf) * (1 - min(planned_rate * (spec.restart_s + delta), 1.0))
+
+
+def idle_fraction(spec: ReliabilitySpec, tau: float, restart: float, lam: float, planned_rate: float) -> float:
+    """Share of wall time the GPUs draw only their waiting power: recoveries (`restart` s per unexpected
+    interruption, restart_s + a checkpoint write per planned one) and, of the time left, the checkpoint writes
+    (delta of every tau + delta). Redone work after a failure is computed at full power, so it is not idle.
+    First order in the rates: a failure inside a recovery is not counted twice."""
+    delta = spec.checkpoint_write_s
+    down = min(lam * restart + planned_rate * (spec.restart_s + delta), 1.0) if lam < math.inf else 1.0
+    return down + (1 - down) * delta / (tau + delta)
 
 
 def _events(rate: float, dur: float) -> float:

@@ -120,3 +120,12 @@ def test_a_huge_spare_pool_never_waits_and_costs_no_loop():
     spec = ReliabilitySpec(spare_nodes=10**18, repair_h=24.0)
     assert 0.0 <= rel.spare_wait(spec, 10 / (24.0 * 3600)) < 1e-20  # s: 1 - P(X < S) is 0 up to rounding
     assert 0.0 <= rel.spare_wait(ReliabilitySpec(spare_nodes=1000, repair_h=24.0), 40 / (24.0 * 3600)) < 1e-12
+
+
+def test_idle_fraction_by_hand():
+    """Recoveries (restart x rate, plus restart + a write per planned stop) and, of the rest, delta / (tau + delta)."""
+    from megacluster.plan.reliability import idle_fraction
+    spec = ReliabilitySpec(restart_s=100.0, checkpoint_write_s=10.0)
+    assert idle_fraction(spec, 90.0, 100.0, 1e-4, 0.0) == pytest.approx(0.01 + 0.99 * 0.1)
+    assert idle_fraction(spec, 90.0, 100.0, 1e-4, 1e-4) == pytest.approx(0.021 + 0.979 * 0.1)  # + 1e-4 x 110 s
+    assert idle_fraction(spec, 90.0, 100.0, 1.0, 0.0) == 1.0  # always recovering
