@@ -189,7 +189,10 @@ def _coerce(key: str, tp, value):
     origin = typing.get_origin(tp)
     if origin is list:
         if isinstance(value, str):  # TOML's list, as a --config file writes it, or comma-separated (a path
-            value = _toml_list(value) or [v for v in value.split(",") if v]  # may start with "[": [draft].txt)
+            parsed = _toml_list(value)  # may start with "[": [draft].txt); [] is the empty list, not a path "[]"
+            if parsed is None and not value.strip():  # an empty shell variable, most likely: not the default
+                raise InputError(f"{key}: empty; give values separated by commas, or [] for none")
+            value = parsed if parsed is not None else [v for v in value.split(",") if v]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise InputError(f"{key}: expected a list of strings, got {value!r}")
         return list(value)

@@ -29,6 +29,9 @@ def test_toml_then_set_then_validate(tmp_path):
     assert config.build("tiny", None, ["data.paths=[draft].txt,b"]).data.paths == ["[draft].txt", "b"]  # not TOML
     with pytest.raises(InputError, match="data.paths: expected a list of strings, got \\[1\\]"):
         config.build("tiny", None, ["data.paths=[1]"])
+    assert config.build("tiny", None, ["data.paths=[]"]).data.paths == []  # the default corpus (was the path "[]")
+    with pytest.raises(InputError, match="data.paths: empty; give values separated by commas, or \\[\\] for none"):
+        config.build("tiny", None, ["data.paths="])  # an empty shell variable silently meant the default corpus
 
 
 @pytest.mark.parametrize("override, needle", [
