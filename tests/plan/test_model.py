@@ -265,6 +265,22 @@ def test_cli_json_writes_null_for_infinite_values(tmp_path):
     assert fits == [False, False, True] and nets[:2] == [None, None] and nets[2] > 0
 
 
+def test_an_option_whose_plan_is_over_only_within_the_tolerance_still_trains():
+    """The search recommends such a plan (more than 10% faster than any that fits); the options used to count it
+    as training nothing (an infinite cost), so it could never be the recommended option."""
+    from types import SimpleNamespace
+
+    from megacluster.plan.options import _usable
+    from megacluster.plan.perf import capacity_gb
+    plan = {"tp": 8, "pp": 16, "cp": 1, "dp": 8, "vpp": 4, "micro_batch": 1, "recompute": "none"}
+
+    def made(ratio, vpp):
+        return SimpleNamespace(fits_in_memory=ratio <= 1, plan={**plan, "vpp": vpp},
+                               pools=[{"gpu": "H100-SXM", "memory_gb_per_gpu": ratio * capacity_gb("H100-SXM")}])
+    assert _usable(made(0.9, 1)) and _usable(made(1.2, 4)) and _usable(made(1.04, 1))
+    assert not _usable(made(1.3, 4)) and not _usable(made(1.1, 1))
+
+
 def test_mixed_fleet_option_the_scenario_cannot_take_is_unavailable_not_an_error(tmp_path):
     """5 sequences: 4 replicas on H100 + A100 split them (mixed fleets may split unevenly), but training on the
     H100s alone leaves 2 replicas of one pool, which must split them equally: that option is unavailable."""
