@@ -60,14 +60,15 @@ def default_corpus() -> list[Path]:
     return sorted(files)
 
 
-def resolve(paths: list[str], exclude: list[Path] | tuple = ()) -> list[Path]:
+def resolve(paths: list[str], exclude: list[tuple[Path, str]] | tuple = ()) -> list[Path]:
     """Expand files, directories and globs into a de-duplicated file list, in the order given (each directory's
-    or glob's files sorted); InputError if empty. Nothing at or below an `exclude` path is taken (the run dir's
-    outputs and the token cache: a run dir inside a --data directory would otherwise train on its own
-    checkpoints, and a second run would see other data than the first)."""
+    or glob's files sorted); InputError if empty. `exclude`: (directory, regex) pairs; nothing named by the regex
+    directly in the directory, or below it, is taken (the run dir's outputs and the token cache's entries: a run
+    dir inside a --data directory would otherwise train on its own checkpoints, and a second run would see other
+    data than the first). By name, not by what exists: another rank may be writing them meanwhile."""
     if not paths:
         return default_corpus()
-    skip = {Path(os.path.realpath(p)) for p in exclude}
+    skip = _Skip(exclude)
     out: list[Path] = []
     for item in paths:
         if not item.strip():  # Path("") is the working directory: never what an empty entry meant
@@ -88,7 +89,7 @@ def resolve(paths: list[str], exclude: list[Path] | tuple = ()) -> list[Path]:
     files = []
     for p in out:
         real = p.resolve()
-        if real not in seen and not _below(real, skip):
+        if real not in seen and not skip(real):
             files.append(p)
         seen.add(real)
     if not files:
@@ -105,12 +106,18 @@ def _kind(p: Path) -> str:
     return p.suffix.lower()
 
 
-def _below(path: Path, roots: set[Path]) -> bool:
-    """Whether `path` (resolved) is one of `roots` or inside one."""
-    return any(path == r or r in path.parents for r in roots)
+class _Skip:
+    """`resolve`'s exclusions: called with a resolved path, whether it or a directory above it is an entry of one
+    of the directories whose name matches that directory's regex."""
+
+    def __init__(self, rules: list[tuple[Path, str]] | tuple):
+        self.rules = [(Path(os.path.realpath(d)), re.compile(pattern)) for d, pattern in rules]
+
+    def __call__(self, path: Path) -> bool:
+        return any(p.parent == d and rx.fullmatch(p.name) for p in (path, *path.parents) for d, rx in self.rules)
 
 
-def _files_below(root: Path, skip: set[Path] = frozenset()) -> list[Path]:
+def _files_below(root: Path, skip: _Skip | None = None) -> list[Path]:
     """The files under a directory, sorted, without hidden ones or any under a hidden directory (`.git` holds
     compressed objects that would be read as text and, sorting first, fill data.max_bytes) or `__pycache__`.
     A symlinked directory is followed (once: a link back up the tree is not walked again); one that cannot be
@@ -126,7 +133,7 @@ def _files_below(root: Path, skip: set[Path] = frozenset()) -> list[Path]:
             continue
         seen.add((st.st_dev, st.st_ino))
         dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"
-                   and Path(os.path.realpath(Path(top, d))) not in skip]
+                   and not (skip and skip(Path(os.path.realpath(Path(top, d)))))]
         files.extend(Path(top, n) for n in names if not n.startswith(".") and Path(top, n).is_file())
     return sorted(files)
 
@@ -219,13 +226,11 @@ def _fingerprint(files: list[Path], extra: dict, *, inode: bool = True) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_entries(cfg: DataConfig) -> list[Path]:
-    """What the token cache writes in its root (token shards and tokenizers, shard manifests): never data. Not
-    the root itself, which may hold the inputs (MEGACLUSTER_CACHE=$SCRATCH, data in $SCRATCH/corpus)."""
-    root = cache_root(cfg)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if re.fullmatch(r"corpus-[0-9a-f]{16}|shards-[0-9a-f]{16}\.json", p.name))
+def cache_entries(cfg: DataConfig) -> tuple[Path, str]:
+    """What the token cache writes in its root, as (root, regex of the names): token shards and tokenizers,
+    shard manifests. Never data; the root itself may hold the inputs (MEGACLUSTER_CACHE=$SCRATCH, data in
+    $SCRATCH/corpus)."""
+    return cache_root(cfg), r"corpus-[0-9a-f]{16}|shards-[0-9a-f]{16}\.json"
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -353,11 +358,11 @@ def _stamps(files: list[Path]) -> list[tuple[int, int]]:
     return [(st.st_size, st.st_mtime_ns) for st in map(os.stat, files)]
 
 
-def check_inputs(cfg: DataConfig, vocab_size: int, exclude: list[Path] | tuple = ()) -> list[Path]:
+def check_inputs(cfg: DataConfig, vocab_size: int, exclude: list[tuple[Path, str]] | tuple = ()) -> list[Path]:
     """The input files (`resolve`, leaving out `exclude` and the token cache's entries), refused when missing
     or, for text, when the vocabulary cannot hold its byte tokens or the cache directory cannot be made. Reads
     no file's content: the CLI runs this before it imports torch."""
-    files = resolve(cfg.paths, [*exclude, *cache_entries(cfg)])
+    files = resolve(cfg.paths, [*exclude, cache_entries(cfg)])
     if _kind(files[0]) in PRETOKENIZED:
         return files  # (their cache only saves a scan: one that cannot be written costs the scan again)
     if vocab_size < MIN_TEXT_VOCAB:  # else token ids past the embedding table: an IndexError deep in the forward
@@ -391,7 +396,7 @@ def _no_cache_dir(directory: Path, why: str | None) -> InputError:
                       "$MEGACLUSTER_CACHE to a writable directory")
 
 
-def prepare(cfg: DataConfig, vocab_size: int, exclude: list[Path] | tuple = ()) -> Corpus:
+def prepare(cfg: DataConfig, vocab_size: int, exclude: list[tuple[Path, str]] | tuple = ()) -> Corpus:
     """Tokenize the inputs once (cached, process-safe under a file lock) and memmap the shards.
 
     The supervisor calls this before starting workers, which open what it prepared (`reopen`); under torchrun

@@ -19,12 +19,12 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "result.json", "tb", "config.json
                "workers.json")
 
 
-def run_outputs(run_dir: str | Path) -> list[Path]:
-    """The paths a run writes (or set aside) in `run_dir`, whether or not they exist yet."""
-    d = Path(run_dir)
-    aside = [p for p in d.glob("earlier-*") if re.fullmatch(r"earlier-[0-9]{8}T[0-9]{6}(-[0-9]+)?", p.name)
-             and p.is_dir()]  # set_aside_earlier_run's names only: a user's earlier-notes.txt is data
-    return [d / n for n in RUN_OUTPUTS] + sorted(aside)
+def run_outputs(run_dir: str | Path) -> tuple[Path, str]:
+    """What a run writes in `run_dir`, as (directory, regex of the names directly in it), whether or not they exist
+    yet: a torchrun rank may walk --data while rank 0 sets an earlier run aside. `earlier-<UTC stamp>[-n]` only
+    (set_aside_earlier_run's names): a user's earlier-notes.txt is data."""
+    names = "|".join(re.escape(n) for n in RUN_OUTPUTS)
+    return Path(run_dir), rf"{names}|earlier-[0-9]{{8}}T[0-9]{{6}}(-[0-9]+)?"
 
 
 CONFIG_MAX_BYTES = 1 << 20  # a config or scenario file is a few KB; more is not one

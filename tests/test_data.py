@@ -389,3 +389,17 @@ def test_a_device_or_a_fifo_given_as_data_is_named_as_such(tmp_path):
     for special in ("/dev/null", str(tmp_path / "pipe")):
         with pytest.raises(InputError, match=f"--data {special}: is not a regular file or a directory"):
             resolve([special])
+
+
+def test_exclusions_go_by_name_so_entries_made_meanwhile_are_left_out_too(tmp_path):
+    """Under torchrun a rank may walk --data while rank 0 writes a cache entry or sets an earlier run aside there:
+    excluded by name, not by a listing taken before. Names the cache and runs do not write stay data."""
+    from megacluster.files import run_outputs
+    root = tmp_path / "d"
+    for rel in ("a.txt", "corpus-2024/b.txt", "corpus-0123456789abcdef/train.bin", "run/earlier-20261207T101010/x",
+                "run/earlier-notes.txt", "run/metrics.jsonl", "shards-0123456789abcdef.json"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x\n")
+    cache = data.cache_entries(DataConfig(cache_dir=str(root)))
+    got = [p.relative_to(root).as_posix() for p in resolve([str(root)], [run_outputs(root / "run"), cache])]
+    assert got == ["a.txt", "corpus-2024/b.txt", "run/earlier-notes.txt"]

@@ -44,7 +44,7 @@ def check(cfg: Config) -> None:
     if not under_launcher() and cfg.run.workers > max_local_workers():
         raise InputError(f"run.workers={cfg.run.workers}: at most {max_local_workers()} local worker processes on this "
                          f"machine ({os.cpu_count()} cores); for more, run on several machines under torchrun")
-    check_inputs(cfg.data, cfg.model.vocab_size, run_outputs(run_dir))
+    check_inputs(cfg.data, cfg.model.vocab_size, [run_outputs(run_dir)])
     if guess_device(cfg.run) == "cpu":  # on a GPU, train() checks the GPU's memory once torch is imported
         check_fits(cfg, "cpu")
 

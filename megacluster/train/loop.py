@@ -203,7 +203,7 @@ class Worker:
         self.run_dir = Path(run_dir or cfg.run.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.run.seed)  # every rank builds identical initial weights: no broadcast needed
-        self.corpus = corpus or prepare(cfg.data, cfg.model.vocab_size, run_outputs(self.run_dir))
+        self.corpus = corpus or prepare(cfg.data, cfg.model.vocab_size, [run_outputs(self.run_dir)])
         self.data_identity = self.corpus.identity()  # kept in checkpoints: --resume checks the tokenizer
         self.compiled = cfg.run.compile == "on" or (cfg.run.compile == "auto" and place.device.type == "cuda")
         fused_loss = optim.on_for_compiled_cuda(cfg.run.fused_loss, place.device, self.compiled)

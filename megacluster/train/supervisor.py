@@ -74,7 +74,7 @@ def _train(cfg: Config) -> dict | None:
     if cfg.run.resume:
         check_resume(cfg)
     if under_launcher():
-        corpus = prepare(cfg.data, cfg.model.vocab_size, run_outputs(run_dir))  # each rank (one tokenizes)
+        corpus = prepare(cfg.data, cfg.model.vocab_size, [run_outputs(run_dir)])  # each rank (one tokenizes)
         check_data(cfg, corpus, restarted=restarted)
         if not cfg.run.resume and int(os.environ["RANK"]) == 0:
             set_aside_earlier_run(run_dir)
@@ -93,7 +93,7 @@ def _train(cfg: Config) -> dict | None:
         if cfg.run.workers > torch.cuda.device_count():
             raise InputError(f"run.workers={cfg.run.workers}: one GPU per worker, and this machine has "
                              f"{torch.cuda.device_count()}; use --device cpu for more workers than GPUs")
-    corpus = prepare(cfg.data, cfg.model.vocab_size, run_outputs(run_dir))  # once, before any worker starts
+    corpus = prepare(cfg.data, cfg.model.vocab_size, [run_outputs(run_dir)])  # once, before any worker starts
     check_data(cfg, corpus)
     if not cfg.run.resume:  # after every input check: a refused run moves nothing
         set_aside_earlier_run(run_dir)

@@ -249,7 +249,7 @@ def test_data_inside_the_cache_root_and_a_users_earlier_file_are_data(tmp_path):
     (tmp_path / "corpus-0123456789abcdef").mkdir()  # a cache entry beside the data
     (tmp_path / "corpus-0123456789abcdef" / "train.bin").write_bytes(b"\0" * 8)
     cfg = small_cfg(tmp_path, "run", f"data.paths=['{tmp_path}']", f"data.cache_dir={tmp_path}")
-    files = check_inputs(cfg.data, cfg.model.vocab_size, run_outputs(tmp_path / "corpus"))
+    files = check_inputs(cfg.data, cfg.model.vocab_size, [run_outputs(tmp_path / "corpus")])
     assert [p.relative_to(tmp_path).as_posix() for p in files] == ["corpus/a.py", "corpus/earlier-notes.txt"]
 
 
