@@ -5,13 +5,12 @@ part and lease the rest to inference. Compared by net cost per million useful tr
 from __future__ import annotations
 
 import copy
-import math
 
 from ..hardware import get_gpu
 from .perf import Plan, capacity_gb
-from .predict import Prediction, predict
+from .predict import Prediction, mean_draw_mw, predict
 from .scenario import Scenario, ScenarioError, from_dict
-from .search import memory_tolerance
+from .search import within_tolerance
 
 DEFAULT_LEASE_USD_PER_GPU_HOUR = 1.0  # inference lease rate when a pool does not give one
 
@@ -51,7 +50,8 @@ def compare(sc: Scenario, as_is: Prediction | None = None) -> dict:
             continue
         lease_day = sum(q["count"] * q.get("lease_usd_per_gpu_hour", DEFAULT_LEASE_USD_PER_GPU_HOUR) * 24
                         for q in leased)
-        cost_day = sc.fleet.count * sc.power.usd_per_gpu_hour * 24 + _mean_mw(p) * 24 * sc.power.usd_per_mwh
+        mean_mw = mean_draw_mw(p.power["facility_avg_mw"], p.power["facility_low_mw"], p.reliability["idle_fraction"])
+        cost_day = sc.fleet.count * sc.power.usd_per_gpu_hour * 24 + mean_mw * 24 * sc.power.usd_per_mwh
         useful_tok_day = p.tokens_per_s * p.ettr * 86400 if _usable(p) else 0.0
         net = (cost_day - lease_day) / useful_tok_day * 1e6 if useful_tok_day else float("inf")
         out.append({"option": label, "available": True, "training_gpus": p.gpus, "tokens_per_s": p.tokens_per_s,
@@ -67,17 +67,10 @@ def compare(sc: Scenario, as_is: Prediction | None = None) -> dict:
     return {"options": out, "recommendation": rec, "best": best["option"]}
 
 
-def _mean_mw(p) -> float:
-    """The run's mean draw, MW: a step's average while training, the low draw through recoveries and checkpoint
-    writes (as its energy is counted); the step's average where the run never ends (energy infinite)."""
-    hours = p.energy_days * 24
-    return p.energy_mwh / hours if 0 < hours < math.inf else p.power["facility_avg_mw"]
-
-
 def _usable(p: Prediction) -> bool:
     """The option's plan fits, or is over by the memory model only within its tolerance (the search's own rule
     for recommending it: `search.rank`). A plan further over (no plan fits) trains nothing."""
     if p.fits_in_memory:
         return True
     over = max(q["memory_gb_per_gpu"] / capacity_gb(q["gpu"]) for q in p.pools)
-    return over <= 1 + memory_tolerance(Plan(**p.plan))
+    return within_tolerance(Plan(**p.plan), over)

@@ -339,7 +339,7 @@ def _memory(m: ModelSpec, tr: TrainSpec, plan: Plan, layers: tuple[int, int, int
     holds one micro-batch's fp32 logits (vocab-parallel)."""
     first, full, last = layers
     emb = m.hidden * m.vocab / plan.tp  # embedding (first stage) or LM head (last stage), vocab-parallel
-    per_chunk = math.ceil(m.layers / (plan.pp * plan.vpp))
+    per_chunk, _ = empty_slots(m.layers, plan.pp, plan.vpp)
     per_layer = layer_activation_bytes(m, tr, plan)
     # full recompute: one layer's full activations live during its recompute
     live = layer_activation_bytes(m, tr, replace(plan, recompute="none")) if plan.recompute == "full" else 0.0

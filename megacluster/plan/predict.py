@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, field
 from ..hardware import get_gpu
 from . import power as pw
 from . import reliability as rel
-from .perf import capacity_gb, model_flops_per_token
-from .search import Ranked, _over, memory_tolerance, rank
+from .perf import model_flops_per_token
+from .search import Ranked, _over, memory_tolerance, rank, within_tolerance, worst_pool
 from .scenario import Scenario, load_scenario
 
 DEFAULT_DURATION_DAYS = 30.0  # reliability/energy horizon when the scenario gives neither tokens nor days
@@ -95,9 +95,7 @@ def assemble(sc: Scenario, best: Ranked, n_configs: int, *, mc: bool = True) -> 
     # shorter window, e.g. Llama 3's 54-day snapshot of a 75-day run), else over the horizon
     billed_days = train_days if train_days is not None else horizon
     wall_h = billed_days * 24
-    # a training step's average draw while the job trains, its low (waiting) draw while it recovers or writes a
-    # checkpoint: charged all at the average, llama3-405b's energy was 1.9% high
-    energy = (p.facility_avg_mw * (1 - r0.idle_fraction) + p.facility_low_mw * r0.idle_fraction) * wall_h
+    energy = mean_draw_mw(p.facility_avg_mw, p.facility_low_mw, r0.idle_fraction) * wall_h
     cost = energy * sc.power.usd_per_mwh + n * sc.power.usd_per_gpu_hour * wall_h
     chosen = [k for k, given in (("tp", sc.parallel.tp), ("pp", sc.parallel.pp), ("cp", sc.parallel.cp),
                                  ("vpp", sc.parallel.vpp), ("micro_batch", sc.train.micro_batch),
@@ -120,7 +118,7 @@ def assemble(sc: Scenario, best: Ranked, n_configs: int, *, mc: bool = True) -> 
         power=asdict(p),
         site=pw.site(sc.site, p.facility_avg_mw),
         limits=_limits(sc, plan, crit, step, mfu, r.job_mttf_h, sc.reliability.restart_s, _over(best),
-                       _worst_pool_gb(fs)) + _pool_limits(sc, fs) + _power_limits(sc, p),
+                       worst_pool(fs).step.memory_gb) + _pool_limits(sc, fs) + _power_limits(sc, p),
         software={"attention": sc.train.attention, "overlap_grad_reduce": sc.train.overlap_grad_reduce,
                   "balance": sc.fleet.balance})
 
@@ -139,9 +137,11 @@ def _pool_limits(sc: Scenario, fs) -> list[str]:
             "(balance = \"throughput\" or training without the slow pool removes it)"]
 
 
-def _worst_pool_gb(fs) -> float:
-    """Memory per GPU of the pool furthest over its capacity (the one `_over` reports), GB."""
-    return max(fs.pools, key=lambda ps: ps.step.memory_gb / capacity_gb(ps.pool.gpu)).step.memory_gb
+def mean_draw_mw(avg_mw: float, low_mw: float, idle_fraction: float) -> float:
+    """The run's mean facility draw, MW: a training step's average while the job trains, its low (waiting) draw
+    for the share of wall time it recovers or writes checkpoints (charged all at the average, llama3-405b's
+    energy was 1.9% high)."""
+    return avg_mw * (1 - idle_fraction) + low_mw * idle_fraction
 
 
 def _power_limits(sc: Scenario, p: pw.PowerResult) -> list[str]:
@@ -182,6 +182,6 @@ def _limits(sc: Scenario, plan, crit, step: float, mfu: float, mttf_h: float, re
     if over > 1:
         margin = memory_tolerance(plan)
         why = (f"within the model's {margin:.0%} margin{' for interleaved schedules' if plan.vpp > 1 else ''}: "
-               "docs/plan.md" if over <= 1 + margin else f"beyond its {margin:.0%} margin: the least over")
+               "docs/plan.md" if within_tolerance(plan, over) else f"beyond its {margin:.0%} margin: the least over")
         out.append(f"memory {mem_gb:.0f} GB per GPU is {over - 1:.0%} over the usable HBM by the memory model ({why})")
     return out

@@ -120,7 +120,7 @@ def rank(sc: Scenario) -> list[Ranked]:
         over = _over(r)
         if r.fleet.fits_in_memory:
             return 0, -r.tokens_per_s
-        if over > 1 + memory_tolerance(r.plan):
+        if not within_tolerance(r.plan, over):
             return 2, over
         return (0 if r.tokens_per_s > best_fit * (1 + OVER_CAPACITY_MIN_GAIN) else 1), -r.tokens_per_s
     ranked.sort(key=key)
@@ -146,6 +146,17 @@ def memory_tolerance(plan: Plan) -> float:
     return INTERLEAVED_MEMORY_TOL if getattr(plan, "vpp", 1) > 1 else MEMORY_MODEL_TOL
 
 
+def within_tolerance(plan: Plan, over: float) -> bool:
+    """Whether a plan at `over` x its usable memory may still compete, over capacity or not (see rank)."""
+    return over <= 1 + memory_tolerance(plan)
+
+
+def worst_pool(fleet: FleetStep):
+    """The fleet's pool (a `PoolStep`) furthest over its usable memory, or the least under it."""
+    return max(fleet.pools, key=lambda ps: ps.step.memory_gb / capacity_gb(ps.pool.gpu))
+
+
 def _over(r: Ranked) -> float:
     """Memory over usable capacity, the worst pool's ratio (<= 1: fits)."""
-    return max(ps.step.memory_gb / capacity_gb(ps.pool.gpu) for ps in r.fleet.pools)
+    worst = worst_pool(r.fleet)
+    return worst.step.memory_gb / capacity_gb(worst.pool.gpu)

@@ -64,13 +64,16 @@ def refused_runs_leave_no_dir(run_dir: str | Path) -> Iterator[None]:
     except InputError:
         with suppress(OSError):  # run_dir_lock's, released by now (or never made: no run dir)
             if made:
-                (made[0] / ".lock").unlink(missing_ok=True)
+                (made[0] / LOCK_FILE).unlink(missing_ok=True)
         for p in made:
             try:
                 p.rmdir()  # only an empty directory: a run that wrote anything keeps what it wrote
             except OSError:
                 break
         raise
+
+
+LOCK_FILE = ".lock"  # in the run dir: run_dir_lock's (hidden, so never read as --data)
 
 
 @contextmanager
@@ -83,7 +86,7 @@ def run_dir_lock(cfg: Config) -> Iterator[None]:
     if under_launcher() and int(os.environ["RANK"]) != 0:  # (check_environment: an integer)
         yield
         return
-    path = Path(cfg.run.run_dir) / ".lock"
+    path = Path(cfg.run.run_dir) / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
