@@ -22,12 +22,23 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 work=$(mktemp -d)
 summary="$OUT/summary.txt"
+# torch imported once (~3 s): its versions, then the GPU memory the jobs of one wave may hold together (the
+# card's, less ~4 GiB for contexts and fragmentation; 0 without a GPU)
+info=$(python3 -c "import torch
+try:
+    import triton; tv = triton.__version__
+except ImportError:
+    tv = None
+c = torch.cuda.is_available()
+print('torch', torch.__version__, 'triton', tv)
+print(int(torch.cuda.get_device_properties(0).total_memory / 2**30) - 4 if c else 0)" 2>&1)
+mem=${info##*$'\n'}
 {
   date -u +"%Y-%m-%d %H:%M UTC"
   echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '(not a git checkout)')," \
     "$(git status --short 2>/dev/null | wc -l) paths changed since"
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv,noheader 2>&1
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1
+  echo "${info%$'\n'*}"
 } > "$summary"
 cat "$summary"
 if [ "${TESTS:-0}" = 1 ]; then
@@ -38,9 +49,6 @@ if [ "${OPTIM:-0}" = 1 ]; then
   timeout 200 python3 benchmarks/optim_step.py ${OPTIM_ARGS:---steps 10 --tiles 1024x4x4 1024x4x8 1024x4x16} \
     2>&1 >"$OUT/optim.jsonl" | tee -a "$summary"
 fi
-# GPU memory the jobs of one wave may hold together: the card's, less ~4 GiB for contexts and fragmentation
-mem=$(python3 -c "import torch; c = torch.cuda.is_available()
-print(int(torch.cuda.get_device_properties(0).total_memory / 2**30) - 4 if c else 0)")
 if [ $# -eq 0 ]; then
   set -- default@gpt2-1.5b default@gpt2-124m default@gpt2-774m default@gpt2-350m
 fi

@@ -44,6 +44,10 @@ from .files import atomic_write
 FORMAT_VERSION = 3  # 2: the document that crosses data.max_bytes is cut at the cap (1 kept it whole);
 # 3: a literal <|endoftext|> in a document is encoded as text (2 made it the separator)
 PRETOKENIZED = (".npy", ".bin")
+# What the token cache writes in its root, each named by a cache key (`_fingerprint`: KEY_CHARS hex digits)
+CORPUS_DIR = "corpus-{}"  # token shards and the tokenizer of one set of text inputs
+MANIFEST = "shards-{}.json"  # the largest token id of each pre-tokenized shard
+KEY_CHARS = 16
 MIN_TEXT_VOCAB = 257  # the byte-level BPE's 256 byte tokens and <|endoftext|> (tokenizer.py)
 _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__", "turtledemo", "ensurepip"}
 
@@ -223,14 +227,15 @@ def _fingerprint(files: list[Path], extra: dict, *, inode: bool = True) -> str:
         st = p.stat()
         meta = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) if inode else (st.st_size, st.st_mtime_ns)
         h.update("\0".join(map(str, (p.resolve(), *meta))).encode() + b"\n")
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:KEY_CHARS]
 
 
 def cache_entries(cfg: DataConfig) -> tuple[Path, str]:
     """What the token cache writes in its root, as (root, regex of the names): token shards and tokenizers,
     shard manifests. Never data; the root itself may hold the inputs (MEGACLUSTER_CACHE=$SCRATCH, data in
     $SCRATCH/corpus)."""
-    return cache_root(cfg), r"corpus-[0-9a-f]{16}|shards-[0-9a-f]{16}\.json"
+    key = f"[0-9a-f]{{{KEY_CHARS}}}"
+    return cache_root(cfg), "|".join(re.escape(name).replace(r"\{\}", key) for name in (CORPUS_DIR, MANIFEST))
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -409,7 +414,7 @@ def prepare(cfg: DataConfig, vocab_size: int, exclude: list[tuple[Path, str]] | 
         return _pretokenized(files, cfg, vocab_size)
     key = _fingerprint(files, {"v": FORMAT_VERSION, "vocab": vocab_size, "max_bytes": cfg.max_bytes,
                                "val": cfg.val_fraction})
-    directory = cache_root(cfg) / f"corpus-{key}"
+    directory = cache_root(cfg) / CORPUS_DIR.format(key)
     _make_cache_dir(directory)
     with open(directory / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process tokenizes; the others wait, then reuse
@@ -518,7 +523,7 @@ def _max_ids(files: list[Path], arrays: list[np.ndarray], cfg: DataConfig) -> li
     once and kept in a manifest keyed like the text cache (path, size and mtime of each shard); a changed
     shard gives another key and a new scan. Workers that scan at the same time write the same manifest
     atomically; a cache directory that cannot be written only costs the scan again."""
-    manifest = cache_root(cfg) / f"shards-{_fingerprint(files, {'v': FORMAT_VERSION})}.json"
+    manifest = cache_root(cfg) / MANIFEST.format(_fingerprint(files, {"v": FORMAT_VERSION}))
     try:
         top = json.loads(manifest.read_text())["max_ids"]
         if isinstance(top, list) and len(top) == len(files):
