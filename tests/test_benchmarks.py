@@ -168,3 +168,35 @@ def test_trace_gaps_splits_idle_into_host_late_and_device_gaps():
     found, span, busy = trace_gaps.gaps(streams)
     assert (span, busy) == (160, 110)
     assert [(g.start, g.end, g.host_late) for g in found] == [(100, 150, False)]
+
+
+def test_kernel_compare_scales_each_class_by_its_ratio_and_brackets_the_gap(tmp_path):
+    """Two cards' tables of one shape: matmuls equal, attention 1.1x, memory-bound kernels 1.4x (the median of
+    1.4, 1.4 and an outlier 3.0; a kernel under --min-ms and one only A ran are not compared). The projection of a
+    third table (newer code of B's card) scales each kernel by its class: 100 + 10 x 0.1 + 20 x 0.4 = 9 ms more."""
+    def table(name, device, rows):
+        body = "\n".join(f"{50.0:5.1f}%  {ms:8.3f} ms/step  x48   {k}" for k, ms in rows)
+        (tmp_path / name).write_text(f"device time over 3 steps: {3 * device:.1f} ms ({device:.1f} ms/step)\n"
+                                     f"  matmul 50.0% 1.0 ms/step\n\n{body}\n")
+    gemm, attn = "nvjet_sm90_tst_192x192_64x3_1x2_h_bz_coopB_NNN", "cudnn_generated_fort_native_sdpa_sm90_flash_bprop"
+    table("a.txt", 0, [(gemm, 30.0), (attn, 11.0), ("triton_poi_silu", 2.8), ("_adamw_kernel", 14.0),
+                       ("dot_do_o", 3.0), ("Memset (Device)", 0.4), ("only_a", 5.0)])
+    table("b.txt", 0, [(gemm, 30.0), (attn, 10.0), ("triton_poi_silu", 2.0), ("_adamw_kernel", 10.0),
+                       ("dot_do_o", 1.0), ("Memset (Device)", 0.2)])
+    table("c.txt", 130.0, [(gemm, 100.0), (attn, 10.0), ("_swiglu_backward_kernel", 20.0)])
+    r = run(sys.executable, "benchmarks/kernel_compare.py", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"),
+            "--project", str(tmp_path / "c.txt"), "--wall", "135", "--mfu", "50")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[:3] == ["matmul       1 kernels in both  time ratio A/B 1.000",
+                         "attention    1 kernels in both  time ratio A/B 1.100",
+                         "memory       3 kernels in both  time ratio A/B 1.400"]
+    # 135 + 9 = 144 ms with C's 5 ms gap kept (50 x 135 / 144 = 46.875%), 139 ms without (48.56%)
+    assert lines[3] == ("projected: device 139.0 ms/step; wall 144.0 ms (46.9% MFU) with C's gap, "
+                        "139.0 ms (48.6%) without")
+    (tmp_path / "x.txt").write_text("not a table\n")
+    bad = run(sys.executable, "benchmarks/kernel_compare.py", str(tmp_path / "x.txt"), str(tmp_path / "b.txt"))
+    assert bad.returncode == 2 and "x.txt: not a train_mfu.py kernel table" in bad.stderr
+    half = run(sys.executable, "benchmarks/kernel_compare.py", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"),
+               "--project", str(tmp_path / "c.txt"))
+    assert half.returncode == 2 and "--project needs --wall and --mfu" in half.stderr
