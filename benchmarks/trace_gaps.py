@@ -6,7 +6,9 @@ train_mfu.py --profile DIR writes DIR/trace-<shape>.json.gz and this summary bes
 A gap is time inside the traced span with no kernel, copy or memset running. It is *host-late* when the launch
 call of the kernel after it started after the GPU went idle: the GPU waited for the host, and the summary names
 the host operations (torch.profiler cpu_op and CUDA runtime calls) that overlapped those waits. Other gaps are
-the device's own time between queued kernels (launch latency, stream waits). Pure JSON, no torch: runs anywhere.
+the device's own time between queued kernels (launch latency, stream waits). Short kernels and memsets are counted
+by the host op that launched them: each brings such a gap, so many of them (628 memsets per step at 1.5B on the
+H200) are worth tracing to their source. Pure JSON, no torch: runs anywhere.
 """
 
 from __future__ import annotations
@@ -104,7 +106,48 @@ def runtime_calls(events: list[dict]) -> dict[str, tuple[int, float]]:
     return out
 
 
-def summary(events: list[dict], steps: int = 1, min_gap_us: float = 5.0, top: int = 15) -> str:
+def issuers(events: list[dict]) -> dict[int, str]:
+    """GPU event correlation id -> the host op that launched it: the innermost cpu_op around its runtime call on
+    the same thread, with that op's parent ("aten::zero_ < aten::zeros"); "(no op)" when none encloses it."""
+    ops: dict[object, list[tuple[float, float, str]]] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") == "cpu_op" and "dur" in e:
+            ops.setdefault(e.get("tid"), []).append((e["ts"], e["ts"] + e["dur"], e["name"]))
+    calls = sorted((e["ts"], e.get("tid"), e["args"]["correlation"]) for e in events
+                   if e.get("cat") in LAUNCH_CATS and "correlation" in e.get("args", {}))
+    for spans in ops.values():
+        spans.sort(key=lambda o: (o[0], -o[1]))  # parents before the children they start with
+    out, stacks, nexts = {}, {tid: [] for tid in ops}, dict.fromkeys(ops, 0)
+    for ts, tid, corr in calls:  # one sweep per thread: the ops open at ts, outermost first
+        spans, stack = ops.get(tid, []), stacks.get(tid, [])
+        while nexts.get(tid, 0) < len(spans) and spans[nexts[tid]][0] <= ts:
+            op = spans[nexts[tid]]
+            while stack and stack[-1][1] < op[0]:  # ops closed before this one opened
+                stack.pop()
+            stack.append(op)
+            nexts[tid] += 1
+        while stack and stack[-1][1] < ts:  # nested ops close inner first: what is left is open, innermost on top
+            stack.pop()
+        out[corr] = " < ".join(o[2] for o in stack[::-1][:2] if o[1] >= ts) or "(no op)"
+    return out
+
+
+def small_kernels(events: list[dict], below_us: float) -> dict[tuple[str, str], tuple[int, float]]:
+    """GPU events shorter than `below_us` (memsets are named as one): (name, issuer) -> (count, microseconds).
+    Each such kernel costs little itself but brings the ~1-2 us gap every launch has."""
+    who = issuers(events)
+    out: dict[tuple[str, str], tuple[int, float]] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in GPU_CATS and e.get("dur", 0.0) < below_us:
+            name = "Memset" if e.get("cat") == "gpu_memset" else e["name"][:50]
+            key = (name, who.get(e.get("args", {}).get("correlation"), "(no launch call)"))
+            n, us = out.get(key, (0, 0.0))
+            out[key] = (n + 1, us + e["dur"])
+    return out
+
+
+def summary(events: list[dict], steps: int = 1, min_gap_us: float = 5.0, top: int = 15,
+            small_us: float = 3.0) -> str:
     every, span, busy = gaps(events)
     late = [g for g in every if g.host_late]
     lines = [f"per step ({steps} traced): span {span / 1e3 / steps:.2f} ms, GPU busy {busy / 1e3 / steps:.2f} ms, "
@@ -123,6 +166,9 @@ def summary(events: list[dict], steps: int = 1, min_gap_us: float = 5.0, top: in
     during = host_during(events, [(g.start, g.end) for g in late])
     for name, us in sorted(during.items(), key=lambda kv: -kv[1])[:25]:
         lines.append(f"  {us / 1e3 / steps:8.3f}  {name[:110]}")
+    lines.append(f"\nGPU events under {small_us:g} us by the host op that launched them (count/step, device ms/step):")
+    for (name, who), (n, us) in sorted(small_kernels(events, small_us).items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"  {n / steps:7.1f}  {us / 1e3 / steps:8.3f}  {name}  <-  {who[:90]}")
     lines.append("\nCUDA runtime calls that can block the host (count/step, ms/step):")
     for name, (n, us) in sorted(runtime_calls(events).items(), key=lambda kv: -kv[1][1]):
         if any(s in name for s in SYNC_CALLS):

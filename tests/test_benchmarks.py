@@ -200,3 +200,33 @@ def test_kernel_compare_scales_each_class_by_its_ratio_and_brackets_the_gap(tmp_
     half = run(sys.executable, "benchmarks/kernel_compare.py", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"),
                "--project", str(tmp_path / "c.txt"))
     assert half.returncode == 2 and "--project needs --wall and --mfu" in half.stderr
+
+
+def test_trace_gaps_names_the_host_op_behind_each_small_kernel():
+    """Memsets and short kernels grouped by the innermost host op (and its parent) around their launch call, on
+    that call's thread: a zeros inside attention's backward, a fill inside zero_ on another thread, and a launch
+    after the enclosing ops closed."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import trace_gaps
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def ev(cat, name, ts, dur, corr=None, tid=1):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid,
+                **({"args": {"correlation": corr}} if corr is not None else {})}
+    events = [ev("cpu_op", "aten::_cudnn_attention_backward", 0, 50), ev("cpu_op", "aten::zeros", 2, 5),
+              ev("cpu_op", "aten::zero_", 3, 3), ev("cuda_runtime", "cudaMemsetAsync", 4, 1, 1),
+              ev("cpu_op", "aten::mm", 10, 5), ev("cuda_runtime", "cudaLaunchKernel", 12, 1, 2),
+              ev("cuda_runtime", "cudaLaunchKernel", 20, 1, 3),  # inside the backward only: its child has closed
+              ev("cpu_op", "aten::fill_", 0, 100, tid=2), ev("cuda_runtime", "cudaMemsetAsync", 30, 1, 4, tid=2),
+              ev("cuda_runtime", "cudaMemsetAsync", 200, 1, 5),  # no op open any more
+              ev("gpu_memset", "Memset (Device)", 60, 1.0, 1), ev("kernel", "nvjet_big", 62, 40.0, 2),
+              ev("kernel", "tiny_dot", 103, 2.0, 3), ev("gpu_memset", "Memset (Device)", 106, 1.5, 4),
+              ev("gpu_memset", "Memset (Device)", 210, 1.0, 5)]
+    assert trace_gaps.issuers(events) == {1: "aten::zero_ < aten::zeros", 2: "aten::mm < aten::_cudnn_attention_backward",
+                                          3: "aten::_cudnn_attention_backward", 4: "aten::fill_", 5: "(no op)"}
+    assert trace_gaps.small_kernels(events, 3.0) == {
+        ("Memset", "aten::zero_ < aten::zeros"): (1, 1.0), ("tiny_dot", "aten::_cudnn_attention_backward"): (1, 2.0),
+        ("Memset", "aten::fill_"): (1, 1.5), ("Memset", "(no op)"): (1, 1.0)}  # nvjet_big: 40 us, not small
+    assert "GPU events under 3 us by the host op that launched them" in trace_gaps.summary(events)
