@@ -113,6 +113,19 @@ def check_fatal(wid: int, code: int | None) -> None:
         raise RuntimeError(f"worker {wid}: training diverged (its message above names the step)")
 
 
+def describe_exit(code: int) -> str:
+    """'code -7 (SIGBUS: ...)': a worker's exit code, with the signal that ended it named."""
+    if code >= 0:
+        return f"code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"code {code}"
+    if name == "SIGBUS":  # the usual cause in a trainer: a memory-mapped file shrank under it
+        name += ": a memory-mapped input (a token shard) truncated or rewritten?"
+    return f"code {code} ({name})"
+
+
 def check_resume(cfg: Config) -> None:
     """--resume with model keys other than the checkpoint's would fail deep inside load_state_dict (or, for keys
     that change no shape, silently train another model): refuse it before anything starts. Other sections may
@@ -322,7 +335,7 @@ class Supervisor:
                 continue
             check_fatal(s.wid, code)
             if code is not None:
-                self.log(f"worker {s.wid} exited with code {code}")
+                self.log(f"worker {s.wid} exited with {describe_exit(code)}")
                 s.state = "failed"
                 failed.append(s)
                 continue

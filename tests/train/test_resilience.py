@@ -101,7 +101,16 @@ def test_external_sigkill_is_survived_with_at_most_one_lost_step(tmp_path):
     res = json.loads(out.strip().splitlines()[-1])
     assert res["steps"] == 400 and res["recoveries_from_peer"] == 1 and res["lost_steps"] <= 1
     assert res["max_recovery_s"] <= 10
-    assert f"worker 1 exited with code -{signal.SIGKILL.value}" in err
+    assert f"worker 1 exited with code -{signal.SIGKILL.value} (SIGKILL)" in err
+
+
+def test_a_worker_ended_by_a_signal_is_named_by_it():
+    """Negative exit codes name their signal; SIGBUS, which a memory-mapped shard truncated under a worker
+    raises, says so (the restarted worker then refuses the changed shard: exit 2)."""
+    assert supervisor.describe_exit(3) == "code 3"
+    assert supervisor.describe_exit(-signal.SIGTERM.value) == f"code -{signal.SIGTERM.value} (SIGTERM)"
+    assert supervisor.describe_exit(-signal.SIGBUS.value).startswith(f"code -{signal.SIGBUS.value} (SIGBUS: a memory-mapped")
+    assert supervisor.describe_exit(-200) == "code -200"  # no such signal
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous_good_one(tmp_path):
