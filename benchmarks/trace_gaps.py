@@ -24,6 +24,7 @@ from pathlib import Path
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 NOT_HOST = ("Trace", "gpu_user_annotation")  # the profiler's own whole-trace span; ranges drawn on the GPU track
 LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
+HOST_OPS = ("cpu_op", "user_annotation")  # what a launch call is attributed to
 SYNC_CALLS = ("Synchronize", "cudaMemcpy", "cudaHostAlloc", "cudaFreeHost", "cudaMalloc", "cudaFree")
 
 
@@ -107,11 +108,12 @@ def runtime_calls(events: list[dict]) -> dict[str, tuple[int, float]]:
 
 
 def issuers(events: list[dict]) -> dict[int, str]:
-    """GPU event correlation id -> the host op that launched it: the innermost cpu_op around its runtime call on
-    the same thread, with that op's parent ("aten::zero_ < aten::zeros"); "(no op)" when none encloses it."""
+    """GPU event correlation id -> the host op that launched it: the innermost op or range (cpu_op, or a
+    user_annotation such as Inductor's "## Call CompiledFxGraph ##") around its runtime call on the same thread,
+    with that op's parent ("aten::zero_ < aten::zeros"); "(no op)" when none encloses it."""
     ops: dict[object, list[tuple[float, float, str]]] = {}
     for e in events:
-        if e.get("ph") == "X" and e.get("cat") == "cpu_op" and "dur" in e:
+        if e.get("ph") == "X" and e.get("cat") in HOST_OPS and "dur" in e and not e["name"].startswith("ProfilerStep#"):
             ops.setdefault(e.get("tid"), []).append((e["ts"], e["ts"] + e["dur"], e["name"]))
     calls = sorted((e["ts"], e.get("tid"), e["args"]["correlation"]) for e in events
                    if e.get("cat") in LAUNCH_CATS and "correlation" in e.get("args", {}))

@@ -219,14 +219,19 @@ def test_trace_gaps_names_the_host_op_behind_each_small_kernel():
               ev("cpu_op", "aten::zero_", 3, 3), ev("cuda_runtime", "cudaMemsetAsync", 4, 1, 1),
               ev("cpu_op", "aten::mm", 10, 5), ev("cuda_runtime", "cudaLaunchKernel", 12, 1, 2),
               ev("cuda_runtime", "cudaLaunchKernel", 20, 1, 3),  # inside the backward only: its child has closed
+              ev("user_annotation", "## Call CompiledFxGraph ##", 300, 20), ev("cpu_op", "aten::mm", 302, 2),
+              ev("cuda_runtime", "cudaLaunchKernel", 310, 1, 6),  # a compiled graph's own launch: no aten op
               ev("cpu_op", "aten::fill_", 0, 100, tid=2), ev("cuda_runtime", "cudaMemsetAsync", 30, 1, 4, tid=2),
               ev("cuda_runtime", "cudaMemsetAsync", 200, 1, 5),  # no op open any more
               ev("gpu_memset", "Memset (Device)", 60, 1.0, 1), ev("kernel", "nvjet_big", 62, 40.0, 2),
               ev("kernel", "tiny_dot", 103, 2.0, 3), ev("gpu_memset", "Memset (Device)", 106, 1.5, 4),
-              ev("gpu_memset", "Memset (Device)", 210, 1.0, 5)]
-    assert trace_gaps.issuers(events) == {1: "aten::zero_ < aten::zeros", 2: "aten::mm < aten::_cudnn_attention_backward",
-                                          3: "aten::_cudnn_attention_backward", 4: "aten::fill_", 5: "(no op)"}
+              ev("gpu_memset", "Memset (Device)", 210, 1.0, 5), ev("kernel", "triton_poi_fused", 320, 1.0, 6)]
+    assert trace_gaps.issuers(events) == {1: "aten::zero_ < aten::zeros",
+                                          2: "aten::mm < aten::_cudnn_attention_backward",
+                                          3: "aten::_cudnn_attention_backward", 4: "aten::fill_", 5: "(no op)",
+                                          6: "## Call CompiledFxGraph ##"}
     assert trace_gaps.small_kernels(events, 3.0) == {
         ("Memset", "aten::zero_ < aten::zeros"): (1, 1.0), ("tiny_dot", "aten::_cudnn_attention_backward"): (1, 2.0),
-        ("Memset", "aten::fill_"): (1, 1.5), ("Memset", "(no op)"): (1, 1.0)}  # nvjet_big: 40 us, not small
+        ("Memset", "aten::fill_"): (1, 1.5), ("Memset", "(no op)"): (1, 1.0),
+        ("triton_poi_fused", "## Call CompiledFxGraph ##"): (1, 1.0)}  # nvjet_big: 40 us, not small
     assert "GPU events under 3 us by the host op that launched them" in trace_gaps.summary(events)

@@ -109,7 +109,8 @@ def test_a_worker_ended_by_a_signal_is_named_by_it():
     raises, says so (the restarted worker then refuses the changed shard: exit 2)."""
     assert supervisor.describe_exit(3) == "code 3"
     assert supervisor.describe_exit(-signal.SIGTERM.value) == f"code -{signal.SIGTERM.value} (SIGTERM)"
-    assert supervisor.describe_exit(-signal.SIGBUS.value).startswith(f"code -{signal.SIGBUS.value} (SIGBUS: a memory-mapped")
+    bus = signal.SIGBUS.value
+    assert supervisor.describe_exit(-bus).startswith(f"code -{bus} (SIGBUS: a memory-mapped")
     assert supervisor.describe_exit(-200) == "code -200"  # no such signal
 
 
