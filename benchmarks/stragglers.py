@@ -8,6 +8,9 @@ pause). Prints one JSON line per case:
   - noise: no rank ever slows; `flagged_steps` counts the steps after which any rank was named (false flags);
   - drift: rank 1 slows by `drift` per estimate (every `every` steps) to the run's end; `first_flag` is the
     step at which it was first named and its speed then (null: never named); `common` drifts every rank.
+  - recover: rank 1 runs at half speed for the first 100 steps, then at full speed to step 600; the shares at the
+    end and the step time against an equal split's (the shares should come back to equal; with large fixed
+    costs they stay where the slowdown left them, see docs/train.md "Known limits").
 The balancer's settings are its defaults (every 5, ema 0.5, straggler_ratio 0.8, patience 2).
 """
 
@@ -55,6 +58,19 @@ def first_flag(world: int, batch: int, fixed: float, drift: float, steps: int, c
     return None
 
 
+def recovery(world: int, batch: int, fixed: float, slow_steps: int = 100, steps: int = 600) -> dict:
+    """Shares at the end of a run in which rank 1 was at half speed for its first `slow_steps` steps, and the
+    step time they give against the equal split's (all ranks at full speed by then)."""
+    bal = Balancer(world=world, global_batch=batch)
+    for step in range(steps):
+        shares = bal.shares()
+        factor = [0.5 if rank == 1 and step < slow_steps else 1.0 for rank in range(world)]
+        bal.observe([(fixed + 0.01 * n) / f if n else 0.0 for n, f in zip(shares, factor)], shares)
+    shares = bal.shares()
+    equal = fixed + 0.01 * batch / world
+    return {"shares": shares, "step_vs_equal": round(max(fixed + 0.01 * n for n in shares) / equal, 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3000, help="steps per noise run")
@@ -74,6 +90,10 @@ def main() -> None:
                 hit = first_flag(world, batch, fixed, args.drift, args.drift_steps, common)
                 print(json.dumps({"case": "drift", "ranks": world, "batch": batch, "fixed_s": fixed,
                                   "drift": args.drift, "common": common, "first_flag": hit}))
+    for world, batch in DRIFT_CASES[:2]:
+        for fixed in (0.0, 0.05, 0.1, 0.25):
+            print(json.dumps({"case": "recover", "ranks": world, "batch": batch, "fixed_s": fixed,
+                              **recovery(world, batch, fixed)}))
 
 
 if __name__ == "__main__":
