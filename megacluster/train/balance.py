@@ -26,6 +26,11 @@ from typing import Sequence
 from megacluster.errors import InputError
 
 MODES = ("auto", "equal")
+# Probes (see Balancer): estimates with unchanged shares before the first probe, and the most a failed probe's
+# back-off may wait; a probe is tried only when the first rank to finish took < PROBE_GAP x the last one's time.
+PROBE_WAIT = 4
+PROBE_MAX_WAIT = 64
+PROBE_GAP = 0.95
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> int:
@@ -121,6 +126,17 @@ class Balancer:
     weight `ema` on the newest measurement. A step where a rank processed 0 samples or reported 0 s leaves its
     estimate as it was.
 
+    Probes. Shares in proportion to samples/s equalise the ranks' times only if time grows in proportion to the
+    share. A step also has fixed costs; where they dominate (a small share on a GPU, where launches do), a rank
+    whose share was cut measures few samples/s *because* its share is small, and keeps it: a passing slowdown left
+    2 ranks at 15/1 for good, 21% slower a step than 8/8 (benchmarks/stragglers.py, "recover"). So when the shares
+    have not moved for PROBE_WAIT estimates and the first rank to finish took < PROBE_GAP x the time of the last,
+    one sample moves from the last to the first, and the next estimate keeps the move if the step (its slowest
+    rank's share / samples/s) got faster, and tries the next one; otherwise it puts the shares back and waits twice
+    as long before the next probe (at most PROBE_MAX_WAIT estimates; a kept probe resets the wait). What a probe
+    decides is measured, not modelled, so it holds for any fixed cost; a failed probe costs `every` steps at a
+    split one sample worse.
+
     Stragglers, checked at every estimate: a rank slower than it was, by more than its peers slowed. Its ratio is
     throughput / the rank's baseline, where the baseline is its EMA at the last estimate at which it was not low (so
     a rank that halves its speed stays low, it does not become its own new normal). It is low when the ratio is <
@@ -152,6 +168,10 @@ class Balancer:
     # samples/s) at the last estimate
     _shares: list[int] = field(default_factory=list, init=False, repr=False)  # samples per rank
     _observed: int = field(default=0, init=False, repr=False)  # steps observed since the last estimate
+    _still: int = field(default=0, init=False, repr=False)  # estimates since the shares last moved
+    _wait: int = field(default=PROBE_WAIT, init=False, repr=False)  # still estimates before the next probe
+    _probe: tuple[list[int], float] | None = field(default=None, init=False, repr=False)  # (shares, step s) before
+    # the probe now being measured
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -173,6 +193,7 @@ class Balancer:
         self._low = [0] * world
         self._judged = [None] * world
         self._observed = 0
+        self._still, self._wait, self._probe = 0, PROBE_WAIT, None
         self._shares = split(self.global_batch, [1] * world)
 
     def shares(self) -> list[int]:
@@ -210,7 +231,46 @@ class Balancer:
         self._update_stragglers()
         if self.mode != "auto":
             return False
-        return self._set_shares(self._proportional_shares())
+        if self._probe is not None:
+            return self._judge_probe()
+        shares = self._proportional_shares()
+        if shares != self._shares:
+            self._still = 0
+            return self._set_shares(shares)
+        self._still += 1
+        return self._still >= self._wait and self._try_probe()
+
+    def _step_s(self) -> tuple[dict[int, float], float]:
+        """Each measured rank's compute seconds at its share (share / samples/s), and the slowest one's."""
+        times = {r: n / t for r, (n, t) in enumerate(zip(self._shares, self._throughput)) if n and t}
+        return times, max(times.values(), default=0.0)
+
+    def _try_probe(self) -> bool:
+        """Move one sample from the rank that finishes last to the one that finishes first (class docstring)."""
+        self._still = 0
+        times, slowest = self._step_s()
+        if len(times) < 2:
+            return False
+        last = max(times, key=lambda r: (times[r], -r))
+        first = min(times, key=lambda r: (times[r], r))
+        if times[first] >= PROBE_GAP * slowest or self._shares[last] <= 1:
+            return False
+        self._probe = (list(self._shares), slowest)
+        shares = list(self._shares)
+        shares[last] -= 1
+        shares[first] += 1
+        return self._set_shares(shares)
+
+    def _judge_probe(self) -> bool:
+        """Keep the probe's shares if its step was faster (and probe on at once), else restore them and back off."""
+        before, slowest = self._probe
+        self._probe = None
+        if self._step_s()[1] < slowest:
+            self._wait = PROBE_WAIT
+            return self._try_probe()
+        self._wait = min(2 * self._wait, PROBE_MAX_WAIT)
+        self._still = 0
+        return self._set_shares(before)
 
     def _measure(self, rank: int, seconds: float, n: int) -> None:
         """Fold one measurement (n samples in `seconds`) into rank's throughput EMA."""
@@ -302,6 +362,9 @@ class Balancer:
             "judged": [list(j) if j else None for j in self._judged],
             "shares": list(self._shares),
             "observed": self._observed,
+            "still": self._still,
+            "wait": self._wait,
+            "probe": [self._probe[0], self._probe[1]] if self._probe else None,
         }
 
     def load_state_dict(self, d: dict, *, keep: Sequence[int] | None = None) -> None:
@@ -318,16 +381,21 @@ class Balancer:
         judged = [tuple(j) if j else None for j in d.get("judged") or [None] * saved]  # absent: older state
         if any(len(x) != saved for x in [*lists, judged]):
             raise ValueError(f"Balancer state lists must have world={saved} entries")
+        probe = d.get("probe")  # absent (with still and wait): an older state, from before probes
+        probing = (int(d.get("still", 0)), int(d.get("wait", PROBE_WAIT)),
+                   (list(probe[0]), float(probe[1])) if probe else None)
         if saved != world and keep is not None:
             self._check_keep(world, keep, old_world=saved)  # before anything changes: a refused load changes nothing
         self.world = saved
         self._throughput, self._baseline, self._low, shares = lists
         self._judged = judged
         self._observed = int(d["observed"])
+        self._still, self._wait, self._probe = 0, PROBE_WAIT, None  # kept only with the stored shares
         if saved != world:
             self.resize(world, keep=keep)
         elif d["global_batch"] == self.global_batch and d["mode"] == self.mode:
             self._shares = shares
+            self._still, self._wait, self._probe = probing
         elif self.mode == "auto":
             self._shares = self._proportional_shares()
         else:

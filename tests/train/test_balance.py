@@ -319,3 +319,59 @@ def test_a_slowdown_in_the_window_where_its_share_moved_is_still_flagged():
     assert bal.shares() == [7, 5]
     _run_costs(bal, 10, lambda r, n: (4 * 1.3 if r == 1 else 1) * (0.01 + 0.002 * n))
     assert bal.stragglers() == [1] and bal.shares()[1] < 5
+
+
+def _fixed_cost_run(bal: Balancer, steps: int, fixed: float, speed=lambda step, rank: 1.0, log=None) -> None:
+    """Feed `bal` step times fixed + 0.01 s x share, each divided by speed(step, rank); log: shares per step."""
+    for step in range(steps):
+        shares = bal.shares()
+        if log is not None:
+            log.append(shares)
+        bal.observe([(fixed + 0.01 * n) / speed(step, r) if n else 0.0 for r, n in enumerate(shares)], shares)
+
+
+def test_probes_undo_a_share_cut_that_fixed_costs_would_keep():
+    """Fixed costs dominate (0.25 s a step against 0.01 s a sample): rank 1 at half speed for 100 steps loses its
+    share down to 1 sample. At full speed again it still measures few samples/s at that share, so samples/s-
+    proportional shares keep 15/1 (21% slower a step than 8/8); measured probes bring it back to 8/8."""
+    bal, log = Balancer(world=2, global_batch=16), []
+    _fixed_cost_run(bal, 600, 0.25, lambda step, rank: 0.5 if rank == 1 and step < 100 else 1.0, log)
+    assert log[100] == [15, 1]  # where the slowdown left it
+    assert bal.shares() == [8, 8]
+    four, log4 = Balancer(world=4, global_batch=64), []
+    _fixed_cost_run(four, 600, 0.25, lambda step, rank: 0.5 if rank == 1 and step < 100 else 1.0, log4)
+    assert log4[100] == [21, 1, 21, 21] and max(four.shares()) - min(four.shares()) <= 2  # 0.25 + 0.17 vs 0.15
+
+
+def test_a_probe_that_slows_the_step_is_undone_and_the_next_waits_twice_as_long():
+    """No fixed cost, rank 1 at half speed: proportional shares are already the fastest split, so every probe
+    makes the step slower and is undone one estimate (5 steps) later; the waits between probes double from 4
+    estimates up to 64."""
+    bal, log = Balancer(world=2, global_batch=16), []
+    _fixed_cost_run(bal, 3000, 0.0, lambda step, rank: 0.5 if rank == 1 else 1.0, log)
+    best = [11, 5]  # times 0.11 and 0.10 s (10/6 would take 0.12)
+    assert log[5] == best and bal.shares() == best
+    probes = [step for step in range(1, len(log)) if log[step] != best and log[step - 1] == best]
+    assert all(log[p:p + 5] == [[10, 6]] * 5 and log[p + 5] == best for p in probes)  # one sample moved, undone
+    # each probe's step - the one before: 5 steps at the probe + the wait (in estimates of 5 steps), doubling
+    waits = [min(4 * 2 ** (i + 1), 64) for i in range(len(probes) - 1)]  # 8, 16, 32, 64, 64, ...
+    assert [b - a for a, b in zip(probes, probes[1:])] == [5 + 5 * w for w in waits]
+    assert probes[0] == 5 + 5 * 4 and len(probes) == 12  # in 3,000 steps: 25, 70, 155, 320, 645, 970, ...
+
+
+def test_a_restored_balancer_judges_the_probe_in_flight_as_the_original_would():
+    a = Balancer(world=2, global_batch=16)
+    speed = lambda step, rank: 0.5 if rank == 1 and step < 100 else 1.0  # noqa: E731
+    _fixed_cost_run(a, 100, 0.25, speed)
+    while a._probe is None:  # on to the first probe (in flight: its shares are being measured)
+        _fixed_cost_run(a, 1, 0.25)
+    b = Balancer(world=2, global_batch=16)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    log_a, log_b = [], []
+    _fixed_cost_run(a, 200, 0.25, log=log_a)
+    _fixed_cost_run(b, 200, 0.25, log=log_b)
+    assert log_a == log_b and a.shares() == [8, 8]
+    old = {k: v for k, v in a.state_dict().items() if k not in ("still", "wait", "probe")}  # before probes
+    c = Balancer(world=2, global_batch=16)
+    c.load_state_dict(old)
+    assert c.shares() == a.shares() and c.state_dict()["probe"] is None
