@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -348,6 +349,10 @@ def validate(cfg: Config) -> None:
         raise InputError("run.run_dir (--run-dir): must name a directory, got an empty string")
     if cfg.run.micro_batch > cfg.run.batch_size:
         cfg.run.micro_batch = cfg.run.batch_size  # a micro-batch never exceeds the global batch
+    # "~" as the shell would expand it (it does not in --set values or TOML strings); data.cache_dir is expanded
+    # where it is used, as MEGACLUSTER_CACHE is
+    cfg.run.run_dir = os.path.expanduser(cfg.run.run_dir)
+    cfg.data.paths = [os.path.expanduser(p) for p in cfg.data.paths]
 
 
 def layer_matmul_params(m: ModelConfig) -> int:

@@ -1,12 +1,14 @@
 """Corpus -> token shards (np.memmap), and the global sample order.
 
-Inputs (`--data`, any mix): text files, directories (all files below, sorted; hidden files and directories,
-such as `.git`, and `__pycache__` skipped, as are the run's own outputs and the token cache below a --data
-directory; symlinked directories followed), globs (a path that exists is taken as
-it is, even with `[` in its name), `.jsonl` files with a `text` field per line, and pre-tokenized shards (`.npy`
-arrays of token ids, or `.bin` raw uint16 as nanoGPT writes them). With no input the corpus is the Python
-standard library source of the running interpreter. A literal `<|endoftext|>` inside a document is text, not the
-document separator.
+Inputs (`--data`): text files, directories (all files below, sorted; hidden files and directories, such as
+`.git`, and `__pycache__` skipped, as are the run's own outputs, other megacluster run directories and the token
+cache below a --data directory; symlinked directories followed), globs (a path that exists is taken as it is,
+even with `[` in its name), `.jsonl` files with a `text` field per line, and pre-tokenized shards (`.npy` arrays
+of token ids, or `.bin` raw uint16 as nanoGPT writes them: a .bin is always read as uint16). Text inputs (text
+and .jsonl, mixed as you like) or shards, not both in one run. A text file with a NUL byte is refused as binary.
+Text is read up to `data.max_bytes` (12 MB by default; 0 = all), and a cut is reported. With no input the corpus
+is the Python standard library source of the running interpreter. A literal `<|endoftext|>` inside a document is
+text, not the document separator.
 
 Text is tokenized once with a BPE trained on it and cached under a key of (each file's path, size and mtime,
 vocab size, options); the token stream's last `val_fraction` is the held-out validation split. Shards are
@@ -29,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import sysconfig
 import time
 from dataclasses import dataclass
@@ -39,7 +42,7 @@ import numpy as np
 from . import tokenizer as tk
 from .config import DataConfig
 from .errors import InputError
-from .files import atomic_write
+from .files import atomic_write, is_run_dir
 
 FORMAT_VERSION = 3  # 2: the document that crosses data.max_bytes is cut at the cap (1 kept it whole);
 # 3: a literal <|endoftext|> in a document is encoded as text (2 made it the separator)
@@ -123,7 +126,8 @@ class _Skip:
 
 def _files_below(root: Path, skip: _Skip | None = None) -> list[Path]:
     """The files under a directory, sorted, without hidden ones or any under a hidden directory (`.git` holds
-    compressed objects that would be read as text and, sorting first, fill data.max_bytes) or `__pycache__`.
+    compressed objects that would be read as text and, sorting first, fill data.max_bytes) or `__pycache__`, or
+    under another megacluster run's directory (`files.is_run_dir`; the root itself is read as given).
     A symlinked directory is followed (once: a link back up the tree is not walked again); one that cannot be
     listed is refused, not silently left out."""
     def refuse(e: OSError):
@@ -136,23 +140,29 @@ def _files_below(root: Path, skip: _Skip | None = None) -> list[Path]:
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
+        if top != str(root) and is_run_dir({*dirs, *names}):
+            dirs[:] = []
+            continue
         dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"
                    and not (skip and skip(Path(os.path.realpath(Path(top, d)))))]
         files.extend(Path(top, n) for n in names if not n.startswith(".") and Path(top, n).is_file())
     return sorted(files)
 
 
-def _documents(files: list[Path], max_bytes: int):
+def _documents(files: list[Path], max_bytes: int, opened: list[Path] | None = None):
     """Yield document texts in file order: a text file is one document, a .jsonl line another.
 
     With a cap (max_bytes > 0) the documents are the first max_bytes bytes (UTF-8) of that sequence: they are
     taken whole while they fit, the one that crosses the cap is cut there (back to a whole character; dropped
     if nothing is left) and nothing after it is read. A text file is read only up to as many characters as
     bytes are left (`_read_text`), a .jsonl file only up to the line that crosses the cap. Under the cap every
-    document is whole, as before; format 1 kept the crossing document whole too, which needed reading it whole."""
+    document is whole, as before; format 1 kept the crossing document whole too, which needed reading it whole.
+    `opened` (if given) gets each file as its reading starts."""
     left = max_bytes or None  # bytes the cap still allows; None = no cap
     for path in files:
-        texts = _jsonl_texts(path) if _kind(path) == ".jsonl" else [_read_text(path, left)]
+        if opened is not None:
+            opened.append(path)
+        texts = _jsonl_texts(path) if _kind(path) == ".jsonl" else [_text_file(path, left)]
         for text in texts:
             if left is not None:
                 data = text.encode("utf-8")
@@ -182,6 +192,16 @@ def _read_text(path: Path, limit: int | None) -> str:
             return "".join(parts)
     except OSError as e:
         raise _unreadable(path, e) from None
+
+
+def _text_file(path: Path, limit: int | None) -> str:
+    """A plain text input, refused if it holds a NUL byte (as git tells binary files): a checkpoint, an image or
+    a .gz would otherwise be tokenized as text without a word."""
+    text = _read_text(path, limit)
+    if "\0" in text:
+        raise InputError(f"--data {path}: binary content (a NUL byte), not text; give text files, .jsonl (field "
+                         "'text') or token shards (.npy, or .bin of raw uint16 ids)")
+    return text
 
 
 def _unreadable(path: Path, e: OSError) -> InputError:
@@ -450,8 +470,14 @@ def _open_text(directory: Path) -> Corpus:
 
 
 def _build(files: list[Path], cfg: DataConfig, vocab_size: int, directory: Path) -> None:
-    docs = list(_documents(files, cfg.max_bytes))
+    opened: list[Path] = []
+    docs = list(_documents(files, cfg.max_bytes, opened))
     cap = f" within data.max_bytes={cfg.max_bytes}" if cfg.max_bytes else ""
+    text_bytes = sum(len(d.encode("utf-8", "surrogatepass")) for d in docs)
+    cut = bool(cfg.max_bytes) and text_bytes >= cfg.max_bytes
+    if cut:  # said once, when the cache is built; meta.json keeps it
+        print(f"data: text cut at data.max_bytes={cfg.max_bytes:,} bytes: {len(opened)} of {len(files)} file(s) "
+              f"read, the last in part ({opened[-1]}); --set data.max_bytes=0 reads everything", file=sys.stderr)
     if not any(docs):
         raise InputError(f"--data: no text in {len(files)} file(s){cap} (every file or .jsonl line is empty)")
     tok = tk.train(docs, vocab_size)  # "<|endoftext|>" written in a document is text; the separator is added here
@@ -461,7 +487,6 @@ def _build(files: list[Path], cfg: DataConfig, vocab_size: int, directory: Path)
     stream = np.concatenate(ids)
     n_val = _n_val(len(stream), cfg.val_fraction)
     if len(stream) <= n_val:  # nothing left to train on (a corpus of a few bytes); nothing written
-        cut = cfg.max_bytes and sum(len(d.encode("utf-8", "surrogatepass")) for d in docs) >= cfg.max_bytes
         raise InputError(f"--data: {len(stream)} tokens in all{cap if cut else ''}, too few for a training and a "
                          "validation split")
     atomic_write(directory / "train.bin", stream[:-n_val].tobytes())
@@ -469,7 +494,8 @@ def _build(files: list[Path], cfg: DataConfig, vocab_size: int, directory: Path)
     tk.save(tok, directory / "tokenizer.json")
     meta = {"format": FORMAT_VERSION, "files": len(files), "documents": len(docs), "tokens": int(len(stream)),
             "train_tokens": int(len(stream) - n_val), "val_tokens": n_val,
-            "vocab_size": tok.get_vocab_size(), "dtype": np.dtype(dtype).name}
+            "vocab_size": tok.get_vocab_size(), "dtype": np.dtype(dtype).name,
+            "files_read": len(opened), "cut_at_max_bytes": cfg.max_bytes if cut else None}
     atomic_write(directory / "meta.json", json.dumps(meta, indent=1).encode())  # written last: marks complete
 
 

@@ -17,6 +17,16 @@ from pathlib import Path
 # workers' pids; earlier-*: runs set aside.
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "result.json", "tb", "config.json", "corpus.json", "chaos",
                "workers.json")
+RUN_LOCK = ".lock"  # in the run dir: the live run's flock (train/inputs.run_dir_lock); hidden, so never data
+
+
+def is_run_dir(names: set[str]) -> bool:
+    """Whether a directory with these entries holds a megacluster run: its lock beside one of its outputs, or
+    checkpoints/ beside metrics.jsonl (a run from before the lock). Another run's dir below --data is never read as
+    data: its checkpoints would be tokenized as text, and the tokenizer they change would refuse that run's
+    --resume."""
+    outputs = names & (set(RUN_OUTPUTS) - {"config.json"})  # a config.json beside a lock is common elsewhere
+    return bool(outputs) and (RUN_LOCK in names or {"checkpoints", "metrics.jsonl"} <= names)
 
 
 def run_outputs(run_dir: str | Path) -> tuple[Path, str]:

@@ -316,3 +316,11 @@ def test_valid_launcher_and_thread_variables_pass():
             os.environ.pop(k, None)
             if v is not None:
                 os.environ[k] = v
+
+
+def test_a_tilde_in_paths_is_the_home_directory(monkeypatch, tmp_path):
+    """The shell does not expand "~" inside --set values or TOML strings: the config does, for run.run_dir and
+    data.paths (data.cache_dir is expanded where it is used), so "~/run" is not a directory named "~"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = config.build("tiny", None, ["run.run_dir=~/runs/a", 'data.paths=["~/corpus", "plain"]'])
+    assert cfg.run.run_dir == str(tmp_path / "runs" / "a") and cfg.data.paths == [str(tmp_path / "corpus"), "plain"]

@@ -403,3 +403,48 @@ def test_exclusions_go_by_name_so_entries_made_meanwhile_are_left_out_too(tmp_pa
     cache = data.cache_entries(DataConfig(cache_dir=str(root)))
     got = [p.relative_to(root).as_posix() for p in resolve([str(root)], [run_outputs(root / "run"), cache])]
     assert got == ["a.txt", "corpus-2024/b.txt", "run/earlier-notes.txt"]
+
+
+def test_a_cut_at_max_bytes_is_said_and_kept_in_the_cache(tmp_path, capsys):
+    _write_corpus(tmp_path)  # 5 files of 1,280 bytes each
+    cfg = DataConfig(paths=[str(tmp_path / "docs")], max_bytes=3000, val_fraction=0.1, cache_dir=str(tmp_path / "c"))
+    corpus = prepare(cfg, 300)
+    err = capsys.readouterr().err
+    assert "data: text cut at data.max_bytes=3,000 bytes: 3 of 5 file(s) read, the last in part" in err
+    assert "f2.txt" in err and "--set data.max_bytes=0" in err
+    meta = json.loads((corpus.directory / "meta.json").read_text())
+    assert meta["files_read"] == 3 and meta["cut_at_max_bytes"] == 3000
+    whole = prepare(DataConfig(paths=[str(tmp_path / "docs")], max_bytes=0, val_fraction=0.1,
+                               cache_dir=str(tmp_path / "c")), 300)
+    assert "cut" not in capsys.readouterr().err
+    meta = json.loads((whole.directory / "meta.json").read_text())
+    assert meta["files_read"] == 5 and meta["cut_at_max_bytes"] is None
+
+
+def test_other_runs_below_a_data_directory_are_not_data_and_binary_text_is_refused(tmp_path):
+    """A run dir below --data (its lock beside an output, or checkpoints/ beside metrics.jsonl for a run from
+    before the lock) is skipped whole; a user's directory that merely holds a metrics.jsonl is data. A text file
+    with a NUL byte (a checkpoint, an archive) is refused, naming it."""
+    _write_corpus(tmp_path)
+    docs = tmp_path / "docs"
+    new_run, old_run, notes = docs / "runs" / "a", docs / "runs" / "b", docs / "notes"
+    for d in (new_run / "checkpoints" / "step_00000002", old_run / "checkpoints", notes):
+        d.mkdir(parents=True)
+    (new_run / ".lock").write_text("")
+    (new_run / "config.json").write_text("{}")
+    (new_run / "metrics.jsonl").write_text('{"step": 2}\n')
+    cfg_dir = docs / "app"  # a lock beside a config.json alone is another tool's, and data
+    cfg_dir.mkdir()
+    (cfg_dir / ".lock").write_text("")
+    (cfg_dir / "config.json").write_text('{"setting": 1}')
+    (new_run / "checkpoints" / "step_00000002" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00{}")
+    (old_run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (old_run / "notes.txt").write_text("an old run's file\n")
+    (notes / "metrics.jsonl").write_text('{"text": "a user dataset that happens to be named so"}\n')
+    files = resolve([str(docs)])
+    names = [f.relative_to(docs).as_posix() for f in files]
+    assert names == ["app/config.json", *[f"f{i}.txt" for i in range(5)], "notes/metrics.jsonl"]
+    assert resolve([str(old_run)]) == [old_run / "metrics.jsonl", old_run / "notes.txt"]  # given as the root: read
+    (docs / "archive.txt").write_bytes(b"\x1f\x8b\x08\x00 compressed")
+    with pytest.raises(InputError, match=r"archive\.txt: binary content \(a NUL byte\), not text"):
+        prepare(DataConfig(paths=[str(docs)], val_fraction=0.1, cache_dir=str(tmp_path / "c")), 300)

@@ -28,13 +28,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config key (repeatable), e.g. --set optim.lr=1e-3")
     p.add_argument("--data", nargs="+", action="extend", metavar="PATH",
-                   help="text files, directories (hidden ones skipped), globs, .jsonl (field 'text') or .npy/.bin "
-                        "token shards (repeatable; default: the Python standard library source)")
+                   help="text files, directories (hidden ones skipped), globs, .jsonl (field 'text'), or token "
+                        "shards: .npy, or .bin of raw uint16 ids (text or shards, not both; repeatable; default: "
+                        "the Python standard library source; text is read up to data.max_bytes, 12 MB)")
     p.add_argument("--workers", type=int, help="local worker processes (data parallel: gloo on CPU, NCCL on GPU)",
                    **once)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="compute device (default auto)", **once)
     p.add_argument("--max-steps", type=int, help="optimizer steps to train", **once)
-    p.add_argument("--run-dir", help="where checkpoints, metrics.jsonl and result.json go", **once)
+    p.add_argument("--run-dir", help="where checkpoints and metrics.jsonl go (and result.json, when supervised)",
+                   **once)
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --run-dir")
     p.add_argument("--balance", choices=("equal", "auto"), help="batch shares: equal, or by measured throughput",
                    **once)

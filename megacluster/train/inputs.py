@@ -15,7 +15,7 @@ from pathlib import Path
 from ..config import Config, ffn_hidden, n_params
 from ..data import check_inputs
 from ..errors import InputError
-from ..files import probe_writable, run_outputs
+from ..files import RUN_LOCK, probe_writable, run_outputs
 from .balance import split
 from .chaos import check_ranks, parse
 from .zygote import guess_device, under_launcher
@@ -64,16 +64,13 @@ def refused_runs_leave_no_dir(run_dir: str | Path) -> Iterator[None]:
     except InputError:
         with suppress(OSError):  # run_dir_lock's, released by now (or never made: no run dir)
             if made:
-                (made[0] / LOCK_FILE).unlink(missing_ok=True)
+                (made[0] / RUN_LOCK).unlink(missing_ok=True)
         for p in made:
             try:
                 p.rmdir()  # only an empty directory: a run that wrote anything keeps what it wrote
             except OSError:
                 break
         raise
-
-
-LOCK_FILE = ".lock"  # in the run dir: run_dir_lock's (hidden, so never read as --data)
 
 
 @contextmanager
@@ -86,7 +83,7 @@ def run_dir_lock(cfg: Config) -> Iterator[None]:
     if under_launcher() and int(os.environ["RANK"]) != 0:  # (check_environment: an integer)
         yield
         return
-    path = Path(cfg.run.run_dir) / LOCK_FILE
+    path = Path(cfg.run.run_dir) / RUN_LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

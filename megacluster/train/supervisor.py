@@ -134,7 +134,9 @@ def check_resume(cfg: Config) -> None:
     if directory.exists() and not directory.is_dir():
         raise InputError(f"--resume: {directory} is not a directory of checkpoints; give the run dir of the run "
                          "to resume (run.run_dir, --run-dir)")
-    saved = ((newest_meta(directory) or {}).get("config") or {}).get("model")
+    saved_cfg = (newest_meta(directory) or {}).get("config") or {}
+    _say_changed_keys(saved_cfg, cfg)
+    saved = saved_cfg.get("model")
     if not saved:
         return
     try:
@@ -146,6 +148,28 @@ def check_resume(cfg: Config) -> None:
     if diffs:
         raise InputError(f"--resume: the newest checkpoint in {directory} is of another model ({'; '.join(diffs)}); "
                          "resume with the same model keys (and preset), or start in a new --run-dir")
+
+
+RESUME_QUIET = {"run.resume", "run.run_dir", "run.progress", "data.cache_dir"}  # no bearing on what is trained
+
+
+def _say_changed_keys(saved: dict, cfg: Config) -> None:
+    """--resume continues with the config given now: say which keys differ from the checkpoint's run (a forgotten
+    --max-steps would otherwise stretch the schedule without a word), and refuse a changed data.val_fraction,
+    which would move tokens already trained on into the validation split."""
+    now = cfg.to_dict()
+    changed = {f"{section}.{key}": (old, now[section][key]) for section in ("data", "optim", "run")
+               for key, old in (saved.get(section) or {}).items()
+               if key in now.get(section, {}) and old != now[section][key]}
+    changed = {k: v for k, v in changed.items() if k not in RESUME_QUIET}
+    if "data.val_fraction" in changed:
+        old, new = changed["data.val_fraction"]
+        raise InputError(f"--resume: data.val_fraction is {new} here, {old} in the checkpoint's run: the validation "
+                         "split would take in tokens already trained on; resume with the same value")
+    if changed and os.environ.get("RANK", "0") == "0":  # torchrun: said once
+        print("--resume: the run goes on with the values given now, where they differ from the checkpoint's run: "
+              + "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items())),
+              file=sys.stderr, flush=True)
 
 
 def check_data(cfg: Config, corpus: Corpus, *, restarted: bool = False) -> None:

@@ -442,6 +442,24 @@ def test_cli_config_file_and_resume(tmp_path):
     assert resumed["loss_digest"] == whole["loss_digest"]
 
 
+def test_resume_says_which_keys_changed_and_refuses_another_validation_split(tmp_path):
+    """--resume goes on with the keys given now: it names those that differ from the checkpoint's run (a forgotten
+    --max-steps would stretch the schedule unsaid), and refuses a changed data.val_fraction (tokens already trained
+    on would move into the validation split), exit 2, before anything runs."""
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "megacluster", "train", "--run-dir", str(tmp_path / "r"),
+                               *[a for kv in SMALL for a in ("--set", kv)], *args], capture_output=True, text=True,
+                              timeout=300)
+    assert run("--max-steps", "2").returncode == 0
+    r = run("--max-steps", "3", "--resume", "--set", "optim.lr=1e-3", "--set", "run.progress=false")
+    assert r.returncode == 0, r.stderr
+    said = [x for x in r.stderr.splitlines() if x.startswith("--resume:")]
+    assert len(said) == 1 and said[0].endswith("optim.lr 0.003 -> 0.001; run.max_steps 2 -> 3"), r.stderr
+    bad = run("--max-steps", "4", "--resume", "--set", "data.val_fraction=0.2")
+    assert bad.returncode == 2 and "data.val_fraction is 0.2 here" in bad.stderr and "Traceback" not in bad.stderr
+    assert run("--max-steps", "4", "--resume").stderr.count("--resume: the run goes on") == 1  # max_steps only
+
+
 def test_metrics_lines_after_the_restored_step_and_a_torn_line_are_dropped(tmp_path):
     from megacluster.train.metrics import MetricsLog
 
