@@ -51,7 +51,7 @@ def ratios(a: dict[str, float], b: dict[str, float], min_ms: float) -> dict[str,
     """Per class: (median time ratio a / b over the kernels both list, how many); classes with none left out."""
     by_class: dict[str, list[float]] = {}
     for name, ms in b.items():
-        if name in a and ms >= min_ms:
+        if name in a and ms >= min_ms and ms > 0:  # a row printed as 0.000 ms has no ratio
             by_class.setdefault(kind(name), []).append(a[name] / ms)
     return {k: (statistics.median(v), len(v)) for k, v in by_class.items()}
 

@@ -10,7 +10,7 @@ pause). Prints one JSON line per case:
     step at which it was first named and its speed then (null: never named); `common` drifts every rank.
   - recover: rank 1 runs at half speed for the first 100 steps, then at full speed to step 600; the shares at the
     end and the step time against an equal split's (the shares should come back to equal; with large fixed
-    costs they stay where the slowdown left them, see docs/train.md "Known limits").
+    costs only the balancer's probes bring them back, see docs/train.md "Heterogeneous workers").
 The balancer's settings are its defaults (every 5, ema 0.5, straggler_ratio 0.8, patience 2).
 """
 

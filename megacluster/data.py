@@ -44,8 +44,9 @@ from .config import DataConfig
 from .errors import InputError
 from .files import atomic_write, is_run_dir
 
-FORMAT_VERSION = 3  # 2: the document that crosses data.max_bytes is cut at the cap (1 kept it whole);
-# 3: a literal <|endoftext|> in a document is encoded as text (2 made it the separator)
+FORMAT_VERSION = 4  # 2: the document that crosses data.max_bytes is cut at the cap (1 kept it whole);
+# 3: a literal <|endoftext|> in a document is encoded as text (2 made it the separator); 4: text with a NUL byte
+# is refused and meta.json says what data.max_bytes cut (the same tokens; a cache built by 3 skipped the check)
 PRETOKENIZED = (".npy", ".bin")
 # What the token cache writes in its root, each named by a cache key (`_fingerprint`: KEY_CHARS hex digits)
 CORPUS_DIR = "corpus-{}"  # token shards and the tokenizer of one set of text inputs
@@ -101,7 +102,8 @@ def resolve(paths: list[str], exclude: list[tuple[Path, str]] | tuple = ()) -> l
         seen.add(real)
     if not files:
         raise InputError(f"--data: no files found under {paths}" + (
-            " (a run's own outputs and the token cache are never read as data)" if out else ""))
+            " (a run's own outputs, other megacluster run directories and the token cache are never read as "
+            "data)" if out else ""))
     kinds = {_kind(p) in PRETOKENIZED for p in files}
     if len(kinds) > 1:
         raise InputError("--data: mix of pre-tokenized shards (.npy/.bin) and text; give one kind per run")
@@ -140,7 +142,7 @@ def _files_below(root: Path, skip: _Skip | None = None) -> list[Path]:
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        if top != str(root) and is_run_dir({*dirs, *names}):
+        if top != str(root) and is_run_dir(top, {*dirs, *names}):
             dirs[:] = []
             continue
         dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"
@@ -149,7 +151,7 @@ def _files_below(root: Path, skip: _Skip | None = None) -> list[Path]:
     return sorted(files)
 
 
-def _documents(files: list[Path], max_bytes: int, opened: list[Path] | None = None):
+def _documents(files: list[Path], max_bytes: int, read: dict | None = None):
     """Yield document texts in file order: a text file is one document, a .jsonl line another.
 
     With a cap (max_bytes > 0) the documents are the first max_bytes bytes (UTF-8) of that sequence: they are
@@ -157,16 +159,22 @@ def _documents(files: list[Path], max_bytes: int, opened: list[Path] | None = No
     if nothing is left) and nothing after it is read. A text file is read only up to as many characters as
     bytes are left (`_read_text`), a .jsonl file only up to the line that crosses the cap. Under the cap every
     document is whole, as before; format 1 kept the crossing document whole too, which needed reading it whole.
-    `opened` (if given) gets each file as its reading starts."""
+    `read` (if given) gets "files": how many were opened, and "cut": None, or (the file where the cap stopped the
+    reading, whether a document of it was cut in part)."""
+    read = {} if read is None else read
+    read.update(files=0, cut=None)
     left = max_bytes or None  # bytes the cap still allows; None = no cap
-    for path in files:
-        if opened is not None:
-            opened.append(path)
+    for i, path in enumerate(files):
+        read["files"] += 1
         texts = _jsonl_texts(path) if _kind(path) == ".jsonl" else [_text_file(path, left)]
         for text in texts:
             if left is not None:
                 data = text.encode("utf-8")
                 if len(data) >= left:
+                    # a text file is read only up to the cap: its size tells whether there was more
+                    partly = len(data) > left or (_kind(path) != ".jsonl" and path.stat().st_size > len(data))
+                    if partly or i < len(files) - 1:  # exactly at the cap with nothing after: no cut
+                        read["cut"] = (path, partly)
                     if cut := data[:left].decode("utf-8", errors="ignore"):  # "ignore": a char cut in two
                         yield cut
                     return
@@ -199,6 +207,10 @@ def _text_file(path: Path, limit: int | None) -> str:
     a .gz would otherwise be tokenized as text without a word."""
     text = _read_text(path, limit)
     if "\0" in text:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):  # a UTF-16 or UTF-32 byte-order mark
+            raise InputError(f"--data {path}: UTF-16 or UTF-32 text (NUL bytes); convert it to UTF-8")
         raise InputError(f"--data {path}: binary content (a NUL byte), not text; give text files, .jsonl (field "
                          "'text') or token shards (.npy, or .bin of raw uint16 ids)")
     return text
@@ -470,14 +482,15 @@ def _open_text(directory: Path) -> Corpus:
 
 
 def _build(files: list[Path], cfg: DataConfig, vocab_size: int, directory: Path) -> None:
-    opened: list[Path] = []
-    docs = list(_documents(files, cfg.max_bytes, opened))
+    read: dict = {}
+    docs = list(_documents(files, cfg.max_bytes, read))
     cap = f" within data.max_bytes={cfg.max_bytes}" if cfg.max_bytes else ""
-    text_bytes = sum(len(d.encode("utf-8", "surrogatepass")) for d in docs)
-    cut = bool(cfg.max_bytes) and text_bytes >= cfg.max_bytes
+    cut = read["cut"] is not None
     if cut:  # said once, when the cache is built; meta.json keeps it
-        print(f"data: text cut at data.max_bytes={cfg.max_bytes:,} bytes: {len(opened)} of {len(files)} file(s) "
-              f"read, the last in part ({opened[-1]}); --set data.max_bytes=0 reads everything", file=sys.stderr)
+        where, partly = read["cut"]
+        print(f"data: text cut at data.max_bytes={cfg.max_bytes:,} bytes: {read['files']} of {len(files)} file(s) "
+              f"read, the last ({where}) {'in part' if partly else 'whole'}; --set data.max_bytes=0 reads "
+              "everything", file=sys.stderr)
     if not any(docs):
         raise InputError(f"--data: no text in {len(files)} file(s){cap} (every file or .jsonl line is empty)")
     tok = tk.train(docs, vocab_size)  # "<|endoftext|>" written in a document is text; the separator is added here
@@ -495,7 +508,7 @@ def _build(files: list[Path], cfg: DataConfig, vocab_size: int, directory: Path)
     meta = {"format": FORMAT_VERSION, "files": len(files), "documents": len(docs), "tokens": int(len(stream)),
             "train_tokens": int(len(stream) - n_val), "val_tokens": n_val,
             "vocab_size": tok.get_vocab_size(), "dtype": np.dtype(dtype).name,
-            "files_read": len(opened), "cut_at_max_bytes": cfg.max_bytes if cut else None}
+            "files_read": read["files"], "cut_at_max_bytes": cfg.max_bytes if cut else None}
     atomic_write(directory / "meta.json", json.dumps(meta, indent=1).encode())  # written last: marks complete
 
 

@@ -20,13 +20,21 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "result.json", "tb", "config.json
 RUN_LOCK = ".lock"  # in the run dir: the live run's flock (train/inputs.run_dir_lock); hidden, so never data
 
 
-def is_run_dir(names: set[str]) -> bool:
-    """Whether a directory with these entries holds a megacluster run: its lock beside one of its outputs, or
-    checkpoints/ beside metrics.jsonl (a run from before the lock). Another run's dir below --data is never read as
-    data: its checkpoints would be tokenized as text, and the tokenizer they change would refuse that run's
-    --resume."""
-    outputs = names & (set(RUN_OUTPUTS) - {"config.json"})  # a config.json beside a lock is common elsewhere
-    return bool(outputs) and (RUN_LOCK in names or {"checkpoints", "metrics.jsonl"} <= names)
+CHECKPOINT_NAME = re.compile(r"step_[0-9]{8,}")  # a checkpoint's directory (checkpoint._STEP_DIR's names)
+
+
+def is_run_dir(directory: str | Path, names: set[str]) -> bool:
+    """Whether `directory` (whose entries are `names`) holds a megacluster run that has saved a checkpoint: a
+    checkpoints/ of step_<8+ digits> entries beside its lock or its metrics.jsonl. Another run's dir below --data
+    is never read as data: its checkpoints would be tokenized as text (and then refused as binary), and the
+    tokenizer they change would refuse that run's --resume. Other tools' checkpoints/ (checkpoint-1000/, ...)
+    are not these."""
+    if "checkpoints" not in names or not {RUN_LOCK, "metrics.jsonl"} & names:
+        return False
+    try:
+        return any(CHECKPOINT_NAME.fullmatch(n) for n in os.listdir(Path(directory, "checkpoints")))
+    except OSError:
+        return False
 
 
 def run_outputs(run_dir: str | Path) -> tuple[Path, str]:

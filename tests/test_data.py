@@ -410,8 +410,8 @@ def test_a_cut_at_max_bytes_is_said_and_kept_in_the_cache(tmp_path, capsys):
     cfg = DataConfig(paths=[str(tmp_path / "docs")], max_bytes=3000, val_fraction=0.1, cache_dir=str(tmp_path / "c"))
     corpus = prepare(cfg, 300)
     err = capsys.readouterr().err
-    assert "data: text cut at data.max_bytes=3,000 bytes: 3 of 5 file(s) read, the last in part" in err
-    assert "f2.txt" in err and "--set data.max_bytes=0" in err
+    assert "data: text cut at data.max_bytes=3,000 bytes: 3 of 5 file(s) read, the last (" in err
+    assert "f2.txt) in part" in err and "--set data.max_bytes=0" in err
     meta = json.loads((corpus.directory / "meta.json").read_text())
     assert meta["files_read"] == 3 and meta["cut_at_max_bytes"] == 3000
     whole = prepare(DataConfig(paths=[str(tmp_path / "docs")], max_bytes=0, val_fraction=0.1,
@@ -419,6 +419,19 @@ def test_a_cut_at_max_bytes_is_said_and_kept_in_the_cache(tmp_path, capsys):
     assert "cut" not in capsys.readouterr().err
     meta = json.loads((whole.directory / "meta.json").read_text())
     assert meta["files_read"] == 5 and meta["cut_at_max_bytes"] is None
+    # the cap inside a 2-byte character (the cut text is 1 byte short of it) and exactly at a file's end
+    (tmp_path / "u").mkdir()
+    (tmp_path / "u" / "a.txt").write_text("h\u00e9llo " * 100)  # 700 bytes
+    (tmp_path / "u" / "b.txt").write_text("more text " * 100)
+    for cap, said in ((142, "the last (" + str(tmp_path / "u" / "a.txt") + ") in part"),  # 20 x 7 + 2: in an é
+                      (700, "1 of 2 file(s) read, the last (" + str(tmp_path / "u" / "a.txt") + ") whole")):
+        (tmp_path / f"u{cap}").mkdir()
+        data._build([tmp_path / "u" / "a.txt", tmp_path / "u" / "b.txt"],
+                    DataConfig(max_bytes=cap, val_fraction=0.5), 300, tmp_path / f"u{cap}")
+        assert said in capsys.readouterr().err
+    (tmp_path / "exact").mkdir()
+    data._build([tmp_path / "u" / "a.txt"], DataConfig(max_bytes=700, val_fraction=0.5), 300, tmp_path / "exact")
+    assert "cut" not in capsys.readouterr().err  # exactly the whole input: nothing cut
 
 
 def test_other_runs_below_a_data_directory_are_not_data_and_binary_text_is_refused(tmp_path):
@@ -428,8 +441,11 @@ def test_other_runs_below_a_data_directory_are_not_data_and_binary_text_is_refus
     _write_corpus(tmp_path)
     docs = tmp_path / "docs"
     new_run, old_run, notes = docs / "runs" / "a", docs / "runs" / "b", docs / "notes"
-    for d in (new_run / "checkpoints" / "step_00000002", old_run / "checkpoints", notes):
+    for d in (new_run / "checkpoints" / "step_00000002", old_run / "checkpoints" / "step_00000005", notes):
         d.mkdir(parents=True)
+    other = docs / "hf"  # another tool's checkpoints/ beside a metrics.jsonl: data
+    (other / "checkpoints" / "checkpoint-1000").mkdir(parents=True)
+    (other / "metrics.jsonl").write_text('{"text": "another tool"}\n')
     (new_run / ".lock").write_text("")
     (new_run / "config.json").write_text("{}")
     (new_run / "metrics.jsonl").write_text('{"step": 2}\n')
@@ -443,8 +459,11 @@ def test_other_runs_below_a_data_directory_are_not_data_and_binary_text_is_refus
     (notes / "metrics.jsonl").write_text('{"text": "a user dataset that happens to be named so"}\n')
     files = resolve([str(docs)])
     names = [f.relative_to(docs).as_posix() for f in files]
-    assert names == ["app/config.json", *[f"f{i}.txt" for i in range(5)], "notes/metrics.jsonl"]
+    assert names == ["app/config.json", *[f"f{i}.txt" for i in range(5)], "hf/metrics.jsonl", "notes/metrics.jsonl"]
     assert resolve([str(old_run)]) == [old_run / "metrics.jsonl", old_run / "notes.txt"]  # given as the root: read
     (docs / "archive.txt").write_bytes(b"\x1f\x8b\x08\x00 compressed")
     with pytest.raises(InputError, match=r"archive\.txt: binary content \(a NUL byte\), not text"):
+        prepare(DataConfig(paths=[str(docs)], val_fraction=0.1, cache_dir=str(tmp_path / "c")), 300)
+    (docs / "archive.txt").write_text("text saved as UTF-16", encoding="utf-16")
+    with pytest.raises(InputError, match=r"archive\.txt: UTF-16 or UTF-32 text \(NUL bytes\); convert it to UTF-8"):
         prepare(DataConfig(paths=[str(docs)], val_fraction=0.1, cache_dir=str(tmp_path / "c")), 300)

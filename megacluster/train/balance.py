@@ -382,6 +382,9 @@ class Balancer:
         if any(len(x) != saved for x in [*lists, judged]):
             raise ValueError(f"Balancer state lists must have world={saved} entries")
         probe = d.get("probe")  # absent (with still and wait): an older state, from before probes
+        if probe and (len(probe[0]) != saved or sum(probe[0]) != d["global_batch"] or min(probe[0]) < 0):
+            raise ValueError(f"Balancer state: the probe's shares {probe[0]} are not a split of global_batch="
+                             f"{d['global_batch']} over world={saved}")
         probing = (int(d.get("still", 0)), int(d.get("wait", PROBE_WAIT)),
                    (list(probe[0]), float(probe[1])) if probe else None)
         if saved != world and keep is not None:

@@ -129,7 +129,8 @@ def describe_exit(code: int) -> str:
 def check_resume(cfg: Config) -> None:
     """--resume with model keys other than the checkpoint's would fail deep inside load_state_dict (or, for keys
     that change no shape, silently train another model): refuse it before anything starts. Other sections may
-    change on resume (a longer run, another learning rate, more workers); only then is it no longer exact."""
+    change on resume (a longer run, another learning rate, more workers; then it is no longer exact, and the
+    changed keys are named), except data.val_fraction (`_say_changed_keys`)."""
     directory = Path(cfg.run.run_dir) / "checkpoints"
     if directory.exists() and not directory.is_dir():
         raise InputError(f"--resume: {directory} is not a directory of checkpoints; give the run dir of the run "
@@ -162,6 +163,9 @@ def _say_changed_keys(saved: dict, cfg: Config) -> None:
                for key, old in (saved.get(section) or {}).items()
                if key in now.get(section, {}) and old != now[section][key]}
     changed = {k: v for k, v in changed.items() if k not in RESUME_QUIET}
+    if "data.paths" in changed and [_norm(p) for p in changed["data.paths"][0]] == \
+            [_norm(p) for p in changed["data.paths"][1]]:
+        del changed["data.paths"]  # the same inputs, spelt otherwise ("d" and "/abs/d/")
     if "data.val_fraction" in changed:
         old, new = changed["data.val_fraction"]
         raise InputError(f"--resume: data.val_fraction is {new} here, {old} in the checkpoint's run: the validation "
@@ -170,6 +174,10 @@ def _say_changed_keys(saved: dict, cfg: Config) -> None:
         print("--resume: the run goes on with the values given now, where they differ from the checkpoint's run: "
               + "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items())),
               file=sys.stderr, flush=True)
+
+
+def _norm(path: str) -> str:
+    return os.path.normpath(os.path.abspath(os.path.expanduser(path)))
 
 
 def check_data(cfg: Config, corpus: Corpus, *, restarted: bool = False) -> None:

@@ -375,3 +375,9 @@ def test_a_restored_balancer_judges_the_probe_in_flight_as_the_original_would():
     c = Balancer(world=2, global_batch=16)
     c.load_state_dict(old)
     assert c.shares() == a.shares() and c.state_dict()["probe"] is None
+    bad = a.state_dict()
+    bad["probe"] = [[100, 100], 0.1]  # not a split of 16 over 2: refused, the balancer unchanged
+    d = Balancer(world=2, global_batch=16)
+    with pytest.raises(ValueError, match="not a split of global_batch=16 over world=2"):
+        d.load_state_dict(bad)
+    assert d.state_dict() == Balancer(world=2, global_batch=16).state_dict()
