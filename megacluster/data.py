@@ -48,6 +48,8 @@ FORMAT_VERSION = 4  # 2: the document that crosses data.max_bytes is cut at the 
 # 3: a literal <|endoftext|> in a document is encoded as text (2 made it the separator); 4: text with a NUL byte
 # is refused and meta.json says what data.max_bytes cut (the same tokens; a cache built by 3 skipped the check)
 PRETOKENIZED = (".npy", ".bin")
+BIN32_MIN = 64  # uint16 values a .bin needs before its zeros say "32-bit ids" (real text: id 0 in every other slot
+# of 64 does not happen)
 # What the token cache writes in its root, each named by a cache key (`_fingerprint`: KEY_CHARS hex digits)
 CORPUS_DIR = "corpus-{}"  # token shards and the tokenizer of one set of text inputs
 MANIFEST = "shards-{}.json"  # the largest token id of each pre-tokenized shard
@@ -579,10 +581,15 @@ def _max_ids(files: list[Path], arrays: list[np.ndarray], cfg: DataConfig) -> li
 
 
 def _scan_max_ids(files: list[Path], arrays: list[np.ndarray]) -> list[int]:
-    """Each shard's largest id; a negative id (signed shards only) is refused here, not later in the embedding."""
+    """Each shard's largest id; a negative id (signed shards only) is refused here, not later in the embedding.
+    So is a .bin whose every second uint16 is 0 (at least BIN32_MIN of them): 32-bit ids written raw, which read as
+    uint16 would be every id followed by a 0 (little-endian)."""
     for p, a in zip(files, arrays):
         if len(a) and np.issubdtype(a.dtype, np.signedinteger) and int(a.min()) < 0:
             raise InputError(f"--data {p}: token id {int(a.min())} < 0")
+        if _kind(p) == ".bin" and len(a) >= BIN32_MIN and not a[1::2].any():
+            raise InputError(f"--data {p}: every second uint16 is 0, as in 32-bit token ids written raw; a .bin is "
+                             "read as raw uint16 (nanoGPT's format): save 32-bit ids as .npy instead")
     return [int(a.max()) if len(a) else -1 for a in arrays]
 
 

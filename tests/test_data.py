@@ -467,3 +467,17 @@ def test_other_runs_below_a_data_directory_are_not_data_and_binary_text_is_refus
     (docs / "archive.txt").write_text("text saved as UTF-16", encoding="utf-16")
     with pytest.raises(InputError, match=r"archive\.txt: UTF-16 or UTF-32 text \(NUL bytes\); convert it to UTF-8"):
         prepare(DataConfig(paths=[str(docs)], val_fraction=0.1, cache_dir=str(tmp_path / "c")), 300)
+
+
+def test_a_bin_of_32_bit_ids_is_refused_naming_the_fix(tmp_path):
+    """A .bin is raw uint16 (nanoGPT's format). 32-bit ids written raw read as each id followed by a 0: refused,
+    where it used to train on that; the same ids as uint16, or as a uint32 .npy, are taken."""
+    ids = (np.arange(1000) * 7 % 300).astype(np.uint32)
+    ids.tofile(tmp_path / "c32.bin")
+    with pytest.raises(InputError, match=r"c32\.bin: every second uint16 is 0.*save 32-bit ids as \.npy"):
+        prepare(DataConfig(paths=[str(tmp_path / "c32.bin")], cache_dir=str(tmp_path / "c")), 512)
+    ids.astype(np.uint16).tofile(tmp_path / "c16.bin")
+    np.save(tmp_path / "c32.npy", ids)
+    for name in ("c16.bin", "c32.npy"):
+        c = prepare(DataConfig(paths=[str(tmp_path / name)], val_fraction=0.1, cache_dir=str(tmp_path / "c")), 512)
+        assert np.array_equal(np.concatenate([c.train, c.val]), ids)
