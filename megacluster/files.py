@@ -20,7 +20,7 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "result.json", "tb", "config.json
 RUN_LOCK = ".lock"  # in the run dir: the live run's flock (train/inputs.run_dir_lock); hidden, so never data
 
 
-CHECKPOINT_NAME = re.compile(r"step_[0-9]{8,}")  # a checkpoint's directory (checkpoint._STEP_DIR's names)
+CHECKPOINT_NAME = re.compile(r"step_(\d{8,})")  # a complete (renamed-into-place) checkpoint directory: its step
 
 
 def is_run_dir(directory: str | Path, names: set[str]) -> bool:

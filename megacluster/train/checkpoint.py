@@ -44,14 +44,13 @@ import safetensors.torch
 import torch
 
 from megacluster.errors import InputError
-from megacluster.files import fsync_dir
+from megacluster.files import CHECKPOINT_NAME, fsync_dir
 
 FORMAT = 2  # manifest.json "format"; 2 adds the manifest's own sha256 (1 is still read, without it)
 _READABLE = (1, 2)
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
-_STEP_DIR = re.compile(r"step_(\d{8,})")  # a complete (renamed-into-place) checkpoint directory
 _HIDDEN = re.compile(r"\.step_(\d+)\.(tmp|del|old)-(\d+)-\d+")  # in-progress or being-deleted: step, kind, pid
 _CHUNK = 8 << 20  # bytes read at a time when hashing
 # Plain values torch.load(weights_only=True) accepts as leaves of `state`.
@@ -304,7 +303,7 @@ def _step_dirs(directory: Path) -> list[tuple[int, Path]]:
     """(step, path) of every step_NNNNNNNN directory under `directory`, ascending by step."""
     found = []
     for entry in directory.iterdir():
-        m = _STEP_DIR.fullmatch(entry.name)
+        m = CHECKPOINT_NAME.fullmatch(entry.name)
         if m and entry.is_dir():
             found.append((int(m.group(1)), entry))
     return sorted(found)

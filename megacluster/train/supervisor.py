@@ -161,8 +161,8 @@ def _say_changed_keys(saved: dict, cfg: Config) -> None:
     now = cfg.to_dict()
     changed = {f"{section}.{key}": (old, now[section][key]) for section in ("data", "optim", "run")
                for key, old in (saved.get(section) or {}).items()
-               if key in now.get(section, {}) and old != now[section][key]}
-    changed = {k: v for k, v in changed.items() if k not in RESUME_QUIET}
+               if key in now.get(section, {}) and old != now[section][key]
+               and f"{section}.{key}" not in RESUME_QUIET}
     if "data.paths" in changed and [_norm(p) for p in changed["data.paths"][0]] == \
             [_norm(p) for p in changed["data.paths"][1]]:
         del changed["data.paths"]  # the same inputs, spelt otherwise ("d" and "/abs/d/")
