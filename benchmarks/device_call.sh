@@ -8,11 +8,15 @@
 #     TESTS=1 bash benchmarks/device_call.sh    # first the GPU-only tests (about a minute more)
 #     OPTIM=1 bash benchmarks/device_call.sh default@gpt2-124m   # first the optimizer alone at 1.5B, with the
 #                                               # sum of squares at 4, 8, 16 blocks a program (~2 minutes more)
+#     LOSS=1 bash benchmarks/device_call.sh     # first the loss kernel alone against Inductor's, three tiles
+#                                               # (benchmarks/loss_kernel.py at 124M's shape, ~1 minute more)
 #     bash benchmarks/device_call.sh default gather@gpt2-1.5b   # other jobs (mfu_variants.py names)
 #     ARGS="--device cpu --smoke --steps 2 --warmup 1" bash benchmarks/device_call.sh default@gpt2-124m  # CPU check
 #
-# Waves are cut by the card's memory (mfu_variants.JOB_GIB; H100 80GB: 1.5B with 124M, then 774M with 350M;
-# H200: 1.5B, 124M and 774M, then 350M), each under LIMIT seconds (default 250; with TESTS=1 take 210, so two
+# The default jobs: the acceptance's three shapes, and 124M with the loss kernel (`lossk`, run.loss_kernel=auto:
+# not yet timed; 350M, timed before and outside the acceptance, runs when named: default@gpt2-350m).
+# Waves are cut by the card's memory (mfu_variants.JOB_GIB; H100 80GB: 1.5B with 124M, then 774M with lossk 124M;
+# H200: 1.5B, 124M and 774M, then lossk 124M), each under LIMIT seconds (default 250; with TESTS=1 take 210, so two
 # waves and the tests fit 590 s). ARGS go on to train_mfu.py. Back in $OUT: mfu.jsonl (one row per finished
 # shape), summary.txt (the machine, the tests, the table), profiles.tgz (kernel tables, gap summaries, logs).
 # Record the figures in benchmarks/RESULTS.md with this command, the device and the date.
@@ -49,8 +53,14 @@ if [ "${OPTIM:-0}" = 1 ]; then
   timeout 200 python3 benchmarks/optim_step.py ${OPTIM_ARGS:---steps 10 --tiles 1024x4x4 1024x4x8 1024x4x16} \
     2>&1 >"$OUT/optim.jsonl" | tee -a "$summary"
 fi
+if [ "${LOSS:-0}" = 1 ]; then
+  # shellcheck disable=SC2086
+  timeout 150 python3 benchmarks/loss_kernel.py ${LOSS_ARGS:---tiles 8192x16x2 4096x8x4 16384x32x1} \
+    2>&1 >"$OUT/loss.jsonl" | tail -5 | tee -a "$summary"
+  tee -a "$summary" < "$OUT/loss.jsonl"
+fi
 if [ $# -eq 0 ]; then
-  set -- default@gpt2-1.5b default@gpt2-124m default@gpt2-774m default@gpt2-350m
+  set -- default@gpt2-1.5b default@gpt2-124m default@gpt2-774m lossk@gpt2-124m
 fi
 python3 benchmarks/mfu_variants.py --parallel --memory "$mem" --limit "${LIMIT:-250}" --out "$work" \
   --args "--profile $work/profiles ${ARGS:-}" "$@" 2>&1 | tee -a "$summary"

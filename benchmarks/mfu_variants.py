@@ -51,6 +51,7 @@ VARIANTS = {  # "default" is the trainer's own (on CUDA: master weights and the 
     "nokernel": ["--set", "run.swiglu_kernel=off"],  # the SwiGLU backward as Inductor writes it
     "norope": ["--set", "run.rope_kernel=off"],  # RoPE's backward + the dqkv cat as Inductor writes them
     "gather": ["--set", "optim.update_kernel=off"],  # gradients gathered flat for the norm and the update
+    "lossk": ["--set", "run.loss_kernel=auto"],  # the loss's softmax as one Triton kernel (kernels.softmax_xent)
 }
 PROFILE = "--profile"  # a train_mfu.py flag the driver gives each job its own directory for
 # GPU memory one job's process held while waiting at the gate, GiB: its peak (RESULTS.md: 19.6 / 23.9 / 35.6 /

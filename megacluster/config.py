@@ -79,6 +79,9 @@ class RunConfig:
     # Triton; megacluster/kernels.py); off: autograd's own (Inductor's kernel when compiled)
     rope_kernel: str = "auto"  # auto: RoPE's backward and the q/k/v gradient assembly as one Triton kernel where
     # it can run (CUDA with Triton; model.SplitRope); off: autograd's own (Inductor's two kernels when compiled)
+    loss_kernel: str = "off"  # auto: the fused loss's softmax and logits gradient as one Triton kernel where it
+    # can run (CUDA with Triton, run.fused_loss on; kernels.softmax_xent); off: Inductor's reduction. Off until
+    # timed on a GPU (written without one: benchmarks/RESULTS.md)
     workers: int = 1  # local worker processes (ignored under torchrun, which sets the world)
     run_dir: str = "runs/latest"
     resume: bool = False
@@ -119,6 +122,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.fused_loss": ("auto", "on", "off"),
     "run.swiglu_kernel": ("auto", "off"),
     "run.rope_kernel": ("auto", "off"),
+    "run.loss_kernel": ("auto", "off"),
     "run.balance": ("equal", "auto"),
     "run.worker_start": ("auto", "fork", "exec"),
 }

@@ -13,6 +13,10 @@ RoPE on q and k): the rotation's transpose for q and k and the copy of dv, writt
 kernel where Inductor writes two (RoPE's backward, then the cat): at 1.5B on the H200 1.95 ms per step against
 1.79 + 1.66 (benchmarks/RESULTS.md).
 
+`softmax_xent(logits, targets)` = (loss per row, softmax - onehot) for model.HeadLoss (`run.loss_kernel`): the
+fused loss's softmax pass, where Inductor's reduction reads each row of logits twice from memory; here the second
+read should come from L2 (the kernel's comment says how). Written without a device: not yet timed.
+
 `BlockTable` holds the optimizer's two kernels over gradients left where autograd wrote them: the sum of squares
 for the clip's norm and the AdamW update (train/optim.py, `optim.update_kernel`).
 
@@ -128,6 +132,66 @@ if triton is not None:
             dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), HALF=hs // 2, BLOCK_T=block_t,
             BLOCK_J=triton.next_power_of_2(hs // 2), num_warps=4)
         return out
+
+
+# ---- the loss: softmax cross-entropy and its logits gradient in one kernel (model.HeadLoss, run.loss_kernel) ----
+
+if triton is not None:
+    @triton.jit
+    def _xent_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, rows, V, BLOCK: tl.constexpr):
+        # logits, grad: (rows, V) contiguous; targets: (rows,) int; loss: (rows,) fp32. Persistent: program p takes
+        # rows p, p + P, ... Pass 1 reads a row for its log-sum-exp (online: running max m, running sum s of
+        # exp(x - m)), the next chunk's load issued before this chunk's reductions; pass 2 reads it again, last
+        # chunk first, and writes exp(x - lse) - onehot. Only P rows lie between their two passes at any time (P x
+        # V x 2 B: 26 MB for 264 programs at V = 50,304 in bf16, within a 50 MB L2), and pass 1 asks the cache to
+        # keep what it read (evict_last), so pass 2 should find its row in L2: one read of the logits from memory.
+        cols = tl.arange(0, BLOCK)
+        n_blocks = tl.cdiv(V, BLOCK)
+        for row in tl.range(tl.program_id(0), rows, tl.num_programs(0)):
+            base = tl.cast(row, tl.int64) * V  # (rows x V can pass 2**31)
+            src, dst = logits_ptr + base, grad_ptr + base
+            m = tl.full([], float("-inf"), tl.float32)
+            s = tl.full([], 0.0, tl.float32)
+            x = tl.load(src + cols, mask=cols < V, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+            for b in range(1, n_blocks + 1):  # at b = n_blocks the load is all masked: no traffic
+                c = b * BLOCK + cols
+                x_next = tl.load(src + c, mask=c < V, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+                m_new = tl.maximum(m, tl.max(x, axis=0))
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+                m = m_new
+                x = x_next
+            lse = m + tl.log(s)
+            t = tl.load(targets_ptr + row)
+            tl.store(loss_ptr + row, lse - tl.load(src + t).to(tl.float32))
+            for b in range(0, n_blocks):
+                c = (n_blocks - 1 - b) * BLOCK + cols
+                x = tl.load(src + c, mask=c < V, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                g = tl.exp(x - lse) - tl.where(c == t, 1.0, 0.0)
+                tl.store(dst + c, g.to(dst.dtype.element_ty), mask=c < V, eviction_policy="evict_first")
+
+    @triton_op("megacluster::softmax_xent", mutates_args={})
+    def softmax_xent(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss per row (N,) fp32, d(sum of the losses)/d logits = softmax - onehot (N, V) in logits' dtype) from
+        logits (N, V) and targets (N,) ids in [0, V). The softmax in fp32, the gradient rounded once."""
+        logits = logits.contiguous()
+        N, V = logits.shape
+        loss = torch.empty(N, dtype=torch.float32, device=logits.device)
+        grad = torch.empty_like(logits)
+        block, warps, per_sm = XENT_TILE
+        programs = per_sm * (torch.cuda.get_device_properties(logits.device).multi_processor_count
+                             if logits.is_cuda else 2)
+
+        def grid(meta):
+            return (programs,)
+
+        wrap_triton(_xent_kernel)[grid](logits, targets, loss, grad, N, V, BLOCK=block, num_warps=warps)
+        return loss, grad
+
+
+# the loss kernel's tile: elements a chunk, warps a program, programs an SM. 8192 x 16 (16 elements a thread: two
+# 16-byte loads per pass) at 57 registers a thread fits two programs an SM; not yet timed on a GPU (written
+# 2026-12-07 without one; benchmarks/loss_kernel.py --tiles times others)
+XENT_TILE = (8192, 16, 2)
 
 
 # ---- the optimizer's two passes over gradients left where autograd put them (train/optim.py, MasterAdamW) ----

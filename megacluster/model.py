@@ -56,6 +56,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
+def xent_with_grad(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype):
+    """(sum of the cross-entropies, 0-d; its gradient softmax - onehot (N, V) in `dtype`) from fp32 logits (N, V),
+    which it overwrites; compiled, one Inductor reduction (kernels.softmax_xent is the same math by hand)."""
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (N, 1)
+    loss = (lse.squeeze(1) - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+    onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == targets[:, None]  # (N, V)
+    # in place over the fp32 logits: eager (compile off) keeps one fp32 (N, V) buffer instead of four; under
+    # compile the in-place ops are functionalized into the one fused kernel
+    return loss, logits.sub_(lse).exp_().sub_(onehot.to(logits.dtype)).to(dtype)
+
+
 class HeadLoss(torch.autograd.Function):
     """Output head + summed cross-entropy, with the logits gradient computed in the forward.
 
@@ -69,16 +80,15 @@ class HeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                kernel: bool = False) -> torch.Tensor:
         # h: (N, d) final-norm output, weight: (V, d) head, targets: (N,) token ids -> 0-d fp32 loss sum
         w = weight.to(h.dtype)  # bf16 under autocast: the backward runs outside autocast and needs it cast
-        logits = (h @ w.t()).float()  # (N, V): the matmul in h's dtype, the softmax in fp32
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (N, 1)
-        loss = (lse.squeeze(1) - logits.gather(1, targets[:, None]).squeeze(1)).sum()
-        onehot = torch.arange(logits.shape[1], device=h.device)[None, :] == targets[:, None]  # (N, V)
-        # d loss / d logits, (N, V), in place over the fp32 logits: eager (compile off) keeps one fp32 (N, V)
-        # buffer instead of four; under compile the in-place ops are functionalized into the one fused kernel
-        dlogits = logits.sub_(lse).exp_().sub_(onehot.to(logits.dtype)).to(h.dtype)
+        if kernel:  # the same math in one Triton kernel that reads the logits once (kernels.softmax_xent)
+            rows, dlogits = kernels.softmax_xent(h @ w.t(), targets)
+            ctx.save_for_backward(h, w, dlogits)
+            return rows.sum()
+        loss, dlogits = xent_with_grad((h @ w.t()).float(), targets, h.dtype)  # the matmul in h's dtype
         ctx.save_for_backward(h, w, dlogits)
         return loss
 
@@ -87,7 +97,7 @@ class HeadLoss(torch.autograd.Function):
         h, w, dlogits = ctx.saved_tensors
         dh = (dlogits @ w) * g  # (N, d)
         dw = (dlogits.t() @ h) * g  # (V, d)
-        return dh, dw, None  # autograd casts dw to the weight's dtype (fp32 weights under bf16 autocast)
+        return dh, dw, None, None  # autograd casts dw to the weight's dtype (fp32 weights under bf16 autocast)
 
 
 class RMSNorm(nn.Module):
@@ -206,10 +216,11 @@ class GPT(nn.Module):
     """
 
     def __init__(self, m: ModelConfig, fused_loss: bool = False, swiglu_kernel: bool = False,
-                 rope_kernel: bool = False):
+                 rope_kernel: bool = False, loss_kernel: bool = False):
         super().__init__()
         self.config = m
         self.fused_loss = fused_loss  # training loss through HeadLoss (same value, one pass less)
+        self.loss_kernel = loss_kernel  # HeadLoss's softmax as one Triton kernel where it can run (kernels.py)
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         self.blocks = nn.ModuleList(Block(m, swiglu_kernel, rope_kernel) for _ in range(m.n_layer))
         self.norm = RMSNorm(m.d_model, m.norm_eps)
@@ -248,7 +259,8 @@ class GPT(nn.Module):
             x = block(x, cos, sin)
         x = self.norm(x)  # (B, T, d)
         if targets is not None and self.fused_loss and torch.is_grad_enabled():
-            return HeadLoss.apply(x.view(B * T, -1), self.head.weight, targets.reshape(B * T))
+            return HeadLoss.apply(x.view(B * T, -1), self.head.weight, targets.reshape(B * T),
+                                  self.loss_kernel and kernels.available(x))
         logits = self.head(x)  # (B, T, V)
         if targets is None:
             return logits

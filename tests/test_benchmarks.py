@@ -1,10 +1,13 @@
 """The GPU benchmarks run rarely (only when a device is lent): their CPU modes keep them from rotting between."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -238,3 +241,16 @@ def test_trace_gaps_names_the_host_op_behind_each_small_kernel():
         ("Memset", "aten::fill_"): (1, 1.5), ("Memset", "(no op)"): (1, 1.0),
         ("triton_poi_fused", "## Call CompiledFxGraph ##"): (1, 1.0)}  # nvjet_big: 40 us, not small
     assert "GPU events under 3 us by the host op that launched them" in trace_gaps.summary(events)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter on a CPU)")
+def test_loss_kernel_times_the_reference_and_each_tile():
+    r = run(sys.executable, "benchmarks/loss_kernel.py", "--device", "cpu", "--rows", "6", "--vocab", "700",
+            "--iters", "1", "--compile", "off", "--tiles", "512x4x1", "256x2x3", env={"TRITON_INTERPRET": "1"})
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [x["impl"] for x in rows] == ["eager", "kernel", "kernel"] and [x.get("tile") for x in rows[1:]] == [
+        "512x4x1", "256x2x3"]
+    assert all(x["ms"] > 0 and x["loss_rel_diff"] < 1e-6 and x["grad_max_diff"] < 1e-2 for x in rows[1:])
+    bad = run(sys.executable, "benchmarks/loss_kernel.py", "--tiles", "1000x4x1")
+    assert bad.returncode == 2 and "powers of two" in bad.stderr

@@ -60,6 +60,46 @@ def check_rope_backward(device: str, dtype: torch.dtype, tol: float) -> None:
             torch.testing.assert_close(a.float(), b.detach(), atol=tol, rtol=tol)
 
 
+def check_xent(device: str, dtype: torch.dtype, tol: float) -> None:
+    """kernels.softmax_xent against torch's cross-entropy and softmax - onehot: a vocabulary smaller than one
+    chunk, a ragged one, whole chunks, more rows than programs, the first and last ids as targets; then the
+    model's fused loss through it (run.loss_kernel) against the fused loss without it: same loss and gradients."""
+    from megacluster import kernels
+    from megacluster.config import ModelConfig
+    from megacluster.model import GPT
+
+    if device == "cpu":  # only in the interpreter's subprocess, which runs the kernels on CPU tensors
+        kernels.available = lambda x: True
+    gen = torch.Generator().manual_seed(0)
+    for N, V in [(5, 300), (9, 20000), (3, 2 * kernels.XENT_TILE[0])]:
+        logits = torch.randn(N, V, generator=gen) * 4
+        logits[1] -= 50  # a row whose first chunk holds its maximum, 150 above the rest: exp(150) overflows
+        logits[1, 1] = 100  # fp32, so the kernel must rescale its running sum by the running maximum
+        logits = logits.to(device, dtype)
+        targets = torch.randint(0, V, (N,), generator=gen).to(device)
+        targets[0], targets[-1] = 0, V - 1
+        loss, grad = kernels.softmax_xent(logits, targets)
+        assert loss.dtype == torch.float32 and grad.dtype == dtype and grad.shape == (N, V)
+        want = F.cross_entropy(logits.float(), targets, reduction="none")
+        torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)  # fp32 either way: only summation order
+        want = torch.softmax(logits.float(), -1) - F.one_hot(targets, V)
+        torch.testing.assert_close(grad.float(), want, atol=tol, rtol=tol)
+    m = ModelConfig(vocab_size=300, n_layer=1, n_head=2, d_model=32, seq_len=16)
+    idx = torch.randint(0, 300, (3, 17), generator=gen).to(device)
+    runs = []
+    for kernel in (False, True):
+        torch.manual_seed(0)
+        model = GPT(m, fused_loss=True, loss_kernel=kernel).to(device)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        runs.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (l0, g0), (l1, g1) = runs
+    torch.testing.assert_close(l1, l0, atol=0, rtol=1e-5)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=tol * b.abs().max().item(), rtol=tol)
+
+
 def check_optimizer(device: str) -> None:
     """MasterAdamW reading p.grad in place (kernels.BlockTable) against its gather path (eager update, per-tensor
     norms), fed the same gradients for 3 steps, fp32 and bf16 weights, both parameter groups, clipping on, and
@@ -151,6 +191,7 @@ def test_block_table_refuses_gradients_it_would_misread():
 def test_kernels_in_the_interpreter():
     run_in_a_subprocess("for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):\n"
                         "    t.check_backward('cpu', dtype, tol); t.check_rope_backward('cpu', dtype, tol)\n"
+                        "    t.check_xent('cpu', dtype, tol)\n"
                         "t.check_optimizer('cpu'); t.check_sumsq('cpu')", TRITON_INTERPRET="1")
 
 
@@ -160,12 +201,15 @@ def test_kernels_on_the_gpu():
     check_backward("cuda", torch.bfloat16, 2e-2)  # one rounding to bf16 at the end, vs fp32 autograd
     check_rope_backward("cuda", torch.float32, 1e-5)
     check_rope_backward("cuda", torch.bfloat16, 2e-2)
+    check_xent("cuda", torch.float32, 1e-5)
+    check_xent("cuda", torch.bfloat16, 2e-2)
     check_optimizer("cuda")
     check_sumsq("cuda")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and Triton")
-@pytest.mark.parametrize("which,n_kv_head", [("swiglu_kernel", 2), ("rope_kernel", 2), ("rope_kernel", 0)])
+@pytest.mark.parametrize("which,n_kv_head", [("swiglu_kernel", 2), ("rope_kernel", 2), ("rope_kernel", 0),
+                                             ("loss_kernel", 2)])
 def test_compiled_model_with_the_kernel_trains_like_without(which, n_kv_head):
     """The GPU path: compiled, bf16 autocast, grouped-query and plain attention. The loss is the same (the forward
     is the same ops), and every gradient is as close to an fp32 reference as autograd's own backward's is. Not
@@ -183,7 +227,7 @@ def test_compiled_model_with_the_kernel_trains_like_without(which, n_kv_head):
     runs = []
     for kernel, bf16 in ((False, False), (False, True), (True, True)):  # fp32 eager reference, then compiled
         torch.manual_seed(0)
-        model = GPT(m, **{which: kernel}).cuda()
+        model = GPT(m, **{which: kernel}, fused_loss=which == "loss_kernel").cuda()  # the loss kernel's path
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             loss = (torch.compile(model, fullgraph=True) if bf16 else model)(idx[:, :-1], idx[:, 1:])  # no graph break
         loss.backward()
@@ -224,10 +268,11 @@ def test_kernels_trace_with_a_dynamic_batch(monkeypatch):
 
     if kernels.triton is None:  # a CPU build defines the kernels only when asked: in a subprocess
         run_in_a_subprocess("from megacluster import kernels\nkernels.available = lambda x: True\n"
-                            "t.trace_dynamic_batch()", MEGACLUSTER_TRITON="1")
+                            "t.trace_dynamic_batch(); t.trace_loss_kernel()", MEGACLUSTER_TRITON="1")
         return
     monkeypatch.setattr(kernels, "available", lambda x: True)  # so the model takes the kernels' path on CPU
     trace_dynamic_batch()
+    trace_loss_kernel()
 
 
 def trace_dynamic_batch():
@@ -263,3 +308,48 @@ def trace_dynamic_batch():
     assert len(launches) == 2  # both kernels, in the backward graph
     grids = [n.kwargs["grid"][0] for n in launches]  # SwiGLU's (row blocks, ...), RoPE's (..., ..., batch)
     assert isinstance(grids[0][0], torch.fx.Node) and isinstance(grids[1][2], torch.fx.Node)  # follow the batch
+
+
+def trace_loss_kernel():
+    """The fused loss through the loss kernel (run.loss_kernel) compiles to one graph with a dynamic batch: the
+    kernel in the forward graph, and, with Inductor's partitioner, the head's two gradient matmuls beside it, so
+    that no (N, V) tensor is kept for the backward (at a vocabulary large against the width, as in the presets;
+    at toy sizes keeping it is cheaper and the partitioner does). Traced only: a forward holding the kernel
+    cannot run without a GPU, so the compiled forward raises a marker instead of running."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from megacluster.config import ModelConfig
+    from megacluster.model import GPT
+
+    class Traced(Exception):
+        pass
+
+    def not_run(*args):
+        raise Traced
+
+    graphs = []
+
+    def keep(g, _):
+        graphs.append(g)
+        return not_run
+
+    torch._dynamo.reset()
+    V = 4096
+    model = GPT(ModelConfig(vocab_size=V, n_layer=1, n_head=2, d_model=32, seq_len=256), fused_loss=True,
+                loss_kernel=True)
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=min_cut_rematerialization_partition)
+    f = torch.compile(model, backend=backend, fullgraph=True)
+    rows = torch.randint(0, V, (2, 257))
+    x, y = rows[:, :-1], rows[:, 1:]
+    torch._dynamo.mark_dynamic(x, 0)
+    torch._dynamo.mark_dynamic(y, 0)
+    with pytest.raises(Traced):
+        f(x, y)
+    assert len(graphs) == 2  # forward and backward (traced together for a dynamic batch)
+    fw, bw = ([n for n in g.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+              for g in graphs)
+    assert len(fw) == 1 and not bw
+    saved = [tuple(n.meta["val"].shape) for n in graphs[1].graph.nodes
+             if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)]
+    assert (V, 32) in saved and not any(V in shape for shape in saved if shape != (V, 32)), saved

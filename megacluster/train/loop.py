@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import hardware
+from .. import hardware, kernels
 from ..config import Config, OptimConfig
 from ..data import Corpus, SampleOrder, prepare
 from ..files import run_outputs
@@ -208,7 +208,7 @@ class Worker:
         self.compiled = cfg.run.compile == "on" or (cfg.run.compile == "auto" and place.device.type == "cuda")
         fused_loss = optim.on_for_compiled_cuda(cfg.run.fused_loss, place.device, self.compiled)
         self.model = GPT(cfg.model, fused_loss=fused_loss, swiglu_kernel=cfg.run.swiglu_kernel == "auto",
-                         rope_kernel=cfg.run.rope_kernel == "auto")
+                         rope_kernel=cfg.run.rope_kernel == "auto", loss_kernel=cfg.run.loss_kernel == "auto")
         self.model.to(place.device)
         self.dtype = self._dtype()
         self.opt = optim.build(self.model, cfg.optim, place.device, self.dtype, self.compiled)
@@ -654,7 +654,8 @@ class Worker:
     def resolved(self) -> dict:
         """What the "auto" keys came to on this worker's device (in the result: a user sees what ran)."""
         return {"compiled": self.compiled, "dtype": "bf16" if self.dtype == torch.bfloat16 else "fp32",  # run.dtype's
-                "master_weights": isinstance(self.opt, optim.MasterAdamW), "fused_loss": self.model.fused_loss}
+                "master_weights": isinstance(self.opt, optim.MasterAdamW), "fused_loss": self.model.fused_loss,
+                "loss_kernel": self.model.fused_loss and self.model.loss_kernel and kernels.available(self.params[0])}
 
     def flush(self) -> None:
         """Copy the losses of completed steps to the host history (one device sync)."""

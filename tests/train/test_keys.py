@@ -147,14 +147,18 @@ def test_auto_defaults_follow_the_switch_in_the_worker(tmp_path, key):
 
 def test_kernel_keys_reach_every_block(tmp_path):
     """run.swiglu_kernel and run.rope_kernel: auto asks every block for the Triton backward (used where it can run:
-    CUDA with Triton; tests/test_kernels.py checks the math, benchmarks/RESULTS.md the speed); off keeps autograd's."""
+    CUDA with Triton; tests/test_kernels.py checks the math, benchmarks/RESULTS.md the speed); off keeps autograd's.
+    run.loss_kernel the same for the fused loss's softmax (model.HeadLoss)."""
     for choice, on in (("auto", True), ("off", False)):
         w = Worker(micro_cfg(tmp_path, choice, f"run.swiglu_kernel={choice}"), init_place("cpu"))
         assert [b.mlp.kernel for b in w.model.blocks] == [on] * len(w.model.blocks)
         w = Worker(micro_cfg(tmp_path, "rope" + choice, f"run.rope_kernel={choice}"), init_place("cpu"))
         assert [b.attn.rope_kernel for b in w.model.blocks] == [on] * len(w.model.blocks)
-    default = Worker(micro_cfg(tmp_path, "default"), init_place("cpu")).model.blocks[0]
-    assert default.mlp.kernel and default.attn.rope_kernel  # both auto by default
+        w = Worker(micro_cfg(tmp_path, "loss" + choice, f"run.loss_kernel={choice}"), init_place("cpu"))
+        assert w.model.loss_kernel is on and w.resolved()["loss_kernel"] is False  # asked; no GPU to run it here
+    default = Worker(micro_cfg(tmp_path, "default"), init_place("cpu")).model
+    assert default.blocks[0].mlp.kernel and default.blocks[0].attn.rope_kernel  # both auto by default
+    assert not default.loss_kernel  # off until timed on a GPU
 
 
 def test_update_kernel_key_picks_the_in_place_optimizer_step(tmp_path, monkeypatch):
