@@ -3,7 +3,7 @@
 Inputs (`--data`): text files, directories (all files below, sorted; hidden files and directories, such as
 `.git`, and `__pycache__` skipped, as are the run's own outputs, other megacluster run directories and the token
 cache below a --data directory; symlinked directories followed), globs (a path that exists is taken as it is,
-even with `[` in its name), `.jsonl` files with a `text` field per line, and pre-tokenized shards (`.npy` arrays
+even with `[` in its name; other runs' directories below the pattern's literal part are skipped there too), `.jsonl` files with a `text` field per line, and pre-tokenized shards (`.npy` arrays
 of token ids, or `.bin` raw uint16 as nanoGPT writes them: a .bin is always read as uint16). Text inputs (text
 and .jsonl, mixed as you like) or shards, not both in one run. A text file with a NUL byte is refused as binary.
 Text is read up to `data.max_bytes` (12 MB by default; 0 = all), and a cut is reported. With no input the corpus
@@ -80,12 +80,19 @@ def resolve(paths: list[str], exclude: list[tuple[Path, str]] | tuple = ()) -> l
         return default_corpus()
     skip = _Skip(exclude)
     out: list[Path] = []
+    runs_skipped = False
     for item in paths:
         if not item.strip():  # Path("") is the working directory: never what an empty entry meant
             raise InputError("--data (data.paths): an empty path; give files, directories or globs")
         matches = [Path(item)] if os.path.exists(item) else [Path(m) for m in sorted(glob.glob(item, recursive=True))]
         if "__pycache__" not in Path(item).parts:  # skipped below a glob as below a directory (glob skips hidden)
             matches = [m for m in matches if "__pycache__" not in m.parts]
+        if not os.path.exists(item):
+            kept = _outside_run_dirs(item, matches)
+            runs_skipped |= len(kept) < len(matches)
+            if matches and not kept:
+                continue  # all in other runs' directories: said below if nothing else is found
+            matches = kept
         for p in matches or [Path(item)]:
             if p.is_dir():
                 out.extend(_files_below(p, skip))
@@ -105,11 +112,35 @@ def resolve(paths: list[str], exclude: list[tuple[Path, str]] | tuple = ()) -> l
     if not files:
         raise InputError(f"--data: no files found under {paths}" + (
             " (a run's own outputs, other megacluster run directories and the token cache are never read as "
-            "data)" if out else ""))
+            "data)" if out or runs_skipped else ""))
     kinds = {_kind(p) in PRETOKENIZED for p in files}
     if len(kinds) > 1:
         raise InputError("--data: mix of pre-tokenized shards (.npy/.bin) and text; give one kind per run")
     return files
+
+
+def _outside_run_dirs(pattern: str, matches: list[Path]) -> list[Path]:
+    """A glob's matches less those that are, or lie below, another megacluster run's directory under the
+    pattern's literal part (`files.is_run_dir`): `--data 'dir/*'` skips them as `--data dir` does. A directory
+    named as it is is read as given."""
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+    top = Path(*parts[:fixed]) if fixed else Path(".")
+    seen: dict[Path, bool] = {}
+
+    def run_dir(d: Path) -> bool:
+        if d not in seen:
+            try:
+                seen[d] = d.is_dir() and is_run_dir(d, set(os.listdir(d)))
+            except OSError:
+                seen[d] = False
+        return seen[d]
+
+    def below_top(m: Path) -> list[Path]:  # m and its parents under the literal part
+        chain = [m, *m.parents]
+        return chain[:chain.index(top)] if top in chain else [m]
+
+    return [m for m in matches if not any(run_dir(d) for d in below_top(m))]
 
 
 def _kind(p: Path) -> str:

@@ -461,6 +461,13 @@ def test_other_runs_below_a_data_directory_are_not_data_and_binary_text_is_refus
     names = [f.relative_to(docs).as_posix() for f in files]
     assert names == ["app/config.json", *[f"f{i}.txt" for i in range(5)], "hf/metrics.jsonl", "notes/metrics.jsonl"]
     assert resolve([str(old_run)]) == [old_run / "metrics.jsonl", old_run / "notes.txt"]  # given as the root: read
+    # a glob skips them too: whether it matches a run dir, or files below one
+    assert resolve([str(docs / "*")]) == files
+    assert [f.relative_to(docs).as_posix() for f in resolve([str(docs / "**" / "*.txt")])] == [
+        *[f"f{i}.txt" for i in range(5)]]
+    assert resolve([str(docs / "runs" / "*" / "*.txt"), str(docs / "f0.txt")]) == [docs / "f0.txt"]
+    with pytest.raises(InputError, match="other megacluster run directories"):
+        resolve([str(docs / "runs" / "*")])
     (docs / "archive.txt").write_bytes(b"\x1f\x8b\x08\x00 compressed")
     with pytest.raises(InputError, match=r"archive\.txt: binary content \(a NUL byte\), not text"):
         prepare(DataConfig(paths=[str(docs)], val_fraction=0.1, cache_dir=str(tmp_path / "c")), 300)
