@@ -58,6 +58,9 @@ PROFILE = "--profile"  # a train_mfu.py flag the driver gives each job its own d
 # 50.1 GB) plus the CUDA context and the allocator's cache; 124M and 1.5B read off an out-of-memory report on the
 # H200 (22.2 and 46.2-49.2 GiB), the middle two scaled from their peaks
 JOB_GIB = {"gpt2-124m": 23, "gpt2-350m": 27, "gpt2-774m": 38, "gpt2-1.5b": 50}
+# and what a variant may add: lossk writes the (N, V) logits gradient beside the logits, where Inductor's
+# reduction may write over them (3.3 GB at 124M, batch 32; not yet measured)
+VARIANT_GIB = {"lossk": 4}
 
 
 @dataclass(slots=True)
@@ -68,6 +71,10 @@ class Job:
     rc: int | None = None
     killed: str = ""  # why the driver stopped it ("time limit", "not warm in time")
     rows: list[dict] = field(default_factory=list)
+
+    @property
+    def gib(self) -> int:  # the memory estimate of its first shape (in --parallel, its only one)
+        return JOB_GIB[self.shapes[0]] + VARIANT_GIB.get(self.variant, 0)
 
     @property
     def tag(self) -> str:  # a file-name-safe name (the device tool returns only [A-Za-z0-9._-] names)
@@ -174,7 +181,7 @@ def waves(jobs: list[Job], memory_gib: float) -> list[list[Job]]:
         return [jobs]
     out: list[list[Job]] = [[]]
     for job in jobs:
-        if out[-1] and sum(JOB_GIB[j.shapes[0]] for j in out[-1]) + JOB_GIB[job.shapes[0]] > memory_gib:
+        if out[-1] and sum(j.gib for j in out[-1]) + job.gib > memory_gib:
             out.append([])
         out[-1].append(job)
     return out

@@ -79,6 +79,9 @@ def test_mfu_variants_memory_cuts_waves_and_each_times_one_job_at_a_time(tmp_pat
     assert [[f"{j.variant}@{j.shapes[0]}" for j in w] for w in cut] == [
         ["default@gpt2-1.5b", "plain@gpt2-1.5b", "default@gpt2-124m"], ["plain@gpt2-124m"]]
     assert [len(w) for w in mv.waves(jobs, 40)] == [1, 1, 1, 1] and mv.waves(jobs, 0) == [jobs]
+    jobs = mv.parse_jobs(["default@gpt2-1.5b", "default@gpt2-124m", "default@gpt2-774m", "lossk@gpt2-124m"], [], True)
+    assert [len(w) for w in mv.waves(jobs, 135)] == [3, 1]  # device_call's default on the H200: lossk's 4 GiB more
+    assert [len(w) for w in mv.waves(jobs, 76)] == [2, 2]  # the H100 80GB
     jobs = ["swap@gpt2-124m", "master@gpt2-350m", "default@gpt2-124m"]  # 23 + 27 GiB fit 50, then 23
     r = run(sys.executable, "benchmarks/mfu_variants.py", "--parallel", "--memory", "50", "--out", str(tmp_path),
             "--args", " ".join(SMOKE), *jobs)
