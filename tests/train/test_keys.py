@@ -39,6 +39,18 @@ def test_key_changes_the_losses(tmp_path, baseline, override):
     assert res["loss_digest"] != baseline["loss_digest"], f"{override} had no effect"
 
 
+@pytest.fixture(scope="module")
+def master_baseline(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("master"), "base", "optim.master_weights=on")
+
+
+@pytest.mark.parametrize("override", ["optim.weight_decay=50", "optim.beta1=0.5", "optim.beta2=0.5", "optim.eps=1.0"])
+def test_optimizer_key_changes_the_losses_with_master_weights(tmp_path, master_baseline, override):
+    """The same keys reach MasterAdamW (its own update, not torch's AdamW)."""
+    res = run(tmp_path, "x", "optim.master_weights=on", override)
+    assert res["master_weights"] and res["loss_digest"] != master_baseline["loss_digest"], f"{override} had no effect"
+
+
 def test_bookkeeping_keys(tmp_path):
     res = run(tmp_path, "k", "run.ckpt_every=1", "run.ckpt_keep=2", "run.log_every=2", "run.eval_every=2",
               "run.eval_batches=2", "run.max_steps=4")

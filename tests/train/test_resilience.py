@@ -41,10 +41,14 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in recs if "loss" in r}  # a redone step: the last record wins
 
 
-def test_kill_hang_flap_same_digest_as_clean_run(tmp_path):
+def test_kill_hang_flap_same_digest_as_clean_run(tmp_path, capfd):
     clean = train(cfg(tmp_path, "clean", "run.workers=2", "run.max_steps=14"))
+    capfd.readouterr()
     chaos = train(cfg(tmp_path, "chaos", "run.workers=2", "run.max_steps=14",
                       "run.chaos=kill:rank=1,step=4; hang:rank=0,step=8; flap:step=11,times=3"))
+    # the hang is called one after run.hang_timeout (8 s; the default is 30)
+    waited = [float(x) for x in re.findall(r"worker 0 made no progress for ([0-9.]+) s: hung", capfd.readouterr().err)]
+    assert len(waited) == 1 and 8 <= waited[0] < 12, waited
     assert chaos["loss_digest"] == clean["loss_digest"]
     assert chaos["steps"] == 14 and chaos["world"] == 2
     assert chaos["restarts"] == 2 and chaos["recoveries_from_peer"] == 2 and chaos["flaps_survived"] == 3
@@ -75,9 +79,12 @@ def test_permanent_loss_shrinks_and_matches_a_clean_smaller_run(tmp_path):
     assert two["steps"] == three["steps"] == 12
 
 
-def test_one_vs_three_workers_from_scratch(tmp_path):
+def test_one_vs_three_workers_from_scratch(tmp_path, monkeypatch):
+    zygotes = []  # run.worker_start auto on CPU: the workers are forked from the zygote
+    monkeypatch.setattr(supervisor, "start_zygote", lambda real=supervisor.start_zygote: zygotes.append(1) or real())
     train(cfg(tmp_path, "one", "run.max_steps=6"))
     train(cfg(tmp_path, "three", "run.workers=3", "run.max_steps=6"))
+    assert zygotes == [1]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "three")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert all(a[s] == pytest.approx(b[s], rel=1e-4) for s in a)
@@ -128,14 +135,17 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous_good_one(tmp_path):
     assert resumed["loss_digest"] == full["loss_digest"]
 
 
-def test_whole_world_killed_recovers_from_checkpoint(tmp_path, capfd):
+def test_whole_world_killed_recovers_from_checkpoint(tmp_path, capfd, monkeypatch):
     """A single supervised worker has no peer: its replacement resumes from the newest good checkpoint. Its
     workers are started with exec (everywhere else in the suite they are forked from the zygote, the CPU default),
     and compute what the in-process run computes."""
     clean = train(cfg(tmp_path, "clean", "run.max_steps=10", "run.ckpt_every=3"))
     capfd.readouterr()
+    zygotes = []
+    monkeypatch.setattr(supervisor, "start_zygote", lambda real=supervisor.start_zygote: zygotes.append(1) or real())
     res = train(cfg(tmp_path, "solo", "run.max_steps=10", "run.ckpt_every=3", "run.chaos=kill:rank=0,step=8",
                     "run.worker_start=exec"))
+    assert zygotes == []  # exec: no zygote started, both workers (first and replacement) exec'd
     assert res["recoveries_from_checkpoint"] == 1 and res["recoveries_from_peer"] == 0
     # Checkpoints are written in the background, so the kill at step 8 may land while step 6's write is still in
     # flight (it did on a loaded CI machine); then the step-3 checkpoint is the newest good one.
