@@ -126,7 +126,7 @@ def analyse(spec: ReliabilitySpec, nodes: int, duration_days: float, *, mc: bool
     restart = spec.restart_s + (wait * hw_rate / lam if lam > 0 else 0.0)  # mean over causes
     delta = spec.checkpoint_write_s
     tau = spec.checkpoint_interval_s or (daly_interval(delta, mttf) if math.isfinite(mttf) else 86400.0)
-    tau = max(tau, 1.0)
+    tau = max(tau, 1.0)  # a Daly optimum under a second (given intervals are >= 1 s: scenario.py)
     planned_rate = spec.planned_per_day / DAY
     ettr = analytic_ettr(spec, tau, restart, mttf, planned_rate)
     dur = duration_days * DAY  # infinite for a run that never finishes (predict: ETTR 0 -> train_days inf)

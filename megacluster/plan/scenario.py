@@ -47,7 +47,7 @@ class _Rule:
             if self.hi is not None:
                 rng += f" and <= {shown(self.hi)}"
         else:
-            rng = {"bool": "true or false", "str": "a string", "dict": "a table of name = finite number >= 0"}[self.kind]
+            rng = {"bool": "true or false", "str": "a string", "dict": "a table of name = finite number >= 0, their sum > 0"}[self.kind]
         return rng + (' or "auto"' if self.auto else "")
 
 
@@ -67,7 +67,7 @@ def _check(section: str, key: str, value: Any, rule: _Rule) -> Any:
     name = f"{section}.{key}"
     if rule.auto and value == "auto":  # the one place "auto" is read: from here on it is None
         return None
-    bad = ScenarioError(f"{name} = {value!r} is invalid: must be {rule.allowed()}")
+    bad = ScenarioError(f"{name} = {_shown(value)} is invalid: must be {rule.allowed()}")
     if rule.kind == "bool":
         if not isinstance(value, bool):
             raise bad
@@ -82,10 +82,12 @@ def _check(section: str, key: str, value: Any, rule: _Rule) -> Any:
         return value
     if rule.kind == "dict":
         if not isinstance(value, dict) or not value or any(
-                not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < math.inf
-                for v in value.values()):
+                not isinstance(v, (int, float)) or isinstance(v, bool) for v in value.values()):
             raise bad
-        return {str(k): float(v) for k, v in value.items()}
+        weights = {str(k): _finite(v, bad) for k, v in value.items()}
+        if any(w < 0 for w in weights.values()) or not 0 < sum(weights.values()) < math.inf:
+            raise bad
+        return weights
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad
     if rule.kind == "int":
@@ -93,12 +95,31 @@ def _check(section: str, key: str, value: Any, rule: _Rule) -> Any:
             raise bad
         value = int(value)
     else:
-        value = float(value)
-        if not math.isfinite(value):  # TOML and JSON spell nan and inf; nan passes every comparison below
-            raise bad
+        value = _finite(value, bad)
     if (rule.lo is not None and value < rule.lo) or (rule.hi is not None and value > rule.hi):
         raise bad
     return value
+
+
+def _finite(value: int | float, bad: ScenarioError) -> float:
+    """A number as a finite float, or `bad`: TOML and JSON spell nan and inf (nan passes every comparison), and
+    both allow integers too long for a float."""
+    try:
+        value = float(value)
+    except OverflowError:
+        raise bad from None
+    if not math.isfinite(value):
+        raise bad
+    return value
+
+
+def _shown(value: Any) -> str:
+    """A value for a message, cut short: a scenario may hold a 400-digit integer."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer past Python's 4,300-digit limit on str()
+        return "(a value holding an integer of over 4,300 digits)"
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
 
 
 def _build(cls, section: str, raw: Any, rules: dict[str, _Rule]):
@@ -265,7 +286,7 @@ MAX_FAILURE_RATE = 1e6
 RELIABILITY_RULES = {"node_failures_per_1000_node_days": _num(0, MAX_FAILURE_RATE), "causes": _Rule("dict"),
                      "planned_per_day": _num(0, MAX_FAILURE_RATE), "checkpoint_write_s": _num(0, MAX_RESTART_S),
                      "restart_s": _num(0, MAX_RESTART_S),
-                     "checkpoint_interval_s": _num(1e-3, MAX_CHECKPOINT_INTERVAL_S, auto=True),
+                     "checkpoint_interval_s": _num(1, MAX_CHECKPOINT_INTERVAL_S, auto=True),
                      "spare_nodes": _int(0, MAX_GPUS), "repair_h": _num(0, MAX_RESTART_S / 3600),
                      "duration_days": _num(1e-6, MAX_DURATION_DAYS), "trials": _int(1, MAX_TRIALS), "seed": _int(0)}
 

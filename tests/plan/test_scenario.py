@@ -226,6 +226,35 @@ def test_time_and_token_keys_have_an_upper_bound(section, key, hi, shown):
             load_scenario(given(bad))
 
 
+@pytest.mark.parametrize("section, key", [("reliability", "restart_s"), ("train", "total_tokens"),
+                                          ("site", "light_time_s"), ("reliability", "causes")])
+def test_integers_too_long_for_a_float_are_refused_naming_the_key(section, key):
+    """TOML and JSON allow integers of any length: float() of one past ~1e308 raised OverflowError (a traceback,
+    exit 1). The message shows such a number cut short, and one past Python's 4,300-digit str() limit by size."""
+    for big, shown in ((10 ** 400, r".{20,45}\.\.\. \(\d+ characters\)"),
+                       (10 ** 5000, r"\(a value holding an integer of over 4,300 digits\)")):
+        value = {"gpu": big} if key == "causes" else big
+        with pytest.raises(ScenarioError, match=rf"^{section}\.{key} = {shown} is invalid: must be "):
+            load_scenario({**BASE, section: {**BASE.get(section, {}), key: value}})
+
+
+@pytest.mark.parametrize("causes", [{"gpu": 0}, {"gpu": 0, "nic": 0.0}, {"gpu": 1e308, "nic": 1e308}])
+def test_cause_weights_must_have_a_finite_sum_above_zero(causes):
+    """All-zero weights removed every failure without a word (job MTTF inf); two of 1e308 sum to inf, which did too."""
+    with pytest.raises(ScenarioError, match=r"^reliability\.causes = .* is invalid: must be a table of name = finite "
+                                            r"number >= 0, their sum > 0$"):
+        load_scenario({**BASE, "reliability": {"causes": causes}})
+    assert load_scenario({**BASE, "reliability": {"causes": {"gpu": 0, "nic": 2}}}).reliability.causes == {
+        "gpu": 0.0, "nic": 2.0}
+
+
+def test_a_checkpoint_interval_under_a_second_is_refused():
+    """It was taken as 1 s without a word."""
+    with pytest.raises(ScenarioError, match=r"checkpoint_interval_s = 0\.5 is invalid: must be a finite number >= 1 "):
+        load_scenario({**BASE, "reliability": {"checkpoint_interval_s": 0.5}})
+    assert load_scenario({**BASE, "reliability": {"checkpoint_interval_s": 1}}).reliability.checkpoint_interval_s == 1
+
+
 def _1m_gpu(tmp_path, **reliability) -> Path:
     from megacluster.plan.scenario import load_preset
     raw = load_preset("1m-gpu").raw
