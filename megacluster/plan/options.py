@@ -5,6 +5,7 @@ part and lease the rest to inference. Compared by net cost per million useful tr
 from __future__ import annotations
 
 import copy
+import math
 
 from ..hardware import get_gpu
 from .perf import Plan, capacity_gb
@@ -60,6 +61,10 @@ def compare(sc: Scenario, as_is: Prediction | None = None) -> dict:
     ok = [o for o in out if o["available"]]
     if not ok:
         return {"options": out, "recommendation": "no option is available (see each option's reason)", "best": None}
+    ok = [o for o in ok if math.isfinite(o["net_usd_per_mtok"])]
+    if not ok:  # none fits in memory (or none keeps any progress between failures): none is better than another
+        return {"options": out, "recommendation": "no option trains: none fits in GPU memory by the memory model, "
+                "or none makes progress between failures (see each option's figures)", "best": None}
     best = min(ok, key=lambda o: o["net_usd_per_mtok"])
     worst = max(ok, key=lambda o: o["net_usd_per_mtok"])
     rec = (f"{best['option']}: ${best['net_usd_per_mtok']:.2f} net per 1M useful tokens "

@@ -305,6 +305,19 @@ def test_mixed_fleet_option_the_scenario_cannot_take_is_unavailable_not_an_error
     assert "unavailable: train on H100-SXM, lease A100-80GB: train.global_batch = 5" in r.stderr
 
 
+def test_mixed_fleet_where_no_option_fits_recommends_none():
+    """A 16K-wide model on 8 H100 + 8 A100: every option is over memory, so every net cost is infinite; the
+    recommendation named the first of them ("$inf ... vs $inf") and `best` was set."""
+    from megacluster.plan.options import compare
+    raw = {"model": {"layers": 32, "hidden": 16384, "ffn_hidden": 53248, "heads": 128, "kv_heads": 8,
+                     "vocab": 128256, "seq_len": 8192}, "train": {"global_batch": 16}, "parallel": {"search": True},
+           "fleet": {"pools": [{"gpu": "H100-SXM", "count": 8}, {"gpu": "A100-80GB", "count": 8}]}}
+    o = compare(load_scenario(raw))
+    assert [x["available"] and not x["fits_in_memory"] and x["net_usd_per_mtok"] == math.inf for x in o["options"]] \
+        == [True] * 3
+    assert o["best"] is None and o["recommendation"].startswith("no option trains: none fits in GPU memory")
+
+
 @pytest.mark.parametrize("train, parallel", [
     ({"recompute": "full", "micro_batch": 1}, {"tp": 8, "pp": 1, "cp": 1}),
     ({"recompute": "none", "micro_batch": 2}, {"tp": 8, "pp": 1, "cp": 1}),
