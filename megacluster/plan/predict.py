@@ -97,9 +97,12 @@ def assemble(sc: Scenario, best: Ranked, n_configs: int, *, mc: bool = True) -> 
     wall_h = billed_days * 24
     energy = mean_draw_mw(p.facility_avg_mw, p.facility_low_mw, r0.idle_fraction) * wall_h
     cost = energy * sc.power.usd_per_mwh + n * sc.power.usd_per_gpu_hour * wall_h
-    chosen = [k for k, given in (("tp", sc.parallel.tp), ("pp", sc.parallel.pp), ("cp", sc.parallel.cp),
-                                 ("vpp", sc.parallel.vpp), ("micro_batch", sc.train.micro_batch),
-                                 ("recompute", sc.train.recompute)) if given is None]
+    # the keys the planner chose: those left out that it searched (all with parallel.search; else a left-out tp,
+    # pp or cp is 1, set, not chosen), and vpp only beside a pipeline (with pp = 1 it can only be 1)
+    given = {"tp": sc.parallel.tp, "pp": sc.parallel.pp, "cp": sc.parallel.cp, "vpp": sc.parallel.vpp,
+             "micro_batch": sc.train.micro_batch, "recompute": sc.train.recompute}
+    searched = list(given) if sc.parallel.search else ["vpp", "micro_batch", "recompute"]
+    chosen = [k for k in searched if given[k] is None and not (k == "vpp" and plan.pp == 1)]
     return Prediction(
         name=sc.name, description=sc.description, step_time_s=step, tokens_per_s=tps,
         model_tflops_per_gpu=tflops, mfu=mfu, memory_gb_per_gpu=mem_gb, fits_in_memory=fs.fits_in_memory,

@@ -42,7 +42,7 @@ def test_selective_recompute_given_with_flash_attention_is_planned_as_none():
     fixed = {**EIGHT_B, "train": {"global_batch": 512, "micro_batch": 1, "attention": "flash"}}
     sel = predict({**fixed, "train": {**fixed["train"], "recompute": "selective"}}, mc=False)
     none = predict({**fixed, "train": {**fixed["train"], "recompute": "none"}}, mc=False)
-    assert sel.plan["recompute"] == "selective" and sel.chosen == ["vpp"]  # kept as given
+    assert sel.plan["recompute"] == "selective" and sel.chosen == []  # kept as given (pp = 1: vpp is 1, not chosen)
     assert sel.step_time_s == none.step_time_s and sel.memory == none.memory
     searched = rank(load_scenario({**fixed, "train": {"global_batch": 512, "micro_batch": 1}}))
     assert sorted(r.plan.recompute for r in searched) == ["full", "none"]  # left to the planner: tried once
@@ -105,3 +105,15 @@ def test_an_over_capacity_plan_within_tolerance_wins_only_by_more_than_the_min_g
     monkeypatch.setattr(search, "_over", lambda r: made[r.plan.name][1])
     order = [r.plan.name for r in rank(load_scenario(EIGHT_B))]
     assert order[0] == chosen and order[-1] == "far"
+
+
+def test_chosen_names_only_the_keys_the_planner_searched():
+    """Without parallel.search a left-out tp, pp or cp is 1, set, not chosen (it was listed as chosen beside a
+    search that never tried it), and vpp with pp = 1 can only be 1; with search they are chosen."""
+    free = {k: v for k, v in EIGHT_B.items() if k != "parallel"}
+    fixed = predict(free, mc=False)
+    assert fixed.plan["tp"] == fixed.plan["pp"] == fixed.plan["cp"] == 1 and fixed.chosen == ["micro_batch",
+                                                                                               "recompute"]
+    searched = predict({**free, "parallel": {"search": True}}, mc=False)
+    assert {"tp", "pp", "cp", "micro_batch", "recompute"} <= set(searched.chosen)
+    assert ("vpp" in searched.chosen) == (searched.plan["pp"] > 1)
