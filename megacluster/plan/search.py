@@ -95,6 +95,27 @@ def _ok(sc: Scenario, tp=None, pp=None, cp=None, vpp=None) -> bool:
         return False
 
 
+def _explain_interleaving(sc: Scenario) -> None:
+    """Raise the reason a given interleaving has no plan, if that is it: a plan whose tp, pp and cp are known (given,
+    or 1 in a fixed plan) and whose vpp > 1 needs at least pp micro-batches a replica (`_inner`)."""
+    p, tr = sc.parallel, sc.train
+    if not p.vpp or p.vpp == 1 or (p.search and not (p.tp and p.pp and p.cp)):
+        return
+    pp, size = p.pp or 1, (p.tp or 1) * (p.pp or 1) * (p.cp or 1)
+    dp = p.dp or sc.fleet.count // size
+    if pp == 1 or not dp:
+        return
+    per_replica = max(tr.global_batch // dp, 1)
+    least = math.ceil(per_replica / tr.micro_batch) if tr.micro_batch else per_replica  # micro_batch 1 at best
+    if least < pp:
+        batch = f"train.global_batch / dp = {tr.global_batch} / {dp} = {per_replica} sequences a replica"
+        fix = (f"give train.micro_batch <= {per_replica // pp}, " if per_replica >= pp and tr.micro_batch else "")
+        raise ScenarioError(
+            f"parallel.vpp = {p.vpp} with parallel.pp = {pp} needs at least {pp} micro-batches a replica; {batch}"
+            + (f" in micro-batches of train.micro_batch = {tr.micro_batch}: {least}" if tr.micro_batch else "")
+            + f"; {fix}raise train.global_batch, or give parallel.vpp = 1")
+
+
 def evaluate(sc: Scenario, plan: Plan) -> Ranked:
     f = sc.fleet
     fs = fleet_step(sc.model, sc.train, plan, f.pools, f.scale_out_gbps, f.oversubscription, f.balance,
@@ -111,6 +132,7 @@ def rank(sc: Scenario) -> list[Ranked]:
     if not plans and sc.parallel.pp and not sc.parallel.vpp:  # the given pp's own reason, e.g. its layout
         check_parallel(sc, sc.parallel.tp, sc.parallel.pp, sc.parallel.cp, None, 1, complete=False)
     if not plans:
+        _explain_interleaving(sc)
         raise ScenarioError("parallel: no valid plan for this model, batch and fleet (check parallel.tp/pp/cp/dp/vpp "
                             "and train.micro_batch against heads, layers, global_batch and GPU counts)")
     ranked = [evaluate(sc, pl) for pl in plans]

@@ -4,7 +4,7 @@ import pytest
 
 from megacluster.plan import predict
 from megacluster.plan.search import MEMORY_MODEL_TOL, OVER_CAPACITY_MIN_GAIN, _over, memory_tolerance, rank
-from megacluster.plan.scenario import load_scenario
+from megacluster.plan.scenario import ScenarioError, load_scenario
 
 # an 8B Llama-style model on 64 H100 (8 nodes), tp 8
 EIGHT_B = {"model": {"layers": 32, "hidden": 4096, "ffn_hidden": 14336, "heads": 32, "kv_heads": 8,
@@ -117,3 +117,18 @@ def test_chosen_names_only_the_keys_the_planner_searched():
     searched = predict({**free, "parallel": {"search": True}}, mc=False)
     assert {"tp", "pp", "cp", "micro_batch", "recompute"} <= set(searched.chosen)
     assert ("vpp" in searched.chosen) == (searched.plan["pp"] > 1)
+
+
+@pytest.mark.parametrize("train, says", [
+    ({"global_batch": 2048, "micro_batch": 2}, r"16 sequences a replica in micro-batches of train\.micro_batch = 2: "
+                                               r"8; give train\.micro_batch <= 1, raise"),
+    ({"global_batch": 1024}, r"1024 / 128 = 8 sequences a replica; raise train\.global_batch")])
+def test_a_given_interleaving_without_enough_micro_batches_is_refused_naming_why(train, says):
+    """Llama 3 405B's plan (tp 8, pp 16, vpp 4 on 16,384 GPUs) with too few micro-batches a replica: refused with the
+    interleaving rule and the figures, not "no valid plan ... check parallel.tp/pp/cp/dp/vpp"."""
+    raw = {"model": {"layers": 126, "hidden": 16384, "ffn_hidden": 53248, "heads": 128, "kv_heads": 8,
+                     "vocab": 128256, "seq_len": 8192}, "train": {**train, "recompute": "none"},
+           "parallel": {"tp": 8, "pp": 16, "vpp": 4}, "fleet": {"gpu": "H100-SXM", "count": 16384}}
+    with pytest.raises(ScenarioError, match=r"^parallel\.vpp = 4 with parallel\.pp = 16 needs at least 16 "
+                                            r"micro-batches a replica; train\.global_batch / dp = .*" + says):
+        predict(raw, mc=False)
