@@ -46,6 +46,7 @@ def run(args) -> dict:
         _sweep_key(args.sweep)  # a malformed --sweep is refused before the (slow) prediction, not after it
     sc = load_preset(args.preset) if args.preset is not None else load_scenario(
         DEFAULT_PRESET if args.scenario is None else args.scenario)
+    variants = sweep_scenarios(sc.raw, args.sweep) if args.sweep else None  # its values too
     if args.report:
         from .report import prepare_dir
         prepare_dir(Path(args.report))  # a directory that cannot be made or written: refused before computing
@@ -56,7 +57,7 @@ def run(args) -> dict:
         from .options import compare
         options = compare(sc, as_is=pred)
         result["mixed_fleet"] = options
-    sweep = sweep_rows(sc.raw, args.sweep) if args.sweep else None
+    sweep = sweep_rows(variants) if variants else None
     if sweep:
         result["sweep"] = sweep
     from .report import print_summary, write_report
@@ -79,11 +80,12 @@ def finite(x):
     return x
 
 
-def sweep_rows(raw: dict, spec: str) -> list[dict]:
-    """Predict the scenario once per value of a dotted key (`section.key=v1,v2`)."""
+def sweep_scenarios(raw: dict, spec: str) -> list[tuple]:
+    """(value, scenario) for each value of a dotted key (`section.key=v1,v2`), each checked as a scenario: a bad
+    value is refused before any prediction."""
     section, name = _sweep_key(spec)
     key, values = spec.split("=", 1)
-    rows = []
+    out = []
     for text in values.split(","):
         value = _parse_value(text.strip())
         r = copy.deepcopy(raw)
@@ -92,7 +94,15 @@ def sweep_rows(raw: dict, spec: str) -> list[dict]:
         r.setdefault(section, {})[name] = value
         if section == "fleet" and name == "count":
             r.get("parallel", {}).pop("dp", None)
-        p = predict(from_dict(r), mc=False)
+        out.append((value, from_dict(r)))
+    return out
+
+
+def sweep_rows(variants: list[tuple]) -> list[dict]:
+    """Predict each of `sweep_scenarios`' scenarios."""
+    rows = []
+    for value, sc in variants:
+        p = predict(sc, mc=False)
         rows.append({"value": value, "step_time_s": p.step_time_s, "mfu": p.mfu, "job_mttf_h": p.job_mttf_h,
                      "ettr": p.ettr, "goodput": p.goodput, "facility_mw": p.facility_mw,
                      "fits_in_memory": p.fits_in_memory})

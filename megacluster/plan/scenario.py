@@ -375,10 +375,11 @@ def load_scenario(src: str | Path | dict) -> Scenario:
         raise ScenarioError(f"scenario {path}: {e}; give a TOML or JSON file") from None
     except OSError as e:
         raise ScenarioError(f"scenario {path}: cannot be read: {e.strerror}") from None
+    kind = "JSON" if path.suffix.lower() == ".json" else "TOML"  # by the suffix, in any case (BASE.JSON is JSON)
     try:
-        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        raw = json.loads(text) if kind == "JSON" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ScenarioError(f"scenario {path}: cannot parse: {e}") from None
+        raise ScenarioError(f"scenario {path}: cannot parse as {kind} (by its suffix): {e}") from None
     if not isinstance(raw, dict):
         raise ScenarioError(f"scenario {path}: the top level must be a table (a JSON object) of sections "
                             f"{', '.join(SECTIONS)}; got a {type(raw).__name__}")

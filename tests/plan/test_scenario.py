@@ -282,6 +282,29 @@ def test_cli_sweep_to_nan_exits_2():
     assert "reliability.repair_h = nan is invalid: must be a finite number >= 0" in r.stderr
 
 
+@pytest.mark.parametrize("sweep, says", [("reliability.repair_h=24,nan", "reliability.repair_h = nan is invalid"),
+                                         ("fleet.count=8192", "this fleet has pools"),
+                                         ("power.pue=1.2,abc", "power.pue = 'abc' is invalid")])
+def test_cli_sweep_values_are_checked_before_any_prediction(monkeypatch, capsys, sweep, says):
+    """A bad value (of a scenario's own key rules) is refused before the prediction of the scenario itself, which
+    takes seconds at scale; it used to come after it and after the mixed-fleet options."""
+    from megacluster.cli import main
+    from megacluster.plan import cli as plan_cli
+
+    monkeypatch.setattr(plan_cli, "predict", lambda *a, **k: pytest.fail("predicted before checking the sweep"))
+    assert main(["plan", "--no-mc", "--json", "--sweep", sweep]) == 2  # the default mixed fleet
+    assert says in capsys.readouterr().err
+
+
+def test_a_json_scenario_is_json_whatever_the_suffix_case(tmp_path):
+    raw = {**BASE, "name": "upper"}
+    (tmp_path / "BASE.JSON").write_text(json.dumps(raw))
+    assert load_scenario(tmp_path / "BASE.JSON").name == "upper"
+    (tmp_path / "bad.JSON").write_text("{")
+    with pytest.raises(ScenarioError, match=r"bad\.JSON: cannot parse as JSON \(by its suffix\)"):
+        load_scenario(tmp_path / "bad.JSON")
+
+
 def test_cli_restart_far_above_the_mttf_gets_a_prediction_not_a_traceback(tmp_path):
     """1M GPUs (job MTTF ~2 min) with a 10,000 s restart: ETTR ~1e-34, so train_days (the horizon) is ~1e35 and
     each Monte Carlo trial would hold ~1e38 failures, past numpy's Poisson sampler. It answers with the long-run
