@@ -341,36 +341,49 @@ def _memory(m: ModelSpec, tr: TrainSpec, plan: Plan, layers: tuple[int, int, int
     emb = m.hidden * m.vocab / plan.tp  # embedding (first stage) or LM head (last stage), vocab-parallel
     per_chunk, _ = empty_slots(m.layers, plan.pp, plan.vpp)
     per_layer = layer_activation_bytes(m, tr, plan)
-    # full recompute: one layer's full activations live during its recompute
-    live = layer_activation_bytes(m, tr, replace(plan, recompute="none")) if plan.recompute == "full" else 0.0
+    # full recompute: one layer's full activations live during its recompute; selective: its attention core's
+    # (with unfused attention, the score matrices: recomputed, not kept, but whole while one layer recomputes)
+    if plan.recompute == "full":
+        live = layer_activation_bytes(m, tr, replace(plan, recompute="none"))
+    elif plan.recompute == "selective" and tr.attention == "unfused":
+        live = unfused_scores(m, plan) * BYTES
+    else:
+        live = 0.0
     logits = plan.micro_batch * m.seq_len / plan.cp * m.vocab / plan.tp * 4
     stages = [(0, first, emb * (2 if plan.pp == 1 else 1), True)]  # pp = 1: embedding and head on one stage
     if plan.pp > 2:
         stages.append((1, full, 0.0, True))
     if plan.pp > 1:
         stages.append((plan.pp - 1, last, emb, False))
-    # per stage: (index, parameters on this GPU, layers per model chunk)
-    stages = [(stage, n * layer_params(m) / plan.tp + extra, chunk_layers(n, per_chunk, plan.vpp, front))
-              for stage, n, extra, front in stages]
+    # ZeRO-3 gathers each unit's weights (a layer, the embedding, the head: this GPU's tp shard) whole before
+    # using it, the next one prefetched meanwhile: two units whole at a time beside the shards (FSDP's default
+    # one-unit prefetch); the largest of a stage's units, to be safe (the embedding is larger than a Llama 3 8B
+    # layer: 525M parameters against 218M)
+    def gathered(extra: float) -> float:
+        return 2 * max(layer_params(m) / plan.tp, emb if extra else 0.0) * BYTES if tr.zero == 3 else 0.0
+
+    # per stage: (index, parameters on this GPU, layers per model chunk, bytes ZeRO-3 holds gathered)
+    stages = [(stage, n * layer_params(m) / plan.tp + extra, chunk_layers(n, per_chunk, plan.vpp, front),
+               gathered(extra)) for stage, n, extra, front in stages]
 
     def memory(nmb: int) -> dict:
         mems = []
-        for stage, params, chunks in stages:
+        for stage, params, chunks, whole in stages:
             act = sum(n * k for n, k in zip(chunks, in_flight(plan.pp, plan.vpp, nmb, stage))) * per_layer
-            if plan.recompute == "full":
-                act += live
+            act += live
             if stage == plan.pp - 1:
                 act += logits
-            mems.append(memory_gb(params, tr, shard_ranks(plan), act))
+            mems.append(memory_gb(params, tr, shard_ranks(plan), act, whole))
         return max(mems, key=lambda x: sum(x.values()))
     return memory
 
 
-def memory_gb(params: float, tr: TrainSpec, dp: int, act_bytes: float) -> dict:
+def memory_gb(params: float, tr: TrainSpec, dp: int, act_bytes: float, gathered_bytes: float = 0.0) -> dict:
     """GB per GPU by kind for a stage holding `params` parameters (this GPU's tp shard): bf16 weights
-    (sharded over `dp` ranks by ZeRO-3), grads (ZeRO-2/3), optimizer state (ZeRO-1/2/3), activations, reserved.
-    `dp`: the ranks ZeRO shards over, dp x cp (`shard_ranks`)."""
-    w = params * BYTES / (dp if tr.zero == 3 else 1)
+    (sharded over `dp` ranks by ZeRO-3, plus the layers it has gathered whole: `gathered_bytes`), grads
+    (ZeRO-2/3), optimizer state (ZeRO-1/2/3), activations, reserved. `dp`: the ranks ZeRO shards over, dp x cp
+    (`shard_ranks`)."""
+    w = params * BYTES / (dp if tr.zero == 3 else 1) + gathered_bytes
     g = params * grad_bytes_per_param(tr) / (dp if tr.zero >= 2 else 1)
     o = params * optimizer_bytes_per_param(tr) / (dp if tr.zero >= 1 else 1)
     return {"weights": w / 1e9, "grads": g / 1e9, "optimizer": o / 1e9, "activations": act_bytes / 1e9,
@@ -390,8 +403,14 @@ def layer_activation_bytes(m: ModelSpec, tr: TrainSpec, plan: Plan) -> float:
     mlp = 2 * h / sp + ((2 * f if m.mlp == "swiglu" else f) + f) / plan.tp  # norm+fc1 input, fc1 out, act out
     elems = t * (attn + mlp)
     if tr.attention == "unfused" and plan.recompute == "none":
-        elems += 2.5 * plan.micro_batch * m.heads / plan.tp * (m.seq_len / plan.cp) * m.seq_len  # scores, probs, mask
+        elems += unfused_scores(m, plan)
     return elems * BYTES
+
+
+def unfused_scores(m: ModelSpec, plan: Plan) -> float:
+    """Elements of one layer's unfused attention core per micro-batch: scores, probabilities and the mask
+    (Korthikanti's 5 a s^2 b / t bytes, 2.5 a s^2 b / t of 2-byte elements), a rank's s / cp queries each."""
+    return 2.5 * plan.micro_batch * m.heads / plan.tp * (m.seq_len / plan.cp) * m.seq_len
 
 
 # ------------------------------------------------------------------------------------------ fleet
