@@ -173,7 +173,7 @@ if triton is not None:
     def softmax_xent(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss per row (N,) fp32, d(sum of the losses)/d logits = softmax - onehot (N, V) in logits' dtype) from
         logits (N, V) and targets (N,) ids in [0, V). The softmax in fp32, the gradient rounded once."""
-        logits = logits.contiguous()
+        logits, targets = logits.contiguous(), targets.contiguous()  # the kernel reads both as dense rows
         N, V = logits.shape
         loss = torch.empty(N, dtype=torch.float32, device=logits.device)
         grad = torch.empty_like(logits)
