@@ -9,8 +9,9 @@ pause). Prints one JSON line per case:
   - drift: rank 1 slows by `drift` per estimate (every `every` steps) to the run's end; `first_flag` is the
     step at which it was first named and its speed then (null: never named); `common` drifts every rank.
   - recover: rank 1 runs at half speed for the first 100 steps, then at full speed to step 600; the shares at the
-    end and the step time against an equal split's (the shares should come back to equal; with large fixed
-    costs only the balancer's probes bring them back, see docs/train.md "Heterogeneous workers").
+    end, the step time against an equal split's and the steps until the shares were even again (they should
+    come back to equal; with large fixed costs only the balancer's probes bring them back, see docs/train.md
+    "Heterogeneous workers"); then with 5% noise on each step time, to step 5,100.
 The balancer's settings are its defaults (every 5, ema 0.5, straggler_ratio 0.8, patience 2).
 """
 
@@ -58,17 +59,25 @@ def first_flag(world: int, batch: int, fixed: float, drift: float, steps: int, c
     return None
 
 
-def recovery(world: int, batch: int, fixed: float, slow_steps: int = 100, steps: int = 600) -> dict:
-    """Shares at the end of a run in which rank 1 was at half speed for its first `slow_steps` steps, and the
-    step time they give against the equal split's (all ranks at full speed by then)."""
+def recovery(world: int, batch: int, fixed: float, slow_steps: int = 100, steps: int = 600, sigma: float = 0.0,
+             seed: int = 0) -> dict:
+    """Shares at the end of a run in which rank 1 was at half speed for its first `slow_steps` steps, the step
+    time they give against the equal split's (all ranks at full speed by then), and the steps after the slowdown
+    until the shares were within one sample of each other (null: not in this run). `sigma`: lognormal noise."""
+    rng = random.Random(seed)
     bal = Balancer(world=world, global_batch=batch)
+    back = None
     for step in range(steps):
         shares = bal.shares()
+        if back is None and step >= slow_steps and max(shares) - min(shares) <= 1:
+            back = step - slow_steps
         factor = [0.5 if rank == 1 and step < slow_steps else 1.0 for rank in range(world)]
-        bal.observe([(fixed + 0.01 * n) / f if n else 0.0 for n, f in zip(shares, factor)], shares)
+        noise = [rng.lognormvariate(0, sigma) if sigma else 1.0 for _ in shares]
+        bal.observe([(fixed + 0.01 * n) / f * e if n else 0.0 for n, f, e in zip(shares, factor, noise)], shares)
     shares = bal.shares()
     equal = fixed + 0.01 * batch / world
-    return {"shares": shares, "step_vs_equal": round(max(fixed + 0.01 * n for n in shares) / equal, 3)}
+    return {"shares": shares, "step_vs_equal": round(max(fixed + 0.01 * n for n in shares) / equal, 3),
+            "steps_to_even": back}
 
 
 def main() -> None:
@@ -94,6 +103,10 @@ def main() -> None:
         for fixed in (0.0, 0.05, 0.1, 0.25):
             print(json.dumps({"case": "recover", "ranks": world, "batch": batch, "fixed_s": fixed,
                               **recovery(world, batch, fixed)}))
+    for seed in range(args.seeds):  # the same with 5% noise on every step time, over a longer run
+        for fixed in (0.1, 0.25):
+            print(json.dumps({"case": "recover", "ranks": 4, "batch": 64, "fixed_s": fixed, "sigma": 0.05,
+                              "seed": seed, **recovery(4, 64, fixed, steps=5100, sigma=0.05, seed=seed)}))
 
 
 if __name__ == "__main__":
