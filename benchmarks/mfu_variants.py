@@ -231,11 +231,12 @@ def main() -> int:
                 run_parallel(wave, a.out, shlex.split(a.args), a.limit, a.reserve, env)
         else:
             run_serial(jobs, a.out, shlex.split(a.args), a.limit, env)
-    finally:
+    finally:  # stopped (SIGTERM: the device call's budget) or done: what the jobs measured is still collected
         for job in jobs:
             if job.proc is not None and job.proc.poll() is None:
                 kill(job, "driver stopped")
-    print(table(jobs), flush=True)
+                finish(job, a.out)
+        print(table(jobs), flush=True)
     return 0 if all(j.rc == 0 and not j.killed for j in jobs) else 1
 
 

@@ -258,3 +258,20 @@ def test_loss_kernel_times_the_reference_and_each_tile():
     assert all(x["ms"] > 0 and x["loss_rel_diff"] < 1e-6 and x["grad_max_diff"] < 1e-2 for x in rows[1:])
     bad = run(sys.executable, "benchmarks/loss_kernel.py", "--tiles", "1000x4x1")
     assert bad.returncode == 2 and "powers of two" in bad.stderr
+
+
+def test_mfu_variants_stopped_by_sigterm_still_reports(tmp_path):
+    """device_call.sh stops the driver at its time budget (SIGTERM): it stops the running job, collects what it
+    measured, and prints the table, so the finished shapes come back (the device tool's own kill loses all)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "benchmarks/mfu_variants.py", "--parallel", "--out", str(tmp_path),
+                             "--args", "--device cpu --smoke --steps 5000 --warmup 1", "plain@gpt2-124m"],
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "== plain gpt2-124m (exit -15: driver stopped)" in out and "shape      variant" in out
+    assert (tmp_path / "mfu.jsonl").exists()
