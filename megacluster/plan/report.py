@@ -24,7 +24,7 @@ ROWS = (  # (key, label, format: the value is {}, the whole prediction dict {d})
     ("interruptions", "interruptions", "{:,.0f} in {d[reliability][duration_days]:.1f} days"),
     ("checkpoint_interval_s", "checkpoint interval", "{:,.0f} s"), ("ettr", "ETTR", "{:.1%}"),
     ("goodput", "goodput (MFU x ETTR)", "{:.1%}"), ("train_days", "train days", "{:.1f}"),
-    ("facility_mw", "facility power (full load)", "{:,.1f} MW"), ("load_swing_mw", "load swing", "{:,.1f} MW"),
+    ("facility_mw", "facility power (full load)", "power"), ("load_swing_mw", "load swing", "power"),
     ("battery_mwh_needed", "battery to flatten", "{:,.2f} MWh"),
     ("energy_mwh", "energy", "{:,.0f} MWh in {d[energy_days]:.1f} days"),
     ("cost_usd", "cost", "${:,.0f} in {d[energy_days]:.1f} days"),
@@ -32,7 +32,11 @@ ROWS = (  # (key, label, format: the value is {}, the whole prediction dict {d})
 
 
 def _fmt(fmt: str, v, d: dict | None = None) -> str:
-    return "-" if v is None else fmt.format(v, d=d)
+    if v is None:
+        return "-"
+    if fmt == "power":  # MW, or kW below 1 MW (a 16-GPU plan drew "0.0 MW")
+        return f"{v:,.1f} MW" if v >= 1 or v == 0 else f"{v * 1000:,.1f} kW"
+    return fmt.format(v, d=d)
 
 
 def print_summary(pred: Prediction, options: dict | None = None, sweep: list | None = None, file=None) -> None:

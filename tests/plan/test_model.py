@@ -445,3 +445,9 @@ def test_an_h200_is_never_planned_slower_than_an_h100():
                            "parallel": {"tp": 8}, "fleet": {"gpu": gpu, "count": 64}}, mc=False).step_time_s
              for gpu in ("H100-SXM", "H200")}
     assert steps["H200"] < steps["H100-SXM"]
+
+
+def test_a_small_fleets_power_is_shown_in_kw():
+    """16 GPUs draw ~19 kW: shown as "0.0 MW" before."""
+    from megacluster.plan.report import _fmt
+    assert _fmt("power", 0.0192) == "19.2 kW" and _fmt("power", 22.46) == "22.5 MW" and _fmt("power", 0) == "0.0 MW"
