@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import sysconfig
 import time
@@ -42,7 +43,7 @@ import numpy as np
 from . import tokenizer as tk
 from .config import DataConfig
 from .errors import InputError
-from .files import atomic_write, is_run_dir
+from .files import atomic_write, is_run_dir, under_launcher
 
 FORMAT_VERSION = 4  # 2: the document that crosses data.max_bytes is cut at the cap (1 kept it whole);
 # 3: a literal <|endoftext|> in a document is encoded as text (2 made it the separator); 4: text with a NUL byte
@@ -480,12 +481,31 @@ def prepare(cfg: DataConfig, vocab_size: int, exclude: list[tuple[Path, str]] | 
     key = _fingerprint(files, {"v": FORMAT_VERSION, "vocab": vocab_size, "max_bytes": cfg.max_bytes,
                                "val": cfg.val_fraction})
     directory = cache_root(cfg) / CORPUS_DIR.format(key)
+    made = [p for p in (directory, *directory.parents) if not os.path.lexists(p)]  # deepest first
     _make_cache_dir(directory)
-    with open(directory / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one process tokenizes; the others wait, then reuse
-        if not _complete(directory):
-            _build(files, cfg, vocab_size, directory)
+    try:
+        with open(directory / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one process tokenizes; the others wait, then reuse
+            if not _complete(directory):
+                _build(files, cfg, vocab_size, directory)
+    except InputError:
+        _unmake(made)
+        raise
     return _open_text(directory)
+
+
+def _unmake(made: list[Path]) -> None:
+    """Input refused while tokenizing (NUL bytes, no text): the cache entry and the directories above it that this
+    call made are removed again, as a refused run leaves no directory made for it. Not under a launcher, where
+    another rank may be waiting on the entry's lock."""
+    if under_launcher() or not made:
+        return
+    shutil.rmtree(made[0], ignore_errors=True)  # the entry: its lock, and what a build wrote before it was refused
+    for p in made[1:]:
+        try:
+            p.rmdir()  # only while empty
+        except OSError:
+            break
 
 
 def _complete(directory: Path) -> bool:

@@ -37,6 +37,11 @@ def is_run_dir(directory: str | Path, names: set[str]) -> bool:
         return False
 
 
+def under_launcher() -> bool:
+    """Started by torchrun (or a launcher like it): this process is a worker, there is no supervisor."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def run_outputs(run_dir: str | Path) -> tuple[Path, str]:
     """What a run writes in `run_dir`, as (directory, regex of the names directly in it), whether or not they exist
     yet: a torchrun rank may walk --data while rank 0 sets an earlier run aside. `earlier-<UTC stamp>[-n]` only

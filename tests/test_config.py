@@ -294,13 +294,20 @@ def test_repeated_data_flags_add_up():
     ({"OMP_NUM_THREADS": "abc"}, "OMP_NUM_THREADS='abc': must be a positive integer"),  # every worker's traceback
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "abc"},
      "MASTER_PORT='abc': must be a TCP port"),
+    # one alone (a stale one): it was read as this process's rank or world, a traceback in torch's rendezvous or
+    # the step (a user audit)
+    ({"RANK": "abc"}, "RANK='abc' is set without WORLD_SIZE: a launcher such as torchrun sets both"),
+    ({"RANK": "1"}, "RANK='1' is set without WORLD_SIZE"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE='2' is set without RANK"),
 ])
-def test_stale_launcher_and_thread_variables_exit_2_naming_them(env, needle, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_stale_launcher_and_thread_variables_exit_2_naming_them(env, needle, tmp_path, workers):
     clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                                "MASTER_PORT", "OMP_NUM_THREADS")}
     r = subprocess.run([sys.executable, "-c", TELLS_TORCH, "train", "--run-dir", str(tmp_path / "run"), "--workers",
-                        "2"], capture_output=True, text=True, timeout=120, env={**clean, **env})
+                        workers], capture_output=True, text=True, timeout=120, env={**clean, **env})
     assert r.returncode == 2 and needle in r.stderr and "torch imported: False" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()  # a refused run leaves no directory made for it
 
 
 def test_valid_launcher_and_thread_variables_pass():

@@ -471,7 +471,8 @@ def test_other_runs_below_a_data_directory_are_not_data_and_binary_text_is_refus
         resolve([str(docs / "runs" / "*")])
     (docs / "archive.txt").write_bytes(b"\x1f\x8b\x08\x00 compressed")
     with pytest.raises(InputError, match=r"archive\.txt: binary content \(a NUL byte\), not text"):
-        prepare(DataConfig(paths=[str(docs)], val_fraction=0.1, cache_dir=str(tmp_path / "c")), 300)
+        prepare(DataConfig(paths=[str(docs)], val_fraction=0.1, cache_dir=str(tmp_path / "c" / "d")), 300)
+    assert not (tmp_path / "c").exists()  # the cache entry (and the directories) made for the refused run: gone
     (docs / "archive.txt").write_text("text saved as UTF-16", encoding="utf-16")
     with pytest.raises(InputError, match=r"archive\.txt: UTF-16 or UTF-32 text \(NUL bytes\); convert it to UTF-8"):
         prepare(DataConfig(paths=[str(docs)], val_fraction=0.1, cache_dir=str(tmp_path / "c")), 300)

@@ -15,10 +15,10 @@ from pathlib import Path
 from ..config import Config, ffn_hidden, n_params
 from ..data import check_inputs
 from ..errors import InputError
-from ..files import RUN_LOCK, probe_writable, run_outputs
+from ..files import RUN_LOCK, probe_writable, run_outputs, under_launcher
 from .balance import split
 from .chaos import check_ranks, parse
-from .zygote import guess_device, under_launcher
+from .zygote import guess_device
 
 TRAIN_BYTES_PER_PARAM = 16  # the least any of our optimizers holds: fp32 weights, gradients, AdamW's two moments
 # (or bf16 weights and gradients with an fp32 master copy); activations come on top
@@ -108,6 +108,11 @@ def check_environment() -> None:
     if threads is not None and not (re.fullmatch(r"[0-9]+(,[0-9]+)*", threads) and int(threads.split(",")[0]) > 0):
         raise InputError(f"OMP_NUM_THREADS={threads!r}: must be a positive integer (threads per process; OpenMP's "
                          "per-level list such as 4,2 also), or unset")
+    alone = [name for name in ("RANK", "WORLD_SIZE") if name in env]
+    if len(alone) == 1:  # a launcher sets both; one alone is stale (it was read as this process's rank or world)
+        other = "WORLD_SIZE" if alone[0] == "RANK" else "RANK"
+        raise InputError(f"{alone[0]}={env[alone[0]]!r} is set without {other}: a launcher such as torchrun sets "
+                         f"both; unset {alone[0]} to run here, or start the run with torchrun")
     if not under_launcher():
         return
     ints = {}

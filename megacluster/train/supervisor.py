@@ -32,12 +32,12 @@ from pathlib import Path
 from ..config import Config, ModelConfig, ffn_hidden
 from ..data import Corpus, prepare
 from ..errors import InputError
-from ..files import RUN_OUTPUTS, fsync_dir, run_outputs, write_json
+from ..files import RUN_OUTPUTS, fsync_dir, run_outputs, under_launcher, write_json
 from .checkpoint import CheckpointError, meta_of, newest_meta
 from .elastic import CHECKPOINT_FAILED, DIVERGED, INPUT_REFUSED, NODE_LOST, Plan
 from .inputs import check, check_fits, refused_runs_leave_no_dir, run_dir_lock
 from .signals import SIGNALS, StopSignals, exit_code
-from .zygote import Forked, Zygote, ZygoteFailed, base_env, forks, start_zygote, supervised, under_launcher
+from .zygote import Forked, Zygote, ZygoteFailed, base_env, forks, start_zygote, supervised
 
 POLL_S = 0.05  # seconds between supervisor checks
 MAX_RESTARTS = 3  # restarts per worker slot before it is given up

@@ -49,6 +49,8 @@ import time
 import traceback
 from typing import TYPE_CHECKING
 
+from ..files import under_launcher
+
 if TYPE_CHECKING:
     from ..config import RunConfig
 
@@ -61,11 +63,6 @@ REPLY_S = 30.0  # seconds the zygote may take to answer a request or report a ki
 
 def fork_supported() -> bool:
     return sys.platform == "linux" and hasattr(os, "fork")
-
-
-def under_launcher() -> bool:
-    """Started by torchrun (or a launcher like it): this process is a worker, there is no supervisor."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def base_env() -> dict[str, str]:
