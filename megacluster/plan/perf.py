@@ -359,8 +359,9 @@ def _memory(m: ModelSpec, tr: TrainSpec, plan: Plan, layers: tuple[int, int, int
     # using it, the next one prefetched meanwhile: two units whole at a time beside the shards (FSDP's default
     # one-unit prefetch); the largest of a stage's units, to be safe (the embedding is larger than a Llama 3 8B
     # layer: 525M parameters against 218M)
-    def gathered(extra: float) -> float:
-        return 2 * max(layer_params(m) / plan.tp, emb if extra else 0.0) * BYTES if tr.zero == 3 else 0.0
+    def gathered(extra: float) -> float:  # nothing when nothing is sharded (dp x cp = 1: the shards are whole)
+        sharded = tr.zero == 3 and shard_ranks(plan) > 1
+        return 2 * max(layer_params(m) / plan.tp, emb if extra else 0.0) * BYTES if sharded else 0.0
 
     # per stage: (index, parameters on this GPU, layers per model chunk, bytes ZeRO-3 holds gathered)
     stages = [(stage, n * layer_params(m) / plan.tp + extra, chunk_layers(n, per_chunk, plan.vpp, front),

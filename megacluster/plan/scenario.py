@@ -378,7 +378,7 @@ def load_scenario(src: str | Path | dict) -> Scenario:
     kind = "JSON" if path.suffix.lower() == ".json" else "TOML"  # by the suffix, in any case (BASE.JSON is JSON)
     try:
         raw = json.loads(text) if kind == "JSON" else tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # TOML's and JSON's decode errors, and an integer past Python's 4,300-digit limit
         raise ScenarioError(f"scenario {path}: cannot parse as {kind} (by its suffix): {e}") from None
     if not isinstance(raw, dict):
         raise ScenarioError(f"scenario {path}: the top level must be a table (a JSON object) of sections "

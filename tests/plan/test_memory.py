@@ -127,3 +127,10 @@ def test_selective_recompute_with_unfused_attention_holds_one_layers_scores():
     assert sel["activations"] == pytest.approx((2 * per_layer + scores + logits) / 1e9)
     none = predict({**unfused, "train": {**unfused["train"], "recompute": "none"}}, mc=False).memory
     assert none["activations"] == pytest.approx((2 * (per_layer + scores) + logits) / 1e9)  # kept for each layer
+
+
+def test_zero3_gathers_nothing_when_nothing_is_sharded():
+    """dp x cp = 1: the ZeRO-3 shards are the whole weights; no gathered copy on top (a review)."""
+    one = {**TINY, "parallel": {"tp": 1, "pp": 1, "cp": 1, "dp": 1}, "fleet": {**TINY["fleet"], "count": 1},
+           "train": {**TINY["train"], "global_batch": 1, "zero": 3}}
+    assert predict(one, mc=False).memory["weights"] == pytest.approx(PARAMS * 2 / 1e9)

@@ -303,6 +303,10 @@ def test_a_json_scenario_is_json_whatever_the_suffix_case(tmp_path):
     (tmp_path / "bad.JSON").write_text("{")
     with pytest.raises(ScenarioError, match=r"bad\.JSON: cannot parse as JSON \(by its suffix\)"):
         load_scenario(tmp_path / "bad.JSON")
+    for name, text in (("big.json", '{"train": {"total_tokens": 1%s}}'), ("big.toml", "[train]\ntotal_tokens = 1%s\n")):
+        (tmp_path / name).write_text(text % ("0" * 5000))  # past Python's 4,300-digit int(): a ValueError, not
+        with pytest.raises(ScenarioError, match=rf"{name}: cannot parse as"):  # a decode error (a traceback)
+            load_scenario(tmp_path / name)
 
 
 def test_cli_restart_far_above_the_mttf_gets_a_prediction_not_a_traceback(tmp_path):

@@ -401,3 +401,21 @@ def test_probes_bring_a_cut_share_back_through_noise(seed):
         bal.observe([(0.25 + 0.01 * n) / (0.5 if r == 1 and step < 100 else 1.0) * e
                      for r, (n, e) in enumerate(zip(shares, noise))], shares)
     assert max(bal.shares()) - min(bal.shares()) <= 2, bal.shares()
+
+
+def test_a_rank_slowed_while_a_probe_runs_is_re_split_at_once():
+    """A probe is in flight when rank 2 drops to 0.3x: the shares are re-split in proportion at the estimate that
+    judges the probe. Kept on its receiver's time alone, the chain of probes cut rank 2 one sample an estimate
+    (100 steps to reach 1 sample, +33% step time meanwhile; a review)."""
+    bal = Balancer(world=4, global_batch=64)
+    at = None
+    for step in range(400):
+        shares = bal.shares()
+        if at is None and step >= 100 and bal._probe is not None:
+            at = step  # the slowdown starts with a probe in flight
+        speed = [0.5 if r == 1 and step < 100 else 0.3 if r == 2 and at is not None else 1.0 for r in range(4)]
+        if at is not None and step == at + 10:
+            assert shares[2] <= 4, shares  # two estimates later: re-split, not 19 or 20 less a sample or two
+            return
+        bal.observe([(0.25 + 0.01 * n) / s for n, s in zip(shares, speed)], shares)
+    pytest.fail("no probe in flight after step 100")
