@@ -3,12 +3,13 @@
 Inputs (`--data`): text files, directories (all files below, sorted; hidden files and directories, such as
 `.git`, and `__pycache__` skipped, as are the run's own outputs, other megacluster run directories and the token
 cache below a --data directory; symlinked directories followed), globs (a path that exists is taken as it is,
-even with `[` in its name; other runs' directories below the pattern's literal part are skipped there too), `.jsonl` files with a `text` field per line, and pre-tokenized shards (`.npy` arrays
-of token ids, or `.bin` raw uint16 as nanoGPT writes them: a .bin is always read as uint16). Text inputs (text
-and .jsonl, mixed as you like) or shards, not both in one run. A text file with a NUL byte is refused as binary.
-Text is read up to `data.max_bytes` (12 MB by default; 0 = all), and a cut is reported. With no input the corpus
-is the Python standard library source of the running interpreter. A literal `<|endoftext|>` inside a document is
-text, not the document separator.
+even with `[` in its name; other runs' directories below the pattern's literal part are skipped there too),
+`.jsonl` files with a `text` field per line, and pre-tokenized shards (`.npy` arrays of token ids, or `.bin` raw
+uint16 as nanoGPT writes them: a .bin is always read as uint16). Text inputs (text and .jsonl, mixed as you like)
+or shards, not both in one run. A text file with a NUL byte is refused as binary. Text is read up to
+`data.max_bytes` (12 MB by default; 0 = all), and a cut is reported. With no input the corpus is the Python
+standard library source of the running interpreter. A literal `<|endoftext|>` inside a document is text, not the
+document separator.
 
 Text is tokenized once with a BPE trained on it and cached under a key of (each file's path, size and mtime,
 vocab size, options); the token stream's last `val_fraction` is the held-out validation split. Shards are
@@ -43,7 +44,7 @@ import numpy as np
 from . import tokenizer as tk
 from .config import DataConfig
 from .errors import InputError
-from .files import atomic_write, is_run_dir, under_launcher
+from .files import atomic_write, is_run_dir, missing_dirs, remove_made, under_launcher
 
 FORMAT_VERSION = 4  # 2: the document that crosses data.max_bytes is cut at the cap (1 kept it whole);
 # 3: a literal <|endoftext|> in a document is encoded as text (2 made it the separator); 4: text with a NUL byte
@@ -85,10 +86,11 @@ def resolve(paths: list[str], exclude: list[tuple[Path, str]] | tuple = ()) -> l
     for item in paths:
         if not item.strip():  # Path("") is the working directory: never what an empty entry meant
             raise InputError("--data (data.paths): an empty path; give files, directories or globs")
-        matches = [Path(item)] if os.path.exists(item) else [Path(m) for m in sorted(glob.glob(item, recursive=True))]
+        literal = os.path.exists(item)
+        matches = [Path(item)] if literal else [Path(m) for m in sorted(glob.glob(item, recursive=True))]
         if "__pycache__" not in Path(item).parts:  # skipped below a glob as below a directory (glob skips hidden)
             matches = [m for m in matches if "__pycache__" not in m.parts]
-        if not os.path.exists(item):
+        if not literal:
             kept = _outside_run_dirs(item, matches)
             runs_skipped |= len(kept) < len(matches)
             if matches and not kept:
@@ -481,7 +483,7 @@ def prepare(cfg: DataConfig, vocab_size: int, exclude: list[tuple[Path, str]] | 
     key = _fingerprint(files, {"v": FORMAT_VERSION, "vocab": vocab_size, "max_bytes": cfg.max_bytes,
                                "val": cfg.val_fraction})
     directory = cache_root(cfg) / CORPUS_DIR.format(key)
-    made = [p for p in (directory, *directory.parents) if not os.path.lexists(p)]  # deepest first
+    made = missing_dirs(directory)
     _make_cache_dir(directory)
     try:
         with open(directory / ".lock", "w") as lock:
@@ -501,11 +503,7 @@ def _unmake(made: list[Path]) -> None:
     if under_launcher() or not made:
         return
     shutil.rmtree(made[0], ignore_errors=True)  # the entry: its lock, and what a build wrote before it was refused
-    for p in made[1:]:
-        try:
-            p.rmdir()  # only while empty
-        except OSError:
-            break
+    remove_made(made[1:])
 
 
 def _complete(directory: Path) -> bool:

@@ -37,6 +37,21 @@ def is_run_dir(directory: str | Path, names: set[str]) -> bool:
         return False
 
 
+def missing_dirs(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first: what making it will create."""
+    return [p for p in (path, *path.parents) if not os.path.lexists(p)]
+
+
+def remove_made(made: list[Path]) -> None:
+    """Remove again, deepest first, the directories `missing_dirs` listed, each only while empty: a refused run
+    leaves no directory made for it, and one that wrote anything keeps what it wrote."""
+    for p in made:
+        try:
+            p.rmdir()
+        except OSError:
+            break
+
+
 def under_launcher() -> bool:
     """Started by torchrun (or a launcher like it): this process is a worker, there is no supervisor."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ

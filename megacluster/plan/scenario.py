@@ -47,7 +47,8 @@ class _Rule:
             if self.hi is not None:
                 rng += f" and <= {shown(self.hi)}"
         else:
-            rng = {"bool": "true or false", "str": "a string", "dict": "a table of name = finite number >= 0, their sum > 0"}[self.kind]
+            rng = {"bool": "true or false", "str": "a string",
+                   "dict": "a table of name = finite number >= 0, their sum > 0"}[self.kind]
         return rng + (' or "auto"' if self.auto else "")
 
 

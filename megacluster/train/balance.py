@@ -130,11 +130,11 @@ class Balancer:
     share. A step also has fixed costs; where they dominate (a small share on a GPU, where launches do), a rank
     whose share was cut measures few samples/s *because* its share is small, and keeps it: a passing slowdown left
     2 ranks at 15/1 for good, 21% slower a step than 8/8 (benchmarks/stragglers.py, "recover"). So when the shares
-    have not moved (by more than a sample a rank) for PROBE_WAIT estimates and the first rank to finish took < PROBE_GAP x the time of the last,
-    one sample moves from the last to the first, and the next estimate keeps the move if the step (its slowest
-    rank's share / samples/s) got faster or the first rank is still clearly not the slowest (`_judge_probe`), and
-    tries the next one; otherwise it puts the shares back and waits twice
-    as long before the next probe (at most PROBE_MAX_WAIT estimates; a kept probe resets the wait). What a probe
+    have not moved (by more than a sample a rank) for PROBE_WAIT estimates and the first rank to finish took <
+    PROBE_GAP x the time of the last, one sample moves from the last to the first, and the next estimate keeps the
+    move if the step (its slowest rank's share / samples/s) got faster or the first rank is still clearly not the
+    slowest (`_judge_probe`), and tries the next one; otherwise it puts the shares back and waits twice as long
+    before the next probe (at most PROBE_MAX_WAIT estimates; a kept probe resets the wait). What a probe
     decides is measured, not modelled, so it holds for any fixed cost; a failed probe costs `every` steps at a
     split one sample worse.
 
@@ -235,7 +235,7 @@ class Balancer:
         if self._probe is not None:
             return self._judge_probe()
         shares = self._proportional_shares()
-        if shares != self._shares and max(abs(a - b) for a, b in zip(shares, self._shares)) > 1:
+        if self._moved(shares):
             self._still = 0
             return self._set_shares(shares)
         # unchanged, or moved by one sample a rank at most: noise's jitter, which would otherwise keep probes off
@@ -244,6 +244,10 @@ class Balancer:
         changed = self._set_shares(shares)
         self._still += 1
         return (self._still >= self._wait and self._try_probe()) or changed
+
+    def _moved(self, shares: list[int]) -> bool:
+        """Whether `shares` differ from the current ones by more than a sample on some rank (noise moves one)."""
+        return max(abs(a - b) for a, b in zip(shares, self._shares)) > 1
 
     def _step_s(self) -> tuple[dict[int, float], float]:
         """Each measured rank's compute seconds at its share (share / samples/s), and the slowest one's."""
@@ -271,12 +275,12 @@ class Balancer:
         the old step (and probe on at once), else restore them and back off. The second test is the one noise
         cannot fool: the donor only got faster and the others did not change (checked first: if proportional
         shares now differ by more than a sample, a speed moved and they are taken instead), so the step can only
-        have got slower through the receiver; the first alone, one sample's gain against step-to-step noise, kept 4 ranks at 21/1/
-        21/21 through 5,000 steps of 5% noise (benchmarks/stragglers.py, "recover" with sigma)."""
+        have got slower through the receiver; the first alone, one sample's gain against step-to-step noise, kept
+        4 ranks at 21/1/21/21 through 5,000 steps of 5% noise (benchmarks/stragglers.py, "recover" with sigma)."""
         before, slowest = self._probe
         self._probe = None
         shares = self._proportional_shares()
-        if max(abs(a - b) for a, b in zip(shares, self._shares)) > 1:  # a speed moved meanwhile, beyond the
+        if self._moved(shares):  # a speed moved meanwhile, beyond the
             # probe's sample: re-split in proportion at once, as an estimate without a probe would (a rank slowed
             # mid-probe was otherwise cut one sample an estimate by the chain of kept probes: a review)
             self._still = 0

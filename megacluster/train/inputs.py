@@ -15,7 +15,7 @@ from pathlib import Path
 from ..config import Config, ffn_hidden, n_params
 from ..data import check_inputs
 from ..errors import InputError
-from ..files import RUN_LOCK, probe_writable, run_outputs, under_launcher
+from ..files import RUN_LOCK, missing_dirs, probe_writable, remove_made, run_outputs, under_launcher
 from .balance import split
 from .chaos import check_ranks, parse
 from .zygote import guess_device
@@ -58,18 +58,14 @@ def refused_runs_leave_no_dir(run_dir: str | Path) -> Iterator[None]:
     if under_launcher():
         yield
         return
-    made = [p for p in (Path(run_dir), *Path(run_dir).parents) if not p.exists()]  # deepest first
+    made = missing_dirs(Path(run_dir))
     try:
         yield
     except InputError:
         with suppress(OSError):  # run_dir_lock's, released by now (or never made: no run dir)
             if made:
                 (made[0] / RUN_LOCK).unlink(missing_ok=True)
-        for p in made:
-            try:
-                p.rmdir()  # only an empty directory: a run that wrote anything keeps what it wrote
-            except OSError:
-                break
+        remove_made(made)
         raise
 
 

@@ -322,13 +322,16 @@ def test_a_slowdown_in_the_window_where_its_share_moved_is_still_flagged():
     assert bal.stragglers() == [1] and bal.shares()[1] < 5
 
 
-def _fixed_cost_run(bal: Balancer, steps: int, fixed: float, speed=lambda step, rank: 1.0, log=None) -> None:
-    """Feed `bal` step times fixed + 0.01 s x share, each divided by speed(step, rank); log: shares per step."""
+def _fixed_cost_run(bal: Balancer, steps: int, fixed: float, speed=lambda step, rank: 1.0, log=None,
+                    noise: random.Random | None = None, sigma: float = 0.0) -> None:
+    """Feed `bal` step times fixed + 0.01 s x share, each divided by speed(step, rank) and, with `noise`, times a
+    lognormal(0, sigma) draw; log: shares per step."""
     for step in range(steps):
         shares = bal.shares()
         if log is not None:
             log.append(shares)
-        bal.observe([(fixed + 0.01 * n) / speed(step, r) if n else 0.0 for r, n in enumerate(shares)], shares)
+        bal.observe([(fixed + 0.01 * n) / speed(step, r) * (noise.lognormvariate(0, sigma) if noise else 1.0)
+                     if n else 0.0 for r, n in enumerate(shares)], shares)
 
 
 def test_probes_undo_a_share_cut_that_fixed_costs_would_keep():
@@ -391,15 +394,10 @@ def test_probes_bring_a_cut_share_back_through_noise(seed):
     and a probe's one-sample gain was judged against the noise: 21/1/21/21 stood for 4,195 and 620 steps, and
     for all 5,000 (seeds 0, 1, 2). Jitter of a sample now counts as still, and a probe is kept while its receiver
     stays clearly faster than the old step: even again within 300 steps."""
-    rng = random.Random(seed)
-    bal = Balancer(world=4, global_batch=64)
-    for step in range(400):
-        shares = bal.shares()
-        if step == 100:
-            assert shares[1] == 1  # where the slowdown left it
-        noise = [rng.lognormvariate(0, 0.05) for _ in shares]
-        bal.observe([(0.25 + 0.01 * n) / (0.5 if r == 1 and step < 100 else 1.0) * e
-                     for r, (n, e) in enumerate(zip(shares, noise))], shares)
+    bal, log = Balancer(world=4, global_batch=64), []
+    _fixed_cost_run(bal, 400, 0.25, lambda step, rank: 0.5 if rank == 1 and step < 100 else 1.0, log,
+                    noise=random.Random(seed), sigma=0.05)
+    assert log[100][1] == 1  # where the slowdown left it
     assert max(bal.shares()) - min(bal.shares()) <= 2, bal.shares()
 
 
