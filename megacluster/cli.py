@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megacluster {verb}: failed: out of host memory{': ' + str(e) if str(e) else ''}; a smaller "
               "model, batch or run.micro_batch, or fewer --workers", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as e:  # a second SIGTERM/SIGINT: stopped at once (train/signals.py)
-        print(f"megacluster {verb}: {str(e) or 'interrupted'}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # a SIGTERM/SIGINT outside the steps, or a second one: stopped at once
+        print(f"megacluster {verb}: {str(e) or 'interrupted'}", file=sys.stderr)  # (train/signals.py)
+        return 128 + getattr(e, "signum", 2)  # as a shell reports the signal (SIGINT's default: 130)
     if args.json and result is not None:  # None: a non-main rank under torchrun, which stays quiet
         print(json.dumps(result, default=_jsonable), flush=True)
     code = exit_code(result)

@@ -490,14 +490,14 @@ def prepare(cfg: DataConfig, vocab_size: int, exclude: list[tuple[Path, str]] | 
             fcntl.flock(lock, fcntl.LOCK_EX)  # one process tokenizes; the others wait, then reuse
             if not _complete(directory):
                 _build(files, cfg, vocab_size, directory)
-    except InputError:
+    except (InputError, KeyboardInterrupt):  # refused, or stopped by a signal midway (train/signals.py)
         _unmake(made)
         raise
     return _open_text(directory)
 
 
 def _unmake(made: list[Path]) -> None:
-    """Input refused while tokenizing (NUL bytes, no text): the cache entry and the directories above it that this
+    """Input refused while tokenizing (NUL bytes, no text), or a stop midway: the cache entry and the directories above it that this
     call made are removed again, as a refused run leaves no directory made for it. Not under a launcher, where
     another rank may be waiting on the entry's lock."""
     if under_launcher() or not made:

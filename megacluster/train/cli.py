@@ -8,6 +8,7 @@ import sys
 from .. import config
 from ..cli import Once
 from . import inputs, zygote
+from .signals import outside_steps
 
 # flag dest -> config key it sets (applied after preset, --config and --set, so flags win)
 FLAGS = {
@@ -60,7 +61,7 @@ def build_config(args: argparse.Namespace) -> config.Config:
 
 def run(args: argparse.Namespace) -> dict | None:
     cfg = build_config(args)  # bad input fails here and in inputs.check, before torch is imported
-    with inputs.refused_runs_leave_no_dir(cfg.run.run_dir):
+    with outside_steps(), inputs.refused_runs_leave_no_dir(cfg.run.run_dir):
         inputs.check(cfg)
         zygote.prestart(cfg.run)  # its imports (when it will fork the workers) run beside ours
         from .supervisor import train

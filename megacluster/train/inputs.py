@@ -18,6 +18,7 @@ from ..errors import InputError
 from ..files import RUN_LOCK, missing_dirs, probe_writable, remove_made, run_outputs, under_launcher
 from .balance import split
 from .chaos import check_ranks, parse
+from .signals import StoppedAtOnce
 from .zygote import guess_device
 
 TRAIN_BYTES_PER_PARAM = 16  # the least any of our optimizers holds: fp32 weights, gradients, AdamW's two moments
@@ -52,8 +53,8 @@ def check(cfg: Config) -> None:
 @contextmanager
 def refused_runs_leave_no_dir(run_dir: str | Path) -> Iterator[None]:
     """A run refused for its input (InputError, here or in `supervisor.train` once torch is up: --device cuda
-    without a GPU, a model too big for the GPU, --data that tokenizes to nothing) leaves behind no directory that
-    `check` made for it: those of `run_dir` and its parents that did not exist before are removed again while
+    without a GPU, a model too big for the GPU, --data that tokenizes to nothing), or stopped by a signal before
+    its first step (StoppedAtOnce), leaves behind no directory that `check` made for it: those of `run_dir` and its parents that did not exist before are removed again while
     empty. Not under a launcher: there another rank may be about to write into the directory."""
     if under_launcher():
         yield
@@ -61,7 +62,7 @@ def refused_runs_leave_no_dir(run_dir: str | Path) -> Iterator[None]:
     made = missing_dirs(Path(run_dir))
     try:
         yield
-    except InputError:
+    except (InputError, StoppedAtOnce):
         with suppress(OSError):  # run_dir_lock's, released by now (or never made: no run dir)
             if made:
                 (made[0] / RUN_LOCK).unlink(missing_ok=True)

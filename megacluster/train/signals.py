@@ -19,6 +19,35 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 REPEAT_S = 1.0  # seconds: a repeat sooner than this is the same request delivered twice
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A SIGTERM/SIGINT outside the training steps (importing torch, tokenizing, building the model, writing the
+    result): nothing is cut short there that a checkpoint would keep, so the process stops at once."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"{signal.Signals(signum).name} before the first step or after the last: stopped at once")
+        self.signum = signum
+
+
+def _stop_at_once(signum: int, frame=None) -> None:
+    raise StoppedAtOnce(signum)
+
+
+@contextlib.contextmanager
+def outside_steps():
+    """SIGTERM and SIGINT raise StoppedAtOnce in the block, which the CLI reports in one line with 128 + N. Before,
+    a SIGTERM while torch was imported or the text tokenized ended the process with no word and left the run dir
+    it had made. The training loop and the supervisor install their own handlers over these (`installed`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, _stop_at_once) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def exit_code(result: dict | None) -> int:
     """The exit code of a run's process: 128 + N when the result says it stopped on signal N (as a shell reports
     a process that signal ended), else 0."""

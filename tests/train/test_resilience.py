@@ -689,3 +689,31 @@ def test_a_torchrun_restart_refuses_shards_changed_since_its_checkpoint(tmp_path
     check_data(run, corpus)  # a user's --resume may give other shards
     with pytest.raises(InputError, match="a token shard changed since the checkpoint this torchrun restart"):
         check_data(run, corpus, restarted=True)
+
+
+SIGNAL_WHILE_TOKENIZING = """
+import os, signal, sys, time
+from megacluster import cli, data
+def build(*a, **k):
+    os.kill(os.getpid(), signal.{sig})
+    time.sleep(30)  # the signal's handler raises before this ends
+data._build = build
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_before_the_first_step_stops_at_once_and_leaves_no_dir_it_made(tmp_path, sig):
+    """A SIGTERM while the text is tokenized (or torch imported, the model built) ended the process with no word
+    (143) and left the run dir it had made, with its lock. Now: one line, 128 + N, and the run dir and the half-built
+    cache entry are removed again (train/signals.py `outside_steps`)."""
+    (tmp_path / "a.txt").write_text("some text to tokenize\n" * 50)
+    run, cache = tmp_path / "new" / "run", tmp_path / "cache"
+    r = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_TOKENIZING.format(sig=sig), "train", "--run-dir", str(run),
+                        "--data", str(tmp_path / "a.txt"), "--set", f"data.cache_dir={cache}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 128 + signal.Signals[sig].value, r.stderr
+    assert f"megacluster train: {sig} before the first step or after the last: stopped at once" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "new").exists()
+    assert not list(cache.glob("*/*")), list(cache.rglob("*"))  # no cache entry left (its parent may stay)
