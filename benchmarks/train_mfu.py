@@ -104,7 +104,8 @@ def kernel_table(w: Worker, step0: int, steps: int, path: Path, trace: Path | No
         n = e.key.lower()
         kind = ("optimizer" if ("lerp" in n or "addcmul" in n) else  # optim.adamw_update, compiled
                 "attention" if ("flash" in n or "fmha" in n or "sdpa" in n or "cudnn" in n) else
-                "elementwise (triton)" if n.startswith(("triton", "_swiglu", "_rope")) else  # Inductor's, kernels.py's
+                # Inductor's, then kernels.py's
+                "elementwise (triton)" if n.startswith(("triton", "_swiglu", "_rope", "_xent")) else
                 "matmul" if ("gemm" in n or "nvjet" in n or "cutlass" in n) else
                 "optimizer" if ("adam" in n or "multi_tensor" in n or "sumsq" in n) else  # kernels.BlockTable too
                 "copy" if ("memcpy" in n or "memset" in n) else

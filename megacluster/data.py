@@ -497,9 +497,9 @@ def prepare(cfg: DataConfig, vocab_size: int, exclude: list[tuple[Path, str]] | 
 
 
 def _unmake(made: list[Path]) -> None:
-    """Input refused while tokenizing (NUL bytes, no text), or a stop midway: the cache entry and the directories above it that this
-    call made are removed again, as a refused run leaves no directory made for it. Not under a launcher, where
-    another rank may be waiting on the entry's lock."""
+    """Input refused while tokenizing (NUL bytes, no text), or a stop midway: the cache entry and the directories
+    above it that this call made are removed again, as a refused run leaves no directory made for it. Not under a
+    launcher, where another rank may be waiting on the entry's lock."""
     if under_launcher() or not made:
         return
     shutil.rmtree(made[0], ignore_errors=True)  # the entry: its lock, and what a build wrote before it was refused

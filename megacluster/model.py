@@ -242,6 +242,10 @@ class GPT(nn.Module):
             scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith(("proj.weight", "down.weight")) else 1.0
             nn.init.normal_(p, mean=0.0, std=std * scale)
 
+    def runs_loss_kernel(self, x: torch.Tensor) -> bool:
+        """Whether a training forward on `x`'s device takes the loss kernel (the trainer reports it as resolved)."""
+        return self.fused_loss and self.loss_kernel and kernels.available(x)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are one parameter, counted once
 
@@ -259,8 +263,7 @@ class GPT(nn.Module):
             x = block(x, cos, sin)
         x = self.norm(x)  # (B, T, d)
         if targets is not None and self.fused_loss and torch.is_grad_enabled():
-            return HeadLoss.apply(x.view(B * T, -1), self.head.weight, targets.reshape(B * T),
-                                  self.loss_kernel and kernels.available(x))
+            return HeadLoss.apply(x.view(B * T, -1), self.head.weight, targets.reshape(B * T), self.runs_loss_kernel(x))
         logits = self.head(x)  # (B, T, V)
         if targets is None:
             return logits

@@ -54,8 +54,9 @@ def check(cfg: Config) -> None:
 def refused_runs_leave_no_dir(run_dir: str | Path) -> Iterator[None]:
     """A run refused for its input (InputError, here or in `supervisor.train` once torch is up: --device cuda
     without a GPU, a model too big for the GPU, --data that tokenizes to nothing), or stopped by a signal before
-    its first step (StoppedAtOnce), leaves behind no directory that `check` made for it: those of `run_dir` and its parents that did not exist before are removed again while
-    empty. Not under a launcher: there another rank may be about to write into the directory."""
+    its first step (StoppedAtOnce), leaves behind no directory that `check` made for it: those of `run_dir` and
+    its parents that did not exist before are removed again while empty. Not under a launcher: there another rank
+    may be about to write into the directory."""
     if under_launcher():
         yield
         return

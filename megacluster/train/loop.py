@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import hardware, kernels
+from .. import hardware
 from ..config import Config, OptimConfig
 from ..data import Corpus, SampleOrder, prepare
 from ..files import run_outputs
@@ -655,7 +655,7 @@ class Worker:
         """What the "auto" keys came to on this worker's device (in the result: a user sees what ran)."""
         return {"compiled": self.compiled, "dtype": "bf16" if self.dtype == torch.bfloat16 else "fp32",  # run.dtype's
                 "master_weights": isinstance(self.opt, optim.MasterAdamW), "fused_loss": self.model.fused_loss,
-                "loss_kernel": self.model.fused_loss and self.model.loss_kernel and kernels.available(self.params[0])}
+                "loss_kernel": self.model.runs_loss_kernel(self.params[0])}
 
     def flush(self) -> None:
         """Copy the losses of completed steps to the host history (one device sync)."""
