@@ -310,6 +310,24 @@ def test_stale_launcher_and_thread_variables_exit_2_naming_them(env, needle, tmp
     assert not (tmp_path / "run").exists()  # a refused run leaves no directory made for it
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_run_dir_in_use_is_refused_before_torch_is_imported(tmp_path, workers):
+    """README: refused "within a third of a second, before torch is imported". The lock was taken after the
+    trainer's imports (3-4 s; with --workers 2 the zygote started first), a user audit found."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242")
+        held.flush()
+        r = subprocess.run([sys.executable, "-c", TELLS_TORCH, "train", "--run-dir", str(run), "--resume",
+                            "--workers", workers], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "is in use by another run (pid 4242)" in r.stderr, r.stderr
+    assert "torch imported: False" in r.stderr, r.stderr
+
+
 def test_valid_launcher_and_thread_variables_pass():
     """One rank forms no process group (no MASTER_ADDR needed); OpenMP's per-level list is a valid thread count."""
     from megacluster.train.inputs import check_environment

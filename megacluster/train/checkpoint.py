@@ -309,17 +309,27 @@ def _step_dirs(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def newest_meta(directory: str | os.PathLike) -> dict | None:
+def newest_meta(directory: str | os.PathLike, *, hashed: bool = False) -> dict | None:
     """The `meta` of the newest checkpoint under `directory` whose manifest verifies and whose files have the
     listed sizes, or None: for checks before a resume, cheaply (the files' hashes are checked when the run loads
-    it, once), and of the checkpoint the loader will take unless a file rotted at the same size."""
+    it, once), and of the checkpoint the loader will take unless a file rotted at the same size. hashed: the
+    files' hashes checked too, so it is the one the loader takes (before refusing a resume for its step)."""
     directory = Path(directory)
     for step, path in reversed(_step_dirs(directory) if directory.is_dir() else []):
         try:
-            return _verified_manifest(path, step, sizes_only=True)["meta"]
+            return _verified_manifest(path, step, sizes_only=not hashed)["meta"]
         except CheckpointError:
             continue
     return None
+
+
+def check_max_steps(step: int | None, last: int, directory: Path) -> None:
+    """A checkpoint past run.max_steps would train nothing and report the old run as this one. Checked before any
+    worker starts (`supervisor.check_resume`: a supervised run refused by its workers had already rewritten the
+    run dir's files) and again when a worker loads the checkpoint (`Worker.restore`)."""
+    if isinstance(step, int) and step > last:
+        raise InputError(f"--resume: the newest good checkpoint in {directory} is at step {step}, past "
+                         f"run.max_steps (--max-steps) = {last}; give --max-steps {step + 1} or more to train further")
 
 
 def meta_of(directory: str | os.PathLike, step: int) -> dict:

@@ -63,10 +63,11 @@ def run(args: argparse.Namespace) -> dict | None:
     cfg = build_config(args)  # bad input fails here and in inputs.check, before torch is imported
     with outside_steps(), inputs.refused_runs_leave_no_dir(cfg.run.run_dir):
         inputs.check(cfg)
-        zygote.prestart(cfg.run)  # its imports (when it will fork the workers) run beside ours
-        from .supervisor import train
+        with inputs.run_dir_lock(cfg):  # before torch: a run dir in use is refused at once
+            zygote.prestart(cfg.run)  # its imports (when it will fork the workers) run beside ours
+            from .supervisor import train
 
-        result = train(cfg, checked=True)
+            result = train(cfg, checked=True)
     if result is not None:
         print(summary(result), file=sys.stderr)
     return result
@@ -79,8 +80,9 @@ def summary(r: dict) -> str:
     if r.get("stopped"):
         return (f"stopped by {r['stopped']} after step {r['steps']}, loss {r['final_loss']:.4f}: the checkpoint of "
                 f"that step is in {r['run_dir']}/checkpoints; the same command with --resume continues exactly")
-    line = (f"done: {r['steps']} steps on {r['world']} worker(s), loss {r['final_loss']:.4f}{val}, "
-            f"{r['tokens_per_s']:,.0f} tok/s{mfu}; run dir {r['run_dir']}")
+    rate = f"{r['tokens_per_s']:,.0f} tok/s{mfu}" if r["tokens_per_s"] else "no step left to train"  # (--resume)
+    line = (f"done: {r['steps']} steps on {r['world']} worker(s), loss {r['final_loss']:.4f}{val}, {rate}; "
+            f"run dir {r['run_dir']}")
     if "goodput" in r:
         line += (f"\nresilience: {r['restarts']} restarts, {r['recoveries_from_peer']} recoveries from a peer, "
                  f"{r['recoveries_from_checkpoint']} from a checkpoint, {r['flaps_survived']} flaps survived, "

@@ -36,7 +36,7 @@ from ..model import GPT, flops_per_token
 from . import balance as balance_mod
 from . import chaos as chaos_mod
 from . import optim
-from .checkpoint import CheckpointManager, rng_state, set_rng_state
+from .checkpoint import CheckpointManager, check_max_steps, rng_state, set_rng_state
 from .elastic import NODE_LOST, Membership, Plan
 from .metrics import MetricsLog, Progress, StepTimer
 from .signals import StopSignals
@@ -229,6 +229,7 @@ class Worker:
         self.ckpt: CheckpointManager | None = None
         self.losses: list[float] = []  # per-step global losses, index = step - 1
         self.costs: list[float] = []  # per-step worker-seconds (wall time x world) of the kept history
+        self.restored_steps = 0  # steps an earlier invocation trained (--resume, no supervisor: it counts them)
         self.step = 0  # steps completed
         self.val_loss: float | None = None
         self.end_generation = False  # set when the supervisor asked this generation to end after this step
@@ -474,13 +475,12 @@ class Worker:
                 print(f"resume: no good checkpoint in {directory}; starting from step 0", file=sys.stderr, flush=True)
             return False
         last = self.cfg.run.max_steps
-        if loaded.step > last:  # it would train nothing and report the old run as this one
-            raise InputError(f"--resume: the newest good checkpoint in {directory} is at step {loaded.step}, past "
-                             f"run.max_steps (--max-steps) = {last}; give --max-steps {loaded.step + 1} or more to "
-                             "train further")
-        if loaded.step == last and self.wid == 0:
+        check_max_steps(loaded.step, last, directory)  # (checked before the start too, from the manifest)
+        if self.wid == 0 and loaded.step == last:
             print(f"resume: {loaded.path.name} is at run.max_steps = {last} already: nothing to train (a larger "
                   "--max-steps trains further)", file=sys.stderr, flush=True)
+        elif self.wid == 0 and self.membership is None:  # (a supervisor says it in its generation's line)
+            print(f"resume: from {loaded.path.name}, after step {loaded.step}", file=sys.stderr, flush=True)
         self.opt.load_weights(loaded.model)
         self.opt.load_state_dict(loaded.state["optimizer"])
         set_rng_state(loaded.state["rng"])
@@ -500,6 +500,7 @@ class Worker:
         if self.membership is None:
             if self.cfg.run.resume and self.place.world > 1:
                 self.agree_on_restored_state()
+            self.restored_steps = self.step
             self._set_main()
             return
         if self.chaos.node_lost():
@@ -646,7 +647,7 @@ class Worker:
                 "mfu": self.mfu(tps), "run_dir": str(self.run_dir), "world": self.place.world,
                 "device": str(self.place.device), "params": self.model.num_params(),
                 "loss_digest": loss_digest(self.losses), "workers": self.members, "shares": self.balancer.shares(),
-                "stragglers": self.stragglers(), "kept_worker_s": sum(self.costs),
+                "stragglers": self.stragglers(), "kept_worker_s": sum(self.costs[self.restored_steps:]),
                 "elapsed_s": t_end - t_start, **self.resolved(),
                 "stopped": signal.Signals(self.stopped_by).name  # the last step done: finished, not stopped
                 if self.stopped_by is not None and self.step < cfg.max_steps else None}

@@ -33,7 +33,7 @@ from ..config import Config, ModelConfig, ffn_hidden
 from ..data import Corpus, prepare
 from ..errors import InputError
 from ..files import RUN_OUTPUTS, fsync_dir, run_outputs, under_launcher, write_json
-from .checkpoint import CheckpointError, meta_of, newest_meta
+from .checkpoint import CheckpointError, check_max_steps, meta_of, newest_meta
 from .elastic import CHECKPOINT_FAILED, DIVERGED, INPUT_REFUSED, NODE_LOST, Plan
 from .inputs import check, check_fits, refused_runs_leave_no_dir, run_dir_lock
 from .signals import SIGNALS, StopSignals, exit_code
@@ -52,10 +52,10 @@ def hb_step(value: str) -> int:
 
 def train(cfg: Config, *, checked: bool = False) -> dict | None:
     """Train per `cfg`; returns rank 0's result dict (None on other ranks under a launcher). checked: the caller
-    ran `inputs.check(cfg)` already (the CLI does, before importing torch, inside `refused_runs_leave_no_dir`)."""
+    ran `inputs.check(cfg)` and holds `run_dir_lock` already (the CLI does both before importing torch, inside
+    `refused_runs_leave_no_dir`)."""
     if checked:
-        with run_dir_lock(cfg):
-            return _train(cfg)
+        return _train(cfg)
     with refused_runs_leave_no_dir(cfg.run.run_dir):
         check(cfg)  # the torch-free checks: the run dir, the data paths, ...
         with run_dir_lock(cfg):
@@ -71,16 +71,17 @@ def _train(cfg: Config) -> dict | None:
     run_dir = Path(cfg.run.run_dir)
     device = resolve_device(cfg.run.device)  # refuses cuda without a GPU
     check_fits(cfg, device)
-    if cfg.run.resume:
-        check_resume(cfg)
+    note = check_resume(cfg) if cfg.run.resume else None
+    main = not under_launcher() or int(os.environ["RANK"]) == 0  # (torchrun: rank 0 speaks and writes for all)
     if under_launcher():
         corpus = prepare(cfg.data, cfg.model.vocab_size, [run_outputs(run_dir)])  # each rank (one tokenizes)
         check_data(cfg, corpus, restarted=restarted)
-        if not cfg.run.resume and int(os.environ["RANK"]) == 0:
-            set_aside_earlier_run(run_dir)
+        if main:
+            begin_unsupervised(cfg, note)
         place = init_place(cfg.run.device, timeout_s=max(60.0, cfg.run.hang_timeout))
         result = Worker(cfg, place, corpus=corpus).run()
         if place.is_main:
+            write_json(run_dir / "result.json", result)
             return result
         if result["stopped"]:  # every rank stopped after the same step: exit as rank 0 does (note: torchrun
             from .worker import hard_exit  # restarts on any non-zero exit unless it was signalled itself)
@@ -95,11 +96,35 @@ def _train(cfg: Config) -> dict | None:
                              f"{torch.cuda.device_count()}; use --device cpu for more workers than GPUs")
     corpus = prepare(cfg.data, cfg.model.vocab_size, [run_outputs(run_dir)])  # once, before any worker starts
     check_data(cfg, corpus)
-    if not cfg.run.resume:  # after every input check: a refused run moves nothing
-        set_aside_earlier_run(run_dir)
     if not supervised(cfg.run):
-        return Worker(cfg, init_place(cfg.run.device), corpus=corpus).run()
+        begin_unsupervised(cfg, note)
+        result = Worker(cfg, init_place(cfg.run.device), corpus=corpus).run()
+        write_json(run_dir / "result.json", result)
+        return result
+    begin(cfg, note)
     return Supervisor(cfg, corpus, device).run()
+
+
+def begin(cfg: Config, note: str | None) -> None:
+    """Past every input check (a refused run moves, deletes or rewrites nothing): a fresh run sets an earlier
+    one aside, a resume says which keys changed. The run dir's result.json is then this invocation's to write."""
+    run_dir = Path(cfg.run.run_dir)
+    if not cfg.run.resume:
+        set_aside_earlier_run(run_dir)
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    (run_dir / "result.json").unlink(missing_ok=True)
+
+
+def begin_unsupervised(cfg: Config, note: str | None) -> None:
+    """`begin` for a run without a supervisor (one process; rank 0 under torchrun): it writes config.json as the
+    supervisor does, and removes workers.json and corpus.json, which only a supervised invocation writes: after
+    --resume they named the processes and corpus of the one before (a user audit)."""
+    begin(cfg, note)
+    run_dir = Path(cfg.run.run_dir)
+    for name in ("workers.json", "corpus.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    write_json(run_dir / "config.json", cfg.to_dict())
 
 
 def check_fatal(wid: int, code: int | None) -> None:
@@ -126,18 +151,26 @@ def describe_exit(code: int) -> str:
     return f"code {code} ({name})"
 
 
-def check_resume(cfg: Config) -> None:
+def check_resume(cfg: Config) -> str | None:
     """--resume with model keys other than the checkpoint's would fail deep inside load_state_dict (or, for keys
-    that change no shape, silently train another model): refuse it before anything starts. Other sections may
-    change on resume (a longer run, another learning rate, more workers; then it is no longer exact, and the
-    changed keys are named), except data.val_fraction (`_say_changed_keys`)."""
+    that change no shape, silently train another model): refuse it before anything starts, as a --max-steps below
+    the checkpoint's step. Other sections may change on resume (a longer run, another learning rate, more
+    workers; then it is no longer exact), except data.val_fraction (`_changed_keys`). Returns the note naming the
+    changed keys, said once every check has passed (a refused resume said first that it would go on)."""
     directory = Path(cfg.run.run_dir) / "checkpoints"
     if directory.exists() and not directory.is_dir():
         raise InputError(f"--resume: {directory} is not a directory of checkpoints; give the run dir of the run "
                          "to resume (run.run_dir, --run-dir)")
-    saved_cfg = (newest_meta(directory) or {}).get("config") or {}
-    _say_changed_keys(saved_cfg, cfg)
-    saved = saved_cfg.get("model")
+    meta = newest_meta(directory) or {}
+    saved_cfg = meta.get("config") or {}
+    note = _changed_keys(saved_cfg, cfg)
+    _check_same_model(saved_cfg.get("model"), cfg, directory)
+    if meta.get("step", 0) > cfg.run.max_steps:  # refused only for a checkpoint the loader would take
+        check_max_steps((newest_meta(directory, hashed=True) or {}).get("step"), cfg.run.max_steps, directory)
+    return note
+
+
+def _check_same_model(saved: dict | None, cfg: Config, directory: Path) -> None:
     if not saved:
         return
     try:
@@ -154,10 +187,10 @@ def check_resume(cfg: Config) -> None:
 RESUME_QUIET = {"run.resume", "run.run_dir", "run.progress", "data.cache_dir"}  # no bearing on what is trained
 
 
-def _say_changed_keys(saved: dict, cfg: Config) -> None:
-    """--resume continues with the config given now: say which keys differ from the checkpoint's run (a forgotten
-    --max-steps would otherwise stretch the schedule without a word), and refuse a changed data.val_fraction,
-    which would move tokens already trained on into the validation split."""
+def _changed_keys(saved: dict, cfg: Config) -> str | None:
+    """--resume continues with the config given now: the note naming the keys that differ from the checkpoint's
+    run (a forgotten --max-steps would otherwise stretch the schedule without a word). A changed
+    data.val_fraction is refused: it would move tokens already trained on into the validation split."""
     now = cfg.to_dict()
     changed = {f"{section}.{key}": (old, now[section][key]) for section in ("data", "optim", "run")
                for key, old in (saved.get(section) or {}).items()
@@ -170,10 +203,10 @@ def _say_changed_keys(saved: dict, cfg: Config) -> None:
         old, new = changed["data.val_fraction"]
         raise InputError(f"--resume: data.val_fraction is {new} here, {old} in the checkpoint's run: the validation "
                          "split would take in tokens already trained on; resume with the same value")
-    if changed and os.environ.get("RANK", "0") == "0":  # torchrun: said once
-        print("--resume: the run goes on with the values given now, where they differ from the checkpoint's run: "
-              + "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items())),
-              file=sys.stderr, flush=True)
+    if not changed:
+        return None
+    return ("--resume: the run goes on with the values given now, where they differ from the checkpoint's run: "
+            + "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items())))
 
 
 def _norm(path: str) -> str:
@@ -279,9 +312,8 @@ class Supervisor:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not cfg.run.resume:  # a fresh run: old one-shot chaos markers and results do not apply
+        if not cfg.run.resume:  # a fresh run: old one-shot chaos markers do not apply
             shutil.rmtree(self.run_dir / "chaos", ignore_errors=True)
-        (self.run_dir / "result.json").unlink(missing_ok=True)
         write_json(self.run_dir / "config.json", cfg.to_dict())
         self.corpus_ref = self.run_dir / "corpus.json"  # every worker reads this corpus (data.reopen): a file, as
         write_json(self.corpus_ref, corpus.reference())  # thousands of shard paths exceed an environment string

@@ -274,6 +274,31 @@ def test_a_run_dir_in_use_by_a_live_run_is_refused_and_left_alone(tmp_path):
     assert again["steps"] == 3 and lock.read_text() == str(os.getpid())
 
 
+def test_a_refused_resume_leaves_the_run_dir_as_it_was_and_one_without_a_supervisor_rewrites_its_files(tmp_path,
+                                                                                                         capfd):
+    """A user audit: a supervised --resume refused by its workers (a --max-steps below the checkpoint) had deleted
+    result.json and rewritten config.json and workers.json, after saying the run "goes on"; a resume without a
+    supervisor left the supervised run's result.json ("stopped at step 15" after a finished run), config.json and
+    workers.json, never said where it resumed, and counted the earlier invocation's seconds as kept."""
+    from megacluster.train.checkpoint import newest_meta
+
+    train(small_cfg(tmp_path, "r", "run.max_steps=4", "run.ckpt_every=2", "run.workers=2"))
+    d = tmp_path / "r"
+    files = {n: (d / n).read_bytes() for n in ("result.json", "config.json", "workers.json", "corpus.json")}
+    capfd.readouterr()
+    with pytest.raises(InputError, match=r"is at step 4, past run.max_steps \(--max-steps\) = 3"):
+        train(small_cfg(tmp_path, "r", "run.max_steps=3", "run.resume=true", "run.workers=2", "optim.lr=1e-4"))
+    assert {n: (d / n).read_bytes() for n in files} == files
+    assert "goes on" not in capfd.readouterr().err
+    res = train(small_cfg(tmp_path, "r", "run.max_steps=6", "run.ckpt_every=2", "run.resume=true"))  # 1 process
+    assert "resume: from step_00000004, after step 4" in capfd.readouterr().err
+    assert json.loads((d / "result.json").read_text()) == json.loads(json.dumps(res)) and res["steps"] == 6
+    assert json.loads((d / "config.json").read_text())["run"]["workers"] == 1
+    assert not (d / "workers.json").exists() and not (d / "corpus.json").exists()
+    costs = newest_meta(d / "checkpoints")["costs"]
+    assert len(costs) == 6 and res["kept_worker_s"] == pytest.approx(sum(costs[4:]), rel=1e-9) and sum(costs[:4]) > 0
+
+
 def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("not a directory")
     with pytest.raises(InputError, match="exists and is not a directory"):
