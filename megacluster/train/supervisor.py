@@ -75,7 +75,7 @@ def _train(cfg: Config) -> dict | None:
     main = not under_launcher() or int(os.environ["RANK"]) == 0  # (torchrun: rank 0 speaks and writes for all)
     if under_launcher():
         corpus = prepare(cfg.data, cfg.model.vocab_size, [run_outputs(run_dir)])  # each rank (one tokenizes)
-        check_data(cfg, corpus, restarted=restarted)
+        note = _joined(note, check_data(cfg, corpus, restarted=restarted))
         if main:
             begin_unsupervised(cfg, note)
         place = init_place(cfg.run.device, timeout_s=max(60.0, cfg.run.hang_timeout))
@@ -95,7 +95,7 @@ def _train(cfg: Config) -> dict | None:
             raise InputError(f"run.workers={cfg.run.workers}: one GPU per worker, and this machine has "
                              f"{torch.cuda.device_count()}; use --device cpu for more workers than GPUs")
     corpus = prepare(cfg.data, cfg.model.vocab_size, [run_outputs(run_dir)])  # once, before any worker starts
-    check_data(cfg, corpus)
+    note = _joined(note, check_data(cfg, corpus))
     if not supervised(cfg.run):
         begin_unsupervised(cfg, note)
         result = Worker(cfg, init_place(cfg.run.device), corpus=corpus).run()
@@ -213,16 +213,20 @@ def _norm(path: str) -> str:
     return os.path.normpath(os.path.abspath(os.path.expanduser(path)))
 
 
-def check_data(cfg: Config, corpus: Corpus, *, restarted: bool = False) -> None:
+def _joined(*notes: str | None) -> str | None:
+    return "\n".join(n for n in notes if n) or None
+
+
+def check_data(cfg: Config, corpus: Corpus, *, restarted: bool = False) -> str | None:
     """Before any worker starts: both splits hold a sequence, and a resumed run reads its checkpoint's tokens.
     An input edited since the checkpoint gives a text corpus another tokenizer, whose ids mean other text to the
     model's embeddings: refused. (Changed split sizes with the same tokenizer, data added, only make the run no
     longer exact, as other changed sections do.) A torchrun restart (`restarted`) continues the same run: a
     token shard changed since the checkpoint is refused there (a shard changed mid-run is what ended the
-    previous attempt), where a user's --resume may give other shards."""
+    previous attempt), where a user's --resume may give other shards: the note returned says so."""
     corpus.check(cfg.model.seq_len, cfg.data.val_fraction)
     if not cfg.run.resume:
-        return
+        return None
     data = (newest_meta(Path(cfg.run.run_dir) / "checkpoints") or {}).get("data") or {}
     ours = corpus.identity()  # (hashes the tokenizer file)
     if restarted and data.get("shards_key") and data["shards_key"] != ours["shards_key"]:
@@ -234,6 +238,10 @@ def check_data(cfg: Config, corpus: Corpus, *, restarted: bool = False) -> None:
         raise InputError(f"--resume: the tokenizer built from --data now differs from the one the checkpoint in "
                          f"{cfg.run.run_dir} was trained with (an input, data.max_bytes or the file list changed): "
                          "token ids would mean other text; resume with the same inputs, or start in a new --run-dir")
+    if data.get("shards_key") and data["shards_key"] != ours["shards_key"]:  # a user's --resume (above: a restart)
+        return ("--resume: the token shards differ from those the checkpoint was trained on (other files, or the same "
+                "paths of another size or time): the run goes on with them, no longer as an uninterrupted run would")
+    return None
 
 
 def set_aside_earlier_run(run_dir: Path) -> None:

@@ -542,3 +542,24 @@ def test_a_shard_rewritten_mid_run_ends_the_run_with_input_error(tmp_path):
     w.corpus.checked_at = 0.0  # as if a second had passed since the last check
     with pytest.raises(InputError, match="token shard changed"):
         w.train_step(2)
+
+
+def test_a_resume_on_rewritten_shards_says_so(tmp_path, capfd):
+    """A user may --resume with other shards at the same paths (a torchrun restart may not): it goes on, and now
+    says the run is no longer exact (a user audit: it was taken without a word, though the checkpoint records the
+    shards' key)."""
+    import os
+
+    import numpy as np
+
+    shard = tmp_path / "a.npy"
+    np.save(shard, np.arange(20_000, dtype=np.uint16) % 500)
+    keys = [f"data.paths=['{shard}']", "run.ckpt_every=2"]
+    train(small_cfg(tmp_path, "r", "run.max_steps=2", *keys))
+    capfd.readouterr()
+    assert train(small_cfg(tmp_path, "r", "run.max_steps=3", "run.resume=true", *keys))["steps"] == 3
+    assert "token shards differ" not in capfd.readouterr().err  # the same shards: nothing to say
+    np.save(shard, np.arange(20_000, dtype=np.uint16) % 400)
+    os.utime(shard, ns=(1, 1))  # another mtime, whatever the clock's resolution
+    assert train(small_cfg(tmp_path, "r", "run.max_steps=4", "run.resume=true", *keys))["steps"] == 4
+    assert "--resume: the token shards differ from those the checkpoint was trained on" in capfd.readouterr().err
