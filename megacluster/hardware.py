@@ -11,6 +11,8 @@ Figures are vendor datasheet values for *dense* math (no 2:4 sparsity), per GPU:
 - ``nvlink_gb_s``: scale-up bandwidth per GPU, GB/s, *both directions added* as marketed
   (H100 NVLink 4: 900 GB/s = 450 GB/s each way). Use ``nvlink_gb_s / 2`` for one direction.
 - ``nvlink_domain``: GPUs that share one NVLink domain (8 in an HGX board, 72 in a GB200 NVL72 rack).
+- ``node_gpus``: GPUs per node, the unit that fails and is replaced (8 in an HGX/DGX server, 4 in a GB200
+  compute tray); the planner's default `gpus_per_node`.
 
 Sources: NVIDIA A100 datasheet (2021), H100 datasheet (SXM5), H200 product brief, DGX B200 and
 GB200 NVL72 datasheets (per-GPU = system figure / GPU count).
@@ -39,6 +41,7 @@ class GPU:
     tdp_w: float  # W
     nvlink_gb_s: float  # GB/s per GPU, both directions added
     nvlink_domain: int = 8  # GPUs per NVLink domain
+    node_gpus: int = 8  # GPUs per node (server or compute tray)
     idle_w: float = 0.0  # W, board power when idle (0 = unknown, planner uses a fraction of TDP)
     aliases: tuple[str, ...] = field(default=())  # whole torch.cuda.get_device_name() strings of this very part
 
@@ -79,7 +82,7 @@ GPUS: dict[str, GPU] = {
         GPU(name="B200", peak_tflops=_tf(75, 1100, 2250, 4500, 4500), hbm_gb=180, hbm_gb_s=8000,
             tdp_w=1000, nvlink_gb_s=1800, idle_w=100, aliases=("NVIDIA B200",)),
         GPU(name="GB200", peak_tflops=_tf(80, 1250, 2500, 5000, 5000), hbm_gb=186, hbm_gb_s=8000,
-            tdp_w=1200, nvlink_gb_s=1800, nvlink_domain=72, idle_w=120, aliases=("NVIDIA GB200",)),
+            tdp_w=1200, nvlink_gb_s=1800, nvlink_domain=72, node_gpus=4, idle_w=120, aliases=("NVIDIA GB200",)),
     )
 }
 

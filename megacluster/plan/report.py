@@ -54,6 +54,9 @@ def print_summary(pred: Prediction, options: dict | None = None, sweep: list | N
     for key, label, fmt in ROWS:
         t.add_row(label, _fmt(fmt, d[key], d))
     t.add_row("parallel plan", plan + (f"  (chosen: {', '.join(d['chosen'])})" if d["chosen"] else ""))
+    sw = d["software"]
+    t.add_row("software", f"{sw['attention']} attention, gradient reduce "
+              + ("overlapped with the backward" if sw["overlap_grad_reduce"] else "after the backward"))
     con.print(t)
     for line in pred.limits:
         con.print(f"  - {line}", markup=False)

@@ -49,6 +49,8 @@ class _Rule:
         else:
             rng = {"bool": "true or false", "str": "a string",
                    "dict": "a table of name = finite number >= 0, their sum > 0"}[self.kind]
+            if self.kind == "dict" and self.choices:
+                rng += "; names: " + ", ".join(self.choices)
         return rng + (' or "auto"' if self.auto else "")
 
 
@@ -88,6 +90,9 @@ def _check(section: str, key: str, value: Any, rule: _Rule) -> Any:
         weights = {str(k): _finite(v, bad) for k, v in value.items()}
         if any(w < 0 for w in weights.values()) or not 0 < sum(weights.values()) < math.inf:
             raise bad
+        unknown = sorted(set(weights) - set(rule.choices)) if rule.choices else []
+        if unknown:  # a misspelt cause ("faulty_gpus") lost its GPU-board scaling and its spare-node wait unsaid
+            raise ScenarioError(f"{name}: {unknown[0]!r} is not a known cause; names: " + ", ".join(rule.choices))
         return weights
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad
@@ -218,8 +223,13 @@ PARALLEL_RULES = {"tp": _int(1), "pp": _int(1), "cp": _int(1), "dp": _int(1), "v
 class PoolSpec:
     gpu: str
     count: int  # GPUs
-    gpus_per_node: int = 8
+    gpus_per_node: int = 0  # 0: the GPU's own (hardware.GPU.node_gpus: 8 in an HGX server, 4 in a GB200 tray)
     lease_usd_per_gpu_hour: float | None = None  # revenue if leased to inference instead of training
+
+    def __post_init__(self) -> None:
+        if not self.gpus_per_node and self.gpu in GPUS:  # (an unknown GPU is refused by name in _pool)
+            # a GB200 pool left without it was taken as 8-GPU nodes: half its node failure rate (a user audit)
+            self.gpus_per_node = GPUS[self.gpu].node_gpus
 
 
 # Fleet: 100x the 1M-GPU preset; a node (an NVLink domain) of at most 1,024 GPUs (the largest announced rack-scale
@@ -284,7 +294,8 @@ class ReliabilitySpec:
 
 # failure rates: 1e6 per 1000 node-days is a failure every 1.4 minutes on every node (Llama 3: 3.8)
 MAX_FAILURE_RATE = 1e6
-RELIABILITY_RULES = {"node_failures_per_1000_node_days": _num(0, MAX_FAILURE_RATE), "causes": _Rule("dict"),
+RELIABILITY_RULES = {"node_failures_per_1000_node_days": _num(0, MAX_FAILURE_RATE),
+                     "causes": _Rule("dict", choices=tuple(LLAMA3_CAUSES)),
                      "planned_per_day": _num(0, MAX_FAILURE_RATE), "checkpoint_write_s": _num(0, MAX_RESTART_S),
                      "restart_s": _num(0, MAX_RESTART_S),
                      "checkpoint_interval_s": _num(1, MAX_CHECKPOINT_INTERVAL_S, auto=True),

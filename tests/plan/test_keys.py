@@ -200,3 +200,29 @@ def test_name_and_description_are_shown(tmp_path):
     for key, bad in (("name", 123), ("description", {"a": [1, 2]})):
         with pytest.raises(ScenarioError, match=f"{key} = .* is invalid: must be a string"):
             load_scenario({**raw, key: bad})
+
+
+def test_the_software_stack_is_shown_and_fp16s_is_named_when_inferred():
+    """fp16 resolves the left-out software keys to the 2018-21 stack (unfused attention, the gradient reduce after
+    the backward): a bf16 plan's MFU halved in fp16 with the cause only in --json (a user audit)."""
+    import io
+
+    from megacluster.plan.report import print_summary
+
+    raw = _raw("llama3-405b")
+    lines = {}
+    for dtype, extra in (("bf16", {}), ("fp16", {}), ("fp16", {"attention": "flash"}),
+                         ("fp16", {"attention": "flash", "overlap_grad_reduce": True})):
+        raw["train"] = {**{k: v for k, v in raw["train"].items() if k not in ("attention", "overlap_grad_reduce")},
+                        "dtype": dtype, **extra}
+        pred = predict(raw, mc=False)
+        out = io.StringIO()
+        print_summary(pred, file=out)
+        text = " ".join(out.getvalue().split())
+        lines[(dtype, len(extra))] = [x for x in pred.limits if x.startswith("fp16 is taken")]
+        row = {0: "unfused attention, gradient reduce after the backward", 1: "flash attention, gradient reduce "
+               "after the backward", 2: "flash attention, gradient reduce overlapped"}[len(extra)]
+        assert f"software │ {row if dtype == 'fp16' else 'flash attention, gradient reduce overlapped'}" in text
+    assert lines[("bf16", 0)] == [] == lines[("fp16", 2)]
+    assert "train.attention and train.overlap_grad_reduce left out" in lines[("fp16", 0)][0]
+    assert "train.overlap_grad_reduce left out" in lines[("fp16", 1)][0]
