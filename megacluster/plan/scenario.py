@@ -541,6 +541,14 @@ def _cross_check(sc: Scenario) -> None:
     check_parallel(sc, p.tp, p.pp, p.cp, p.dp, p.vpp, complete=not p.search)
 
 
+def even_replicas(sc: Scenario, dp: int) -> bool:
+    """Whether every replica takes the same global_batch / dp sequences: one pool, or equal shares that divide.
+    A given micro-batch must then divide that share (a mixed fleet's 8 sequences in micro-batches of 3 were timed
+    as 9, where one pool was refused)."""
+    f = sc.fleet
+    return sc.train.global_batch % dp == 0 and (len(f.pools) == 1 or f.balance == "equal")
+
+
 def check_parallel(sc: Scenario, tp, pp, cp, dp, vpp, *, complete: bool) -> None:
     """Raise `ScenarioError` if the (possibly partial) parallel plan cannot run on this model and fleet.
 
@@ -599,6 +607,6 @@ def check_parallel(sc: Scenario, tp, pp, cp, dp, vpp, *, complete: bool) -> None
     if equal and sc.train.global_batch % dp:
         raise ScenarioError(f"train.global_batch = {sc.train.global_batch} is not divisible by parallel.dp = {dp}")
     mb = sc.train.micro_batch
-    if equal and mb is not None and (sc.train.global_batch // dp) % mb:
+    if even_replicas(sc, dp) and mb is not None and (sc.train.global_batch // dp) % mb:
         raise ScenarioError(f"train.micro_batch = {mb} does not divide the per-replica batch "
                             f"{sc.train.global_batch // dp} (global_batch / dp)")

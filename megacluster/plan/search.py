@@ -10,12 +10,12 @@ Each configuration is pure arithmetic (~0.1-0.3 ms), so no vectorisation is need
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import reduce
 from itertools import product
 
 from .perf import FleetStep, Plan, capacity_gb, fleet_step
-from .scenario import ParallelSpec, Scenario, ScenarioError, check_parallel, nvlink_domain
+from .scenario import ParallelSpec, Scenario, ScenarioError, check_parallel, even_replicas, nvlink_domain
 
 RECOMPUTE = ("none", "selective", "full")
 VPP = (1, 2, 3, 4, 6, 8, 12, 16)  # interleaving depths searched
@@ -71,7 +71,7 @@ def _inner(sc: Scenario, tp: int, pp: int, cp: int, dp: int) -> list[Plan]:
     p, tr = sc.parallel, sc.train
     per_replica = max(tr.global_batch // dp, 1)
     mbs = [tr.micro_batch] if tr.micro_batch else _divisors(per_replica, 16)
-    if len(sc.fleet.pools) == 1 and per_replica % mbs[0]:
+    if even_replicas(sc, dp) and per_replica % mbs[0]:
         return []  # a given micro-batch must divide the per-replica batch, as `check_parallel` requires of a fixed plan
     # vpp (given or searched) as scenario validation allows it: 1 without a pipeline, pp x vpp <= layers
     vpps = [v for v in ([p.vpp] if p.vpp else VPP) if _ok(sc, pp=pp, vpp=v)]
@@ -116,6 +116,35 @@ def _explain_interleaving(sc: Scenario) -> None:
             + f"; {fix}raise train.global_batch, or give parallel.vpp = 1")
 
 
+def _no_plan(sc: Scenario) -> str:
+    """Why no plan is left, naming the key to change: a given key without which the search finds plans, or the
+    global batch below the least data-parallel width (a search with dp = 7 on 512 GPUs said only "no valid plan")."""
+    given = [("parallel", k, getattr(sc.parallel, k)) for k in ("tp", "pp", "cp", "dp", "vpp")]
+    given.append(("train", "micro_batch", sc.train.micro_batch))
+    blamed = []
+    for section, key, value in given:
+        if value is None or (key != "dp" and not sc.parallel.search):  # a fixed plan's left-out tp/pp/cp are 1
+            continue
+        part = getattr(sc, section)
+        found = len(candidates(replace(sc, **{section: replace(part, **{key: None})})))
+        if found:
+            blamed.append(f"{section}.{key} = {value} (without it: {found:,} plans)")
+    if blamed:
+        return (f"parallel: no valid plan with {' or with '.join(blamed)}; leave {'it' if len(blamed) == 1 else 'one'} "
+                "out, or check it against model.heads/layers/seq_len, train.global_batch and the fleet's GPU count")
+    dom = min(nvlink_domain(pool) for pool in sc.fleet.pools)
+    tp = max(t for t in _pow2_upto(dom) if dom % t == 0)
+    cp = max(c for c in _pow2_upto(64) if c == 1 or sc.model.seq_len // c >= CP_MIN_TOKENS)
+    n = sc.fleet.count
+    least_dp = math.ceil(n / (tp * sc.model.layers * cp))  # the widest replica `candidates` tries: a layer a stage
+    if sc.train.global_batch < least_dp:
+        return (f"parallel: no valid plan: train.global_batch = {sc.train.global_batch:,} sequences is below the "
+                f"least data-parallel width of {n:,} GPUs (at least {least_dp:,} replicas: a sequence a replica at "
+                "the least); raise train.global_batch or plan fewer GPUs")
+    return ("parallel: no valid plan for this model, batch and fleet (check parallel.tp/pp/cp/dp/vpp and "
+            "train.micro_batch against heads, layers, global_batch and GPU counts)")
+
+
 def evaluate(sc: Scenario, plan: Plan) -> Ranked:
     f = sc.fleet
     fs = fleet_step(sc.model, sc.train, plan, f.pools, f.scale_out_gbps, f.oversubscription, f.balance,
@@ -133,8 +162,7 @@ def rank(sc: Scenario) -> list[Ranked]:
         check_parallel(sc, sc.parallel.tp, sc.parallel.pp, sc.parallel.cp, None, 1, complete=False)
     if not plans:
         _explain_interleaving(sc)
-        raise ScenarioError("parallel: no valid plan for this model, batch and fleet (check parallel.tp/pp/cp/dp/vpp "
-                            "and train.micro_batch against heads, layers, global_batch and GPU counts)")
+        raise ScenarioError(_no_plan(sc))
     ranked = [evaluate(sc, pl) for pl in plans]
     best_fit = max((r.tokens_per_s for r in ranked if r.fleet.fits_in_memory), default=0.0)
 

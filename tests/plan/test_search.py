@@ -132,3 +132,21 @@ def test_a_given_interleaving_without_enough_micro_batches_is_refused_naming_why
     with pytest.raises(ScenarioError, match=r"^parallel\.vpp = 4 with parallel\.pp = 16 needs at least 16 "
                                             r"micro-batches a replica; train\.global_batch / dp = .*" + says):
         predict(raw, mc=False)
+
+
+@pytest.mark.parametrize("given, says", [
+    ({"parallel": {"search": True, "dp": 7}}, r"no valid plan with parallel\.dp = 7 \(without it: [\d,]+ plans\)"),
+    ({"parallel": {"search": True, "pp": 3}}, r"no valid plan with parallel\.pp = 3 \(without it: "),
+    ({"parallel": {"search": True, "tp": 2, "cp": 64}},  # 8,192 / 64 = 128 tokens a cp rank, 64 x 2 > 64 GPUs
+     r"no valid plan with parallel\.tp = 2 \(without it: [\d,]+ plans\) or with parallel\.cp = 64 \(without it: "
+     r"[\d,]+ plans\); leave one out"),
+    ({"train": {"global_batch": 4}, "parallel": {"search": True}, "fleet": {"gpu": "H100-SXM", "count": 1_048_576}},
+     r"train\.global_batch = 4 sequences is below the least data-parallel width of 1,048,576 GPUs \(at least 512 "
+     r"replicas"),
+])
+def test_a_search_that_finds_no_plan_names_the_key_to_change(given, says):
+    """A user audit: with parallel.search = true, a given dp = 7 on 64 GPUs (or pp = 3, or a global batch below any
+    data-parallel width) said only "no valid plan for this model, batch and fleet (check ...)"."""
+    from megacluster.plan import ScenarioError
+    with pytest.raises(ScenarioError, match=says):
+        rank(load_scenario({**EIGHT_B, **given}))
