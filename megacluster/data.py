@@ -484,22 +484,36 @@ def prepare(cfg: DataConfig, vocab_size: int, exclude: list[tuple[Path, str]] | 
                                "val": cfg.val_fraction})
     directory = cache_root(cfg) / CORPUS_DIR.format(key)
     made = missing_dirs(directory)
-    _make_cache_dir(directory)
-    try:
+    while True:
+        _make_cache_dir(directory)
         with open(directory / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one process tokenizes; the others wait, then reuse
-            if not _complete(directory):
-                _build(files, cfg, vocab_size, directory)
-    except (InputError, KeyboardInterrupt):  # refused, or stopped by a signal midway (train/signals.py)
-        _unmake(made)
-        raise
+            if not _holds(lock, directory / ".lock"):
+                continue  # the builder removed the entry, its lock too (`_unmake`), while this one waited
+            try:
+                if not _complete(directory):
+                    _build(files, cfg, vocab_size, directory)
+            except (InputError, KeyboardInterrupt):  # refused, or stopped by a signal midway (train/signals.py)
+                _unmake(made)  # with the lock held: a waiter then finds its lock file gone, and starts again
+                raise
+            break
     return _open_text(directory)
+
+
+def _holds(lock, path: Path) -> bool:
+    """Whether the locked file is still the one at `path`: a process that waited on an entry's lock while the
+    builder removed the entry would otherwise build into a directory that is gone (a review: a run stopped while
+    it tokenized made the run waiting on it fail), or beside a third process that locked a new file."""
+    try:
+        return os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _unmake(made: list[Path]) -> None:
     """Input refused while tokenizing (NUL bytes, no text), or a stop midway: the cache entry and the directories
     above it that this call made are removed again, as a refused run leaves no directory made for it. Not under a
-    launcher, where another rank may be waiting on the entry's lock."""
+    launcher: another rank waits on the entry's lock there, and builds the entry again only to be refused too."""
     if under_launcher() or not made:
         return
     shutil.rmtree(made[0], ignore_errors=True)  # the entry: its lock, and what a build wrote before it was refused

@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    **once)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="compute device (default auto)", **once)
     p.add_argument("--max-steps", type=int, help="optimizer steps to train", **once)
-    p.add_argument("--run-dir", help="where checkpoints and metrics.jsonl go (and result.json, when supervised)",
+    p.add_argument("--run-dir", help="where checkpoints, metrics.jsonl, config.json and result.json go",
                    **once)
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --run-dir")
     p.add_argument("--balance", choices=("equal", "auto"), help="batch shares: equal, or by measured throughput",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -55,20 +56,26 @@ def refused_runs_leave_no_dir(run_dir: str | Path) -> Iterator[None]:
     """A run refused for its input (InputError, here or in `supervisor.train` once torch is up: --device cuda
     without a GPU, a model too big for the GPU, --data that tokenizes to nothing), or stopped by a signal before
     its first step (StoppedAtOnce), leaves behind no directory that `check` made for it: those of `run_dir` and
-    its parents that did not exist before are removed again while empty. Not under a launcher: there another rank
-    may be about to write into the directory."""
+    its parents that did not exist before are removed again while empty. A run dir this run made and stopped
+    before it trained (no checkpoint, metrics or result in it) goes with what the start wrote in it (config.json,
+    chaos/). Not under a launcher: there another rank may be about to write into the directory."""
     if under_launcher():
         yield
         return
     made = missing_dirs(Path(run_dir))
     try:
         yield
-    except (InputError, StoppedAtOnce):
+    except (InputError, StoppedAtOnce) as e:
         with suppress(OSError):  # run_dir_lock's, released by now (or never made: no run dir)
             if made:
                 (made[0] / RUN_LOCK).unlink(missing_ok=True)
-        remove_made(made)
+                if isinstance(e, StoppedAtOnce) and not any((made[0] / n).exists() for n in TRAINED):
+                    shutil.rmtree(made[0])  # all of it this run's (its lock kept other runs out), none trained
+        remove_made([d for d in made if d.exists()])
         raise
+
+
+TRAINED = ("checkpoints", "metrics.jsonl", "result.json")  # what a run dir holds once a run has trained in it
 
 
 @contextmanager

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from .. import hardware
 from ..config import Config, OptimConfig
 from ..data import Corpus, SampleOrder, prepare
-from ..files import run_outputs
+from ..files import run_outputs, write_json
 from ..errors import InputError
 from ..model import GPT, flops_per_token
 from . import balance as balance_mod
@@ -595,11 +595,16 @@ class Worker:
         self.ckpt = self.metrics = None
 
     # ---- the loop ----
-    def run(self) -> dict:
+    def run(self, result_to: Path | None = None) -> dict:
         """Train to max_steps, riding through generation changes; returns the run's result (rank 0's is complete).
-        On SIGTERM/SIGINT every rank stops after the same step, with a checkpoint of it (result "stopped")."""
+        On SIGTERM/SIGINT every rank stops after the same step, with a checkpoint of it (result "stopped").
+        result_to: also write the result there (atomically), still under this worker's signal handler: a signal
+        during the write of a finished run is recorded, not a stop that leaves the run without its result."""
         with self.stop.installed():
-            return self._run()
+            result = self._run()
+            if result_to is not None:
+                write_json(result_to, result)
+            return result
 
     def _run(self) -> dict:
         cfg = self.cfg.run
@@ -647,7 +652,7 @@ class Worker:
                 "mfu": self.mfu(tps), "run_dir": str(self.run_dir), "world": self.place.world,
                 "device": str(self.place.device), "params": self.model.num_params(),
                 "loss_digest": loss_digest(self.losses), "workers": self.members, "shares": self.balancer.shares(),
-                "stragglers": self.stragglers(), "kept_worker_s": sum(self.costs[self.restored_steps:]),
+                "stragglers": self.stragglers(), "kept_worker_s": float(sum(self.costs[self.restored_steps:])),
                 "elapsed_s": t_end - t_start, **self.resolved(),
                 "stopped": signal.Signals(self.stopped_by).name  # the last step done: finished, not stopped
                 if self.stopped_by is not None and self.step < cfg.max_steps else None}

@@ -29,7 +29,14 @@ class StoppedAtOnce(KeyboardInterrupt):
 
 
 def _stop_at_once(signum: int, frame=None) -> None:
+    for s in SIGNALS:  # once: a burst (Ctrl-C, then torchrun's forwarded SIGINT and SIGTERM) raising again inside
+        signal.signal(s, _stopping)  # the cleanup left a cache entry's lock behind (`outside_steps` restores)
     raise StoppedAtOnce(signum)
+
+
+def _stopping(signum: int, frame=None) -> None:
+    """Signals after the first, while the stop cleans up: nothing more to do. (Not SIG_IGN: Python prints "Signal
+    N ignored due to race condition" for one already pending when the handler became SIG_IGN.)"""
 
 
 @contextlib.contextmanager

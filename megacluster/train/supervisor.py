@@ -79,9 +79,8 @@ def _train(cfg: Config) -> dict | None:
         if main:
             begin_unsupervised(cfg, note)
         place = init_place(cfg.run.device, timeout_s=max(60.0, cfg.run.hang_timeout))
-        result = Worker(cfg, place, corpus=corpus).run()
+        result = Worker(cfg, place, corpus=corpus).run(result_to=run_dir / "result.json" if place.is_main else None)
         if place.is_main:
-            write_json(run_dir / "result.json", result)
             return result
         if result["stopped"]:  # every rank stopped after the same step: exit as rank 0 does (note: torchrun
             from .worker import hard_exit  # restarts on any non-zero exit unless it was signalled itself)
@@ -98,9 +97,7 @@ def _train(cfg: Config) -> dict | None:
     note = _joined(note, check_data(cfg, corpus))
     if not supervised(cfg.run):
         begin_unsupervised(cfg, note)
-        result = Worker(cfg, init_place(cfg.run.device), corpus=corpus).run()
-        write_json(run_dir / "result.json", result)
-        return result
+        return Worker(cfg, init_place(cfg.run.device), corpus=corpus).run(result_to=run_dir / "result.json")
     begin(cfg, note)
     return Supervisor(cfg, corpus, device).run()
 

@@ -691,29 +691,123 @@ def test_a_torchrun_restart_refuses_shards_changed_since_its_checkpoint(tmp_path
         check_data(run, corpus, restarted=True)
 
 
-SIGNAL_WHILE_TOKENIZING = """
+SIGNAL_AT = """
 import os, signal, sys, time
-from megacluster import cli, data
-def build(*a, **k):
-    os.kill(os.getpid(), signal.{sig})
-    time.sleep(30)  # the signal's handler raises before this ends
-data._build = build
+from megacluster import cli, data, files
+from megacluster.train import loop
+def signalled(real, sigs):
+    def stage(*a, **k):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGTERM, signal.SIGINT}})
+        for s in sigs:  # delivered together on unblocking: a burst (Ctrl-C, then torchrun's SIGINT and SIGTERM)
+            os.kill(os.getpid(), getattr(signal, s))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGTERM, signal.SIGINT}})
+        time.sleep(1.5)  # past signals.REPEAT_S: a handler that only records it lets this end
+        return real(*a, **k)
+    return stage
+where, sigs = {where!r}, {sigs!r}
+if where == "tokenizing":
+    data._build = signalled(data._build, sigs)
+elif where == "building":  # Worker(...) is built right after init_place, once the run dir's files are written
+    loop.init_place = signalled(loop.init_place, sigs)
+else:  # "result": the finished run's result.json
+    loop.write_json = signalled(loop.write_json, sigs)
 sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_a_signal_before_the_first_step_stops_at_once_and_leaves_no_dir_it_made(tmp_path, sig):
+@pytest.mark.parametrize("where, sigs", [("tokenizing", ["SIGTERM"]), ("tokenizing", ["SIGINT"]),
+                                         ("tokenizing", ["SIGINT", "SIGTERM", "SIGTERM"]), ("building", ["SIGTERM"])])
+def test_a_signal_before_the_first_step_stops_at_once_and_leaves_no_dir_it_made(tmp_path, where, sigs):
     """A SIGTERM while the text is tokenized (or torch imported, the model built) ended the process with no word
     (143) and left the run dir it had made, with its lock. Now: one line, 128 + N, and the run dir and the half-built
-    cache entry are removed again (train/signals.py `outside_steps`)."""
-    (tmp_path / "a.txt").write_text("some text to tokenize\n" * 50)
+    cache entry are removed again (train/signals.py `outside_steps`), also after a burst of signals (a second one
+    raised again inside the cleanup, leaving the entry's lock) and once the run dir holds config.json (a review)."""
+    _write_text(tmp_path / "a.txt")
     run, cache = tmp_path / "new" / "run", tmp_path / "cache"
-    r = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_TOKENIZING.format(sig=sig), "train", "--run-dir", str(run),
-                        "--data", str(tmp_path / "a.txt"), "--set", f"data.cache_dir={cache}"],
+    r = subprocess.run([sys.executable, "-c", SIGNAL_AT.format(where=where, sigs=sigs), "train", "--run-dir", str(run),
+                        "--data", str(tmp_path / "a.txt"), "--set", f"data.cache_dir={cache}", "--max-steps", "1"],
                        capture_output=True, text=True, timeout=120)
+    sig = min(sigs, key=lambda s: signal.Signals[s].value)  # of signals pending together, the lowest number runs first
     assert r.returncode == 128 + signal.Signals[sig].value, r.stderr
     assert f"megacluster train: {sig} before the first step or after the last: stopped at once" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
-    assert not (tmp_path / "new").exists()
-    assert not list(cache.glob("*/*")), list(cache.rglob("*"))  # no cache entry left (its parent may stay)
+    assert not (tmp_path / "new").exists(), list((tmp_path / "new").rglob("*"))
+    if where == "tokenizing":
+        assert not list(cache.glob("*/*")), list(cache.rglob("*"))  # no cache entry left (its parent may stay)
+
+
+def test_a_signal_while_a_finished_run_writes_its_result_is_recorded_not_a_stop(tmp_path):
+    """The result.json of a one-process run was written under the start's handler: a SIGTERM there ended a finished
+    run with 143, "stopped at once", and no result.json (a review). Now the worker's handler records it."""
+    _write_text(tmp_path / "a.txt")
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-c", SIGNAL_AT.format(where="result", sigs=["SIGTERM"]), "train",
+                        "--run-dir", str(run), "--data", str(tmp_path / "a.txt"), "--set",
+                        f"data.cache_dir={tmp_path / 'cache'}", "--max-steps", "2", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.splitlines()[-1])
+    assert result["steps"] == 2 and result["stopped"] is None
+    assert json.loads((run / "result.json").read_text()) == result
+
+
+BUILD_THEN_STOP = """
+import os, signal, sys, time
+from pathlib import Path
+from megacluster import config, data
+from megacluster.train.signals import StoppedAtOnce, outside_steps
+here = Path(sys.argv[1])
+def build(*a, **k):  # the builder: holds the entry's lock until the test lets it go, then is stopped
+    (here / "building").touch()
+    while not (here / "go").exists():
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+if sys.argv[2] == "builder":
+    data._build = build
+cfg = config.build("tiny", None, [f"data.paths=['{here / 'a.txt'}']", f"data.cache_dir={here / 'cache'}"])
+try:
+    with outside_steps():
+        corpus = data.prepare(cfg.data, cfg.model.vocab_size)
+except StoppedAtOnce:
+    sys.exit(143)
+print(len(corpus.train))
+"""
+
+
+def test_a_run_waiting_on_a_cache_entry_whose_builder_is_stopped_builds_it_itself(tmp_path):
+    """The builder stopped by a signal removes the entry it made, lock included: the run that waited on that lock
+    then wrote into a directory that was gone (exit 1, a review); now it sees its lock file gone, and builds."""
+    _write_text(tmp_path / "a.txt")
+    cmd = [sys.executable, "-c", BUILD_THEN_STOP, str(tmp_path)]
+    builder = subprocess.Popen([*cmd, "builder"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (tmp_path / "building").exists(), 60)
+        waiter = subprocess.Popen([*cmd, "waiter"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_for(lambda: _blocked_on_a_lock(waiter.pid), 60)
+        (tmp_path / "go").touch()
+        assert builder.wait(timeout=60) == 143, builder.stderr.read()
+        out, err = waiter.communicate(timeout=120)
+        assert waiter.returncode == 0 and int(out.strip()) > 0, err
+    finally:
+        for proc in (builder, locals().get("waiter")):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+
+
+def _write_text(path: Path) -> None:
+    """Enough text for the tiny preset's two splits (a validation sequence of 129 tokens)."""
+    path.write_text("\n".join(f"line {i}: the {i % 7} quick {i % 11} foxes jump over {i % 13} dogs" for i in range(3000)))
+
+
+def _wait_for(ready, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while not ready():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _blocked_on_a_lock(pid: int) -> bool:
+    """Whether `pid` waits in flock(2): /proc/locks lists a blocked request as "N: -> FLOCK ... pid"."""
+    rows = [line.split() for line in Path("/proc/locks").read_text().splitlines()]
+    return any(len(f) > 5 and f[1] == "->" and f[2] == "FLOCK" and f[5] == str(pid) for f in rows)
