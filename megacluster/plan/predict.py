@@ -181,8 +181,10 @@ def _limits(sc: Scenario, plan, crit, step: float, mfu: float, mttf_h: float, re
             mem_gb: float) -> list[str]:
     """Why MFU and goodput are what they are: the step's largest losses, with the numbers that cause them."""
     tokens_per_gpu = sc.train.global_batch * sc.model.seq_len / sc.fleet.count
-    out = [f"{tokens_per_gpu:,.0f} tokens per GPU per step ({sc.train.global_batch * sc.model.seq_len / 1e6:.1f}M "
-           f"tokens over {sc.fleet.count:,} GPUs); MFU {mfu:.1%}"]
+    tokens = sc.train.global_batch * sc.model.seq_len
+    shown = f"{tokens / 1e6:.1f}M" if tokens >= 1e6 else f"{tokens:,}"
+    out = [f"{tokens_per_gpu:,.0f} tokens per GPU per step ({shown} tokens over {sc.fleet.count:,} "
+           f"GPU{'s' if sc.fleet.count > 1 else ''}); MFU {mfu:.1%}"]
     if crit.bubble_s / step > 0.10:
         out.append(f"pipeline bubble {crit.bubble_s / step:.0%} of the step: {crit.microbatches} micro-batches per "
                    f"replica for pp={plan.pp} stages (vpp={plan.vpp}); more tokens per step or fewer GPUs per "
@@ -193,11 +195,22 @@ def _limits(sc: Scenario, plan, crit, step: float, mfu: float, mttf_h: float, re
     if worst / step > 0.10:
         out.append(f"exposed {name} communication {worst / step:.0%} of the step")
     if mttf_h * 3600 < 10 * restart_s:
-        out.append(f"job MTTF {mttf_h * 60:.1f} min vs {restart_s:.0f} s restart: failures cost a large share of "
-                   "wall time (ETTR)")
+        out.append(f"job MTTF {duration(mttf_h * 3600, 'hours')} vs {restart_s:.0f} s restart: failures cost a "
+                   "large share of wall time (ETTR)")
     if over > 1:
         margin = memory_tolerance(plan)
         why = (f"within the model's {margin:.0%} margin{' for interleaved schedules' if plan.vpp > 1 else ''}: "
                "docs/plan.md" if within_tolerance(plan, over) else f"beyond its {margin:.0%} margin: the least over")
         out.append(f"memory {mem_gb:.0f} GB per GPU is {over - 1:.0%} over the usable HBM by the memory model ({why})")
     return out
+
+
+def duration(seconds: float, largest: str = "days") -> str:
+    """A time in the largest unit it reaches, from `largest` (days, hours) down to min and s."""
+    if not math.isfinite(seconds):
+        return "never"
+    units = (("days", 86400, "{:,.1f}"), ("hours", 3600, "{:,.2f}"), ("min", 60, "{:,.1f}"))
+    for unit, size, form in units[[u[0] for u in units].index(largest):]:
+        if seconds >= size:
+            return form.format(seconds / size) + (" h" if unit == "hours" else f" {unit}")
+    return f"{seconds:.1f} s"

@@ -12,7 +12,7 @@ from ..files import probe_writable
 from ..hardware import get_gpu
 from . import reliability as rel
 from .perf import Plan, fleet_step, model_flops_per_token
-from .predict import Prediction
+from .predict import Prediction, duration
 from .scenario import PoolSpec, Scenario, ScenarioError
 
 ROWS = (  # (key, label, format: the value is {}, the whole prediction dict {d})
@@ -20,23 +20,46 @@ ROWS = (  # (key, label, format: the value is {}, the whole prediction dict {d})
     ("model_tflops_per_gpu", "model TFLOP/s per GPU", "{:.0f}"), ("mfu", "MFU", "{:.1%}"),
     ("memory_gb_per_gpu", "memory per GPU", "{:.1f} GB"), ("fits_in_memory", "fits in memory", "{}"),
     ("bubble_fraction", "pipeline bubble", "{:.1%}"), ("exposed_comm_fraction", "exposed communication", "{:.1%}"),
-    ("job_mttf_h", "job MTTF", "{:.2f} h"),
-    ("interruptions", "interruptions", "{:,.0f} in {d[reliability][duration_days]:.1f} days"),
+    ("job_mttf_h", "job MTTF", "hours"),
+    ("interruptions", "interruptions", "count", " in ", ("reliability", "duration_days"), "days"),
     ("checkpoint_interval_s", "checkpoint interval", "{:,.0f} s"), ("ettr", "ETTR", "{:.1%}"),
-    ("goodput", "goodput (MFU x ETTR)", "{:.1%}"), ("train_days", "train days", "{:.1f}"),
+    ("goodput", "goodput (MFU x ETTR)", "{:.1%}"), ("train_days", "train time", "days"),
     ("facility_mw", "facility power (full load)", "power"), ("load_swing_mw", "load swing", "power"),
-    ("battery_mwh_needed", "battery to flatten", "{:,.2f} MWh"),
-    ("energy_mwh", "energy", "{:,.0f} MWh in {d[energy_days]:.1f} days"),
-    ("cost_usd", "cost", "${:,.0f} in {d[energy_days]:.1f} days"),
-)
+    ("battery_mwh_needed", "battery to flatten", "energy"),
+    ("energy_mwh", "energy", "energy", " in ", ("energy_days",), "days"),
+    ("cost_usd", "cost", "usd", " in ", ("energy_days",), "days"),
+)  # (key, label, format[, joiner, path of a second value in the prediction dict, its format])
+
+
+def _row(row: tuple, d: dict) -> str:
+    key, _, fmt, *more = row
+    text = _fmt(fmt, d[key])
+    if more and d[key] is not None:
+        joiner, path, fmt2 = more
+        second = d
+        for k in path:
+            second = second[k]
+        text += joiner + _fmt(fmt2, second)
+    return text
 
 
 def _fmt(fmt: str, v, d: dict | None = None) -> str:
+    """A figure in units that show it: small plans printed "0 MWh in 0.0 days" and "train days 0.0" (a user audit)."""
     if v is None:
         return "-"
     if fmt == "power":  # MW, or kW below 1 MW (a 16-GPU plan drew "0.0 MW")
         return f"{v:,.1f} MW" if v >= 1 or v == 0 else f"{v * 1000:,.1f} kW"
+    if fmt == "energy":  # MWh, or kWh below 1 MWh
+        return f"{v:,.0f} MWh" if v >= 10 else f"{v:,.2f} MWh" if v >= 1 or v == 0 else f"{v * 1000:,.1f} kWh"
+    if fmt == "usd":
+        return f"${v:,.0f}" if v >= 100 or v == 0 else f"${v:,.2f}"
+    if fmt == "count":
+        return f"{v:,.0f}" if v >= 10 or v == 0 else f"{v:.2g}"
+    if fmt in ("days", "hours"):  # in its own unit down to 1, then h, min, s
+        return duration(v * (86400 if fmt == "days" else 3600), fmt)
     return fmt.format(v, d=d)
+
+
 
 
 def print_summary(pred: Prediction, options: dict | None = None, sweep: list | None = None, file=None) -> None:
@@ -51,8 +74,8 @@ def print_summary(pred: Prediction, options: dict | None = None, sweep: list | N
     # Text, not markup: a name or description of the user's such as "see [fleet]" is printed as written
     t = Table(title=Text(f"megacluster plan: {pred.name} ({pred.gpus:,} GPUs)"),
               caption=Text(pred.description) if pred.description else None, show_header=False)
-    for key, label, fmt in ROWS:
-        t.add_row(label, _fmt(fmt, d[key], d))
+    for row in ROWS:
+        t.add_row(row[1], _row(row, d))
     t.add_row("parallel plan", plan + (f"  (chosen: {', '.join(d['chosen'])})" if d["chosen"] else ""))
     sw = d["software"]
     t.add_row("software", f"{sw['attention']} attention, gradient reduce "
@@ -125,8 +148,7 @@ def _write_report(out: Path, sc: Scenario, pred: Prediction, sweep: list | None,
     if sweep:
         pngs.append(_sweep_plot(plt, out, sweep, sweep_key))
     d = pred.to_dict()
-    rows = "".join(f"<tr><td>{html.escape(label)}</td><td>{html.escape(_fmt(fmt, d[k], d))}</td></tr>"
-                   for k, label, fmt in ROWS)
+    rows = "".join(f"<tr><td>{html.escape(row[1])}</td><td>{html.escape(_row(row, d))}</td></tr>" for row in ROWS)
     imgs = "".join(f'<p><img src="{p.name}" width="640"></p>' for p in pngs)
     about = f"<p><em>{html.escape(pred.description)}</em></p>" if pred.description else ""
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>megacluster plan: {html.escape(pred.name)}"
