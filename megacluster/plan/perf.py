@@ -67,11 +67,23 @@ def kv_width(m: ModelSpec) -> int:
     return m.kv_heads * (m.hidden // m.heads)
 
 
+def kv_width_per_rank(m: ModelSpec, tp: int) -> float:
+    """Width of K (and of V) on one tensor-parallel rank: kv_heads / tp heads, but at least one whole head (with
+    tp > kv_heads each KV head is replicated on tp / kv_heads ranks; it was divided by tp)."""
+    return kv_width(m) / min(tp, m.kv_heads)
+
+
 def layer_params(m: ModelSpec) -> float:
     """Weights of one transformer layer (attention + MLP; norms are negligible)."""
     kvd = kv_width(m)
     mlp = (3 if m.mlp == "swiglu" else 2) * m.hidden * m.ffn_hidden
     return m.hidden * (m.hidden + 2 * kvd) + m.hidden * m.hidden + mlp
+
+
+def layer_params_per_rank(m: ModelSpec, tp: int) -> float:
+    """Weights of one layer on one tensor-parallel rank: a 1/tp slice, with K and V of at least one whole head."""
+    kv_extra = 2 * m.hidden * (kv_width_per_rank(m, tp) - kv_width(m) / tp)  # replicated KV heads (tp > kv_heads)
+    return layer_params(m) / tp + kv_extra
 
 
 def model_flops_per_token(m: ModelSpec) -> float:
@@ -110,18 +122,18 @@ def _attention(dev: Device, m: ModelSpec, tr: TrainSpec, mb: int, tp: int, cp: i
 
 def _elementwise_bytes(m: ModelSpec, tr: TrainSpec, tp: int) -> float:
     """HBM bytes per token per layer in the forward for norms, residuals, rotary, activation function."""
-    kvd = kv_width(m)
+    kvr = kv_width_per_rank(m, tp)
     sp = tp if tr.sequence_parallel else 1  # norms and residuals are sharded only with sequence parallelism
     act = 3 * m.ffn_hidden if m.mlp == "swiglu" else 2 * m.ffn_hidden
-    return BYTES * (10 * m.hidden / sp + 2 * (m.hidden + kvd) / tp + act / tp)
+    return BYTES * (10 * m.hidden / sp + 2 * (m.hidden / tp + kvr) + act / tp)
 
 
 def layer_times(dev: Device, m: ModelSpec, tr: TrainSpec, mb: int, tp: int, cp: int) -> tuple[float, float, float]:
     """(fwd, bwd, attention fwd+bwd) s of one layer for one micro-batch on one GPU (compute only)."""
     t = mb * m.seq_len / cp  # tokens on this GPU
-    kvd = kv_width(m)
+    kvr = kv_width_per_rank(m, tp)
     ffn_in = (2 if m.mlp == "swiglu" else 1) * m.ffn_hidden
-    shapes = ((m.hidden + 2 * kvd) / tp, m.hidden), (m.hidden, m.hidden / tp), \
+    shapes = (m.hidden / tp + 2 * kvr, m.hidden), (m.hidden, m.hidden / tp), \
         (ffn_in / tp, m.hidden), (m.hidden, m.ffn_hidden / tp)
     fwd = bwd = 0.0
     for n, k in shapes:
@@ -238,8 +250,7 @@ def estimator(m: ModelSpec, tr: TrainSpec, plan: Plan, pool: PoolSpec, scale_out
     tp_one = 2 * net.tp.all_gather(act_bytes, plan.tp) if tr.sequence_parallel else net.tp.all_reduce(act_bytes, plan.tp)
     tp_layer = 4 * tp_one
     # context parallel: each rank receives the other ranks' K and V (fwd), and K, V + their grads (bwd)
-    kvd = kv_width(m)
-    kv_bytes = 2 * tokens * kvd / min(plan.tp, m.kv_heads) * BYTES * (plan.cp - 1)
+    kv_bytes = 2 * tokens * kv_width_per_rank(m, plan.tp) * BYTES * (plan.cp - 1)
     cp_layer = max(0.0, 3 * (kv_bytes / net.cp.bw + (plan.cp - 1) * net.cp.latency) - lattn) if plan.cp > 1 else 0.0
 
     extra = 0.0  # recompute, s per layer: compute, and the forward's TP collectives again (full)
@@ -303,7 +314,7 @@ def _dp_time(m: ModelSpec, tr: TrainSpec, plan: Plan, dev: Device, net: Net, ful
     Context-parallel ranks hold the same weights and each computes the gradient of its part of the sequence, so
     gradients are reduced, and ZeRO shards, over dp x cp ranks (Megatron's data-parallel group with CP)."""
     emb = m.hidden * m.vocab / plan.tp  # embedding (first stage) or LM head (last stage), vocab-parallel
-    params = full * layer_params(m) / plan.tp + emb  # the fullest stage: it sets the DP and optimizer time
+    params = full * layer_params_per_rank(m, plan.tp) + emb  # the fullest stage: it sets the DP and optimizer time
     d = shard_ranks(plan)
     link = net.dp if plan.dp > 1 else net.cp  # dp x cp ranks: across replicas when dp > 1 (the slower link)
     gb = grad_bytes_per_param(tr)
@@ -361,10 +372,10 @@ def _memory(m: ModelSpec, tr: TrainSpec, plan: Plan, layers: tuple[int, int, int
     # layer: 525M parameters against 218M)
     def gathered(extra: float) -> float:  # nothing when nothing is sharded (dp x cp = 1: the shards are whole)
         sharded = tr.zero == 3 and shard_ranks(plan) > 1
-        return 2 * max(layer_params(m) / plan.tp, emb if extra else 0.0) * BYTES if sharded else 0.0
+        return 2 * max(layer_params_per_rank(m, plan.tp), emb if extra else 0.0) * BYTES if sharded else 0.0
 
     # per stage: (index, parameters on this GPU, layers per model chunk, bytes ZeRO-3 holds gathered)
-    stages = [(stage, n * layer_params(m) / plan.tp + extra, chunk_layers(n, per_chunk, plan.vpp, front),
+    stages = [(stage, n * layer_params_per_rank(m, plan.tp) + extra, chunk_layers(n, per_chunk, plan.vpp, front),
                gathered(extra)) for stage, n, extra, front in stages]
 
     def memory(nmb: int) -> dict:
@@ -396,11 +407,11 @@ def layer_activation_bytes(m: ModelSpec, tr: TrainSpec, plan: Plan) -> float:
     GQA and SwiGLU; fused norm+linear keeps one input; flash attention keeps O and the log-sum-exp only)."""
     t = plan.micro_batch * m.seq_len / plan.cp
     h, f = m.hidden, m.ffn_hidden
-    kvd = kv_width(m)
+    kvr = kv_width_per_rank(m, plan.tp)
     sp = plan.tp if tr.sequence_parallel else 1
     if plan.recompute == "full":
         return t * h / sp * BYTES  # only the layer input
-    attn = 2 * h / sp + (h + 2 * kvd) / plan.tp + h / plan.tp  # norm+qkv input, q k v, attention output
+    attn = 2 * h / sp + h / plan.tp + 2 * kvr + h / plan.tp  # norm+qkv input, q k v, attention output
     mlp = 2 * h / sp + ((2 * f if m.mlp == "swiglu" else f) + f) / plan.tp  # norm+fc1 input, fc1 out, act out
     elems = t * (attn + mlp)
     if tr.attention == "unfused" and plan.recompute == "none":

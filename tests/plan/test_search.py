@@ -150,3 +150,14 @@ def test_a_search_that_finds_no_plan_names_the_key_to_change(given, says):
     from megacluster.plan import ScenarioError
     with pytest.raises(ScenarioError, match=says):
         rank(load_scenario({**EIGHT_B, **given}))
+
+
+def test_a_kv_head_is_whole_on_each_tensor_parallel_rank():
+    """With tp > kv_heads each KV head is replicated on tp / kv_heads ranks, so a rank holds and computes one whole
+    head: K/V widths, weights and activations were divided by tp (a user audit). At tp 8, 1 and 8 KV heads then
+    cost a rank the same time and memory."""
+    raw = {**EIGHT_B, "train": {"global_batch": 512, "micro_batch": 1}}
+    one, eight = (predict({**raw, "model": {**raw["model"], "kv_heads": kv}}, mc=False) for kv in (1, 8))
+    assert one.step_time_s == pytest.approx(eight.step_time_s, rel=1e-12)
+    assert one.memory == pytest.approx(eight.memory, rel=1e-12)
+    assert one.mfu < eight.mfu  # the same time for fewer model FLOPs
