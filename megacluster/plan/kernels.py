@@ -126,16 +126,28 @@ def device(gpu_name: str, dtype: str) -> Device:
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class Link:
-    """One level of the network as seen by one GPU: bytes/s per direction (bus bandwidth) and step latency."""
+    """One level of the network as seen by one GPU: bytes/s per direction (bus bandwidth) and step latency.
+    Collectives are rings (`2(n-1)/n S/B + 2(n-1) alpha` for an all-reduce, half that for an all-gather or a
+    reduce-scatter). Across nodes (`trees`) NCCL also has log-latency algorithms and takes the faster: the double
+    binary tree for all-reduce (`2 S/B + 2 log2(n) alpha`) and PAT for all-gather / reduce-scatter
+    (`(n-1)/n S/B + log2(n) alpha`). Rings alone charged a 65,536-rank data-parallel group 2 s of latency a step
+    (a user audit); within an NVLink domain (8 ranks, NVLS left out) rings stay."""
     bw: float  # bytes/s
     latency: float  # s per ring step
+    trees: bool = False  # the log-latency algorithms are there (scale-out)
 
     def all_reduce(self, nbytes: float, n: int) -> float:
-        return 0.0 if n <= 1 else 2 * (n - 1) / n * nbytes / self.bw + 2 * (n - 1) * self.latency
+        if n <= 1:
+            return 0.0
+        ring = 2 * (n - 1) / n * nbytes / self.bw + 2 * (n - 1) * self.latency
+        return min(ring, 2 * nbytes / self.bw + 2 * math.ceil(math.log2(n)) * self.latency) if self.trees else ring
 
     def all_gather(self, nbytes: float, n: int) -> float:
         """All-gather (or reduce-scatter) of a buffer of `nbytes` in total across `n` ranks."""
-        return 0.0 if n <= 1 else (n - 1) / n * nbytes / self.bw + (n - 1) * self.latency
+        if n <= 1:
+            return 0.0
+        steps = min(n - 1, math.ceil(math.log2(n))) if self.trees else n - 1
+        return (n - 1) / n * nbytes / self.bw + steps * self.latency
 
     def p2p(self, nbytes: float) -> float:
         return nbytes / self.bw + self.latency
@@ -149,4 +161,4 @@ def nvlink(gpu: GPU) -> Link:
 def scale_out(gbps_per_gpu: float, oversubscription: float = 1.0) -> Link:
     net = kernel_data()["network"]
     return Link(bw=gbps_per_gpu / 8 * 1e9 * net["scale_out_busbw_eff"] / oversubscription,
-                latency=net["scale_out_latency_us"] * 1e-6)
+                latency=net["scale_out_latency_us"] * 1e-6, trees=True)

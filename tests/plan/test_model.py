@@ -451,3 +451,23 @@ def test_a_small_fleets_power_is_shown_in_kw():
     """16 GPUs draw ~19 kW: shown as "0.0 MW" before."""
     from megacluster.plan.report import _fmt
     assert _fmt("power", 0.0192) == "19.2 kW" and _fmt("power", 22.46) == "22.5 MW" and _fmt("power", 0) == "0.0 MW"
+
+
+def test_collectives_across_nodes_take_the_faster_of_ring_and_log_latency_algorithms():
+    """Rings alone charged a 65,536-rank data-parallel group 2 s of latency a step (a 125M model on 1M GB200 at
+    0.04% MFU, a user audit): across nodes NCCL's double binary tree (all-reduce) and PAT (all-gather and
+    reduce-scatter) have log2(n) latency steps. Within an NVLink domain the rings stay."""
+    from megacluster.hardware import get_gpu
+    from megacluster.plan.kernels import nvlink, scale_out
+
+    so, nv = scale_out(400), nvlink(get_gpu("H100-SXM"))
+    a, b = so.latency, so.bw
+    assert so.all_gather(0, 65536) == pytest.approx(16 * a) and nv.all_gather(0, 8) == pytest.approx(7 * nv.latency)
+    assert so.all_reduce(0, 65536) == pytest.approx(32 * a)  # the tree
+    big = 1e12  # bytes: the ring's bandwidth term (2 (n-1)/n) beats the tree's (2) for a large buffer over few ranks
+    assert so.all_reduce(big, 8) == pytest.approx(2 * 7 / 8 * big / b + 14 * a)
+    raw = {"model": {"layers": 12, "hidden": 768, "ffn_hidden": 3072, "heads": 12, "vocab": 50304, "seq_len": 1024},
+           "train": {"global_batch": 2 ** 21}, "parallel": {"search": True},
+           "fleet": {"gpu": "GB200", "count": 2 ** 20}}
+    p = predict(raw, mc=False)
+    assert p.breakdown["dp_comm_s"] < 0.01 and p.mfu > 0.05
