@@ -51,13 +51,15 @@ def compare(sc: Scenario, as_is: Prediction | None = None) -> dict:
             continue
         lease_day = sum(q["count"] * q.get("lease_usd_per_gpu_hour", DEFAULT_LEASE_USD_PER_GPU_HOUR) * 24
                         for q in leased)
+        assumed = [q["gpu"] for q in leased if "lease_usd_per_gpu_hour" not in q]
         mean_mw = mean_draw_mw(p.power["facility_avg_mw"], p.power["facility_low_mw"], p.reliability["idle_fraction"])
         cost_day = sc.fleet.count * sc.power.usd_per_gpu_hour * 24 + mean_mw * 24 * sc.power.usd_per_mwh
         useful_tok_day = p.tokens_per_s * p.ettr * 86400 if _usable(p) else 0.0
         net = (cost_day - lease_day) / useful_tok_day * 1e6 if useful_tok_day else float("inf")
         out.append({"option": label, "available": True, "training_gpus": p.gpus, "tokens_per_s": p.tokens_per_s,
                     "mfu": p.mfu, "goodput": p.goodput, "train_days": p.train_days, "fits_in_memory": p.fits_in_memory,
-                    "lease_usd_per_day": lease_day, "net_usd_per_mtok": net, "plan": p.plan})
+                    "lease_usd_per_day": lease_day, "lease_rate_assumed_for": assumed, "net_usd_per_mtok": net,
+                    "plan": p.plan})
     ok = [o for o in out if o["available"]]
     if not ok:
         return {"options": out, "recommendation": "no option is available (see each option's reason)", "best": None}
@@ -66,9 +68,20 @@ def compare(sc: Scenario, as_is: Prediction | None = None) -> dict:
         return {"options": out, "recommendation": "no option trains: none fits in GPU memory by the memory model, "
                 "or none makes progress between failures (see each option's figures)", "best": None}
     best = min(ok, key=lambda o: o["net_usd_per_mtok"])
-    worst = max(ok, key=lambda o: o["net_usd_per_mtok"])
     rec = (f"{best['option']}: ${best['net_usd_per_mtok']:.2f} net per 1M useful tokens "
-           f"({best['tokens_per_s']:,.0f} tok/s), vs ${worst['net_usd_per_mtok']:.2f} for {worst['option']}")
+           f"({best['tokens_per_s']:,.0f} tok/s)")
+    # against the fleet as the scenario plans it (its own fleet.balance), not the dearest option (a user audit: a
+    # throughput-balanced plan was set against the equal-shares row; two pools of one GPU read "as is vs as is")
+    planned = next(o for o in out if o["option"] == variants[0 if sc.fleet.balance == "equal" else 1][0])
+    if best is planned or best["net_usd_per_mtok"] == planned["net_usd_per_mtok"]:
+        rec = (f"{planned['option']}, as planned: ${planned['net_usd_per_mtok']:.2f} net per 1M useful tokens; no "
+               "option is cheaper")
+        best = planned
+    elif planned["available"]:
+        rec += f", against ${planned['net_usd_per_mtok']:.2f} as planned: {planned['option']}"
+    if best.get("lease_rate_assumed_for"):
+        rec += (f"; the lease rate of {', '.join(best['lease_rate_assumed_for'])} is assumed "
+                f"(${DEFAULT_LEASE_USD_PER_GPU_HOUR:.2f} per GPU-hour): give fleet.pools[].lease_usd_per_gpu_hour")
     return {"options": out, "recommendation": rec, "best": best["option"]}
 
 

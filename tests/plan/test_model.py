@@ -471,3 +471,28 @@ def test_collectives_across_nodes_take_the_faster_of_ring_and_log_latency_algori
            "fleet": {"gpu": "GB200", "count": 2 ** 20}}
     p = predict(raw, mc=False)
     assert p.breakdown["dp_comm_s"] < 0.01 and p.mfu > 0.05
+
+
+def test_the_recommendation_is_set_against_the_fleet_as_planned_and_names_an_assumed_lease_rate():
+    """A user audit: a throughput-balanced plan's recommendation was set against the equal-shares row, two pools of
+    one GPU read "as is ... vs $0.08 for as is", and a lease at the default $1/GPU-hour went unsaid."""
+    from megacluster.plan import load_scenario
+    from megacluster.plan.options import compare
+
+    model = {"layers": 32, "hidden": 4096, "ffn_hidden": 14336, "heads": 32, "kv_heads": 8, "vocab": 128256,
+             "seq_len": 8192}
+    base = {"model": model, "train": {"global_batch": 512}, "parallel": {"tp": 8}}
+    same = compare(load_scenario({**base, "fleet": {"pools": [{"gpu": "H100-SXM", "count": 256}] * 2}}))
+    assert same["best"] == "as is (equal shares)"
+    assert same["recommendation"].startswith("as is (equal shares), as planned: $") and " vs " not in \
+        same["recommendation"]
+    pools = [{"gpu": "H100-SXM", "count": 256}, {"gpu": "A100-80GB", "count": 256}]
+    mixed = compare(load_scenario({**base, "fleet": {"balance": "throughput", "pools": pools}}))
+    planned = next(o for o in mixed["options"] if o["option"] == "balanced (throughput shares)")
+    assert f"against ${planned['net_usd_per_mtok']:.2f} as planned: balanced (throughput shares)" in \
+        mixed["recommendation"]
+    assert mixed["best"].startswith("train on H100-SXM, lease A100-80GB")
+    assert "the lease rate of A100-80GB is assumed ($1.00 per GPU-hour)" in mixed["recommendation"]
+    pools[1] = {**pools[1], "lease_usd_per_gpu_hour": 1.5}
+    given = compare(load_scenario({**base, "fleet": {"balance": "throughput", "pools": pools}}))
+    assert "assumed" not in given["recommendation"]
