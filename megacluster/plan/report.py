@@ -196,7 +196,10 @@ def _scale_plot(plt, out: Path, sc: Scenario, pred: Prediction) -> Path:
     ax2.plot([p[0] for p in pts], [p[1] for p in pts], "s--", color="tab:red", label="job MTTF (h)")
     ax2.set_yscale("log")
     ax2.set_ylabel("job MTTF (h)")
-    ax.set_title("goodput and job MTTF vs GPU count")
+    # weak scaling, said on the chart: at 1M GPUs its batch is ~60x the scenario's, unlike a --sweep fleet.count
+    seqs = sc.train.global_batch / pred.plan["dp"]
+    ax.set_title(f"goodput and job MTTF vs {sc.fleet.pools[0].gpu} count: weak scaling (the plan's replica, "
+                 f"{seqs:g} sequences each)", fontsize=9)
     fig.legend(loc="lower left")
     return _save(plt, fig, out / "scale.png")
 
