@@ -128,25 +128,28 @@ def device(gpu_name: str, dtype: str) -> Device:
 class Link:
     """One level of the network as seen by one GPU: bytes/s per direction (bus bandwidth) and step latency.
     Collectives are rings (`2(n-1)/n S/B + 2(n-1) alpha` for an all-reduce, half that for an all-gather or a
-    reduce-scatter). Across nodes (`trees`) NCCL also has log-latency algorithms and takes the faster: the double
-    binary tree for all-reduce (`2 S/B + 2 log2(n) alpha`) and PAT for all-gather / reduce-scatter
-    (`(n-1)/n S/B + log2(n) alpha`). Rings alone charged a 65,536-rank data-parallel group 2 s of latency a step
-    (a user audit); within an NVLink domain (8 ranks, NVLS left out) rings stay."""
+    reduce-scatter). Across nodes NCCL also has log-latency algorithms and picks by size: the double binary tree
+    all-reduce (`tree`: `2 S/B + 2 log2(n) alpha`) and, for groups of one rank per node (NCCL 2.23+), PAT
+    all-gather / reduce-scatter (`pat`: `(n-1)/n S/B + log2(n) alpha`); the faster is charged. Rings alone charged
+    a 65,536-rank data-parallel group 2 s of latency a step (a user audit). Over NVLink rings stay, at the
+    calibrated per-step latency (NVLS not modelled): a large NVL72 group is charged more latency there than it
+    would be across nodes (docs/plan.md)."""
     bw: float  # bytes/s
     latency: float  # s per ring step
-    trees: bool = False  # the log-latency algorithms are there (scale-out)
+    tree: bool = False  # NCCL's tree all-reduce is there (across nodes)
+    pat: bool = False  # NCCL's PAT all-gather / reduce-scatter is there (across nodes, one rank per node)
 
     def all_reduce(self, nbytes: float, n: int) -> float:
         if n <= 1:
             return 0.0
         ring = 2 * (n - 1) / n * nbytes / self.bw + 2 * (n - 1) * self.latency
-        return min(ring, 2 * nbytes / self.bw + 2 * math.ceil(math.log2(n)) * self.latency) if self.trees else ring
+        return min(ring, 2 * nbytes / self.bw + 2 * math.ceil(math.log2(n)) * self.latency) if self.tree else ring
 
     def all_gather(self, nbytes: float, n: int) -> float:
         """All-gather (or reduce-scatter) of a buffer of `nbytes` in total across `n` ranks."""
         if n <= 1:
             return 0.0
-        steps = min(n - 1, math.ceil(math.log2(n))) if self.trees else n - 1
+        steps = min(n - 1, math.ceil(math.log2(n))) if self.pat else n - 1
         return (n - 1) / n * nbytes / self.bw + steps * self.latency
 
     def p2p(self, nbytes: float) -> float:
@@ -161,4 +164,4 @@ def nvlink(gpu: GPU) -> Link:
 def scale_out(gbps_per_gpu: float, oversubscription: float = 1.0) -> Link:
     net = kernel_data()["network"]
     return Link(bw=gbps_per_gpu / 8 * 1e9 * net["scale_out_busbw_eff"] / oversubscription,
-                latency=net["scale_out_latency_us"] * 1e-6, trees=True)
+                latency=net["scale_out_latency_us"] * 1e-6, tree=True)

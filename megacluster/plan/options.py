@@ -9,7 +9,7 @@ import math
 
 from ..hardware import get_gpu
 from .perf import Plan, capacity_gb
-from .predict import Prediction, mean_draw_mw, predict
+from .predict import Prediction, mean_draw_mw, predict, usd
 from .scenario import Scenario, ScenarioError, from_dict
 from .search import within_tolerance
 
@@ -68,17 +68,17 @@ def compare(sc: Scenario, as_is: Prediction | None = None) -> dict:
         return {"options": out, "recommendation": "no option trains: none fits in GPU memory by the memory model, "
                 "or none makes progress between failures (see each option's figures)", "best": None}
     best = min(ok, key=lambda o: o["net_usd_per_mtok"])
-    rec = (f"{best['option']}: ${best['net_usd_per_mtok']:.2f} net per 1M useful tokens "
+    rec = (f"{best['option']}: {usd(best['net_usd_per_mtok'])} net per 1M useful tokens "
            f"({best['tokens_per_s']:,.0f} tok/s)")
     # against the fleet as the scenario plans it (its own fleet.balance), not the dearest option (a user audit: a
     # throughput-balanced plan was set against the equal-shares row; two pools of one GPU read "as is vs as is")
     planned = next(o for o in out if o["option"] == variants[0 if sc.fleet.balance == "equal" else 1][0])
     if best is planned or best["net_usd_per_mtok"] == planned["net_usd_per_mtok"]:
-        rec = (f"{planned['option']}, as planned: ${planned['net_usd_per_mtok']:.2f} net per 1M useful tokens; no "
+        rec = (f"{planned['option']}, as planned: {usd(planned['net_usd_per_mtok'])} net per 1M useful tokens; no "
                "option is cheaper")
         best = planned
     elif planned["available"]:
-        rec += f", against ${planned['net_usd_per_mtok']:.2f} as planned: {planned['option']}"
+        rec += f", against {usd(planned['net_usd_per_mtok'])} as planned: {planned['option']}"
     if best.get("lease_rate_assumed_for"):
         rec += (f"; the lease rate of {', '.join(best['lease_rate_assumed_for'])} is assumed "
                 f"(${DEFAULT_LEASE_USD_PER_GPU_HOUR:.2f} per GPU-hour): give fleet.pools[].lease_usd_per_gpu_hour")

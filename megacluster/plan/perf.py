@@ -181,12 +181,12 @@ def links(pool: PoolSpec, plan: Plan, scale_out_gbps: float, oversub: float, rai
         # some group straddling two switches, and the slowest group sets the pace
         under_one = reach % (stride * size) == 0 or reach >= max(pool.count, stride * size)
         on_rail = rail and stride % pool.gpus_per_node == 0 and under_one
-        return so if on_rail else so_far
+        return replace(so if on_rail else so_far, pat=stride >= pool.gpus_per_node)  # PAT: one rank a node
 
     def inside(group: int) -> bool:  # groups tile the domain: tp = 16 in a 72-GPU NVL72 rack would straddle racks
         return group <= dom and dom % group == 0
     return Net(tp=nv if inside(plan.tp) else so,
-               cp=nv if inside(tpcp) else so,
+               cp=nv if inside(tpcp) else replace(so, pat=plan.tp >= pool.gpus_per_node),
                pp=nv if inside(tpcp * plan.pp) else far(tpcp, plan.pp),
                dp=nv if inside(tpcp * plan.pp * plan.dp) else far(tpcp * plan.pp, plan.dp))
 

@@ -134,9 +134,10 @@ def _software_limits(sc: Scenario) -> list[str]:
     inferred = [k for k in ("attention", "overlap_grad_reduce") if k not in given]
     if sc.train.dtype != "fp16" or not inferred:
         return []
+    today = {"attention": 'train.attention = "flash"', "overlap_grad_reduce": "train.overlap_grad_reduce = true"}
     return [f"fp16 is taken as the software of the published fp16 runs (2018-21): train.{' and train.'.join(inferred)} "
-            "left out, the 'software' row shows what that means; set train.attention = \"flash\" and "
-            "train.overlap_grad_reduce = true for today's"]
+            f"left out, the 'software' row shows what that means; set {' and '.join(today[k] for k in inferred)} "
+            "for today's"]
 
 
 def _pool_limits(sc: Scenario, fs) -> list[str]:
@@ -214,3 +215,8 @@ def duration(seconds: float, largest: str = "days") -> str:
         if seconds >= size:
             return form.format(seconds / size) + (" h" if unit == "hours" else f" {unit}")
     return f"{seconds:.1f} s"
+
+
+def usd(v: float) -> str:
+    """Dollars to the cent, whole dollars from $100, two figures below a cent (a small plan read "$0.00")."""
+    return f"${v:,.0f}" if v >= 100 or v == 0 else f"${v:,.2f}" if v >= 0.01 else f"${v:.2g}"

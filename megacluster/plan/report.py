@@ -12,7 +12,7 @@ from ..files import probe_writable
 from ..hardware import get_gpu
 from . import reliability as rel
 from .perf import Plan, fleet_step, model_flops_per_token
-from .predict import Prediction, duration
+from .predict import Prediction, duration, usd
 from .scenario import PoolSpec, Scenario, ScenarioError
 
 ROWS = (  # (key, label, format: the value is {}, the whole prediction dict {d})
@@ -43,16 +43,24 @@ def _row(row: tuple, d: dict) -> str:
     return text
 
 
+def _software(d: dict) -> str:
+    sw = d["software"]
+    return f"{sw['attention']} attention, gradient reduce " + (
+        "overlapped with the backward" if sw["overlap_grad_reduce"] else "after the backward")
+
+
 def _fmt(fmt: str, v, d: dict | None = None) -> str:
     """A figure in units that show it: small plans printed "0 MWh in 0.0 days" and "train days 0.0" (a user audit)."""
     if v is None:
         return "-"
     if fmt == "power":  # MW, or kW below 1 MW (a 16-GPU plan drew "0.0 MW")
         return f"{v:,.1f} MW" if v >= 1 or v == 0 else f"{v * 1000:,.1f} kW"
-    if fmt == "energy":  # MWh, or kWh below 1 MWh
-        return f"{v:,.0f} MWh" if v >= 10 else f"{v:,.2f} MWh" if v >= 1 or v == 0 else f"{v * 1000:,.1f} kWh"
+    if fmt == "energy":  # MWh, or kWh below 1 MWh, Wh below 1 kWh
+        if v >= 1 or v == 0:
+            return f"{v:,.0f} MWh" if v >= 10 else f"{v:,.2f} MWh"
+        return f"{v * 1000:,.1f} kWh" if v >= 1e-3 else f"{v * 1e6:,.1f} Wh"
     if fmt == "usd":
-        return f"${v:,.0f}" if v >= 100 or v == 0 else f"${v:,.2f}"
+        return usd(v)
     if fmt == "count":
         return f"{v:,.0f}" if v >= 10 or v == 0 else f"{v:.2g}"
     if fmt in ("days", "hours"):  # in its own unit down to 1, then h, min, s
@@ -72,14 +80,12 @@ def print_summary(pred: Prediction, options: dict | None = None, sweep: list | N
     d = pred.to_dict()
     plan = ", ".join(f"{k}={v}" for k, v in d["plan"].items())
     # Text, not markup: a name or description of the user's such as "see [fleet]" is printed as written
-    t = Table(title=Text(f"megacluster plan: {pred.name} ({pred.gpus:,} GPUs)"),
+    t = Table(title=Text(f"megacluster plan: {pred.name} ({pred.gpus:,} GPU{'s' if pred.gpus > 1 else ''})"),
               caption=Text(pred.description) if pred.description else None, show_header=False)
     for row in ROWS:
         t.add_row(row[1], _row(row, d))
     t.add_row("parallel plan", plan + (f"  (chosen: {', '.join(d['chosen'])})" if d["chosen"] else ""))
-    sw = d["software"]
-    t.add_row("software", f"{sw['attention']} attention, gradient reduce "
-              + ("overlapped with the backward" if sw["overlap_grad_reduce"] else "after the backward"))
+    t.add_row("software", _software(d))
     con.print(t)
     for line in pred.limits:
         con.print(f"  - {line}", markup=False)
@@ -98,14 +104,15 @@ def _print_options(con, options: dict) -> None:
     from rich.table import Table
 
     t = Table(title="mixed fleet: what to do with it")
-    for col in ("option", "training GPUs", "tokens/s", "MFU", "train days", "lease $/day", "net $ per 1M tokens"):
+    for col in ("option", "training GPUs", "tokens/s", "MFU", "train time", "lease $/day", "net $ per 1M tokens"):
         t.add_column(col)
     for o in options["options"]:
         if not o["available"]:
             t.add_row(o["option"], f"{o['training_gpus']:,}", "-", "-", "-", "-", "unavailable")
             continue
         t.add_row(o["option"], f"{o['training_gpus']:,}", f"{o['tokens_per_s']:,.0f}", f"{o['mfu']:.1%}",
-                  _fmt("{:.1f}", o["train_days"]), f"{o['lease_usd_per_day']:,.0f}", f"{o['net_usd_per_mtok']:.2f}")
+                  _fmt("days", o["train_days"]), f"{o['lease_usd_per_day']:,.0f}",
+                  _fmt("usd", o["net_usd_per_mtok"]).lstrip("$"))
     con.print(t)
     for o in options["options"]:
         if not o["available"]:
@@ -148,7 +155,8 @@ def _write_report(out: Path, sc: Scenario, pred: Prediction, sweep: list | None,
     if sweep:
         pngs.append(_sweep_plot(plt, out, sweep, sweep_key))
     d = pred.to_dict()
-    rows = "".join(f"<tr><td>{html.escape(row[1])}</td><td>{html.escape(_row(row, d))}</td></tr>" for row in ROWS)
+    cells = [(row[1], _row(row, d)) for row in ROWS] + [("software", _software(d))]
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in cells)
     imgs = "".join(f'<p><img src="{p.name}" width="640"></p>' for p in pngs)
     about = f"<p><em>{html.escape(pred.description)}</em></p>" if pred.description else ""
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>megacluster plan: {html.escape(pred.name)}"

@@ -493,7 +493,9 @@ def _pool(raw: Any, i: int | None, gpn_default: int | None) -> PoolSpec:
     if pool.gpu not in GPUS:
         raise ScenarioError(f"{sec}.gpu = {pool.gpu!r} is unknown; allowed: {', '.join(GPUS)}")
     if pool.count % pool.gpus_per_node and pool.count > pool.gpus_per_node:
-        raise ScenarioError(f"{sec}.count = {pool.count} is not a multiple of gpus_per_node = {pool.gpus_per_node}")
+        given = "" if "gpus_per_node" in raw else f" ({pool.gpu}'s node, the default; give {sec}.gpus_per_node)"
+        raise ScenarioError(f"{sec}.count = {pool.count} is not a multiple of gpus_per_node = {pool.gpus_per_node}"
+                            + given)
     return pool
 
 

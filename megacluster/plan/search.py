@@ -132,11 +132,11 @@ def _no_plan(sc: Scenario) -> str:
     if blamed:
         return (f"parallel: no valid plan with {' or with '.join(blamed)}; leave {'it' if len(blamed) == 1 else 'one'} "
                 "out, or check it against model.heads/layers/seq_len, train.global_batch and the fleet's GPU count")
-    dom = min(nvlink_domain(pool) for pool in sc.fleet.pools)
-    tp = max(t for t in _pow2_upto(dom) if dom % t == 0)
-    cp = max(c for c in _pow2_upto(64) if c == 1 or sc.model.seq_len // c >= CP_MIN_TOKENS)
+    dom, par = min(nvlink_domain(pool) for pool in sc.fleet.pools), sc.parallel
+    tp = par.tp or max(t for t in _pow2_upto(dom) if dom % t == 0)
+    cp = par.cp or max(c for c in _pow2_upto(64) if c == 1 or sc.model.seq_len // c >= CP_MIN_TOKENS)
     n = sc.fleet.count
-    least_dp = math.ceil(n / (tp * sc.model.layers * cp))  # the widest replica `candidates` tries: a layer a stage
+    least_dp = math.ceil(n / (tp * (par.pp or sc.model.layers) * cp))  # the widest replica `candidates` tries
     if sc.train.global_batch < least_dp:
         return (f"parallel: no valid plan: train.global_batch = {sc.train.global_batch:,} sequences is below the "
                 f"least data-parallel width of {n:,} GPUs (at least {least_dp:,} replicas: a sequence a replica at "

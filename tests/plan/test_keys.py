@@ -226,6 +226,8 @@ def test_the_software_stack_is_shown_and_fp16s_is_named_when_inferred():
     assert lines[("bf16", 0)] == [] == lines[("fp16", 2)]
     assert "train.attention and train.overlap_grad_reduce left out" in lines[("fp16", 0)][0]
     assert "train.overlap_grad_reduce left out" in lines[("fp16", 1)][0]
+    assert 'set train.overlap_grad_reduce = true for' in lines[("fp16", 1)][0]  # not the attention it was given
+    assert "flash" not in lines[("fp16", 1)][0]
 
 
 def test_small_figures_are_shown_in_units_that_show_them():
@@ -236,7 +238,7 @@ def test_small_figures_are_shown_in_units_that_show_them():
     assert [_fmt("days", x) for x in (75.0, 0.5, 34.9 / 86400, float("inf"))] == [
         "75.0 days", "12.00 h", "34.9 s", "never"]
     assert [_fmt("hours", x) for x in (3.09, 0.5, 6334.63)] == ["3.09 h", "30.0 min", "6,334.63 h"]
-    assert [_fmt("energy", x) for x in (36335.2, 2.5, 0.000107, 0.0)] == ["36,335 MWh", "2.50 MWh", "0.1 kWh",
-                                                                          "0.00 MWh"]
+    assert [_fmt("energy", x) for x in (36335.2, 2.5, 0.0025, 0.000107, 0.0)] == [
+        "36,335 MWh", "2.50 MWh", "2.5 kWh", "107.0 Wh", "0.00 MWh"]
     assert [_fmt("count", x) for x in (466.2, 3.25, 0.00035, 0.0)] == ["466", "3.2", "0.00035", "0"]
-    assert [_fmt("usd", x) for x in (61912245.4, 12.345, 0.0)] == ["$61,912,245", "$12.35", "$0"]
+    assert [_fmt("usd", x) for x in (61912245.4, 12.345, 0.0043, 0.0)] == ["$61,912,245", "$12.35", "$0.0043", "$0"]

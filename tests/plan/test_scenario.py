@@ -411,3 +411,6 @@ def test_a_pool_without_gpus_per_node_takes_its_gpus_node_size():
     assert load_scenario({**BASE, "fleet": fleet}).fleet.pools[0].gpus_per_node == 4
     assert load_scenario({**BASE, "fleet": {**fleet, "gpus_per_node": 16}}).fleet.pools[0].gpus_per_node == 16
     assert load_scenario(BASE).fleet.pools[0].gpus_per_node == 8  # H100-SXM
+    with pytest.raises(ScenarioError, match=r"fleet.count = 6 is not a multiple of gpus_per_node = 4 \(GB200's node, "
+                                            r"the default; give fleet.gpus_per_node\)"):
+        load_scenario({**BASE, "fleet": {"gpu": "GB200", "count": 6}})

@@ -143,6 +143,11 @@ def test_a_given_interleaving_without_enough_micro_batches_is_refused_naming_why
     ({"train": {"global_batch": 4}, "parallel": {"search": True}, "fleet": {"gpu": "H100-SXM", "count": 1_048_576}},
      r"train\.global_batch = 4 sequences is below the least data-parallel width of 1,048,576 GPUs \(at least 512 "
      r"replicas"),
+    # a given cp counts as given (128 > the 64 the search would try): with pp 1, 100 sequences do not divide into
+    # 128 replicas, though the batch is not below the least data-parallel width (it said so)
+    ({"train": {"global_batch": 100}, "model": {**EIGHT_B["model"], "seq_len": 131072},
+      "parallel": {"search": True, "tp": 8, "pp": 1, "cp": 128}, "fleet": {"gpu": "H100-SXM", "count": 131072}},
+     r"no valid plan with parallel\.pp = 1 \(without it: [\d,]+ plans\); leave it out"),
 ])
 def test_a_search_that_finds_no_plan_names_the_key_to_change(given, says):
     """A user audit: with parallel.search = true, a given dp = 7 on 64 GPUs (or pp = 3, or a global batch below any
