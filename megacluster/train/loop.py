@@ -221,8 +221,8 @@ class Worker:
         self.order = SampleOrder(self.corpus.train, cfg.model.seq_len, B, cfg.run.seed)
         self.val_order = SampleOrder(self.corpus.val, cfg.model.seq_len, B, cfg.run.seed, shuffle=False)
         self.balancer = balance_mod.Balancer(world=place.world, global_batch=B, mode=cfg.run.balance)
-        self.chaos = chaos_mod.Chaos(chaos_mod.parse(cfg.run.chaos), rank=self.wid,
-                                     marker_dir=self.run_dir / "chaos")
+        faults = chaos_mod.parse(cfg.run.chaos)  # no faults, no markers: every run dir held an empty chaos/
+        self.chaos = chaos_mod.Chaos(faults, rank=self.wid, marker_dir=self.run_dir / "chaos" if faults else None)
         self.flops_per_token = flops_per_token(cfg.model)
         gpu = hardware.detect_local_gpu(place.local_rank) if place.device.type == "cuda" else None
         self.peak_flops = gpu.peak("bf16" if self.dtype == torch.bfloat16 else "tf32") if gpu else None
