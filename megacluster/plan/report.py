@@ -15,7 +15,7 @@ from .perf import Plan, fleet_step, model_flops_per_token
 from .predict import Prediction, duration, usd
 from .scenario import PoolSpec, Scenario, ScenarioError
 
-ROWS = (  # (key, label, format: the value is {}, the whole prediction dict {d})
+ROWS = (  # (key, label, format: a str.format pattern or one of _fmt's units[, joiner, path, format of a 2nd value])
     ("step_time_s", "step time", "{:.2f} s"), ("tokens_per_s", "throughput", "{:,.0f} tok/s"),
     ("model_tflops_per_gpu", "model TFLOP/s per GPU", "{:.0f}"), ("mfu", "MFU", "{:.1%}"),
     ("memory_gb_per_gpu", "memory per GPU", "{:.1f} GB"), ("fits_in_memory", "fits in memory", "{}"),
@@ -28,7 +28,7 @@ ROWS = (  # (key, label, format: the value is {}, the whole prediction dict {d})
     ("battery_mwh_needed", "battery to flatten", "energy"),
     ("energy_mwh", "energy", "energy", " in ", ("energy_days",), "days"),
     ("cost_usd", "cost", "usd", " in ", ("energy_days",), "days"),
-)  # (key, label, format[, joiner, path of a second value in the prediction dict, its format])
+)
 
 
 def _row(row: tuple, d: dict) -> str:
@@ -49,7 +49,7 @@ def _software(d: dict) -> str:
         "overlapped with the backward" if sw["overlap_grad_reduce"] else "after the backward")
 
 
-def _fmt(fmt: str, v, d: dict | None = None) -> str:
+def _fmt(fmt: str, v) -> str:
     """A figure in units that show it: small plans printed "0 MWh in 0.0 days" and "train days 0.0" (a user audit)."""
     if v is None:
         return "-"
@@ -65,9 +65,7 @@ def _fmt(fmt: str, v, d: dict | None = None) -> str:
         return f"{v:,.0f}" if v >= 10 or v == 0 else f"{v:.2g}"
     if fmt in ("days", "hours"):  # in its own unit down to 1, then h, min, s
         return duration(v * (86400 if fmt == "days" else 3600), fmt)
-    return fmt.format(v, d=d)
-
-
+    return fmt.format(v)
 
 
 def print_summary(pred: Prediction, options: dict | None = None, sweep: list | None = None, file=None) -> None:
@@ -112,7 +110,7 @@ def _print_options(con, options: dict) -> None:
             continue
         t.add_row(o["option"], f"{o['training_gpus']:,}", f"{o['tokens_per_s']:,.0f}", f"{o['mfu']:.1%}",
                   _fmt("days", o["train_days"]), f"{o['lease_usd_per_day']:,.0f}",
-                  _fmt("usd", o["net_usd_per_mtok"]).lstrip("$"))
+                  usd(o["net_usd_per_mtok"]).lstrip("$"))
     con.print(t)
     for o in options["options"]:
         if not o["available"]:

@@ -46,11 +46,7 @@ def candidates(sc: Scenario) -> list[Plan]:
     dom = min(nvlink_domain(pool) for pool in sc.fleet.pools)
     if not p.search:  # a fixed plan: what is not given is 1 (dp: the rest of the fleet)
         p = ParallelSpec(tp=p.tp or 1, pp=p.pp or 1, cp=p.cp or 1, dp=p.dp, vpp=p.vpp, search=False)
-    # tp: powers of two that tile the NVLink domain (1-8 in a 72-GPU NVL72 rack: 16 would straddle racks)
-    tps = [p.tp] if p.tp else [t for t in _pow2_upto(dom) if dom % t == 0 and _ok(sc, tp=t)]
-    # cp: ranks keep >= CP_MIN_TOKENS of the sequence (attention and GEMM tiles stay efficient)
-    cps = [p.cp] if p.cp else [c for c in _pow2_upto(64) if c == 1 or (m.seq_len // c >= CP_MIN_TOKENS and
-                                                                       _ok(sc, cp=c))]
+    tps, cps = _tps(sc, p, dom), _cps(sc, p)
     out = []
     for tp, cp in product(tps, cps):
         pps = [p.pp] if p.pp else _divisors(max(unit // (tp * cp), 1), m.layers)
@@ -64,6 +60,19 @@ def candidates(sc: Scenario) -> list[Plan]:
                 continue
             out += _inner(sc, tp, pp, cp, dp)
     return out
+
+
+def _tps(sc: Scenario, p: ParallelSpec, dom: int) -> list[int]:
+    """tp values to try: the given one, or powers of two that tile the NVLink domain `dom` (1-8 in a 72-GPU NVL72
+    rack: 16 would straddle racks)."""
+    return [p.tp] if p.tp else [t for t in _pow2_upto(dom) if dom % t == 0 and _ok(sc, tp=t)]
+
+
+def _cps(sc: Scenario, p: ParallelSpec) -> list[int]:
+    """cp values to try: the given one, or powers of two up to 64 whose ranks keep >= CP_MIN_TOKENS of the
+    sequence (attention and GEMM tiles stay efficient)."""
+    return [p.cp] if p.cp else [c for c in _pow2_upto(64) if c == 1 or (sc.model.seq_len // c >= CP_MIN_TOKENS and
+                                                                        _ok(sc, cp=c))]
 
 
 def _inner(sc: Scenario, tp: int, pp: int, cp: int, dp: int) -> list[Plan]:
@@ -132,11 +141,9 @@ def _no_plan(sc: Scenario) -> str:
     if blamed:
         return (f"parallel: no valid plan with {' or with '.join(blamed)}; leave {'it' if len(blamed) == 1 else 'one'} "
                 "out, or check it against model.heads/layers/seq_len, train.global_batch and the fleet's GPU count")
-    dom, par = min(nvlink_domain(pool) for pool in sc.fleet.pools), sc.parallel
-    tp = par.tp or max(t for t in _pow2_upto(dom) if dom % t == 0)
-    cp = par.cp or max(c for c in _pow2_upto(64) if c == 1 or sc.model.seq_len // c >= CP_MIN_TOKENS)
-    n = sc.fleet.count
-    least_dp = math.ceil(n / (tp * (par.pp or sc.model.layers) * cp))  # the widest replica `candidates` tries
+    par, n = sc.parallel, sc.fleet.count
+    tp = max(_tps(sc, par, min(nvlink_domain(pool) for pool in sc.fleet.pools)))
+    least_dp = math.ceil(n / (tp * (par.pp or sc.model.layers) * max(_cps(sc, par))))  # the widest replica tried
     if sc.train.global_batch < least_dp:
         return (f"parallel: no valid plan: train.global_batch = {sc.train.global_batch:,} sequences is below the "
                 f"least data-parallel width of {n:,} GPUs (at least {least_dp:,} replicas: a sequence a replica at "
