@@ -72,11 +72,10 @@ def _train(cfg: Config) -> dict | None:
     device = resolve_device(cfg.run.device)  # refuses cuda without a GPU
     check_fits(cfg, device)
     note = check_resume(cfg) if cfg.run.resume else None
-    main = not under_launcher() or int(os.environ["RANK"]) == 0  # (torchrun: rank 0 speaks and writes for all)
     if under_launcher():
         corpus = prepare(cfg.data, cfg.model.vocab_size, [run_outputs(run_dir)])  # each rank (one tokenizes)
         note = _joined(note, check_data(cfg, corpus, restarted=restarted))
-        if main:
+        if int(os.environ["RANK"]) == 0:  # rank 0 speaks and writes for all
             begin_unsupervised(cfg, note)
         place = init_place(cfg.run.device, timeout_s=max(60.0, cfg.run.hang_timeout))
         result = Worker(cfg, place, corpus=corpus).run(result_to=run_dir / "result.json" if place.is_main else None)

@@ -14,7 +14,6 @@ import signal
 import sys
 from pathlib import Path
 
-from ..files import write_json
 from .signals import SIGNALS
 
 
@@ -44,9 +43,7 @@ def main(run_dir: str) -> int:
         signal.signal(s, worker.stop.on_signal)
     if early:
         worker.stop.on_signal(early[0])
-    result = worker.run()
-    if worker.place.is_main:
-        write_json(Path(run_dir) / "result.json", result)
+    worker.run(result_to=Path(run_dir) / "result.json" if worker.place.is_main else None)
     return 0
 
 
